@@ -1,0 +1,47 @@
+# The two commands of the README work on a fresh machine:
+#   make demo   runs the example assistant app on embedded SQLite
+#   make test   runs the whole test suite (SQLite, PostgreSQL, a real Chromium)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-adoption test-runtime-to-handoff lint typecheck docs bench browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[postgres]" --group dev
+	touch $(STAMP)
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.assistant.demo
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest
+
+test-adoption: $(STAMP)
+	$(BIN)/python -m pytest -m adoption
+
+test-runtime-to-handoff: $(STAMP)
+	$(BIN)/python -m pytest -m runtime_to_handoff
+
+lint: $(STAMP)
+	$(BIN)/ruff check flask_scoria tests migrations examples bench
+	$(BIN)/ruff format --check flask_scoria tests migrations examples bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) dist build docs/_build test-artifacts .pytest_cache .mypy_cache
