@@ -1,0 +1,587 @@
+"""The ``flask scoria`` command group.
+
+Every command prints a human-readable table by default and JSON with
+``--json``. A :class:`~flask_scoria.ScoriaError` ends the command with its
+message and code and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+from alembic.migration import MigrationContext
+from flask import Flask, current_app
+from flask.cli import AppGroup
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import schema
+from .errors import ApprovalPending, InvalidHandoff, ScoriaError
+from .extension import Scoria, get_extension
+from .identity import Identity, identity
+from .models import runs as runs_table
+from .readback import RunDetail, RunSummary, summary_from_row
+from .runtime import (
+    approve_run,
+    dispatch,
+    get_run,
+    get_run_detail,
+    list_runs_for_session,
+    recover_expired_leases,
+    reject_run,
+    resume_run,
+    start_handoff_run,
+    start_run,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RUN_STATUSES = (
+    "running",
+    "waiting_for_approval",
+    "completed",
+    "failed",
+    "rejected",
+    "cancelled",
+)
+
+scoria_cli = AppGroup("scoria", help="Inspect and operate flask-scoria runs.")
+db_cli = AppGroup("db", help="Manage the scoria_* tables.")
+scoria_cli.add_command(db_cli)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _engine() -> Engine:
+    return get_extension().storage().engine
+
+
+def scoria_errors(fn: F) -> F:
+    """Turn a ``ScoriaError`` into a click error naming its message and code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ScoriaError as exc:
+            raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def echo_json(value: Any) -> None:
+    """Print dataclasses, mappings and lists as indented JSON."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(item) for item in value]
+    click.echo(json.dumps(value, indent=2, default=_plain))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=_plain)
+    return str(value)
+
+
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print rows as left-aligned columns under ``headers``."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        click.echo(
+            "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def echo_summary(run: RunSummary) -> None:
+    """Print one run's summary as ``key: value`` lines."""
+    for field in ("run_id", "status", "session_id", "actor_id", "tenant_id", "root_role_id"):
+        click.echo(f"{field + ':':<15} {_cell(getattr(run, field))}")
+    click.echo(f"{'created_at:':<15} {_cell(run.created_at)}")
+    click.echo(f"{'completed_at:':<15} {_cell(run.completed_at)}")
+
+
+def _echo_run(run: RunSummary, as_json: bool) -> None:
+    if as_json:
+        echo_json(run)
+    else:
+        echo_summary(run)
+
+
+# -- database ------------------------------------------------------------------
+
+
+@db_cli.command("upgrade")
+@click.argument("revision", default="heads")
+def db_upgrade(revision: str) -> None:
+    """Apply flask-scoria's migrations up to REVISION (default: newest)."""
+    schema.upgrade(_engine(), revision)
+    click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
+
+
+@db_cli.command("downgrade")
+@click.argument("revision", default="base")
+def db_downgrade(revision: str) -> None:
+    """Revert flask-scoria's migrations down to REVISION (default: drop all)."""
+    schema.downgrade(_engine(), revision)
+    click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
+
+
+@db_cli.command("current")
+def db_current() -> None:
+    """Print the revision the database is at."""
+    click.echo(schema.current_revision(_engine()) or "none (run: flask scoria db upgrade)")
+
+
+@db_cli.command("check")
+def db_check() -> None:
+    """Exit non-zero unless the database matches the newest revision."""
+    current = schema.current_revision(_engine())
+    head = schema.head_revision()
+    if current != head:
+        raise click.ClickException(
+            f"scoria tables are at {current or 'no revision'}, newest is {head};"
+            " run: flask scoria db upgrade"
+        )
+    diffs = schema.differences(_engine())
+    if diffs:
+        raise click.ClickException(f"scoria tables differ from the models: {diffs}")
+    click.echo(f"scoria tables are up to date ({head})")
+
+
+# -- runs ------------------------------------------------------------------------
+
+
+def list_runs(
+    *, session_id: str | None, tenant_id: str | None, status: str | None, limit: int
+) -> list[RunSummary]:
+    """The newest runs of any session, optionally filtered."""
+    query = select(runs_table)
+    if session_id is not None:
+        query = query.where(runs_table.c.session_id == session_id)
+    if tenant_id is not None:
+        query = query.where(runs_table.c.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(runs_table.c.status == status)
+    query = query.order_by(runs_table.c.created_at.desc(), runs_table.c.id.desc()).limit(limit)
+    with get_extension().storage().read() as conn:
+        return [summary_from_row(row) for row in conn.execute(query).mappings()]
+
+
+@scoria_cli.command("runs")
+@click.option("--session", "session_id", help="Only runs of this session_id.")
+@click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
+@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@json_option
+@scoria_errors
+def runs_command(
+    session_id: str | None, tenant_id: str | None, status: str | None, limit: int, as_json: bool
+) -> None:
+    """List runs, newest first."""
+    found = list_runs(session_id=session_id, tenant_id=tenant_id, status=status, limit=limit)
+    if as_json:
+        echo_json(found)
+        return
+    if not found:
+        click.echo("No runs found.")
+        return
+    echo_table(
+        ("RUN_ID", "STATUS", "SESSION", "ACTOR", "TENANT", "CREATED"),
+        (
+            (run.run_id, run.status, run.session_id, run.actor_id, run.tenant_id, run.created_at)
+            for run in found
+        ),
+    )
+
+
+def echo_detail(detail: RunDetail) -> None:
+    """Print a run's summary, steps, approvals, delegated handoffs and timeline."""
+    echo_summary(detail.summary)
+    click.echo("\nSteps")
+    echo_table(
+        ("SEQ", "KIND", "ROLE", "STATUS", "ATTEMPT", "RESULT / ERROR"),
+        (
+            (
+                s.sequence,
+                s.kind,
+                s.role_id,
+                s.status,
+                s.attempt,
+                s.error_envelope or s.result_envelope,
+            )
+            for s in detail.steps
+        ),
+    )
+    if detail.approvals:
+        click.echo("\nApprovals")
+        echo_table(
+            ("TOOL", "STATUS", "DECIDED_BY", "DECIDED_AT", "REASON / NOTE"),
+            (
+                (a.tool_name, a.status, a.decided_by, a.decided_at, a.note or a.reason)
+                for a in detail.approvals
+            ),
+        )
+    if detail.delegated_handoffs:
+        click.echo("\nDelegated handoffs")
+        echo_table(
+            ("DELEGATED_ROLE", "KIND", "CHILD_STATUS", "PROJECTED_CONTEXT"),
+            (
+                (h.delegated_role_id, h.delegated_kind, h.child_status, h.projected_context)
+                for h in detail.delegated_handoffs
+            ),
+        )
+    click.echo("\nTimeline")
+    echo_table(
+        ("SEQ", "AT", "EVENT"),
+        ((e.sequence, e.created_at, e.event_type) for e in detail.events),
+    )
+
+
+@scoria_cli.command("show")
+@click.argument("run_id")
+@json_option
+@scoria_errors
+def show(run_id: str, as_json: bool) -> None:
+    """Show one run: summary, steps, approvals, handoffs and timeline."""
+    detail = get_run_detail(run_id)
+    if as_json:
+        echo_json(detail)
+    else:
+        echo_detail(detail)
+
+
+@scoria_cli.command("approve")
+@click.argument("run_id")
+@click.option("--by", "decided_by", required=True, help="Who approves (recorded).")
+@click.option("--note", help="A note kept with the decision.")
+@json_option
+@scoria_errors
+def approve(run_id: str, decided_by: str, note: str | None, as_json: bool) -> None:
+    """Approve the pending approval of RUN_ID; then resume it."""
+    run = approve_run(run_id, decided_by=decided_by, note=note)
+    _echo_run(run, as_json)
+    if not as_json:
+        click.echo(f"\nApproved. Continue the run with: flask scoria resume {run.run_id}")
+
+
+@scoria_cli.command("reject")
+@click.argument("run_id")
+@click.option("--by", "decided_by", required=True, help="Who rejects (recorded).")
+@click.option("--reason", help="Why, kept with the decision.")
+@json_option
+@scoria_errors
+def reject(run_id: str, decided_by: str, reason: str | None, as_json: bool) -> None:
+    """Reject the pending approval of RUN_ID, ending the run as rejected."""
+    _echo_run(reject_run(run_id, decided_by=decided_by, reason=reason), as_json)
+
+
+@scoria_cli.command("resume")
+@click.argument("run_id")
+@json_option
+@scoria_errors
+def resume(run_id: str, as_json: bool) -> None:
+    """Resume RUN_ID after its approval, or retry its failed step."""
+    _echo_run(resume_run(run_id), as_json)
+
+
+@scoria_cli.command("dispatch")
+@click.argument("run_id")
+@json_option
+@scoria_errors
+def dispatch_command(run_id: str, as_json: bool) -> None:
+    """Run the queued steps of RUN_ID with the app's registered handlers."""
+    _echo_run(dispatch(run_id), as_json)
+
+
+@scoria_cli.command("recover")
+@scoria_errors
+def recover() -> None:
+    """Fail runs whose step lease expired, so that resume_run can retry them."""
+    recovered = recover_expired_leases()
+    for run_id in recovered:
+        click.echo(f"failed (lease expired): {run_id}")
+    click.echo(f"{len(recovered)} run(s) recovered")
+
+
+# -- verify --------------------------------------------------------------------
+
+VERIFY_ACTOR = "scoria-verify"
+VERIFY_TENANT = "scoria-verify"
+VERIFY_PROMPT = "flask scoria verify: draft a release note"
+VERIFY_DRAFT = "The release follows the data retention policy."
+
+
+class CheckFailed(Exception):
+    """A check failed; the checks after it cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The outcome (PASS, FAIL or SKIP) of one checklist step."""
+
+    name: str
+    outcome: str
+    detail: str
+
+
+@dataclasses.dataclass
+class Checklist:
+    """The checks of one verify lane, in the order they ran."""
+
+    checks: list[Check] = dataclasses.field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return sum(check.outcome == "FAIL" for check in self.checks)
+
+    def expect(self, name: str, ok: bool, detail: str) -> None:
+        """Record ``name`` as PASS, or as FAIL and stop the lane."""
+        self.checks.append(Check(name, "PASS" if ok else "FAIL", detail))
+        if not ok:
+            raise CheckFailed(name)
+
+    def skip(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, "SKIP", detail))
+
+
+def applied_revision(engine: Engine) -> str | None:
+    """The scoria revision of a database, in its own version table or a host's."""
+    current = schema.current_revision(engine)
+    if current is None:
+        with engine.connect() as conn:
+            heads = MigrationContext.configure(conn).get_current_heads()
+        if schema.head_revision() in heads:
+            return schema.head_revision()
+    return current
+
+
+@contextlib.contextmanager
+def throwaway_app(host: Flask) -> Iterator[Flask]:
+    """A copy of ``host``'s config and handlers on a fresh, migrated SQLite file.
+
+    Its operator scope grants the verifier's own tenant, so the operator pages
+    can be read without the host's sign-in.
+    """
+    host_extension = get_extension(host)
+    with tempfile.TemporaryDirectory(prefix="scoria-verify-") as tmp:
+        app = Flask(host.import_name, root_path=host.root_path, instance_path=tmp)
+        app.config.update(host.config)
+        app.config.update(
+            SCORIA_DATABASE_URI="sqlite:///" + os.path.join(tmp, "verify.sqlite3"),
+            SCORIA_ENGINE_OPTIONS={},
+            SECRET_KEY=host.config.get("SECRET_KEY") or secrets.token_hex(16),
+        )
+        extension = Scoria()
+        extension.handlers.update(host_extension.handlers)
+        extension.operator_scope(lambda: {"tenant_id": VERIFY_TENANT, "actor_id": VERIFY_ACTOR})
+        extension.init_app(app)
+        engine = extension.storage(app).engine
+        try:
+            schema.upgrade(engine)
+            yield app
+        finally:
+            engine.dispose()
+
+
+def _verify_identity() -> Identity:
+    return identity(
+        {
+            "actor_id": VERIFY_ACTOR,
+            "tenant_id": VERIFY_TENANT,
+            "session_id": f"scoria-verify-{uuid.uuid4().hex[:12]}",
+            "metadata": {"channel": "verify"},
+        }
+    )
+
+
+def _operator_page(app: Flask, run_id: str) -> tuple[str, int, str]:
+    path = f"{get_extension(app).settings(app).url_prefix}/workflows/{run_id}"
+    response = app.test_client().get(path)
+    return path, response.status_code, response.get_data(as_text=True)
+
+
+def _require_handler(app: Flask, kind: str, out: Checklist) -> None:
+    registered = sorted(get_extension(app).handlers)
+    hint = "" if kind in registered else f"; register one with @runtime.handler({kind!r})"
+    out.expect(f"handler for {kind!r} registered", kind in registered, f"found {registered}{hint}")
+
+
+def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
+    """The seed guide's checklist: identity -> start -> inspect -> resume -> fresh run."""
+    _require_handler(app, kind, out)
+    who = _verify_identity()
+    started = start_run(
+        who,
+        root_role_id="executor",
+        initial_step={"sequence": 1, "kind": kind, "role_id": "executor"},
+        runtime={"metadata": {"payload": {"prompt": VERIFY_PROMPT}}},
+    )
+    out.expect(
+        "1. start_run", started.status != "failed", f"run {started.run_id} is {started.status}"
+    )
+    run_id = started.run_id
+    summary = get_run(run_id)
+    out.expect(
+        "2. run_id is the durable handle",
+        summary.run_id == run_id and summary.session_id == who.session_id,
+        f"get_run({run_id[:8]}...) returns the same run in session {summary.session_id}",
+    )
+    out.expect(
+        "3. get_run reads it back",
+        summary.metadata.get("payload") == {"prompt": VERIFY_PROMPT},
+        f"status {summary.status}, prompt kept in runtime metadata",
+    )
+    path, status, body = _operator_page(app, run_id)
+    out.expect(
+        "4. operator evidence page", status == 200 and run_id in body, f"GET {path} -> {status}"
+    )
+    if summary.status != "waiting_for_approval":
+        out.skip("5. resume_run after approval", f"the {kind!r} handler did not pause")
+    else:
+        try:
+            resume_run(run_id)
+            early = "resumed without an approval"
+        except ApprovalPending:
+            early = ""
+        out.expect("5a. resume_run waits for the decision", not early, early or "ApprovalPending")
+        approve_run(run_id, decided_by=VERIFY_ACTOR)
+        resumed = resume_run(run_id)
+        out.expect(
+            "5. resume_run after approval",
+            resumed.run_id == run_id and resumed.status != "failed",
+            f"same run_id, now {resumed.status}",
+        )
+    fresh = start_run(who, root_role_id="executor")
+    listed = [run.run_id for run in list_runs_for_session(who.session_id)]
+    out.expect(
+        "6. same session, fresh run",
+        fresh.session_id == who.session_id
+        and fresh.run_id != run_id
+        and listed == [fresh.run_id, run_id],
+        f"session {who.session_id} lists 2 runs, newest first",
+    )
+
+
+def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
+    """The bounded review branch: same identity, a new run, curated delegated evidence."""
+    who = _verify_identity()
+    root = start_run(who, root_role_id="executor")
+    out.expect("1. root run in the session", root.status == "completed", f"run {root.run_id}")
+    options: dict[str, Any] = {
+        "root_role_id": "planner",
+        "delegated_kind": kind,
+        "handoff_input": {"brief": "Review the draft answer for policy and accuracy"},
+    }
+    try:
+        start_handoff_run(
+            who, "critic", projected_context={"chat_history": [VERIFY_DRAFT]}, **options
+        )
+        code = "accepted"
+    except InvalidHandoff as exc:
+        code = exc.code
+    written = len(list_runs_for_session(who.session_id))
+    out.expect(
+        "2. unsafe projected context is rejected",
+        code == "unsafe_projected_context" and written == 1,
+        f"{code}, nothing written",
+    )
+    context = {"task": "policy-and-accuracy review", "draft_answer": VERIFY_DRAFT}
+    handoff = start_handoff_run(who, "critic", projected_context=context, **options)
+    out.expect(
+        "3. start_handoff_run branches from the same lane",
+        handoff.run_id != root.run_id and handoff.session_id == root.session_id,
+        f"new run {handoff.run_id} in session {handoff.session_id}",
+    )
+    delegated = get_run_detail(handoff.run_id).delegated_handoffs
+    entry = delegated[0] if len(delegated) == 1 else None
+    registered = kind in get_extension(app).handlers
+    out.expect(
+        "4. get_run_detail returns delegated_handoffs",
+        entry is not None
+        and (entry.delegated_role_id, entry.delegated_kind) == ("critic", kind)
+        and entry.projected_context == context,
+        f"{len(delegated)} handoff(s); child {entry.child_status if entry else '-'}"
+        + ("" if registered else f" (no handler for {kind!r}: the child waits for one)"),
+    )
+    path, status, body = _operator_page(app, handoff.run_id)
+    out.expect(
+        "5. operator page shows Delegated Evidence",
+        status == 200 and 'id="delegated-evidence"' in body and "critic" in body,
+        f"GET {path} -> {status}",
+    )
+
+
+LANES: dict[str, tuple[str, Callable[[Flask, str, Checklist], None]]] = {
+    "adoption": ("approval", verify_adoption),
+    "runtime-to-handoff": ("review", verify_runtime_to_handoff),
+}
+
+
+def run_lane(host: Flask, lane: str, kind: str | None) -> Checklist:
+    """Check ``host``'s database is migrated, then run ``lane`` in a throwaway copy."""
+    default_kind, steps = LANES[lane]
+    out = Checklist()
+    try:
+        revision = applied_revision(get_extension(host).storage(host).engine)
+        head = schema.head_revision()
+        out.expect(
+            "0. app database migrated",
+            revision == head,
+            f"scoria tables at {revision or 'no revision'}, newest {head}"
+            + ("" if revision == head else "; run: flask scoria db upgrade"),
+        )
+        with throwaway_app(host) as app, app.app_context():
+            steps(app, kind or default_kind, out)
+    except CheckFailed:
+        pass
+    except (ScoriaError, SQLAlchemyError) as exc:
+        out.checks.append(Check("error", "FAIL", f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+@scoria_cli.command("verify")
+@click.argument("lane", type=click.Choice(tuple(LANES)), default="adoption")
+@click.option(
+    "--kind", help="Step kind to exercise (default: 'approval', or 'review' for the handoff)."
+)
+@json_option
+def verify(lane: str, kind: str | None, as_json: bool) -> None:
+    """Run the adoption checklist with this app's handlers in a throwaway database.
+
+    LANE is 'adoption' (default) or 'runtime-to-handoff'. The app's own
+    database must be migrated; nothing is written to it.
+    """
+    report = run_lane(current_app._get_current_object(), lane, kind)  # type: ignore[attr-defined]
+    if as_json:
+        checks = [dataclasses.asdict(check) for check in report.checks]
+        echo_json({"lane": lane, "passed": not report.failures, "checks": checks})
+    else:
+        for check in report.checks:
+            click.echo(f"{check.outcome:<4}  {check.name}: {check.detail}")
+    if report.failures:
+        raise click.ClickException(f"verify {lane}: {report.failures} check(s) failed")
+    if not as_json:
+        click.echo(f"\nverify {lane}: all checks passed")

@@ -1,0 +1,116 @@
+"""Typed errors raised by flask-scoria.
+
+Every error carries a stable ``code`` so that callers and HTTP layers can
+branch on it without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class ScoriaError(Exception):
+    """Base class of every error flask-scoria raises."""
+
+    code: str = "scoria_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RunNotFound(ScoriaError):
+    """No run with that id is visible: unknown, malformed, or another tenant's."""
+
+    code = "run_not_found"
+
+    def __init__(self, run_id: object) -> None:
+        super().__init__(f"No run found for run_id {_short_repr(run_id)}.")
+        self.run_id = run_id
+
+
+class RunNotResumable(ScoriaError):
+    """The run is in a state that the requested transition cannot leave."""
+
+    code = "run_not_resumable"
+
+    def __init__(self, run_id: str, status: str, message: str | None = None) -> None:
+        super().__init__(message or f"Run {run_id} cannot be resumed while it is {status!r}.")
+        self.run_id = run_id
+        self.status = status
+
+
+class ApprovalPending(ScoriaError):
+    """The run waits for an approval that nobody has decided yet."""
+
+    code = "approval_pending"
+
+    def __init__(self, run_id: str, approval_id: str) -> None:
+        super().__init__(
+            f"Run {run_id} is waiting for approval {approval_id}; approve or reject"
+            " it before resuming."
+        )
+        self.run_id = run_id
+        self.approval_id = approval_id
+
+
+class ApprovalAlreadyDecided(ScoriaError):
+    """The approval was decided before this call; ``decided_by`` won."""
+
+    code = "approval_already_decided"
+
+    def __init__(
+        self, run_id: str, approval_id: str, decision: str, decided_by: str | None
+    ) -> None:
+        super().__init__(
+            f"Approval {approval_id} of run {run_id} was already {decision} by {decided_by!r}."
+        )
+        self.run_id = run_id
+        self.approval_id = approval_id
+        self.decision = decision
+        self.decided_by = decided_by
+
+
+class NoPendingApproval(ScoriaError):
+    """The run has no approval to decide."""
+
+    code = "no_pending_approval"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"Run {run_id} has no approval to decide.")
+        self.run_id = run_id
+
+
+class InvalidIdentity(ScoriaError):
+    """An identity value cannot be used as an id, or its metadata is not JSON."""
+
+    code = "invalid_identity"
+
+
+class InvalidRunOptions(ScoriaError):
+    """An argument of a runtime call is malformed."""
+
+    code = "invalid_run_options"
+
+
+class InvalidHandoff(ScoriaError):
+    """A bounded handoff was rejected before anything was written.
+
+    ``code`` names the rule that failed, for example
+    ``"unsafe_projected_context"``; ``path`` points at the offending key when
+    there is one.
+    """
+
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.path = path
+
+
+class StorageError(ScoriaError):
+    """The database could not be reached or stayed locked past its timeout."""
+
+    code = "storage_unavailable"
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

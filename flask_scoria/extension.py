@@ -1,0 +1,213 @@
+"""The ``Scoria`` extension object and its per-app state."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
+
+from flask import Flask, current_app
+from sqlalchemy import Engine
+
+from .execution import Handler, LeaseKeeper, load_handler
+from .runtime import RuntimeContext
+from .storage import Storage, create_standalone_engine
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Every configuration key flask-scoria reads, with its default.
+DEFAULTS: Mapping[str, Any] = {
+    "SCORIA_DATABASE_URI": None,
+    "SCORIA_ENGINE_OPTIONS": {},
+    "SCORIA_SQLITE_SYNCHRONOUS": "FULL",
+    "SCORIA_SQLITE_BUSY_TIMEOUT": 30.0,
+    "SCORIA_URL_PREFIX": "/scoria",
+    "SCORIA_STEP_LEASE_SECONDS": 300.0,
+    "SCORIA_HANDOFF_MAX_BYTES": 64 * 1024,
+    "SCORIA_HANDOFF_MAX_DEPTH": 16,
+    "SCORIA_REDACT_KEYS": (),
+}
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``SCORIA_*`` configuration of one app, read once by ``init_app``."""
+
+    database_uri: str
+    engine_options: Mapping[str, Any]
+    sqlite_synchronous: str
+    sqlite_busy_timeout: float
+    url_prefix: str
+    step_lease_seconds: float
+    handoff_max_bytes: int
+    handoff_max_depth: int
+    redact_keys: tuple[str, ...]
+
+
+def read_settings(app: Flask) -> Settings:
+    """Read and check the app's ``SCORIA_*`` keys, filling in defaults."""
+    for key, value in DEFAULTS.items():
+        app.config.setdefault(key, value)
+    config = app.config
+    uri = config["SCORIA_DATABASE_URI"]
+    if uri is None:
+        os.makedirs(app.instance_path, exist_ok=True)
+        uri = "sqlite:///" + os.path.join(app.instance_path, "scoria.sqlite3")
+    synchronous = str(config["SCORIA_SQLITE_SYNCHRONOUS"]).upper()
+    if synchronous not in _SYNCHRONOUS:
+        raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
+    prefix = config["SCORIA_URL_PREFIX"]
+    if not isinstance(prefix, str) or not prefix.startswith("/") or prefix == "/":
+        raise ValueError("SCORIA_URL_PREFIX must be a path such as '/scoria'.")
+    lease = float(config["SCORIA_STEP_LEASE_SECONDS"])
+    max_bytes = int(config["SCORIA_HANDOFF_MAX_BYTES"])
+    max_depth = int(config["SCORIA_HANDOFF_MAX_DEPTH"])
+    if lease <= 0 or max_bytes <= 0 or max_depth <= 0:
+        raise ValueError(
+            "SCORIA_STEP_LEASE_SECONDS, SCORIA_HANDOFF_MAX_BYTES and"
+            " SCORIA_HANDOFF_MAX_DEPTH must be positive."
+        )
+    return Settings(
+        database_uri=str(uri),
+        engine_options=dict(config["SCORIA_ENGINE_OPTIONS"]),
+        sqlite_synchronous=synchronous,
+        sqlite_busy_timeout=float(config["SCORIA_SQLITE_BUSY_TIMEOUT"]),
+        url_prefix=prefix.rstrip("/"),
+        step_lease_seconds=lease,
+        handoff_max_bytes=max_bytes,
+        handoff_max_depth=max_depth,
+        redact_keys=tuple(str(key) for key in config["SCORIA_REDACT_KEYS"]),
+    )
+
+
+class _AppState:
+    def __init__(self, settings: Settings, engine: Engine | None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.keeper = LeaseKeeper(settings.step_lease_seconds)
+        self.storage: Storage | None = None
+
+
+class Scoria:
+    """Durable, inspectable runs for a Flask app.
+
+    ``Scoria(app)`` or ``Scoria()`` then ``init_app(app)``. Standalone it keeps
+    its tables in ``SCORIA_DATABASE_URI`` (an SQLite file in the instance
+    folder by default); ``Scoria(app, db=db)`` uses a Flask-SQLAlchemy
+    ``db``'s engine instead, always with its own short transactions.
+    """
+
+    def __init__(self, app: Flask | None = None, *, db: Any = None) -> None:
+        self.db = db
+        self.handlers: dict[str, Handler] = {}
+        self.operator_scope_resolver: Callable[[], Mapping[str, Any] | None] | None = None
+        self._states: WeakKeyDictionary[Flask, _AppState] = WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read config, prepare storage, mount the operator pages and the CLI."""
+        if "scoria" in app.extensions:
+            raise RuntimeError(
+                "flask-scoria is already registered on this app. Create one Scoria"
+                " instance per app and call init_app once."
+            )
+        settings = read_settings(app)
+        engine = None
+        if self.db is None:
+            engine = create_standalone_engine(
+                settings.database_uri,
+                busy_timeout=settings.sqlite_busy_timeout,
+                synchronous=settings.sqlite_synchronous,
+                engine_options=dict(settings.engine_options),
+            )
+        self._states[app] = _AppState(settings, engine)
+        app.extensions["scoria"] = self
+
+        from .cli import scoria_cli
+        from .operator import bp as operator_bp
+
+        app.cli.add_command(scoria_cli)
+        app.register_blueprint(operator_bp, url_prefix=settings.url_prefix)
+
+    def handler(self, kind: str) -> Callable[[F], F]:
+        """Register the handler for steps of ``kind``.
+
+        A handler is ``fn(step, run)`` returning an outcome; per-call
+        ``handlers=`` take precedence over this registry.
+        """
+        if not isinstance(kind, str) or not kind.strip():
+            raise ValueError("A handler kind must be a non-empty string.")
+
+        def decorator(fn: F) -> F:
+            self.handlers[kind] = load_handler(fn, kind)
+            return fn
+
+        return decorator
+
+    def operator_scope(self, fn: F) -> F:
+        """Register the resolver that grants operator access.
+
+        It returns ``{"tenant_id": ..., "actor_id": ...}`` for an operator of
+        that tenant, or ``None``; without it every operator page answers 403.
+        """
+        self.operator_scope_resolver = fn
+        return fn
+
+    def settings(self, app: Flask | None = None) -> Settings:
+        """The settings ``init_app`` read for ``app`` (default: the current app)."""
+        return self._state(app).settings
+
+    def storage(self, app: Flask | None = None) -> Storage:
+        """The storage of ``app`` (default: the current app)."""
+        state = self._state(app)
+        if state.storage is None:
+            engine = state.engine if state.engine is not None else self.db.engine
+            state.storage = Storage(engine)
+        return state.storage
+
+    def _state(self, app: Flask | None) -> _AppState:
+        if app is None:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        try:
+            return self._states[app]
+        except KeyError:
+            raise RuntimeError(
+                "This Scoria instance is not initialized on the current app. Call"
+                " init_app(app) before using it."
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<Scoria handlers={sorted(self.handlers)}>"
+
+
+def get_extension(app: Flask | None = None) -> Scoria:
+    """The ``Scoria`` instance of ``app`` (default: the current app)."""
+    if app is None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    extension = app.extensions.get("scoria")
+    if extension is None:
+        raise RuntimeError(
+            "flask-scoria is not initialized on this app. Call Scoria(app) or"
+            " Scoria().init_app(app) in your app factory."
+        )
+    return extension  # type: ignore[no-any-return]
+
+
+def runtime_context() -> RuntimeContext:
+    """Everything a runtime call needs from the current app."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    extension = get_extension(app)
+    state = extension._state(app)
+    return RuntimeContext(
+        app=app,
+        storage=extension.storage(app),
+        registry=extension.handlers,
+        keeper=state.keeper,
+        handoff_max_bytes=state.settings.handoff_max_bytes,
+        handoff_max_depth=state.settings.handoff_max_depth,
+    )

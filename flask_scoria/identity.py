@@ -1,0 +1,164 @@
+"""Normalization of the actor, tenant and session a run belongs to."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._json import json_object
+from .errors import InvalidIdentity
+
+#: Longest id flask-scoria stores.
+MAX_ID_LENGTH = 255
+
+_ACTOR_ALIASES = ("actor", "current_user", "user")
+_TENANT_ALIASES = ("tenant", "current_tenant")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a run belongs to: actor, tenant and the host's session.
+
+    ``session_id`` groups the turns of one conversation; it never names a run.
+    """
+
+    actor_id: str | None = None
+    tenant_id: str | None = None
+    session_id: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_session(cls, session: Any) -> Identity:
+        """Read ``actor_id``, ``tenant_id`` and ``session_id`` keys of a session."""
+        if not isinstance(session, Mapping):
+            return cls()
+        return cls(
+            actor_id=normalize_id(session.get("actor_id"), "actor_id"),
+            tenant_id=normalize_id(session.get("tenant_id"), "tenant_id"),
+            session_id=normalize_id(session.get("session_id"), "session_id"),
+        )
+
+    @classmethod
+    def from_g(cls, g: Any) -> Identity:
+        """Read the actor, tenant and session id a request stored on ``g``.
+
+        The actor is ``g.current_user``, ``g.user`` or ``g.actor``; the tenant
+        ``g.current_tenant`` or ``g.tenant``; the session ``g.session_id``.
+        """
+        actor = _first_attr(g, ("current_user", "user", "actor"))
+        tenant = _first_attr(g, ("current_tenant", "tenant"))
+        return cls(
+            actor_id=_id_of(actor, "actor"),
+            tenant_id=_id_of(tenant, "tenant"),
+            session_id=normalize_id(getattr(g, "session_id", None), "session_id"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the identity as a plain dict."""
+        return {
+            "actor_id": self.actor_id,
+            "tenant_id": self.tenant_id,
+            "session_id": self.session_id,
+            "metadata": dict(self.metadata),
+        }
+
+
+def identity(value: Any = None) -> Identity:
+    """Normalize ``value`` into an :class:`Identity`.
+
+    ``value`` may be an ``Identity``, a mapping, any object with attributes,
+    or ``None``. Ids are read from ``actor_id`` / ``tenant_id`` /
+    ``session_id``, falling back to the aliases ``actor``, ``current_user``,
+    ``user``, ``tenant``, ``current_tenant`` (their ``id``) and ``session``
+    (its ``id`` or the string itself). Ints and UUIDs become strings, blank
+    strings become ``None``. Raises :class:`InvalidIdentity` for values that
+    cannot be an id or metadata that is not JSON.
+    """
+    if isinstance(value, Identity):
+        return Identity(
+            actor_id=normalize_id(value.actor_id, "actor_id"),
+            tenant_id=normalize_id(value.tenant_id, "tenant_id"),
+            session_id=normalize_id(value.session_id, "session_id"),
+            metadata=_metadata(value.metadata),
+        )
+    if value is None or isinstance(value, str | bytes | int | float | list | tuple):
+        return Identity()
+
+    def read(key: str) -> Any:
+        if isinstance(value, Mapping):
+            return value.get(key)
+        return getattr(value, key, None)
+
+    actor_id = normalize_id(read("actor_id"), "actor_id")
+    if actor_id is None:
+        actor_id = _id_of(_first_present(read, _ACTOR_ALIASES), "actor")
+    tenant_id = normalize_id(read("tenant_id"), "tenant_id")
+    if tenant_id is None:
+        tenant_id = _id_of(_first_present(read, _TENANT_ALIASES), "tenant")
+    session_id = normalize_id(read("session_id"), "session_id")
+    if session_id is None:
+        session_id = _id_of(read("session"), "session")
+    return Identity(
+        actor_id=actor_id,
+        tenant_id=tenant_id,
+        session_id=session_id,
+        metadata=_metadata(read("metadata")),
+    )
+
+
+def normalize_id(value: Any, name: str) -> str | None:
+    """Return ``value`` as a stripped id string, or ``None`` when blank."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidIdentity(f"{name} must be a string or an int, not a bool.")
+    if isinstance(value, int | uuid.UUID):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidIdentity(f"{name} must be a string or an int, not {type(value).__name__}.")
+    text = value.strip()
+    if not text:
+        return None
+    if len(text) > MAX_ID_LENGTH:
+        raise InvalidIdentity(f"{name} is longer than {MAX_ID_LENGTH} characters.")
+    if not text.isprintable():
+        raise InvalidIdentity(f"{name} contains control or non-printable characters.")
+    return text
+
+
+def _id_of(value: Any, name: str) -> str | None:
+    """The id of an alias value: a plain id, or an object's ``id``."""
+    if value is None:
+        return None
+    if isinstance(value, str | int | uuid.UUID) and not isinstance(value, bool):
+        return normalize_id(value, name)
+    if isinstance(value, Mapping):
+        return normalize_id(value.get("id"), f"{name}.id")
+    if isinstance(value, list | tuple | set | bool | float | bytes):
+        raise InvalidIdentity(f"{name} cannot be a {type(value).__name__}.")
+    return normalize_id(getattr(value, "id", None), f"{name}.id")
+
+
+def _first_present(read: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        found = read(key)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        found = getattr(obj, name, _MISSING)
+        if found is not _MISSING and found is not None:
+            return found
+    return None
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    return json_object(value, what="identity metadata", error=InvalidIdentity)

@@ -1,0 +1,100 @@
+"""Checking the arguments of the facade verbs before anything is written."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .._ids import parse_uuid
+from .._json import json_object
+from ..errors import InvalidHandoff, InvalidRunOptions, RunNotFound
+from ..handoff import require_name
+from ..identity import Identity, normalize_id
+from ..identity import identity as normalize_identity
+from .transaction import UNSET
+
+MAX_TEXT = 10_000
+
+
+def run_uuid(run_id: Any) -> uuid.UUID:
+    parsed = parse_uuid(run_id)
+    if parsed is None:
+        raise RunNotFound(run_id)
+    return parsed
+
+
+def tenant_guard(tenant_id: Any, identity: Any) -> Any:
+    """The tenant a run must belong to, or ``UNSET`` for no guard."""
+    if identity is not None:
+        from_identity = normalize_identity(identity).tenant_id
+        if tenant_id is not UNSET and normalize_id(tenant_id, "tenant_id") != from_identity:
+            raise InvalidRunOptions("tenant_id and identity name different tenants.")
+        return from_identity
+    if tenant_id is UNSET:
+        return UNSET
+    return normalize_id(tenant_id, "tenant_id")
+
+
+def optional_text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
+        raise InvalidRunOptions(f"{name} must be a string of at most {MAX_TEXT} characters.")
+    return value
+
+
+def decider(value: Any, name: str) -> str:
+    try:
+        who = normalize_id(value, name)
+    except Exception as exc:
+        raise InvalidRunOptions(str(exc)) from None
+    if who is None:
+        raise InvalidRunOptions(f"{name} must name who decides, as a non-empty string.")
+    return who
+
+
+def role_name(value: Any, name: str) -> str:
+    try:
+        return require_name(value, "invalid_run_options", name)
+    except InvalidHandoff as exc:
+        raise InvalidRunOptions(exc.message) from None
+
+
+def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidRunOptions("initial_step must be a dict with at least a 'kind'.")
+    unknown = set(value) - {"kind", "role_id", "sequence", "status"}
+    if unknown:
+        raise InvalidRunOptions(f"initial_step has unknown keys: {sorted(map(str, unknown))}.")
+    if "kind" not in value:
+        raise InvalidRunOptions("initial_step needs a 'kind', which selects its handler.")
+    try:
+        kind = require_name(value["kind"], "invalid_run_options", "initial_step kind", 64)
+    except InvalidHandoff as exc:
+        raise InvalidRunOptions(exc.message) from None
+    role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
+    sequence = value.get("sequence", 1)
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or not 1 <= sequence < 2**31:
+        raise InvalidRunOptions("initial_step sequence must be a positive int.")
+    if value.get("status", "queued") != "queued":
+        raise InvalidRunOptions("initial_step status can only be 'queued'.")
+    return {"kind": kind, "role_id": role_id, "sequence": sequence}
+
+
+def run_metadata(runtime: Any, ident: Identity) -> dict[str, Any]:
+    if runtime is None:
+        runtime = {}
+    if not isinstance(runtime, Mapping):
+        raise InvalidRunOptions("runtime must be a dict such as {'metadata': {...}}.")
+    unknown = set(runtime) - {"metadata"}
+    if unknown:
+        raise InvalidRunOptions(f"runtime has unknown keys: {sorted(map(str, unknown))}.")
+    metadata = json_object(
+        runtime.get("metadata") or {}, what="runtime metadata", error=InvalidRunOptions
+    )
+    if ident.metadata:
+        metadata.setdefault("identity", dict(ident.metadata))
+    return metadata

@@ -1,0 +1,255 @@
+"""The verbs that move an existing run: dispatch, resume, approve, reject, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import update
+
+from .. import _sql, signals
+from ..errors import ApprovalAlreadyDecided, ApprovalPending, NoPendingApproval, RunNotResumable
+from ..execution import Handlers
+from ..models import approvals, steps
+from ..readback import Approval, RunSummary, approval_from_row, summary_from_row
+from .arguments import decider, optional_text, run_uuid, tenant_guard
+from .steps import claim_next, claim_step, decided_approval, drive, expire_leases
+from .transaction import UNSET, Conflict, Tx, context, transact
+
+#: Run statuses from which nothing moves on by itself.
+ENDED = ("completed", "rejected", "cancelled")
+
+
+def dispatch(
+    run_id: str,
+    *,
+    handlers: Mapping[str, Any] | None = None,
+    tenant_id: Any = UNSET,
+    identity: Any = None,
+) -> RunSummary:
+    """Execute the queued steps of a ``running`` run whose handlers are known.
+
+    On a run in any other state, or whose steps are already claimed, nothing
+    changes. Concurrent dispatchers never execute one step twice.
+    """
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    ctx = context()
+    resolver = Handlers(handlers, ctx.registry)
+
+    def decide(tx: Tx) -> None:
+        if not expire_leases(tx) and tx.status() == "running":
+            claim_next(tx, resolver)
+
+    _, row, claim = transact(ctx, key, guard, decide)
+    return summary_from_row(drive(ctx, resolver, claim, row))
+
+
+def resume_run(
+    run_id: str,
+    *,
+    handlers: Mapping[str, Any] | None = None,
+    tenant_id: Any = UNSET,
+    identity: Any = None,
+) -> RunSummary:
+    """Continue the same run: after an approval, or by retrying its failed step.
+
+    Never creates a run. Raises :class:`ApprovalPending` while the approval is
+    undecided and :class:`RunNotResumable` in any state other than an approved
+    pause or ``failed``.
+    """
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    ctx = context()
+    resolver = Handlers(handlers, ctx.registry)
+
+    def decide(tx: Tx) -> None:
+        expire_leases(tx)
+        status = tx.status()
+        if status == "waiting_for_approval":
+            _resume_approved(tx, resolver)
+        elif status == "failed":
+            _retry_failed(tx, resolver)
+        else:
+            raise RunNotResumable(
+                str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status)
+            )
+
+    _, row, claim = transact(ctx, key, guard, decide)
+    return summary_from_row(drive(ctx, resolver, claim, row))
+
+
+def _not_resumable_message(run_id: str, status: str) -> str:
+    if status == "running":
+        return f"Run {run_id} is running; call dispatch() to execute its queued steps."
+    return f"Run {run_id} is {status} and cannot be resumed."
+
+
+def _current_step(tx: Tx) -> dict[str, Any] | None:
+    step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
+    if step_id is None:
+        return None
+    row = tx.conn.execute(_sql.STEP_BY_ID, {"b_step_id": step_id}).mappings().first()
+    return None if row is None else dict(row)
+
+
+def _latest_approval(tx: Tx) -> Approval | None:
+    row = tx.conn.execute(_sql.LATEST_APPROVAL_OF_RUN, {"b_run_id": tx.run_id}).mappings().first()
+    return None if row is None else approval_from_row(row)
+
+
+def _resume_approved(tx: Tx, handlers: Handlers) -> None:
+    approval = _latest_approval(tx)
+    step = _current_step(tx)
+    if approval is None or step is None:
+        raise NoPendingApproval(str(tx.run_id))
+    if approval.status == "pending":
+        raise ApprovalPending(str(tx.run_id), approval.id)
+    tx.set(status="running")
+    tx.event("resume_requested", step["id"])
+    tx.signal(signals.run_resumed)
+    claim_step(tx, step, handlers, approval, from_status="waiting_for_approval")
+
+
+def _retry_failed(tx: Tx, handlers: Handlers) -> None:
+    step = _current_step(tx)
+    if step is None or step["status"] != "failed":
+        raise RunNotResumable(
+            str(tx.run_id), "failed", f"Run {tx.run_id} has no failed step to retry."
+        )
+    attempt = step["attempt"] + 1
+    tx.set(status="running", completed_at=None)
+    tx.event("retry_requested", step["id"], {"attempt": attempt})
+    tx.signal(signals.run_resumed)
+    claim_step(
+        tx,
+        step,
+        handlers,
+        decided_approval(tx.conn, step["id"]),
+        from_status="failed",
+        attempt=attempt,
+        error_envelope=None,
+        result_envelope=None,
+        completed_at=None,
+    )
+
+
+def approve_run(
+    run_id: str,
+    *,
+    decided_by: str,
+    note: str | None = None,
+    tenant_id: Any = UNSET,
+    identity: Any = None,
+) -> RunSummary:
+    """Approve the run's pending approval as ``decided_by``.
+
+    The run stays ``waiting_for_approval`` until :func:`resume_run`. Raises
+    :class:`ApprovalAlreadyDecided` (naming the winner) or
+    :class:`NoPendingApproval`.
+    """
+    return _decide(run_id, "approved", decided_by, note, tenant_id, identity)
+
+
+def reject_run(
+    run_id: str,
+    *,
+    decided_by: str,
+    reason: str | None = None,
+    tenant_id: Any = UNSET,
+    identity: Any = None,
+) -> RunSummary:
+    """Reject the run's pending approval; the step and the run end ``rejected``."""
+    return _decide(run_id, "rejected", decided_by, reason, tenant_id, identity)
+
+
+def _decide(
+    run_id: Any, decision: str, decided_by: Any, note: Any, tenant_id: Any, identity: Any
+) -> RunSummary:
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    who = decider(decided_by, "decided_by")
+    text = optional_text(note, "note" if decision == "approved" else "reason")
+    ctx = context()
+
+    def decide(tx: Tx) -> None:
+        approval = _latest_approval(tx)
+        if approval is None:
+            raise NoPendingApproval(str(tx.run_id))
+        if approval.status != "pending":
+            raise ApprovalAlreadyDecided(
+                str(tx.run_id), approval.id, approval.status, approval.decided_by
+            )
+        decided = tx.conn.execute(
+            _sql.DECIDE_PENDING_APPROVAL,
+            {
+                "b_approval_id": uuid.UUID(approval.id),
+                "status": decision,
+                "decided_by": who,
+                "decided_at": tx.now,
+                "note": text,
+            },
+        )
+        if decided.rowcount != 1:
+            raise Conflict
+        payload = {"decision": decision, "decided_by": who}
+        tx.event("approval_decided", uuid.UUID(approval.step_id), payload)
+        tx.signal(signals.approval_decided, approval={"approval_id": approval.id, **payload})
+        if decision == "rejected":
+            tx.update_step(
+                uuid.UUID(approval.step_id),
+                {"status": "waiting_for_approval"},
+                status="rejected",
+                completed_at=tx.now,
+            )
+            tx.set(status="rejected", completed_at=tx.now)
+            tx.event("run_rejected", uuid.UUID(approval.step_id), {"reason": text})
+
+    _, row, _ = transact(ctx, key, guard, decide)
+    return summary_from_row(row)
+
+
+def cancel_run(
+    run_id: str,
+    *,
+    cancelled_by: str,
+    reason: str | None = None,
+    tenant_id: Any = UNSET,
+    identity: Any = None,
+) -> RunSummary:
+    """End a run that has not ended, with its open steps and approvals, as ``cancelled``.
+
+    A handler still executing finishes, but its outcome is discarded.
+    """
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    who = decider(cancelled_by, "cancelled_by")
+    text = optional_text(reason, "reason")
+    ctx = context()
+
+    def decide(tx: Tx) -> None:
+        if tx.status() in ENDED:
+            raise RunNotResumable(
+                str(tx.run_id), tx.status(), f"Run {tx.run_id} already ended as {tx.status()}."
+            )
+        tx.conn.execute(
+            update(steps)
+            .where(
+                steps.c.run_id == tx.run_id,
+                steps.c.status.in_(("queued", "running", "waiting_for_approval", "failed")),
+            )
+            .values(
+                status="cancelled", lease_token=None, lease_expires_at=None, completed_at=tx.now
+            )
+        )
+        tx.conn.execute(
+            update(approvals)
+            .where(approvals.c.run_id == tx.run_id, approvals.c.status == "pending")
+            .values(status="cancelled", decided_by=who, decided_at=tx.now, note=text)
+        )
+        tx.set(status="cancelled", completed_at=tx.now)
+        tx.event("run_cancelled", None, {"cancelled_by": who, "reason": text})
+
+    _, row, _ = transact(ctx, key, guard, decide)
+    return summary_from_row(row)

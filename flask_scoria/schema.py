@@ -1,0 +1,99 @@
+"""Applying and checking the shipped Alembic revisions of the ``scoria_*`` tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine
+
+from .models import Base
+
+#: The table that records which flask-scoria revision a database is at.
+VERSION_TABLE = "scoria_alembic_version"
+#: The Alembic branch label of flask-scoria's revisions.
+BRANCH = "scoria"
+
+
+def migrations_path() -> Path:
+    """The folder of the shipped revisions, installed or in a source checkout."""
+    packaged = Path(__file__).with_name("migrations")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).parent.parent / "migrations"
+
+
+def versions_path() -> Path:
+    """The ``versions`` folder, for a host's Alembic ``version_locations``."""
+    return migrations_path() / "versions"
+
+
+def only_scoria_tables(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Alembic ``include_name`` hook limiting a comparison to ``scoria_*`` tables."""
+    if type_ == "table":
+        return name is not None and name.startswith("scoria_")
+    return True
+
+
+@contextmanager
+def _alembic(engine: Engine) -> Iterator[Config]:
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_path()))
+        config.attributes["connection"] = connection
+        yield config
+
+
+def upgrade(engine: Engine, revision: str = "heads") -> None:
+    """Bring the ``scoria_*`` tables up to ``revision`` (default: the newest)."""
+    with _alembic(engine) as config:
+        command.upgrade(config, revision)
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    """Take the ``scoria_*`` tables down to ``revision`` (default: none at all).
+
+    Down to ``base`` the version table goes too, so no ``scoria_*`` table is left.
+    """
+    with _alembic(engine) as config:
+        command.downgrade(config, revision)
+        if revision == "base":
+            config.attributes["connection"].exec_driver_sql(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or ``None`` before the first upgrade."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest shipped revision."""
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def differences(engine: Engine) -> list[Any]:
+    """What Alembic's autogenerate finds between the models and the database."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection,
+            opts={
+                "compare_type": True,
+                "include_name": only_scoria_tables,
+                "version_table": VERSION_TABLE,
+            },
+        )
+        return list(compare_metadata(context, Base.metadata))
