@@ -1,0 +1,135 @@
+"""Turning read models into what the pages show: redacted JSON, previews, trees, times.
+
+Pure functions, no HTTP and no SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..handoff import is_unsafe_key, normalize_key
+from ..readback import Step
+
+REDACTED = "[REDACTED]"
+TERMINAL = frozenset({"completed", "failed", "rejected", "cancelled"})
+PREVIEW_KEYS = 3
+PREVIEW_BYTES = 80
+
+# Of the keys a handoff refuses, those that name credentials; transcripts and
+# messages stay readable on the operator pages.
+_CREDENTIAL_WORDS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "api_key",
+    "apikey",
+    "authorization",
+    "credential",
+    "private_key",
+    "cookie",
+    "header",
+    "provider_session",
+)
+
+
+def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
+    """Whether the value under ``key`` is hidden: a credential name or an ``extra`` one."""
+    name = normalize_key(key)
+    if name in extra:
+        return True
+    return is_unsafe_key(key) and any(word in name for word in _CREDENTIAL_WORDS)
+
+
+def redact(value: Any, extra: Collection[str] = ()) -> Any:
+    """A copy of a JSON value with secret-looking keys' values replaced, at any depth."""
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if is_secret_key(str(key), extra) else redact(item, extra)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item, extra) for item in value]
+    return value
+
+
+def pretty(value: Any, extra: Collection[str] = ()) -> str:
+    """Indented JSON of a redacted value."""
+    return json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+
+
+def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
+    """``text`` if it fits in ``limit`` UTF-8 bytes, else its head and ``...``."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
+
+
+def preview(
+    context: Mapping[str, Any] | None, extra: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """The first keys of a projected context, sorted, with short values."""
+    shown = redact(context or {}, extra)
+    return [
+        (key, truncate(item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)))
+        for key, item in sorted(shown.items())[:PREVIEW_KEYS]
+    ]
+
+
+@dataclass(frozen=True)
+class StepNode:
+    """A step with its depth in the parent/child tree."""
+
+    step: Step
+    depth: int
+
+
+def step_tree(steps: Sequence[Step]) -> list[StepNode]:
+    """Steps in tree order (children under their parent, by sequence) with depths."""
+    ids = {step.id for step in steps}
+    children: dict[str | None, list[Step]] = {}
+    for step in steps:
+        parent = step.parent_step_id if step.parent_step_id in ids else None
+        children.setdefault(parent, []).append(step)
+    ordered: list[StepNode] = []
+    stack = [(step, 0) for step in reversed(children.get(None, []))]
+    while stack:
+        step, depth = stack.pop()
+        ordered.append(StepNode(step, depth))
+        stack.extend((child, depth + 1) for child in reversed(children.get(step.id, [])))
+    return ordered
+
+
+def absolute_time(moment: datetime | None) -> str:
+    """``2024-06-01 12:00:03 UTC``, or an em dash for no time."""
+    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def relative_time(moment: datetime | None, now: datetime) -> str:
+    """``3 min ago``: how long before ``now`` a moment was."""
+    if moment is None:
+        return ""
+    return span((now - moment).total_seconds()) + " ago"
+
+
+def span(seconds: float) -> str:
+    """A short human length of time: ``850 ms``, ``42 s``, ``3 min``, ``2 h``, ``4 d``."""
+    seconds = max(seconds, 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def duration(start: datetime | None, end: datetime | None, now: datetime) -> str:
+    """How long a run took, or has been going on so far."""
+    if start is None:
+        return "—"
+    return span(((end or now) - start).total_seconds()) + ("" if end else " so far")
