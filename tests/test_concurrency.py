@@ -1,0 +1,158 @@
+"""Exactly one winner of concurrent transitions, across threads and processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _helpers import IDENTITY, executions, outcome_of, race_in_process, wait_for_approval
+from flask import Flask
+
+import flask_scoria as scoria
+
+THREADS = 32
+PROCESSES = 4
+
+
+def start_run(app: Flask, counter: Path, handlers: dict[str, Any] | None = None) -> str:
+    with app.app_context():
+        return scoria.start_run(
+            scoria.identity(IDENTITY),
+            initial_step={"kind": "work"},
+            runtime={"metadata": {"counter": str(counter)}},
+            handlers=handlers,
+        ).run_id
+
+
+def paused_run(app: Flask, counter: Path, *, approved: bool = False) -> str:
+    run_id = start_run(app, counter, {"work": wait_for_approval})
+    if approved:
+        with app.app_context():
+            scoria.approve_run(run_id, decided_by="reviewer")
+    return run_id
+
+
+def race_threads(
+    app: Flask, run_id: str, verb_of: Callable[[int], str]
+) -> list[tuple[str, str, str]]:
+    """Call ``verb_of(i)`` from THREADS threads released together."""
+    barrier = threading.Barrier(THREADS)
+    results: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
+
+    def racer(index: int) -> None:
+        with app.app_context():
+            barrier.wait(timeout=30)
+            outcome = outcome_of(verb_of(index), run_id, f"thread-{index}")
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == THREADS
+    return results
+
+
+def codes(results: list[tuple[str, str, str]]) -> Counter[str]:
+    return Counter(code for _, code, _ in results)
+
+
+def assert_single_resume(app: Flask, run_id: str, counter: Path, results: Any) -> None:
+    assert codes(results) == {"ok": 1, "run_not_resumable": len(results) - 1}, results
+    assert len(executions(counter)) == 1
+    with app.app_context():
+        assert scoria.get_run(run_id).status == "completed"
+        events = [event.event_type for event in scoria.get_run_detail(run_id).events]
+    assert events.count("resume_requested") == 1
+    assert events.count("step_started") == 2
+
+
+def assert_single_decision(app: Flask, run_id: str, results: Any) -> str:
+    assert codes(results) == {"ok": 1, "approval_already_decided": len(results) - 1}, results
+    (winner,) = [who for who, code, _ in results if code == "ok"]
+    with app.app_context():
+        (approval,) = scoria.get_run_detail(run_id).approvals
+    assert approval.decided_by == winner
+    for _, code, detail in results:
+        if code != "ok":
+            assert detail == f"{approval.status}:{winner}"
+    return approval.status
+
+
+def assert_single_dispatch(app: Flask, run_id: str, counter: Path, results: Any) -> None:
+    assert codes(results) == {"ok": len(results)}, results
+    assert len(executions(counter)) == 1
+    with app.app_context():
+        assert scoria.get_run(run_id).status == "completed"
+
+
+def test_resume_race_in_threads(app: Flask, tmp_path: Path) -> None:
+    counter = tmp_path / "executions"
+    run_id = paused_run(app, counter, approved=True)
+    results = race_threads(app, run_id, lambda index: "resume")
+    assert_single_resume(app, run_id, counter, results)
+
+
+def test_approve_race_in_threads(app: Flask, tmp_path: Path) -> None:
+    run_id = paused_run(app, tmp_path / "executions")
+    results = race_threads(app, run_id, lambda index: "approve")
+    assert assert_single_decision(app, run_id, results) == "approved"
+    with app.app_context():
+        assert scoria.get_run(run_id).status == "waiting_for_approval"
+
+
+def test_approve_and_reject_race_in_threads(app: Flask, tmp_path: Path) -> None:
+    run_id = paused_run(app, tmp_path / "executions")
+    results = race_threads(app, run_id, lambda index: ("approve", "reject")[index % 2])
+    decision = assert_single_decision(app, run_id, results)
+    with app.app_context():
+        status = scoria.get_run(run_id).status
+    assert status == ("rejected" if decision == "rejected" else "waiting_for_approval")
+
+
+def test_dispatch_race_in_threads(app: Flask, tmp_path: Path) -> None:
+    counter = tmp_path / "executions"
+    run_id = start_run(app, counter)
+    results = race_threads(app, run_id, lambda index: "dispatch")
+    assert_single_dispatch(app, run_id, counter, results)
+
+
+def test_races_across_processes(app: Flask, database_uri: str, tmp_path: Path) -> None:
+    resume_counter = tmp_path / "resume-executions"
+    dispatch_counter = tmp_path / "dispatch-executions"
+    races = [
+        ("resume", paused_run(app, resume_counter, approved=True)),
+        ("approve", paused_run(app, tmp_path / "unused")),
+        ("approve_or_reject", paused_run(app, tmp_path / "unused")),
+        ("dispatch", start_run(app, dispatch_counter)),
+    ]
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(PROCESSES)
+    queue = spawn.Queue()
+    processes = [
+        spawn.Process(
+            target=race_in_process,
+            args=(database_uri, str(tmp_path / f"instance-{i}"), i, races, barrier, queue),
+        )
+        for i in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    collected = [queue.get(timeout=120) for _ in range(PROCESSES * len(races))]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    by_race: dict[int, list[tuple[str, str, str]]] = {}
+    for race, *outcome in collected:
+        by_race.setdefault(race, []).append(tuple(outcome))  # type: ignore[arg-type]
+    assert_single_resume(app, races[0][1], resume_counter, by_race[0])
+    assert assert_single_decision(app, races[1][1], by_race[1]) == "approved"
+    assert_single_decision(app, races[2][1], by_race[2])
+    assert_single_dispatch(app, races[3][1], dispatch_counter, by_race[3])

@@ -1,0 +1,125 @@
+"""Wiring: the host's Flask-SQLAlchemy engine, configuration, the default database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import Mapped, mapped_column
+
+import flask_scoria as scoria
+from flask_scoria import Scoria, schema
+
+
+def make_host_app(database_uri: str, instance_path: Path) -> tuple[Flask, SQLAlchemy, type]:
+    app = Flask("host", instance_path=str(instance_path))
+    app.config.update(SQLALCHEMY_DATABASE_URI=database_uri, TESTING=True)
+    db = SQLAlchemy(app)
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "host_notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        text: Mapped[str]
+
+    Scoria(app, db=db)
+    with app.app_context():
+        db.create_all()
+    return app, db, Note
+
+
+def test_host_engine_is_used_and_host_session_is_left_alone(
+    database_uri: str, tmp_path: Path
+) -> None:
+    app, db, note = make_host_app(database_uri, tmp_path / "instance")
+    with app.app_context():
+        assert app.extensions["scoria"].storage().engine is db.engine
+        db.session.add(note(text="not committed by scoria"))
+        run = scoria.start_run(scoria.identity({"session_id": "host-session"}))
+        db.session.rollback()
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 0
+        assert scoria.get_run(run.run_id).status == "completed"
+        db.drop_all()
+
+
+def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_path: Path) -> None:
+    """A flushed, uncommitted host write does not block or leak into a scoria write."""
+    app, db, note = make_host_app(postgres_url, tmp_path / "instance")
+    with app.app_context():
+        db.session.add(note(text="flushed, then rolled back"))
+        db.session.flush()
+        run = scoria.start_run(scoria.identity({"session_id": "pg-host"}))
+        db.session.rollback()
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 0
+        assert [r.run_id for r in scoria.list_runs_for_session("pg-host")] == [run.run_id]
+        db.drop_all()
+
+
+def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
+    app = Flask("default_db", instance_path=str(tmp_path / "instance"))
+    runtime = Scoria(app)
+    engine = runtime.storage(app).engine
+    assert engine.url.database == str(tmp_path / "instance" / "scoria.sqlite3")
+    schema.upgrade(engine)
+    with app.app_context():
+        run = scoria.start_run(None)
+        assert scoria.get_run(run.run_id).status == "completed"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("SCORIA_SQLITE_SYNCHRONOUS", "SOMETIMES", "SCORIA_SQLITE_SYNCHRONOUS"),
+        ("SCORIA_URL_PREFIX", "scoria", "SCORIA_URL_PREFIX"),
+        ("SCORIA_URL_PREFIX", "/", "SCORIA_URL_PREFIX"),
+        ("SCORIA_STEP_LEASE_SECONDS", 0, "SCORIA_STEP_LEASE_SECONDS"),
+        ("SCORIA_HANDOFF_MAX_DEPTH", -1, "SCORIA_HANDOFF_MAX_DEPTH"),
+    ],
+)
+def test_bad_configuration_is_refused_at_init(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    app = Flask("bad_config", instance_path=str(tmp_path))
+    app.config[key] = value
+    with pytest.raises(ValueError, match=message):
+        Scoria(app)
+    assert "scoria" not in app.extensions
+
+
+def test_defaults_are_written_to_the_config(tmp_path: Path) -> None:
+    app = Flask("defaults", instance_path=str(tmp_path))
+    runtime = Scoria(app)
+    assert app.config["SCORIA_URL_PREFIX"] == "/scoria"
+    assert app.config["SCORIA_STEP_LEASE_SECONDS"] == 300.0
+    assert runtime.settings(app).handoff_max_bytes == 64 * 1024
+    runtime.storage(app).engine.dispose()
+
+
+def test_one_extension_serves_several_apps(tmp_path: Path) -> None:
+    runtime = Scoria()
+    first = Flask("first", instance_path=str(tmp_path / "a"))
+    second = Flask("second", instance_path=str(tmp_path / "b"))
+    runtime.init_app(first)
+    runtime.init_app(second)
+    assert runtime.storage(first).engine is not runtime.storage(second).engine
+    for app in (first, second):
+        schema.upgrade(runtime.storage(app).engine)
+        with app.app_context():
+            scoria.start_run({"session_id": app.name})
+    with first.app_context():
+        assert len(scoria.list_runs_for_session("first")) == 1
+        assert scoria.list_runs_for_session("second") == []
+    for app in (first, second):
+        runtime.storage(app).engine.dispose()
+
+
+def test_handler_kind_must_be_named(tmp_path: Path) -> None:
+    runtime = Scoria()
+    with pytest.raises(ValueError, match="non-empty"):
+        runtime.handler(" ")

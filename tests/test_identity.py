@@ -1,0 +1,144 @@
+"""The identity aliases of the facade, and reading identities from a real request."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flask import Flask, g, session
+
+import flask_scoria as scoria
+from flask_scoria import Identity
+
+USER_ID = uuid.UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
+
+
+@dataclass
+class User:
+    id: Any
+
+
+def ids(value: Any) -> tuple[str | None, str | None, str | None]:
+    found = scoria.identity(value)
+    return found.actor_id, found.tenant_id, found.session_id
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"actor_id": "a", "tenant_id": "t", "session_id": "s"}, ("a", "t", "s")),
+        ({"actor": User("a")}, ("a", None, None)),
+        ({"current_user": {"id": 7}}, ("7", None, None)),
+        ({"user": User(USER_ID)}, (str(USER_ID), None, None)),
+        ({"actor": "plain"}, ("plain", None, None)),
+        ({"actor_id": None, "user": {"id": "u"}}, ("u", None, None)),
+        ({"tenant": User("t")}, (None, "t", None)),
+        ({"current_tenant": {"id": 3}}, (None, "3", None)),
+        ({"session": User("s")}, (None, None, "s")),
+        ({"session": {"id": "s"}}, (None, None, "s")),
+        ({"session": "s"}, (None, None, "s")),
+        ({"actor_id": 42, "tenant_id": USER_ID, "session_id": 0}, ("42", str(USER_ID), "0")),
+        ({"actor_id": "  ", "tenant_id": "", "session_id": "\t"}, (None, None, None)),
+        ({"actor_id": "  padded  "}, ("padded", None, None)),
+        (SimpleNamespace(actor_id="a", tenant=User("t"), session="s"), ("a", "t", "s")),
+        (SimpleNamespace(current_user=User(None)), (None, None, None)),
+        (Identity("a", "t", "s"), ("a", "t", "s")),
+        (None, (None, None, None)),
+        ("just a string", (None, None, None)),
+        (42, (None, None, None)),
+        ([1, 2], (None, None, None)),
+        (object(), (None, None, None)),
+        ({"unrelated": "keys"}, (None, None, None)),
+    ],
+)
+def test_aliases(value: Any, expected: tuple[str | None, ...]) -> None:
+    assert ids(value) == expected
+
+
+def test_explicit_ids_win_over_aliases() -> None:
+    assert ids({"actor_id": "explicit", "user": User("alias")}) == ("explicit", None, None)
+    assert ids({"current_user": User("first"), "user": User("second")}) == ("first", None, None)
+
+
+def test_metadata_is_a_json_copy() -> None:
+    source = {"channel": "web", "tags": ("a", "b")}
+    found = scoria.identity({"metadata": source})
+    assert found.metadata == {"channel": "web", "tags": ["a", "b"]}
+    assert scoria.identity({}).metadata == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"actor_id": {"id": 1}},
+        {"tenant_id": ["t"]},
+        {"session_id": {"nested": True}},
+        {"actor": ["a"]},
+        {"tenant": ("t",)},
+        {"actor_id": True},
+        {"actor_id": 1.5},
+        {"actor_id": "x" * 256},
+        {"actor_id": "bad\x00id"},
+        {"user": {"id": {"deep": 1}}},
+        {"metadata": {"when": object()}},
+        {"metadata": {"n": float("nan")}},
+        {"metadata": "not a dict"},
+        {"metadata": {1: "non-string key"}},
+        Identity(actor_id=["a"]),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_identity(value: Any) -> None:
+    with pytest.raises(scoria.InvalidIdentity) as info:
+        scoria.identity(value)
+    assert info.value.code == "invalid_identity"
+
+
+def test_from_session_and_from_g_inside_a_request() -> None:
+    app = Flask("identity_app")
+    app.secret_key = "identity-secret"
+
+    @app.post("/login")
+    def login() -> str:
+        session.update(actor_id=11, tenant_id="acme", session_id="conv-1")
+        return "ok"
+
+    @app.get("/who")
+    def who() -> dict[str, Any]:
+        g.current_user = User(11)
+        g.tenant = {"id": "acme"}
+        g.session_id = session["session_id"]
+        return {
+            "session": Identity.from_session(session).to_dict(),
+            "g": Identity.from_g(g).to_dict(),
+        }
+
+    @app.get("/anonymous")
+    def anonymous() -> dict[str, Any]:
+        return {
+            "session": Identity.from_session(session).to_dict(),
+            "g": Identity.from_g(g).to_dict(),
+        }
+
+    client = app.test_client()
+    nobody = {"actor_id": None, "tenant_id": None, "session_id": None, "metadata": {}}
+    assert client.get("/anonymous").get_json() == {"session": nobody, "g": nobody}
+    client.post("/login")
+    expected = {"actor_id": "11", "tenant_id": "acme", "session_id": "conv-1", "metadata": {}}
+    assert client.get("/who").get_json() == {"session": expected, "g": expected}
+
+
+def test_from_g_alias_order() -> None:
+    namespace = SimpleNamespace(user=User("u"), actor=User("a"), current_tenant=User("ct"))
+    assert Identity.from_g(namespace) == Identity("u", "ct", None)
+    namespace.current_user = None
+    namespace.user = None
+    assert Identity.from_g(namespace).actor_id == "a"
+
+
+def test_from_session_ignores_what_is_not_a_mapping() -> None:
+    assert Identity.from_session(None) == Identity()
+    with pytest.raises(scoria.InvalidIdentity):
+        Identity.from_session({"actor_id": {"id": 1}})

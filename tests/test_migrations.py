@@ -1,0 +1,165 @@
+"""The shipped Alembic revisions: up, check, down, from the CLI and from an installed wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import POSTGRES_URL, TABLES, create_test_app
+
+import flask_scoria as scoria
+from flask_scoria import schema
+
+REPO = Path(__file__).resolve().parent.parent
+PIP = (sys.executable, "-m", "pip", "--quiet")
+
+
+@pytest.fixture
+def empty_database_uri(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database without any table, SQLite file or a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+        return
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"scoria_migrations_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        if os.environ.get("SCORIA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_URL}")
+    yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def scoria_tables(engine: sa.Engine) -> set[str]:
+    return {name for name in sa.inspect(engine).get_table_names() if name.startswith("scoria_")}
+
+
+def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database_uri: str) -> None:
+    engine = sa.create_engine(empty_database_uri)
+    try:
+        assert schema.current_revision(engine) is None
+        schema.upgrade(engine)
+        assert schema.current_revision(engine) == schema.head_revision()
+        assert scoria_tables(engine) == {*TABLES, schema.VERSION_TABLE}
+        assert schema.differences(engine) == []
+        schema.downgrade(engine)
+        assert scoria_tables(engine) == set()
+        assert schema.current_revision(engine) is None
+        schema.upgrade(engine)
+        assert schema.differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_db_commands(empty_database_uri: str, tmp_path: Path) -> None:
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    runner = app.test_cli_runner()
+    head = schema.head_revision()
+    current = runner.invoke(args=["scoria", "db", "current"])
+    assert current.exit_code == 0 and current.output.startswith("none")
+    check = runner.invoke(args=["scoria", "db", "check"])
+    assert check.exit_code != 0
+    assert "flask scoria db upgrade" in check.output
+    upgrade = runner.invoke(args=["scoria", "db", "upgrade"])
+    assert upgrade.exit_code == 0, upgrade.output
+    assert runner.invoke(args=["scoria", "db", "current"]).output.strip() == head
+    check = runner.invoke(args=["scoria", "db", "check"])
+    assert check.exit_code == 0, check.output
+    assert head in check.output
+    with app.app_context():
+        assert scoria.start_run(scoria.identity({"session_id": "s"})).status == "completed"
+    downgrade = runner.invoke(args=["scoria", "db", "downgrade"])
+    assert downgrade.exit_code == 0, downgrade.output
+    engine = app.extensions["scoria"].storage(app).engine
+    assert scoria_tables(engine) == set()
+    assert runner.invoke(args=["scoria", "db", "current"]).output.startswith("none")
+    engine.dispose()
+
+
+def test_init_app_runs_no_ddl(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.sqlite3"
+    app = create_test_app(f"sqlite:///{path}", tmp_path / "instance")
+    app.test_client().get("/scoria/workflows")
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+        app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_include_name_hides_scoria_tables() -> None:
+    assert scoria.include_name("scoria_runs", "table", {}) is False
+    assert scoria.include_name(schema.VERSION_TABLE, "table", {}) is False
+    assert scoria.include_name("users", "table", {}) is True
+    assert scoria.include_name("scoria_runs_status", "index", {}) is True
+    assert schema.only_scoria_tables("scoria_runs", "table", {}) is True
+    assert schema.only_scoria_tables("users", "table", {}) is False
+
+
+MIGRATE_FROM_WHEEL = textwrap.dedent(
+    """
+    import sys
+    import sqlalchemy as sa
+    import flask_scoria
+    from flask_scoria import schema
+
+    engine = sa.create_engine("sqlite:///" + sys.argv[1])
+    schema.upgrade(engine)
+    print(flask_scoria.__file__)
+    print(schema.migrations_path())
+    print(schema.current_revision(engine))
+    """
+)
+
+
+def test_installed_wheel_migrates_a_database(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels), str(REPO)],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = wheels.glob("flask_scoria-*.whl")
+    target = tmp_path / "installed"
+    subprocess.run(
+        [*PIP, "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        cwd=tmp_path,
+    )
+    database = tmp_path / "from-wheel.sqlite3"
+    dependencies = sysconfig.get_paths()["purelib"]
+    # -S: no site module, so the editable install's .pth cannot add the source tree
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", MIGRATE_FROM_WHEEL, str(database)],
+        env={"PYTHONPATH": os.pathsep.join([str(target), dependencies]), "PATH": "/usr/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    module_file, migrations, revision = done.stdout.split()
+    assert Path(module_file).is_relative_to(target)
+    assert Path(migrations).is_relative_to(target)
+    assert revision == schema.head_revision()
+    engine = sa.create_engine(f"sqlite:///{database}")
+    try:
+        assert scoria_tables(engine) == {*TABLES, schema.VERSION_TABLE}
+        assert schema.differences(engine) == []
+    finally:
+        engine.dispose()

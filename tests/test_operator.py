@@ -1,0 +1,461 @@
+"""The operator evidence pages, through the Flask test client, on both backends."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import create_test_app
+from flask import Flask, session
+from flask.testing import FlaskClient
+
+import flask_scoria as scoria
+from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval
+
+TENANT = "acme"
+
+
+def ask_then_publish(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    if step.approval is None:
+        return WaitForApproval("publish", {"env": "prod"}, reason="Publishing needs a human")
+    return Succeed({"published": True})
+
+
+def chain(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Delegate to itself until ``depth`` reaches ``levels``: many steps, events, handoffs."""
+    given = step.handoff_input or {}
+    depth = int(given.get("depth", 0))
+    if depth >= int(run.metadata.get("levels", 0)):
+        return Succeed({"depth": depth})
+    return Handoff("executor", "chain", handoff_input={"depth": depth + 1})
+
+
+def from_session() -> Any:
+    return session.get("operator")
+
+
+@pytest.fixture
+def operator_app(app: Flask, runtime: Scoria) -> Flask:
+    runtime.operator_scope(from_session)
+    runtime.handler("approval")(ask_then_publish)
+    runtime.handler("chain")(chain)
+    return app
+
+
+@pytest.fixture
+def ops(operator_app: Flask) -> FlaskClient:
+    """A client signed in as operator ``ops`` of tenant ``acme``."""
+    client = operator_app.test_client()
+    sign_in(client, {"tenant_id": TENANT, "actor_id": "ops"})
+    return client
+
+
+def sign_in(client: FlaskClient, scope: Any) -> None:
+    with client.session_transaction() as stored:
+        stored["operator"] = scope
+
+
+def start(
+    app: Flask, *, tenant: str | None = TENANT, kind: str | None = "approval", **kw: Any
+) -> str:
+    who = scoria.identity({"actor_id": "alice", "tenant_id": tenant, "session_id": "sess-1"})
+    step = None if kind is None else {"kind": kind}
+    with app.app_context():
+        return scoria.start_run(who, initial_step=step, **kw).run_id
+
+
+def page(client: FlaskClient, url: str, status: int = 200) -> str:
+    response = client.get(url)
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    return response.get_data(as_text=True)
+
+
+def csrf(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no form with a CSRF token on the page"
+    return found.group(1)
+
+
+def post_form(client: FlaskClient, run_id: str, action: str, **form: str) -> str:
+    token = csrf(page(client, f"/scoria/workflows/{run_id}"))
+    response = client.post(
+        f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token, **form}
+    )
+    assert response.status_code == 303
+    assert response.location == f"/scoria/workflows/{run_id}"
+    return page(client, response.location)
+
+
+def run_status(app: Flask, run_id: str) -> str:
+    with app.app_context():
+        return scoria.get_run(run_id).status
+
+
+def test_started_run_is_visible_at_its_url(operator_app: Flask, ops: FlaskClient) -> None:
+    run_id = start(operator_app)
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    assert run_id in html
+    assert 'data-status="waiting_for_approval"' in html
+    assert "Publishing needs a human" in html
+    assert 'href="/scoria/sessions/sess-1"' in html
+    assert f'action="/scoria/workflows/{run_id}/approve"' in html
+    assert "Approve and resume" in html
+    assert html.count('id="delegated-evidence"') == 1
+    assert "No Delegated Handoffs Recorded" in html
+    assert re.search(r'data-event-type="waiting_for_approval"', html)
+
+
+def test_approve_on_the_page_resumes_with_the_registered_handler(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app)
+    html = post_form(ops, run_id, "approve", note="ship it")
+    assert 'data-status="completed"' in html
+    assert 'data-event-type="step_completed"' in html
+    assert 'data-event-type="run_completed"' in html
+    assert "ship it" in html
+    assert "by <code>ops</code>" in html
+    assert "Approved. The run is now completed." in html
+    with operator_app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert detail.approvals[0].decided_by == "ops"
+    assert detail.approvals[0].note == "ship it"
+    assert detail.steps[0].result_envelope == {"published": True}
+
+
+def test_approve_without_a_registered_handler_waits_for_the_host(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app, kind="manual", handlers={"manual": ask_then_publish})
+    first = page(ops, f"/scoria/workflows/{run_id}")
+    assert "No handler is registered for <code>manual</code>" in first
+    html = post_form(ops, run_id, "approve")
+    assert 'id="run-status"><span class="badge badge-waiting_for_approval"' in html
+    assert 'data-status="approved"' in html
+    with operator_app.app_context():
+        resumed = scoria.resume_run(run_id, handlers={"manual": ask_then_publish})
+    assert resumed.status == "completed"
+
+
+def test_reject_on_the_page(operator_app: Flask, ops: FlaskClient) -> None:
+    run_id = start(operator_app)
+    token = csrf(page(ops, f"/scoria/workflows/{run_id}"))
+    html = post_form(ops, run_id, "reject", note="not today")
+    assert 'data-status="rejected"' in html
+    assert "not today" in html
+    assert 'data-event-type="run_rejected"' in html
+    assert "action=" not in html.split('id="decisions"')[0].split("</header>")[1]
+    again = ops.post(f"/scoria/workflows/{run_id}/approve", data={"csrf_token": token})
+    assert "already" in page(ops, again.location).lower()
+    assert run_status(operator_app, run_id) == "rejected"
+
+
+def test_handoff_run_shows_its_delegated_evidence(operator_app: Flask, ops: FlaskClient) -> None:
+    who = scoria.identity({"actor_id": "alice", "tenant_id": TENANT})
+    with operator_app.app_context():
+        run_id = scoria.start_handoff_run(
+            who,
+            "critic",
+            root_role_id="writer",
+            delegated_kind="review",
+            handoff_input={"draft": "Trains are fine."},
+            projected_context={
+                "zeta": "last",
+                "policy": "p" * 120,
+                "audience": "staff",
+                "budget": 3,
+            },
+            capability_tags=["read-only"],
+        ).run_id
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    section = html.split('id="delegated-evidence"')[1].split("</section>")[0]
+    assert html.count('id="delegated-evidence"') == 1
+    assert "No Delegated Handoffs Recorded" not in section
+    assert "<strong>writer</strong> → <strong>critic</strong>" in section
+    assert "<code>review</code>" in section
+    assert 'data-status="queued"' in section
+    preview = section.split('class="preview"')[1].split("</dl>")[0]
+    assert re.findall(r"<dt>(\w+)</dt>", preview) == ["audience", "budget", "policy"]
+    assert "p" * 77 + "..." in preview and "p" * 78 not in preview
+    assert "Trains are fine." in section and "read-only" in section
+    assert "no handler is registered for <code>review</code>" in html
+
+
+def test_a_handoff_without_a_child_says_child_step_pending(
+    operator_app: Flask, ops: FlaskClient, runtime: Scoria
+) -> None:
+    engine = runtime.storage(operator_app).engine
+    run_id = start(operator_app, kind="chain", runtime={"metadata": {"levels": 1}})
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scoria_handoffs SET child_step_id = NULL"))
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    section = html.split('id="delegated-evidence"')[1].split("</section>")[0]
+    assert "child step pending" in section
+    assert "has not produced a child step yet" in section
+
+
+def test_other_tenants_unknown_and_malformed_ids_look_the_same(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    theirs = start(operator_app, tenant="globex")
+    untenanted = start(operator_app, tenant=None)
+    urls = [
+        f"/scoria/workflows/{theirs}",
+        f"/scoria/workflows/{untenanted}",
+        "/scoria/workflows/01900000-0000-7000-8000-000000000000",
+        "/scoria/workflows/not-a-run",
+        "/scoria/workflows/%27%3B--",
+        f"/scoria/workflows/{theirs}/status.json",
+    ]
+    bodies = {page(ops, url, 404) for url in urls}
+    assert len(bodies) == 1
+    assert theirs not in bodies.pop()
+    token = csrf(page(ops, f"/scoria/workflows/{start(operator_app)}"))
+    for action in ("approve", "reject"):
+        response = ops.post(f"/scoria/workflows/{theirs}/{action}", data={"csrf_token": token})
+        assert response.status_code == 404
+    assert run_status(operator_app, theirs) == "waiting_for_approval"
+    assert theirs not in page(ops, "/scoria/workflows")
+    assert theirs not in page(ops, "/scoria/approvals")
+    assert theirs not in page(ops, "/scoria/sessions/sess-1")
+
+
+@pytest.mark.parametrize(
+    "scope", [None, {"tenant_id": "  ", "actor_id": "ops"}, {"actor_id": "ops"}, "acme"]
+)
+def test_no_scope_is_forbidden(operator_app: Flask, scope: Any) -> None:
+    run_id = start(operator_app)
+    client = operator_app.test_client()
+    sign_in(client, scope)
+    for url in ("/scoria/workflows", f"/scoria/workflows/{run_id}", "/scoria/approvals"):
+        html = page(client, url, 403)
+        assert "@runtime.operator_scope" in html
+        assert run_id not in html
+    assert client.post(f"/scoria/workflows/{run_id}/approve").status_code == 403
+    assert run_status(operator_app, run_id) == "waiting_for_approval"
+
+
+def test_without_a_resolver_every_page_is_forbidden(app: Flask, client: FlaskClient) -> None:
+    run_id = start(app, kind=None)
+    assert "@runtime.operator_scope" in page(client, "/scoria/workflows", 403)
+    page(client, f"/scoria/workflows/{run_id}", 403)
+    page(client, f"/scoria/workflows/{run_id}/status.json", 403)
+
+
+def test_a_post_without_a_valid_csrf_token_changes_nothing(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app)
+    page(ops, f"/scoria/workflows/{run_id}")
+    other = operator_app.test_client()
+    sign_in(other, {"tenant_id": TENANT, "actor_id": "mallory"})
+    foreign = csrf(page(other, f"/scoria/workflows/{run_id}"))
+    for data in ({}, {"csrf_token": ""}, {"csrf_token": "forged"}, {"csrf_token": foreign}):
+        for action in ("approve", "reject"):
+            response = ops.post(f"/scoria/workflows/{run_id}/{action}", data=data)
+            assert response.status_code == 400
+            assert "security token" in response.get_data(as_text=True)
+    assert ops.get(f"/scoria/workflows/{run_id}/approve").status_code == 405
+    with operator_app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert detail.summary.status == "waiting_for_approval"
+    assert [approval.status for approval in detail.approvals] == ["pending"]
+
+
+def test_payloads_render_inert(operator_app: Flask, ops: FlaskClient) -> None:
+    hostile = {"note": "<script>alert(1)</script>", "html": '"><img src=x onerror=alert(2)>'}
+
+    def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return WaitForApproval("<b>tool</b>", hostile, reason="<i>why</i>")
+
+    who = scoria.identity({"actor_id": '"><svg onload=x>', "tenant_id": TENANT, "session_id": "s"})
+    with operator_app.app_context():
+        run_id = scoria.start_run(
+            who, initial_step={"kind": "x"}, handlers={"x": ask}, runtime={"metadata": hostile}
+        ).run_id
+    for html in (page(ops, f"/scoria/workflows/{run_id}"), page(ops, "/scoria/approvals")):
+        assert "<script>alert" not in html
+        assert "<img src=x" not in html
+        assert "<svg" not in html and "<b>tool" not in html and "<i>why" not in html
+        assert "&lt;b&gt;tool&lt;/b&gt;" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page(ops, f"/scoria/workflows/{run_id}")
+
+
+def test_secret_values_never_reach_the_page(database_uri: str, tmp_path: Path) -> None:
+    app = create_test_app(database_uri, tmp_path / "i", SCORIA_REDACT_KEYS=["ssn"])
+    runtime: Scoria = app.extensions["scoria"]
+    runtime.operator_scope(from_session)
+    secrets = {
+        "password": "hunter2-pw",
+        "nested": [{"apiKey": "sk-live-1"}, {"X-Auth-Token": "tok-2"}],
+        "ssn": "078-05-1120",
+        "db_password": "pw-3",
+        "Authorization": "Bearer abc-4",
+        "max_tokens": 256,
+    }
+
+    def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("login", secrets)
+        return Succeed(secrets)
+
+    who = scoria.identity({"tenant_id": TENANT})
+    with app.app_context():
+        run_id = scoria.start_run(
+            who, initial_step={"kind": "x"}, handlers={"x": ask}, runtime={"metadata": secrets}
+        ).run_id
+        scoria.approve_run(run_id, decided_by="ops")
+        scoria.resume_run(run_id, handlers={"x": ask})
+    client = app.test_client()
+    sign_in(client, {"tenant_id": TENANT, "actor_id": "ops"})
+    html = page(client, f"/scoria/workflows/{run_id}")
+    for value in ("hunter2-pw", "sk-live-1", "tok-2", "078-05-1120", "pw-3", "abc-4"):
+        assert value not in html
+    assert "&#34;password&#34;: &#34;[REDACTED]&#34;" in html
+    assert "&#34;apiKey&#34;: &#34;[REDACTED]&#34;" in html
+    assert "&#34;max_tokens&#34;: 256" in html
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_pagination_is_stable_under_inserts(operator_app: Flask, ops: FlaskClient) -> None:
+    older = [start(operator_app, kind=None) for _ in range(53)]
+    first = page(ops, "/scoria/workflows")
+    shown = re.findall(r'href="/scoria/workflows/([0-9a-f-]{36})"', first)
+    assert shown == older[::-1][:50]
+    next_url = re.search(r'rel="next" href="([^"]+)"', first)
+    assert next_url
+    newer = [start(operator_app, kind=None) for _ in range(4)]
+    second = page(ops, next_url.group(1).replace("&amp;", "&"))
+    rest = re.findall(r'href="/scoria/workflows/([0-9a-f-]{36})"', second)
+    assert rest == older[::-1][50:]
+    assert 'rel="next"' not in second and "End of the list." in second
+    assert set(newer).isdisjoint(rest)
+    assert (
+        re.findall(r'href="/scoria/workflows/([0-9a-f-]{36})"', page(ops, "/scoria/workflows"))[:4]
+        == newer[::-1]
+    )
+    page(ops, "/scoria/workflows?after=garbage", 400)
+
+
+def test_filters_and_session_page(operator_app: Flask, ops: FlaskClient) -> None:
+    waiting = start(operator_app)
+    done = start(operator_app, kind=None)
+    with operator_app.app_context():
+        other_session = scoria.start_run(
+            scoria.identity({"actor_id": "bob", "tenant_id": TENANT, "session_id": "sess-2"}),
+            root_role_id="planner",
+        ).run_id
+    ids = re.compile(r'href="/scoria/workflows/([0-9a-f-]{36})"')
+    assert ids.findall(page(ops, "/scoria/workflows?status=waiting_for_approval")) == [waiting]
+    assert ids.findall(page(ops, "/scoria/workflows?actor=bob")) == [other_session]
+    assert ids.findall(page(ops, "/scoria/workflows?role=planner")) == [other_session]
+    assert ids.findall(page(ops, "/scoria/workflows?session=sess-1&status=completed")) == [done]
+    assert ids.findall(page(ops, "/scoria/sessions/sess-1")) == [done, waiting]
+    assert "No runs recorded" in page(ops, "/scoria/sessions/nobody")
+    inbox = page(ops, "/scoria/approvals")
+    assert ids.findall(inbox) == [waiting]
+    assert "<code>publish</code>" in inbox
+
+
+def test_status_json_follows_the_run(operator_app: Flask, ops: FlaskClient) -> None:
+    run_id = start(operator_app)
+    before = ops.get(f"/scoria/workflows/{run_id}/status.json").get_json()
+    assert before["status"] == "waiting_for_approval" and before["terminal"] is False
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    assert f'data-updated-at="{before["updated_at"]}"' in html
+    with operator_app.app_context():
+        scoria.approve_run(run_id, decided_by="someone-else")
+    after = ops.get(f"/scoria/workflows/{run_id}/status.json").get_json()
+    assert after["status"] == "waiting_for_approval"
+    assert after["updated_at"] != before["updated_at"]
+    assert "data-poll-url" not in page(ops, f"/scoria/workflows/{start(operator_app, kind=None)}")
+
+
+def test_security_headers(operator_app: Flask, ops: FlaskClient) -> None:
+    run_id = start(operator_app)
+    anonymous = operator_app.test_client()
+    responses = [
+        ops.get(f"/scoria/workflows/{run_id}"),
+        ops.get("/scoria/workflows"),
+        ops.get(f"/scoria/workflows/{run_id}/status.json"),
+        ops.get("/scoria/workflows/nope"),
+        anonymous.get("/scoria/workflows"),
+    ]
+    for response in responses:
+        csp = response.headers["Content-Security-Policy"]
+        assert "'unsafe-inline'" not in csp and "frame-ancestors 'none'" in csp
+        assert "script-src 'self'" in csp and "style-src 'self'" in csp
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Referrer-Policy"]
+        assert response.headers["Cache-Control"] == "no-store"
+    html = responses[0].get_data(as_text=True)
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html)
+    assert " style=" not in html and "<style" not in html and " on" + "click=" not in html
+    static = ops.get("/scoria/static/scoria/operator.css")
+    assert static.status_code == 200 and "no-store" not in static.headers.get("Cache-Control", "")
+    static.close()
+
+
+@contextmanager
+def count_queries(runtime: Scoria, app: Flask) -> Iterator[list[str]]:
+    statements: list[str] = []
+    engine = runtime.storage(app).engine
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_queries_per_page_do_not_grow_with_what_is_shown(
+    operator_app: Flask, ops: FlaskClient, runtime: Scoria
+) -> None:
+    small = start(operator_app, kind="chain", runtime={"metadata": {"levels": 0}})
+    big = start(operator_app, kind="chain", runtime={"metadata": {"levels": 12}})
+    with operator_app.app_context():
+        assert len(scoria.get_run_detail(big).steps) == 13
+
+    def queries(url: str) -> int:
+        with count_queries(runtime, operator_app) as statements:
+            page(ops, url)
+        return len(statements)
+
+    assert queries(f"/scoria/workflows/{small}") == queries(f"/scoria/workflows/{big}")
+    start(operator_app)
+    few_runs, few_waiting = queries("/scoria/workflows"), queries("/scoria/approvals")
+    for _ in range(12):
+        start(operator_app)
+    assert queries("/scoria/workflows") == few_runs
+    assert queries("/scoria/approvals") == few_waiting
+    assert queries("/scoria/sessions/sess-1") == few_runs
+    assert few_runs <= 3
+
+
+def test_prefix_and_template_overrides(database_uri: str, tmp_path: Path) -> None:
+    app = create_test_app(database_uri, tmp_path / "i", SCORIA_URL_PREFIX="/ops/runs/")
+    templates = tmp_path / "templates" / "scoria"
+    templates.mkdir(parents=True)
+    (templates / "base.html").write_text(
+        "<!doctype html><title>host</title><p id=host-nav>Host nav</p>"
+        "{% block content %}{% endblock %}"
+    )
+    app.template_folder = str(tmp_path / "templates")
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    run_id = start(app, kind=None)
+    client = app.test_client()
+    html = page(client, f"/ops/runs/workflows/{run_id}")
+    assert "Host nav" in html and run_id in html
+    assert client.get("/scoria/workflows").status_code == 404
+    static = client.get("/ops/runs/static/scoria/operator.js")
+    assert static.status_code == 200
+    static.close()
+    app.extensions["scoria"].storage(app).engine.dispose()

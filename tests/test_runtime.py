@@ -1,0 +1,417 @@
+"""The run state machine through the facade, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from _helpers import IDENTITY, ask_then_work, succeed, wait_for_approval
+from conftest import create_test_app
+from flask import Flask
+
+import flask_scoria as scoria
+from flask_scoria import Fail, Scoria, Succeed
+
+pytestmark = pytest.mark.usefixtures("app_ctx")
+
+STEP = {"kind": "work"}
+
+
+def start(handlers: dict[str, Any] | None = None, **options: Any) -> scoria.RunSummary:
+    return scoria.start_run(
+        scoria.identity(IDENTITY), initial_step=STEP, handlers=handlers, **options
+    )
+
+
+def paused_run() -> str:
+    return start({"work": wait_for_approval}).run_id
+
+
+def event_types(run_id: str) -> list[str]:
+    return [event.event_type for event in scoria.get_run_detail(run_id).events]
+
+
+def only_step(run_id: str) -> scoria.Step:
+    (step,) = scoria.get_run_detail(run_id).steps
+    return step
+
+
+def test_start_without_initial_step_is_completed_at_once() -> None:
+    run = scoria.start_run(scoria.identity(IDENTITY))
+    assert run.status == "completed"
+    assert run.completed_at is not None
+    assert run.current_step_id is None
+    assert (run.actor_id, run.tenant_id, run.session_id) == ("actor-1", "tenant-1", "session-1")
+    assert event_types(run.run_id) == ["run_started", "run_completed"]
+    assert scoria.get_run_detail(run.run_id).steps == []
+
+
+def test_step_without_handler_stays_queued_until_dispatch() -> None:
+    run = start()
+    assert run.status == "running"
+    assert only_step(run.run_id).status == "queued"
+    # a dispatch that still knows no handler changes nothing
+    assert scoria.dispatch(run.run_id).status == "running"
+    assert event_types(run.run_id) == ["run_started"]
+    done = scoria.dispatch(run.run_id, handlers={"work": succeed})
+    assert done.status == "completed"
+    step = only_step(run.run_id)
+    assert step.status == "completed"
+    assert step.result_envelope == {"step_id": step.id, "attempt": 1}
+    # dispatch on a finished run is a no-op
+    assert scoria.dispatch(run.run_id, handlers={"work": succeed}).updated_at == done.updated_at
+
+
+def test_registry_handler_and_import_string(runtime: Scoria) -> None:
+    @runtime.handler("work")
+    def registered(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, str]:
+        return {"by": "registry"}
+
+    assert only_step(start().run_id).result_envelope == {"by": "registry"}
+    by_string = start({"work": "_helpers:succeed"})
+    assert by_string.status == "completed"
+    assert only_step(by_string.run_id).result_envelope["attempt"] == 1  # type: ignore[index]
+    # a per-call handler wins over the registry
+    per_call = start({"work": lambda step, run: {"by": "per-call"}})
+    assert only_step(per_call.run_id).result_envelope == {"by": "per-call"}
+
+
+def test_unimportable_handler_string_is_invalid_run_options() -> None:
+    with pytest.raises(scoria.InvalidRunOptions):
+        start({"work": "_helpers:no_such_function"})
+    with pytest.raises(scoria.InvalidRunOptions):
+        start({"work": 42})
+
+
+@pytest.mark.parametrize(
+    ("returned", "envelope"),
+    [
+        (Succeed({"a": 1}), {"a": 1}),
+        (Succeed(), None),
+        ({"b": [1, 2]}, {"b": [1, 2]}),
+        (None, None),
+        (Succeed("text"), {"result": "text"}),
+        (Succeed([1, "x"]), {"result": [1, "x"]}),
+    ],
+)
+def test_success_outcomes(returned: Any, envelope: Any) -> None:
+    run = start({"work": lambda step, run: returned})
+    assert run.status == "completed"
+    step = only_step(run.run_id)
+    assert step.status == "completed"
+    assert step.result_envelope == envelope
+
+
+def raise_error(step: scoria.StepView, run: scoria.RunSummary) -> None:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (lambda step, run: Fail("nope"), {"message": "nope"}),
+        (lambda step, run: Fail({"code": 7}), {"code": 7}),
+        (raise_error, {"type": "ValueError", "message": "boom"}),
+    ],
+)
+def test_failure_outcomes(handler: Any, expected: dict[str, Any]) -> None:
+    run = start({"work": handler})
+    assert run.status == "failed"
+    step = only_step(run.run_id)
+    assert step.status == "failed"
+    assert step.error_envelope == expected
+    assert event_types(run.run_id)[-2:] == ["step_failed", "run_failed"]
+
+
+@pytest.mark.parametrize("returned", [42, "done", object(), Succeed({"x": object()})])
+def test_unknown_return_is_invalid_handler_result(returned: Any) -> None:
+    run = start({"work": lambda step, run: returned})
+    assert run.status == "failed"
+    assert only_step(run.run_id).error_envelope["type"] == "invalid_handler_result"  # type: ignore[index]
+
+
+def test_handler_sees_its_approval_after_resume() -> None:
+    run = start({"work": ask_then_work})
+    assert run.status == "waiting_for_approval"
+    assert run.awaiting_approval is True
+    approval = scoria.get_run_detail(run.run_id).approvals[0]
+    assert (approval.status, approval.tool_name, approval.arguments) == (
+        "pending",
+        "publish",
+        {"env": "prod"},
+    )
+    approved = scoria.approve_run(run.run_id, decided_by="reviewer", note="fine")
+    assert approved.status == "waiting_for_approval"
+    resumed = scoria.resume_run(run.run_id, handlers={"work": ask_then_work})
+    assert resumed.run_id == run.run_id
+    assert resumed.status == "completed"
+    assert only_step(run.run_id).result_envelope == {
+        "approved_by": "reviewer",
+        "decision": "approved",
+    }
+    detail = scoria.get_run_detail(run.run_id)
+    assert len(detail.approvals) == 1
+    assert detail.approvals[0].note == "fine"
+
+
+def test_reject_ends_step_and_run_and_cannot_be_decided_again() -> None:
+    run_id = paused_run()
+    rejected = scoria.reject_run(run_id, decided_by="boss", reason="too risky")
+    assert rejected.status == "rejected"
+    assert only_step(run_id).status == "rejected"
+    approval = scoria.get_run_detail(run_id).approvals[0]
+    assert (approval.status, approval.decided_by, approval.note) == (
+        "rejected",
+        "boss",
+        "too risky",
+    )
+    for verb in (scoria.approve_run, scoria.reject_run):
+        with pytest.raises(scoria.ApprovalAlreadyDecided) as info:
+            verb(run_id, decided_by="someone-else")
+        assert info.value.decided_by == "boss"
+        assert info.value.decision == "rejected"
+        assert info.value.code == "approval_already_decided"
+    with pytest.raises(scoria.RunNotResumable) as not_resumable:
+        scoria.resume_run(run_id, handlers={"work": succeed})
+    assert not_resumable.value.status == "rejected"
+
+
+def test_approval_decided_twice_names_the_first_decider() -> None:
+    run_id = paused_run()
+    scoria.approve_run(run_id, decided_by="first")
+    with pytest.raises(scoria.ApprovalAlreadyDecided) as info:
+        scoria.reject_run(run_id, decided_by="second")
+    assert (info.value.decided_by, info.value.decision) == ("first", "approved")
+
+
+def test_no_pending_approval_on_a_run_without_approvals() -> None:
+    run = scoria.start_run(scoria.identity(IDENTITY))
+    with pytest.raises(scoria.NoPendingApproval):
+        scoria.approve_run(run.run_id, decided_by="x")
+    with pytest.raises(scoria.NoPendingApproval):
+        scoria.reject_run(run.run_id, decided_by="x")
+
+
+def test_resume_pending_running_and_completed_runs() -> None:
+    with pytest.raises(scoria.ApprovalPending):
+        scoria.resume_run(paused_run(), handlers={"work": succeed})
+    running = start()
+    with pytest.raises(scoria.RunNotResumable) as info:
+        scoria.resume_run(running.run_id, handlers={"work": succeed})
+    assert info.value.status == "running"
+    assert "dispatch" in info.value.message
+    completed = start({"work": succeed})
+    with pytest.raises(scoria.RunNotResumable) as info:
+        scoria.resume_run(completed.run_id, handlers={"work": succeed})
+    assert info.value.status == "completed"
+    assert info.value.code == "run_not_resumable"
+
+
+def test_failed_step_is_retried_in_place() -> None:
+    run = start({"work": lambda step, run: Fail("transient")})
+    assert run.status == "failed"
+    failed = only_step(run.run_id)
+    resumed = scoria.resume_run(run.run_id, handlers={"work": succeed})
+    assert (resumed.run_id, resumed.status) == (run.run_id, "completed")
+    retried = only_step(run.run_id)
+    assert retried.id == failed.id
+    assert retried.attempt == 2
+    assert retried.error_envelope is None
+    assert retried.result_envelope == {"step_id": failed.id, "attempt": 2}
+    detail = scoria.get_run_detail(run.run_id)
+    retry = [event for event in detail.events if event.event_type == "retry_requested"]
+    assert [event.payload for event in retry] == [{"attempt": 2}]
+    assert detail.summary.completed_at is not None
+
+
+def test_retry_without_a_handler_requeues_the_step() -> None:
+    run = start({"work": lambda step, run: Fail("transient")})
+    assert scoria.resume_run(run.run_id).status == "running"
+    step = only_step(run.run_id)
+    assert (step.status, step.attempt) == ("queued", 2)
+    assert scoria.dispatch(run.run_id, handlers={"work": succeed}).status == "completed"
+
+
+def test_cancel_run_closes_steps_and_approvals() -> None:
+    run_id = paused_run()
+    cancelled = scoria.cancel_run(run_id, cancelled_by="ops", reason="stale")
+    assert cancelled.status == "cancelled"
+    detail = scoria.get_run_detail(run_id)
+    assert [step.status for step in detail.steps] == ["cancelled"]
+    assert [approval.status for approval in detail.approvals] == ["cancelled"]
+    assert detail.events[-1].event_type == "run_cancelled"
+    assert detail.events[-1].payload == {"cancelled_by": "ops", "reason": "stale"}
+    with pytest.raises(scoria.RunNotResumable):
+        scoria.cancel_run(run_id, cancelled_by="ops")
+    with pytest.raises(scoria.ApprovalAlreadyDecided):
+        scoria.approve_run(run_id, decided_by="late")
+
+
+def test_tenant_guard() -> None:
+    mine = scoria.start_run(scoria.identity(IDENTITY))
+    tenantless = scoria.start_run(scoria.identity({"session_id": "session-1"}))
+    other = scoria.identity({**IDENTITY, "tenant_id": "tenant-2"})
+    unknown = str(uuid.uuid4())
+    assert scoria.get_run(mine.run_id, tenant_id="tenant-1").run_id == mine.run_id
+    assert scoria.get_run(mine.run_id, identity=scoria.identity(IDENTITY)).run_id == mine.run_id
+    calls = [
+        lambda run_id, **guard: scoria.get_run(run_id, **guard),
+        lambda run_id, **guard: scoria.get_run_detail(run_id, **guard),
+        lambda run_id, **guard: scoria.resume_run(run_id, **guard),
+        lambda run_id, **guard: scoria.dispatch(run_id, **guard),
+        lambda run_id, **guard: scoria.approve_run(run_id, decided_by="x", **guard),
+        lambda run_id, **guard: scoria.reject_run(run_id, decided_by="x", **guard),
+        lambda run_id, **guard: scoria.cancel_run(run_id, cancelled_by="x", **guard),
+    ]
+    for call in calls:
+        for guard in ({"tenant_id": "tenant-2"}, {"identity": other}):
+            with pytest.raises(scoria.RunNotFound) as foreign:
+                call(mine.run_id, **guard)
+            with pytest.raises(scoria.RunNotFound) as missing:
+                call(unknown, **guard)
+            assert type(foreign.value) is type(missing.value)
+            assert foreign.value.code == missing.value.code == "run_not_found"
+            assert foreign.value.message.replace(mine.run_id, unknown) == missing.value.message
+    # an identity without a tenant matches only runs without a tenant
+    no_tenant = scoria.identity({"session_id": "session-1"})
+    assert scoria.get_run(tenantless.run_id, identity=no_tenant).tenant_id is None
+    with pytest.raises(scoria.RunNotFound):
+        scoria.get_run(mine.run_id, identity=no_tenant)
+    # without a guard every run is visible
+    assert scoria.get_run(mine.run_id).tenant_id == "tenant-1"
+    listed = scoria.list_runs_for_session("session-1", tenant_id="tenant-1")
+    assert [run.run_id for run in listed] == [mine.run_id]
+    listed = scoria.list_runs_for_session("session-1", identity=no_tenant)
+    assert [run.run_id for run in listed] == [tenantless.run_id]
+
+
+def test_list_runs_for_session_newest_first_with_keyset_pages() -> None:
+    who = scoria.identity(IDENTITY)
+    created = [scoria.start_run(who).run_id for _ in range(7)]
+    scoria.start_run(scoria.identity({**IDENTITY, "session_id": "elsewhere"}))
+    newest_first = list(reversed(created))
+    assert [run.run_id for run in scoria.list_runs_for_session("session-1")] == newest_first
+    pages: list[str] = []
+    before = None
+    while True:
+        page = scoria.list_runs_for_session("session-1", limit=3, before=before)
+        if not page:
+            break
+        assert len(page) <= 3
+        pages.extend(run.run_id for run in page)
+        before = page[-1].run_id
+    assert pages == newest_first
+    assert scoria.list_runs_for_session("no-such-session") == []
+    assert scoria.list_runs_for_session(None) == []
+    for limit in (0, 501, "3", True):
+        with pytest.raises(scoria.InvalidRunOptions):
+            scoria.list_runs_for_session("session-1", limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(scoria.RunNotFound):
+        scoria.list_runs_for_session("session-1", before="not-a-run")
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [None, "", "nope", "123", 123, 1.5, ["x"], {"id": 1}, "0" * 500, str(uuid.uuid4()), "\x00"],
+)
+def test_malformed_or_unknown_run_ids_are_run_not_found(run_id: Any) -> None:
+    verbs = [
+        lambda: scoria.get_run(run_id),
+        lambda: scoria.get_run_detail(run_id),
+        lambda: scoria.resume_run(run_id),
+        lambda: scoria.dispatch(run_id),
+        lambda: scoria.approve_run(run_id, decided_by="x"),
+        lambda: scoria.reject_run(run_id, decided_by="x"),
+        lambda: scoria.cancel_run(run_id, cancelled_by="x"),
+    ]
+    for verb in verbs:
+        with pytest.raises(scoria.RunNotFound):
+            verb()
+
+
+def test_event_sequences_are_contiguous_and_timestamps_utc() -> None:
+    run = start({"work": lambda step, run: Fail("first")})
+    scoria.resume_run(run.run_id, handlers={"work": wait_for_approval})
+    scoria.approve_run(run.run_id, decided_by="reviewer")
+    scoria.resume_run(run.run_id, handlers={"work": succeed})
+    detail = scoria.get_run_detail(run.run_id)
+    assert [event.sequence for event in detail.events] == list(range(1, len(detail.events) + 1))
+    assert detail.summary.status == "completed"
+    stamps = [
+        detail.summary.created_at,
+        detail.summary.started_at,
+        detail.summary.completed_at,
+        detail.summary.updated_at,
+        *(event.created_at for event in detail.events),
+        *(step.started_at for step in detail.steps),
+        *(step.completed_at for step in detail.steps),
+        detail.approvals[0].requested_at,
+        detail.approvals[0].decided_at,
+    ]
+    for stamp in stamps:
+        assert stamp is not None
+        assert stamp.utcoffset() == timedelta(0)
+        assert stamp.tzinfo is not None
+    assert detail.summary.created_at <= detail.summary.updated_at
+    assert abs(detail.summary.created_at - detail.events[0].created_at) < timedelta(seconds=1)
+    assert detail.summary.created_at.tzinfo in (UTC, detail.summary.created_at.tzinfo)
+
+
+def test_runtime_metadata_is_stored() -> None:
+    run = start(runtime={"metadata": {"payload": {"prompt": "hi"}}})
+    assert scoria.get_run(run.run_id).metadata == {"payload": {"prompt": "hi"}}
+    for bad in ({"metadata": {"x": object()}}, {"other": 1}, "text"):
+        with pytest.raises(scoria.InvalidRunOptions):
+            start(runtime=bad)
+
+
+@pytest.mark.parametrize(
+    "initial_step",
+    [
+        {},
+        {"kind": ""},
+        {"kind": "work", "status": "running"},
+        {"kind": "work", "sequence": 0},
+        {"kind": "work", "extra": 1},
+        "work",
+    ],
+)
+def test_malformed_initial_step_is_invalid_run_options(initial_step: Any) -> None:
+    with pytest.raises(scoria.InvalidRunOptions):
+        scoria.start_run(scoria.identity(IDENTITY), initial_step=initial_step)
+
+
+def test_init_app_twice_raises(app: Flask) -> None:
+    with pytest.raises(RuntimeError, match="already registered"):
+        Scoria().init_app(app)
+
+
+def test_facade_without_scoria_raises_a_helpful_error() -> None:
+    bare = Flask("bare")
+    with bare.app_context(), pytest.raises(RuntimeError, match=r"Scoria\(app\)"):
+        scoria.get_run(str(uuid.uuid4()))
+
+
+@pytest.mark.parametrize("unreachable", ["sqlite-missing-dir", "postgres-closed-port"])
+def test_unreachable_database_is_a_storage_error(unreachable: str, tmp_path: Path) -> None:
+    if unreachable == "sqlite-missing-dir":
+        uri = f"sqlite:///{tmp_path / 'missing' / 'dir' / 'scoria.sqlite3'}"
+    else:
+        uri = "postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2"
+    broken = create_test_app(uri, tmp_path / "instance")
+    with broken.app_context():
+        calls = [
+            lambda: scoria.start_run(scoria.identity(IDENTITY)),
+            lambda: scoria.get_run(str(uuid.uuid4())),
+            lambda: scoria.list_runs_for_session("session-1"),
+        ]
+        for call in calls:
+            with pytest.raises(scoria.StorageError) as info:
+                call()
+            assert info.value.code == "storage_unavailable"
+            assert not isinstance(info.value, sa.exc.SQLAlchemyError)
+    broken.extensions["scoria"].storage(broken).engine.dispose()
