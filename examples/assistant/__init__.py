@@ -1,0 +1,51 @@
+"""The example assistant: the Scoria Phoenix guide's flow as a Flask app.
+
+Run it with ``make demo`` (``python -m examples.assistant.demo``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Create the assistant app; ``config`` overrides the defaults."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "assistant.sqlite3"),
+    )
+    app.config.from_prefixed_env("ASSISTANT")
+    if config:
+        app.config.update(config)
+    os.makedirs(app.instance_path, exist_ok=True)
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = _instance_secret(Path(app.instance_path))
+
+    from . import (
+        handlers,  # noqa: F401  (registers the step handlers)
+        views,
+    )
+    from .extensions import db, migrate, runtime
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(MIGRATIONS))
+    runtime.init_app(app)
+    app.register_blueprint(views.bp)
+    return app
+
+
+def _instance_secret(instance: Path) -> str:
+    """A secret key kept in the instance folder, so sign-ins survive restarts."""
+    path = instance / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()

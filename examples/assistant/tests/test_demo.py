@@ -1,0 +1,176 @@
+"""``python -m examples.assistant.demo`` as a real server, driven over HTTP."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class Browser:
+    """A cookie-keeping HTTP client that fills in the page's CSRF token."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.page = ""
+        self.url = ""
+
+    def get(self, path: str) -> str:
+        return self._open(urllib.request.Request(self.base + path))
+
+    def post(self, path: str, **form: str) -> str:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', self.page)
+        assert token, "no form on the current page"
+        data = urllib.parse.urlencode({"csrf_token": html.unescape(token.group(1)), **form})
+        return self._open(urllib.request.Request(self.base + path, data=data.encode()))
+
+    def _open(self, request: urllib.request.Request) -> str:
+        with self.opener.open(request, timeout=10) as response:
+            self.url = response.url
+            self.page = response.read().decode()
+        return self.page
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "ASSISTANT_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+        "ASSISTANT_SECRET_KEY": "demo-test",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "examples.assistant.demo"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(base + "/login", timeout=1).close()
+                break
+            except urllib.error.URLError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    output = server.stdout.read() if server.stdout else ""
+                    pytest.fail(f"the demo did not start:\n{output}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=10)
+    assert f"http://127.0.0.1:{port}/" in output
+    assert "sign in as alice" in output
+
+
+def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
+    alice = Browser(demo)
+    alice.get("/")
+    assert alice.url.endswith("/login")
+    alice.post("/login", user_id="alice")
+    session_id = re.search(r'id="session-id">([^<]+)<', alice.page)
+    assert session_id
+
+    alice.post("/assistant/runs", prompt="What does the travel policy say about trains?")
+    run_id = alice.url.rsplit("/", 1)[1]
+    assert 'data-status="waiting_for_approval"' in alice.page
+    assert f'href="/scoria/workflows/{run_id}"' in alice.page
+
+    ops = Browser(demo)
+    ops.get("/login")
+    ops.post("/login", user_id="ops")
+    approve_as_operator(ops, run_id, tmp_path)
+
+    alice.get(f"/assistant/runs/{run_id}")
+    if 'id="resume"' in alice.page:
+        alice.post(f"/assistant/runs/{run_id}/resume")
+    assert alice.url.endswith(f"/assistant/runs/{run_id}")
+    assert 'data-status="completed"' in alice.page
+    answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
+    assert answer and "[stand-in assistant]" in answer.group(1)
+
+    alice.get("/")
+    alice.post("/assistant/runs", prompt="And buses?")
+    second = alice.url.rsplit("/", 1)[1]
+    assert second != run_id
+    assert f"session <code>{session_id.group(1)}</code>" in alice.page
+    alice.get("/")
+    assert alice.page.index(second) < alice.page.index(run_id)
+
+    alice.get(f"/assistant/runs/{run_id}")
+    assert "gets a bounded policy review" in alice.page
+    alice.post("/assistant/drafts", draft_answer=html.unescape(answer.group(1)))
+    handoff = alice.url.rsplit("/", 1)[1]
+    assert handoff not in (run_id, second)
+    assert "Delegated to <code>critic</code> (review), child step completed" in alice.page
+    assert "cite the policy section" in alice.page
+
+
+def approve_as_operator(ops: Browser, run_id: str, tmp_path: Path) -> None:
+    """Approve on the operator page, which also resumes the run."""
+    try:
+        ops.get(f"/scoria/workflows/{run_id}")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+        approve_with_the_cli(run_id, tmp_path)
+        return
+    assert run_id in ops.page
+    action = re.search(r'<form[^>]+action="([^"]*approve[^"]*)"', ops.page)
+    assert action, "no Approve form on the operator page"
+    ops.post(html.unescape(action.group(1)))
+
+
+def approve_with_the_cli(run_id: str, tmp_path: Path) -> None:
+    """``flask scoria approve`` on the demo's database, from another process."""
+    env = {
+        **os.environ,
+        "ASSISTANT_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+        "ASSISTANT_SECRET_KEY": "demo-test",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "examples.assistant",
+            "scoria",
+            "approve",
+            run_id,
+            "--by",
+            "ops",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"flask scoria resume {run_id}" in result.stdout

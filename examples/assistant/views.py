@@ -1,0 +1,278 @@
+"""The assistant's pages: sign-in, the conversation, one run, review and resume.
+
+Each view follows the guide: identity from the session, then the
+``flask_scoria`` facade; the exact ``run_id`` is kept in the session.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.wrappers import Response
+
+import flask_scoria as scoria
+
+from .extensions import db, runtime
+from .models import Conversation, User
+
+bp = Blueprint("assistant", __name__)
+
+
+# -- who is signed in ------------------------------------------------------------
+
+
+@bp.before_app_request
+def load_user() -> None:
+    actor_id = session.get("actor_id")
+    g.current_user = db.session.get(User, actor_id) if actor_id else None
+
+
+@runtime.operator_scope
+def operator_scope() -> dict[str, str] | None:
+    """Operator pages are open to signed-in users with the operator role, in their tenant."""
+    user: User | None = g.get("current_user")
+    if user is None or user.role != "operator":
+        return None
+    return {"tenant_id": user.tenant_id, "actor_id": user.id}
+
+
+def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if g.current_user is None:
+            return redirect(url_for("assistant.login"))
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def current_identity() -> scoria.Identity:
+    """The request's identity: the signed-in user, their tenant, the conversation."""
+    return scoria.identity(
+        {
+            "actor_id": session["actor_id"],
+            "tenant_id": session["tenant_id"],
+            "session_id": session["assistant_session_id"],
+            "metadata": {"channel": "web"},
+        }
+    )
+
+
+# -- CSRF for the app's own forms -------------------------------------------------
+
+
+@bp.app_context_processor
+def template_helpers() -> dict[str, Any]:
+    return {"csrf_token": csrf_token, "operator_url": operator_url}
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return str(session["csrf"])
+
+
+@bp.before_request
+def check_csrf() -> None:
+    if request.method == "POST":
+        sent = request.form.get("csrf_token", "")
+        if not hmac.compare_digest(sent, session.get("csrf", "")) or not sent:
+            abort(400, "The form expired; reload the page and try again.")
+
+
+def operator_url(run_id: str) -> str:
+    """The operator evidence page of one run."""
+    return f"{runtime.settings().url_prefix}/workflows/{run_id}"
+
+
+# -- sign-in ----------------------------------------------------------------------
+
+
+@bp.get("/login")
+def login() -> str:
+    users = db.session.scalars(db.select(User).order_by(User.tenant_id, User.id)).all()
+    return render_template("assistant/login.html", users=users)
+
+
+@bp.post("/login")
+def login_post() -> Response:
+    user = db.session.get(User, request.form.get("user_id", ""))
+    if user is None:
+        abort(400, "Pick a user from the list.")
+    session.clear()
+    session.update(actor_id=user.id, tenant_id=user.tenant_id)
+    _open_conversation(user)
+    return redirect(url_for("assistant.conversation"))
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    session.clear()
+    return redirect(url_for("assistant.login"))
+
+
+def _open_conversation(user: User) -> None:
+    conversation = Conversation.start(user)
+    db.session.commit()
+    session["assistant_session_id"] = conversation.id
+
+
+# -- the conversation -----------------------------------------------------------
+
+
+@bp.get("/")
+@login_required
+def conversation() -> str:
+    """The conversation page: its timeline of runs, newest first, and the prompt form."""
+    who = current_identity()
+    runs = scoria.list_runs_for_session(who.session_id, identity=who)
+    return render_template(
+        "assistant/conversation.html",
+        conversation=db.session.get(Conversation, who.session_id),
+        runs=runs,
+        last_run_id=session.get("last_scoria_run_id"),
+    )
+
+
+@bp.post("/conversations")
+@login_required
+def new_conversation() -> Response:
+    _open_conversation(g.current_user)
+    flash("New conversation: its turns share a new session_id.")
+    return redirect(url_for("assistant.conversation"))
+
+
+@bp.post("/assistant/runs")
+@login_required
+def create_run() -> Response:
+    """Controller-triggered start: a run that pauses for approval before answering."""
+    prompt = request.form.get("prompt", "").strip()
+    if not prompt:
+        flash("Type a question first.")
+        return redirect(url_for("assistant.conversation"))
+    started = scoria.start_run(
+        current_identity(),
+        root_role_id="executor",
+        initial_step={"sequence": 1, "kind": "approval", "role_id": "executor"},
+        runtime={"metadata": {"payload": {"prompt": prompt}}},
+    )
+    _remember_turn(started.run_id, title=prompt)
+    session["last_scoria_run_id"] = started.run_id
+    return redirect(url_for("assistant.show_run", run_id=started.run_id))
+
+
+def _remember_turn(run_id: str, *, title: str) -> None:
+    conversation = db.session.get(Conversation, session["assistant_session_id"])
+    if conversation is not None:
+        if conversation.last_run_id is None:
+            conversation.title = title[:200]
+        conversation.last_run_id = run_id
+        db.session.commit()
+
+
+@bp.get("/assistant/runs/<run_id>")
+@login_required
+def show_run(run_id: str) -> str:
+    """One run, read back through the facade with the user's tenant as guard."""
+    detail = scoria.get_run_detail(run_id, tenant_id=session["tenant_id"])
+    answer = _result_of(detail, "answer")
+    return render_template(
+        "assistant/run.html",
+        detail=detail,
+        run=detail.summary,
+        prompt=detail.summary.metadata.get("payload", {}).get("prompt"),
+        answer=answer,
+        review=_result_of(detail, "review"),
+        pending=[a for a in detail.approvals if a.status == "pending"],
+        resumable=_resumable(detail),
+        needs_review=answer is not None and needs_bounded_review(answer),
+    )
+
+
+def _result_of(detail: scoria.RunDetail, key: str) -> str | None:
+    for step in detail.steps:
+        value = (step.result_envelope or {}).get(key)
+        if value is not None:
+            return str(value)
+    return None
+
+
+def _resumable(detail: scoria.RunDetail) -> bool:
+    status = detail.summary.status
+    if status == "failed":
+        return True
+    return status == "waiting_for_approval" and detail.approvals[-1].status == "approved"
+
+
+@bp.post("/assistant/runs/<run_id>/resume")
+@login_required
+def resume(run_id: str) -> Response:
+    """Resume after approval, by the exact run_id; the run keeps its id."""
+    try:
+        scoria.resume_run(run_id, tenant_id=session["tenant_id"])
+    except scoria.ApprovalPending:
+        flash("This run still waits for an operator's approval.")
+    except scoria.RunNotResumable as exc:
+        flash(f"Nothing to resume: the run is {exc.status}.")
+    return redirect(url_for("assistant.show_run", run_id=run_id))
+
+
+# -- bounded review ----------------------------------------------------------------
+
+
+def needs_bounded_review(draft_answer: str) -> bool:
+    """The app's escalation policy: drafts that mention a policy get reviewed."""
+    return "policy" in draft_answer.lower()
+
+
+@bp.post("/assistant/drafts")
+@login_required
+def submit_draft() -> Response:
+    """Record the draft as a turn; branch to a bounded review when it needs one."""
+    draft_answer = request.form.get("draft_answer", "").strip()
+    if not draft_answer:
+        abort(400, "The draft answer is empty.")
+    identity = current_identity()
+    started = scoria.start_run(identity, root_role_id="executor")
+    session["last_scoria_run_id"] = started.run_id
+    if not needs_bounded_review(draft_answer):
+        return redirect(url_for("assistant.show_run", run_id=started.run_id))
+    handoff_run = scoria.start_handoff_run(
+        identity,
+        "critic",
+        root_role_id="planner",
+        delegated_kind="review",
+        handoff_input={"brief": "Review the draft answer for policy and accuracy"},
+        projected_context={"task": "policy-and-accuracy review", "draft_answer": draft_answer},
+    )
+    session["last_scoria_handoff_run_id"] = handoff_run.run_id
+    _remember_turn(handoff_run.run_id, title=draft_answer)
+    return redirect(url_for("assistant.show_run", run_id=handoff_run.run_id))
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+@bp.errorhandler(scoria.RunNotFound)
+def run_not_found(exc: scoria.RunNotFound) -> tuple[str, int]:
+    return render_template("assistant/error.html", error=exc), 404
+
+
+@bp.errorhandler(scoria.ScoriaError)
+def scoria_error(exc: scoria.ScoriaError) -> tuple[str, int]:
+    return render_template("assistant/error.html", error=exc), 409
