@@ -1,0 +1,307 @@
+"""Approval round-trips per second, against the raw-driver floor measured in the same run.
+
+One round-trip: start a run with an approval step -> it pauses -> approve ->
+resume -> the step completes. The floor does the same two committed
+transactions per round-trip that an approval flow minimally needs (create, then
+finish) with plain ``sqlite3`` / ``psycopg``.
+
+Usage::
+
+    python bench/approval_roundtrip.py [--runs 500] [--backend sqlite|postgresql|all]
+
+Figures worth comparing are the ratios printed at the end, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import Mapped, mapped_column
+
+import flask_scoria as scoria
+from flask_scoria import Scoria, schema
+
+POSTGRES_URL = os.environ.get(
+    "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+TABLES = ("scoria_runs", "scoria_steps", "scoria_approvals", "scoria_events", "scoria_handoffs")
+
+
+def approval_step(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask for approval once; once approved, do the work."""
+    if step.approval is not None and step.approval.status == "approved":
+        return {"published": True}
+    return scoria.WaitForApproval("publish", {"env": "prod"}, reason="bench")
+
+
+def make_app(uri: str) -> Flask:
+    app = Flask("bench", instance_path=tempfile.mkdtemp())
+    app.config.update(SCORIA_DATABASE_URI=uri, SCORIA_SQLITE_SYNCHRONOUS="FULL")
+    runtime = Scoria(app)
+    runtime.handler("approval")(approval_step)
+    return app
+
+
+@dataclass
+class Timings:
+    start: list[float]
+    resume: list[float]
+    seconds: float
+    commits: int
+
+
+def scoria_roundtrips(uri: str, runs: int) -> Timings:
+    """Do ``runs`` round-trips through the facade in this process."""
+    app = make_app(uri)
+    engine = app.extensions["scoria"].storage(app).engine
+    commits = 0
+
+    def count(_conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    sa.event.listen(engine, "commit", count)
+    start_times: list[float] = []
+    resume_times: list[float] = []
+    who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
+    began = time.perf_counter()
+    with app.app_context():
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run = scoria.start_run(who, initial_step={"kind": "approval"})
+            t1 = time.perf_counter()
+            scoria.approve_run(run.run_id, decided_by="operator")
+            t2 = time.perf_counter()
+            done = scoria.resume_run(run.run_id)
+            t3 = time.perf_counter()
+            assert done.status == "completed", done.status
+            start_times.append(t1 - t0)
+            resume_times.append(t3 - t2)
+    elapsed = time.perf_counter() - began
+    sa.event.remove(engine, "commit", count)
+    engine.dispose()
+    return Timings(start_times, resume_times, elapsed, commits)
+
+
+def _scoria_worker(uri: str, runs: int, queue: Any) -> None:
+    queue.put(scoria_roundtrips(uri, runs).seconds)
+
+
+def raw_roundtrips(uri: str, runs: int) -> float:
+    """The floor: two committed transactions per round-trip with the plain driver."""
+    if uri.startswith("sqlite"):
+        conn: Any = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        param = "?"
+    else:
+        import psycopg
+
+        conn = psycopg.connect(
+            sa.make_url(uri).set(drivername="postgresql").render_as_string(False)
+        )
+        param = "%s"
+    conn.execute("CREATE TABLE IF NOT EXISTS raw_runs (id TEXT PRIMARY KEY, status TEXT)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS raw_steps (id TEXT PRIMARY KEY, run_id TEXT, status TEXT)"
+    )
+    if not uri.startswith("sqlite"):
+        conn.commit()
+    began = time.perf_counter()
+    for _ in range(runs):
+        run_id, step_id = str(uuid.uuid4()), str(uuid.uuid4())
+        _raw_tx(
+            conn,
+            uri,
+            [
+                (f"INSERT INTO raw_runs VALUES ({param}, 'waiting')", (run_id,)),
+                (f"INSERT INTO raw_steps VALUES ({param}, {param}, 'waiting')", (step_id, run_id)),
+            ],
+        )
+        _raw_tx(
+            conn,
+            uri,
+            [
+                (f"UPDATE raw_runs SET status='completed' WHERE id={param}", (run_id,)),
+                (f"UPDATE raw_steps SET status='completed' WHERE id={param}", (step_id,)),
+            ],
+        )
+    elapsed = time.perf_counter() - began
+    conn.execute("DROP TABLE raw_steps")
+    conn.execute("DROP TABLE raw_runs")
+    if not uri.startswith("sqlite"):
+        conn.commit()
+    conn.close()
+    return elapsed
+
+
+def crud_roundtrips(uri: str, runs: int) -> float:
+    """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
+    app = Flask("crud", instance_path=tempfile.mkdtemp())
+    app.config["SQLALCHEMY_DATABASE_URI"] = uri
+    db = SQLAlchemy(app)
+
+    class CrudRun(db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[str] = mapped_column(primary_key=True)
+        status: Mapped[str]
+
+    class CrudStep(db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[str] = mapped_column(primary_key=True)
+        run_id: Mapped[str]
+        status: Mapped[str]
+
+    with app.app_context():
+        db.create_all()
+        began = time.perf_counter()
+        for _ in range(runs):
+            run = CrudRun(id=str(uuid.uuid4()), status="waiting")
+            step = CrudStep(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
+            db.session.add_all([run, step])
+            db.session.commit()
+            run.status = step.status = "completed"
+            db.session.commit()
+        elapsed = time.perf_counter() - began
+        db.drop_all()
+        db.engine.dispose()
+    return elapsed
+
+
+def _raw_tx(conn: Any, uri: str, statements: list[tuple[str, tuple[str, ...]]]) -> None:
+    if uri.startswith("sqlite"):
+        conn.execute("BEGIN IMMEDIATE")
+        for sql, args in statements:
+            conn.execute(sql, args)
+        conn.execute("COMMIT")
+    else:
+        for sql, args in statements:
+            conn.execute(sql, args)
+        conn.commit()
+
+
+def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
+    """Create an empty, migrated database; return its URL and a cleanup function."""
+    if backend == "sqlite":
+        uri = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:6]}.sqlite3'}"
+        engine = sa.create_engine(uri)
+        schema.upgrade(engine)
+        engine.dispose()
+        return uri, lambda: None
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"scoria_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    uri = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(uri)
+    schema.upgrade(engine)
+    engine.dispose()
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return uri, drop
+
+
+def pg_bytes(uri: str) -> int:
+    engine = sa.create_engine(uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("VACUUM")
+        size = sum(
+            conn.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar_one()
+            for table in TABLES
+        )
+    engine.dispose()
+    return int(size)
+
+
+def sqlite_bytes(uri: str) -> int:
+    path = uri.removeprefix("sqlite:///")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return Path(path).stat().st_size
+
+
+def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
+    uri, cleanup = fresh_database(backend, workdir)
+    size = sqlite_bytes if backend == "sqlite" else pg_bytes
+    try:
+        scoria_roundtrips(uri, 20)  # warm-up: imports, pools, caches
+        warm = size(uri)
+        timings = scoria_roundtrips(uri, runs)
+        per_run_bytes = (size(uri) - warm) / runs
+        raw_seconds = raw_roundtrips(uri, runs)
+        crud_seconds = crud_roundtrips(uri, runs)
+
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        half = runs // 2
+        workers = [
+            context.Process(target=_scoria_worker, args=(uri, half, queue)) for _ in range(2)
+        ]
+        began = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        two_process_seconds = time.perf_counter() - began
+        failures = sum(1 for worker in workers if worker.exitcode != 0)
+    finally:
+        cleanup()
+    return {
+        "roundtrips_per_s": runs / timings.seconds,
+        "raw_floor_per_s": runs / raw_seconds,
+        "crud_per_s": runs / crud_seconds,
+        "two_process_per_s": (2 * half) / two_process_seconds,
+        "two_process_failures": failures,
+        "commits_per_roundtrip": timings.commits / runs,
+        "start_p50_ms": statistics.median(timings.start) * 1000,
+        "start_p99_ms": _p99(timings.start) * 1000,
+        "resume_p50_ms": statistics.median(timings.resume) * 1000,
+        "resume_p99_ms": _p99(timings.resume) * 1000,
+        "bytes_per_run": per_run_bytes,
+    }
+
+
+def _p99(values: list[float]) -> float:
+    return sorted(values)[max(0, int(len(values) * 0.99) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "all"), default="all")
+    args = parser.parse_args()
+    backends = ("sqlite", "postgresql") if args.backend == "all" else (args.backend,)
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            result = measure(backend, args.runs, Path(tmp))
+            print(f"\n{backend} ({args.runs} round-trips)")
+            for key, value in result.items():
+                print(f"  {key:24} {value:10.2f}")
+            ratios = {
+                "ratio to raw floor": result["roundtrips_per_s"] / result["raw_floor_per_s"],
+                "ratio to CRUD": result["roundtrips_per_s"] / result["crud_per_s"],
+                "CRUD to raw floor": result["crud_per_s"] / result["raw_floor_per_s"],
+                "2 processes / 1": result["two_process_per_s"] / result["roundtrips_per_s"],
+            }
+            for key, value in ratios.items():
+                print(f"  {key:24} {value:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
