@@ -41,7 +41,9 @@ def test_host_engine_is_used_and_host_session_is_left_alone(
         db.session.rollback()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 0
         assert scoria.get_run(run.run_id).status == "completed"
+        db.session.remove()
         db.drop_all()
+        db.engine.dispose()
 
 
 def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_path: Path) -> None:
@@ -54,7 +56,9 @@ def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_
         db.session.rollback()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 0
         assert [r.run_id for r in scoria.list_runs_for_session("pg-host")] == [run.run_id]
+        db.session.remove()
         db.drop_all()
+        db.engine.dispose()
 
 
 def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
