@@ -11,12 +11,15 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from .models import Base
 
 #: The table that records which flask-scoria revision a database is at.
 VERSION_TABLE = "scoria_alembic_version"
+#: Alembic's default version table, where a host that mounts the revisions records them.
+HOST_VERSION_TABLE = "alembic_version"
 #: The Alembic branch label of flask-scoria's revisions.
 BRANCH = "scoria"
 
@@ -67,20 +70,31 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
             config.attributes["connection"].exec_driver_sql(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
 
 
+def _scripts() -> ScriptDirectory:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    return ScriptDirectory.from_config(config)
+
+
 def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at, or ``None`` before the first upgrade."""
+    """The flask-scoria revision the database is at, or ``None`` before the first upgrade.
+
+    Looks in flask-scoria's own version table, then in the host's
+    ``alembic_version`` for revisions mounted in the host's history.
+    """
+    known = {script.revision for script in _scripts().walk_revisions()}
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+        for table in (VERSION_TABLE, HOST_VERSION_TABLE):
+            context = MigrationContext.configure(connection, opts={"version_table": table})
+            applied = [head for head in context.get_current_heads() if head in known]
+            if applied:
+                return applied[0]
+    return None
 
 
 def head_revision() -> str:
     """The newest shipped revision."""
-    from alembic.script import ScriptDirectory
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_path()))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head
 

@@ -250,6 +250,8 @@ def test_verify_accepts_scoria_mounted_in_the_host_history(tmp_path: Path) -> No
     code, out = invoke(app.test_cli_runner(), "verify")
     assert code == 0, out
     assert f"PASS  0. app database migrated: scoria tables at {schema.head_revision()}" in out
+    assert invoke(app.test_cli_runner(), "db", "current") == (0, schema.head_revision() + "\n")
+    assert invoke(app.test_cli_runner(), "db", "check")[0] == 0
 
 
 def example_app(tmp_path: Path, *, migrated: bool) -> Flask:

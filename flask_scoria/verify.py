@@ -1,0 +1,256 @@
+"""The verifier lanes of ``flask scoria verify``.
+
+Each lane runs the seed guide's checklist with the host app's configuration
+and handlers against a throwaway SQLite database, after checking that the
+host's own database carries the newest ``scoria_*`` revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import schema
+from .errors import ApprovalPending, InvalidHandoff, ScoriaError
+from .extension import Scoria, get_extension
+from .identity import Identity, identity
+from .runtime import (
+    approve_run,
+    get_run,
+    get_run_detail,
+    list_runs_for_session,
+    resume_run,
+    start_handoff_run,
+    start_run,
+)
+
+VERIFY_ACTOR = "scoria-verify"
+VERIFY_TENANT = "scoria-verify"
+VERIFY_PROMPT = "flask scoria verify: draft a release note"
+VERIFY_DRAFT = "The release follows the data retention policy."
+
+
+class CheckFailed(Exception):
+    """A check failed; the checks after it cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The outcome (PASS, FAIL or SKIP) of one checklist step."""
+
+    name: str
+    outcome: str
+    detail: str
+
+
+@dataclasses.dataclass
+class Checklist:
+    """The checks of one verify lane, in the order they ran."""
+
+    checks: list[Check] = dataclasses.field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return sum(check.outcome == "FAIL" for check in self.checks)
+
+    def expect(self, name: str, ok: bool, detail: str) -> None:
+        """Record ``name`` as PASS, or as FAIL and stop the lane."""
+        self.checks.append(Check(name, "PASS" if ok else "FAIL", detail))
+        if not ok:
+            raise CheckFailed(name)
+
+    def skip(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, "SKIP", detail))
+
+
+@contextlib.contextmanager
+def throwaway_app(host: Flask) -> Iterator[Flask]:
+    """A copy of ``host``'s config and handlers on a fresh, migrated SQLite file.
+
+    Its operator scope grants the verifier's own tenant, so the operator pages
+    can be read without the host's sign-in.
+    """
+    host_extension = get_extension(host)
+    with tempfile.TemporaryDirectory(prefix="scoria-verify-") as tmp:
+        app = Flask(host.import_name, root_path=host.root_path, instance_path=tmp)
+        app.config.update(host.config)
+        app.config.update(
+            SCORIA_DATABASE_URI="sqlite:///" + os.path.join(tmp, "verify.sqlite3"),
+            SCORIA_ENGINE_OPTIONS={},
+            SECRET_KEY=host.config.get("SECRET_KEY") or secrets.token_hex(16),
+        )
+        extension = Scoria()
+        extension.handlers.update(host_extension.handlers)
+        extension.operator_scope(lambda: {"tenant_id": VERIFY_TENANT, "actor_id": VERIFY_ACTOR})
+        extension.init_app(app)
+        engine = extension.storage(app).engine
+        try:
+            schema.upgrade(engine)
+            yield app
+        finally:
+            engine.dispose()
+
+
+def _verify_identity() -> Identity:
+    return identity(
+        {
+            "actor_id": VERIFY_ACTOR,
+            "tenant_id": VERIFY_TENANT,
+            "session_id": f"scoria-verify-{uuid.uuid4().hex[:12]}",
+            "metadata": {"channel": "verify"},
+        }
+    )
+
+
+def _operator_page(app: Flask, run_id: str) -> tuple[str, int, str]:
+    path = f"{get_extension(app).settings(app).url_prefix}/workflows/{run_id}"
+    response = app.test_client().get(path)
+    return path, response.status_code, response.get_data(as_text=True)
+
+
+def _require_handler(app: Flask, kind: str, out: Checklist) -> None:
+    registered = sorted(get_extension(app).handlers)
+    hint = "" if kind in registered else f"; register one with @runtime.handler({kind!r})"
+    out.expect(f"handler for {kind!r} registered", kind in registered, f"found {registered}{hint}")
+
+
+def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
+    """The seed guide's checklist: identity -> start -> inspect -> resume -> fresh run."""
+    _require_handler(app, kind, out)
+    who = _verify_identity()
+    started = start_run(
+        who,
+        root_role_id="executor",
+        initial_step={"sequence": 1, "kind": kind, "role_id": "executor"},
+        runtime={"metadata": {"payload": {"prompt": VERIFY_PROMPT}}},
+    )
+    out.expect(
+        "1. start_run", started.status != "failed", f"run {started.run_id} is {started.status}"
+    )
+    run_id = started.run_id
+    summary = get_run(run_id)
+    out.expect(
+        "2. run_id is the durable handle",
+        summary.run_id == run_id and summary.session_id == who.session_id,
+        f"get_run({run_id[:8]}...) returns the same run in session {summary.session_id}",
+    )
+    out.expect(
+        "3. get_run reads it back",
+        summary.metadata.get("payload") == {"prompt": VERIFY_PROMPT},
+        f"status {summary.status}, prompt kept in runtime metadata",
+    )
+    path, status, body = _operator_page(app, run_id)
+    out.expect(
+        "4. operator evidence page", status == 200 and run_id in body, f"GET {path} -> {status}"
+    )
+    if summary.status != "waiting_for_approval":
+        out.skip("5. resume_run after approval", f"the {kind!r} handler did not pause")
+    else:
+        try:
+            resume_run(run_id)
+            early = "resumed without an approval"
+        except ApprovalPending:
+            early = ""
+        out.expect("5a. resume_run waits for the decision", not early, early or "ApprovalPending")
+        approve_run(run_id, decided_by=VERIFY_ACTOR)
+        resumed = resume_run(run_id)
+        out.expect(
+            "5. resume_run after approval",
+            resumed.run_id == run_id and resumed.status != "failed",
+            f"same run_id, now {resumed.status}",
+        )
+    fresh = start_run(who, root_role_id="executor")
+    listed = [run.run_id for run in list_runs_for_session(who.session_id)]
+    out.expect(
+        "6. same session, fresh run",
+        fresh.session_id == who.session_id
+        and fresh.run_id != run_id
+        and listed == [fresh.run_id, run_id],
+        f"session {who.session_id} lists 2 runs, newest first",
+    )
+
+
+def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
+    """The bounded review branch: same identity, a new run, curated delegated evidence."""
+    who = _verify_identity()
+    root = start_run(who, root_role_id="executor")
+    out.expect("1. root run in the session", root.status == "completed", f"run {root.run_id}")
+    options: dict[str, Any] = {
+        "root_role_id": "planner",
+        "delegated_kind": kind,
+        "handoff_input": {"brief": "Review the draft answer for policy and accuracy"},
+    }
+    try:
+        start_handoff_run(
+            who, "critic", projected_context={"chat_history": [VERIFY_DRAFT]}, **options
+        )
+        code = "accepted"
+    except InvalidHandoff as exc:
+        code = exc.code
+    written = len(list_runs_for_session(who.session_id))
+    out.expect(
+        "2. unsafe projected context is rejected",
+        code == "unsafe_projected_context" and written == 1,
+        f"{code}, nothing written",
+    )
+    context = {"task": "policy-and-accuracy review", "draft_answer": VERIFY_DRAFT}
+    handoff = start_handoff_run(who, "critic", projected_context=context, **options)
+    out.expect(
+        "3. start_handoff_run branches from the same lane",
+        handoff.run_id != root.run_id and handoff.session_id == root.session_id,
+        f"new run {handoff.run_id} in session {handoff.session_id}",
+    )
+    delegated = get_run_detail(handoff.run_id).delegated_handoffs
+    entry = delegated[0] if len(delegated) == 1 else None
+    registered = kind in get_extension(app).handlers
+    out.expect(
+        "4. get_run_detail returns delegated_handoffs",
+        entry is not None
+        and (entry.delegated_role_id, entry.delegated_kind) == ("critic", kind)
+        and entry.projected_context == context,
+        f"{len(delegated)} handoff(s); child {entry.child_status if entry else '-'}"
+        + ("" if registered else f" (no handler for {kind!r}: the child waits for one)"),
+    )
+    path, status, body = _operator_page(app, handoff.run_id)
+    out.expect(
+        "5. operator page shows Delegated Evidence",
+        status == 200 and 'id="delegated-evidence"' in body and "critic" in body,
+        f"GET {path} -> {status}",
+    )
+
+
+LANES: dict[str, tuple[str, Callable[[Flask, str, Checklist], None]]] = {
+    "adoption": ("approval", verify_adoption),
+    "runtime-to-handoff": ("review", verify_runtime_to_handoff),
+}
+
+
+def run_lane(host: Flask, lane: str, kind: str | None) -> Checklist:
+    """Check ``host``'s database is migrated, then run ``lane`` in a throwaway copy."""
+    default_kind, steps = LANES[lane]
+    out = Checklist()
+    try:
+        revision = schema.current_revision(get_extension(host).storage(host).engine)
+        head = schema.head_revision()
+        out.expect(
+            "0. app database migrated",
+            revision == head,
+            f"scoria tables at {revision or 'no revision'}, newest {head}"
+            + ("" if revision == head else "; run: flask scoria db upgrade"),
+        )
+        with throwaway_app(host) as app, app.app_context():
+            steps(app, kind or default_kind, out)
+    except CheckFailed:
+        pass
+    except (ScoriaError, SQLAlchemyError) as exc:
+        out.checks.append(Check("error", "FAIL", f"{type(exc).__name__}: {exc}"))
+    return out
