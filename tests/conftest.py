@@ -9,6 +9,7 @@ which turns the skip into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,11 +30,15 @@ BACKENDS = ("sqlite", "postgresql")
 TABLES = ("scoria_handoffs", "scoria_events", "scoria_approvals", "scoria_steps", "scoria_runs")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """The URL of a throwaway PostgreSQL database, migrated, for this test session."""
+@contextlib.contextmanager
+def throwaway_postgres_database(prefix: str) -> Iterator[str]:
+    """Create an empty PostgreSQL database, yield its URL, then drop it.
+
+    Skips the test where PostgreSQL is unreachable, or fails it under
+    ``SCORIA_REQUIRE_POSTGRES=1``.
+    """
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"scoria_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
@@ -43,14 +48,22 @@ def postgres_url() -> Iterator[str]:
         if REQUIRE_POSTGRES:
             pytest.fail(message + " (SCORIA_REQUIRE_POSTGRES=1)")
         pytest.skip(message)
-    url = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    engine = sa.create_engine(url)
-    schema.upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a throwaway PostgreSQL database, migrated, for this test session."""
+    with throwaway_postgres_database("scoria_test") as url:
+        engine = sa.create_engine(url)
+        schema.upgrade(engine)
+        engine.dispose()
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)

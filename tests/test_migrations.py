@@ -7,13 +7,12 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import POSTGRES_URL, TABLES, create_test_app
+from conftest import TABLES, create_test_app, throwaway_postgres_database
 
 import flask_scoria as scoria
 from flask_scoria import schema
@@ -28,20 +27,8 @@ def empty_database_uri(backend: str, tmp_path: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.sqlite3'}"
         return
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"scoria_migrations_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("SCORIA_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_URL}")
-    yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    with throwaway_postgres_database("scoria_migrations") as url:
+        yield url
 
 
 def scoria_tables(engine: sa.Engine) -> set[str]:
