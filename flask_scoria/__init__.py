@@ -53,3 +53,4 @@ from .signals import run_failed as run_failed
 from .signals import run_paused as run_paused
 from .signals import run_resumed as run_resumed
 from .signals import run_started as run_started
+from .worker import dispatch_queued as dispatch_queued

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from .runtime import (
     resume_run,
 )
 from .verify import LANES, run_lane
+from .worker import dispatch_queued
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -303,6 +305,38 @@ def resume(run_id: str, as_json: bool) -> None:
 def dispatch_command(run_id: str, as_json: bool) -> None:
     """Run the queued steps of RUN_ID with the app's registered handlers."""
     _echo_run(dispatch(run_id), as_json)
+
+
+@scoria_cli.command("worker")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait after a pass that found nothing to run.",
+)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Runs per pass."
+)
+@click.option("--once", is_flag=True, help="Make one pass, then exit.")
+@scoria_errors
+def worker(interval: float, limit: int, once: bool) -> None:
+    """Run queued steps with the app's registered handlers until interrupted.
+
+    Each pass first fails steps whose lease expired (as 'recover' does).
+    Several workers may share a database: each step still runs once.
+    """
+    try:
+        while True:
+            dispatched = dispatch_queued(limit=limit)
+            for run in dispatched:
+                click.echo(f"dispatched {run.run_id}: {run.status}")
+            if once:
+                return
+            if not dispatched:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo("worker stopped")
 
 
 @scoria_cli.command("recover")

@@ -1,0 +1,116 @@
+"""Queued steps run later: ``dispatch_queued`` and ``flask scoria worker``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from _helpers import counting_handler, executions
+from flask import Flask
+from flask.testing import FlaskCliRunner
+
+import flask_scoria as scoria
+from flask_scoria import InvalidRunOptions, Scoria
+
+WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
+
+
+def queued_run(counter: Path, kind: str = "count") -> str:
+    """A running run whose only step waits for a handler of ``kind``."""
+    run = scoria.start_run(
+        WHO, initial_step={"kind": kind}, runtime={"metadata": {"counter": str(counter)}}
+    )
+    assert run.status == "running"
+    return run.run_id
+
+
+def test_dispatch_queued_runs_steps_once_a_handler_is_registered(
+    app: Flask, runtime: Scoria, tmp_path: Path
+) -> None:
+    counter = tmp_path / "count.txt"
+    with app.app_context():
+        first, second = queued_run(counter), queued_run(counter)
+        unknown = queued_run(counter, kind="not-registered")
+        finished = scoria.start_run(WHO).run_id
+        assert scoria.dispatch_queued() == []
+
+        runtime.handler("count")(counting_handler)
+        dispatched = scoria.dispatch_queued()
+
+        assert [run.run_id for run in dispatched] == [first, second]
+        assert {run.status for run in dispatched} == {"completed"}
+        assert len(executions(counter)) == 2
+        assert scoria.get_run(unknown).status == "running"
+        assert scoria.get_run(finished).status == "completed"
+        assert scoria.dispatch_queued() == []
+        assert len(executions(counter)) == 2
+
+
+def test_dispatch_queued_takes_the_oldest_runs_first(
+    app: Flask, runtime: Scoria, tmp_path: Path
+) -> None:
+    counter = tmp_path / "count.txt"
+    with app.app_context():
+        run_ids = [queued_run(counter) for _ in range(3)]
+        runtime.handler("count")(counting_handler)
+        assert [run.run_id for run in scoria.dispatch_queued(limit=2)] == run_ids[:2]
+        assert [run.run_id for run in scoria.dispatch_queued(limit=2)] == run_ids[2:]
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.5, "10"])
+def test_dispatch_queued_refuses_a_bad_limit(app: Flask, limit: object) -> None:
+    with app.app_context(), pytest.raises(InvalidRunOptions, match="limit"):
+        scoria.dispatch_queued(limit=limit)  # type: ignore[arg-type]
+
+
+def test_concurrent_workers_run_each_step_once(app: Flask, runtime: Scoria, tmp_path: Path) -> None:
+    counter = tmp_path / "count.txt"
+    with app.app_context():
+        run_ids = {queued_run(counter) for _ in range(12)}
+    runtime.handler("count")(counting_handler)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        with app.app_context():
+            barrier.wait()
+            try:
+                while scoria.dispatch_queued(limit=3):
+                    pass
+            except BaseException as exc:  # a typed error or a driver error both fail the test
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    lines = executions(counter)
+    assert len(lines) == len(run_ids)
+    assert len({line.split()[1] for line in lines}) == len(run_ids)
+    with app.app_context():
+        assert {scoria.get_run(run_id).status for run_id in run_ids} == {"completed"}
+
+
+def test_worker_command_makes_one_pass(
+    app: Flask, runtime: Scoria, runner: FlaskCliRunner, tmp_path: Path
+) -> None:
+    counter = tmp_path / "count.txt"
+    with app.app_context():
+        run_id = queued_run(counter)
+    runtime.handler("count")(counting_handler)
+    result = runner.invoke(args=["scoria", "worker", "--once"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"dispatched {run_id}: completed\n"
+    result = runner.invoke(args=["scoria", "worker", "--once"])
+    assert (result.exit_code, result.output) == (0, "")
+    assert len(executions(counter)) == 1
+
+
+def test_worker_command_refuses_a_bad_interval(runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["scoria", "worker", "--interval", "0"])
+    assert result.exit_code == 2
+    assert "--interval" in result.output
