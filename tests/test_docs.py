@@ -17,14 +17,47 @@ import flask_scoria
 from flask_scoria import errors, handoff
 from flask_scoria.extension import DEFAULTS
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+OPENING = re.compile(r"^(?:```|~~~|:::)", re.MULTILINE)
 EXECUTED_PAGES = ("flask-runtime-example.md", "quickstart.md")
+PYTHON = {"python", "py", "python3", "pycon"}
 
 
-def blocks(page: str) -> list[tuple[str, str]]:
-    """The fenced blocks of a page as (language, code), in order."""
-    return FENCE.findall((DOCS / page).read_text())
+def blocks(path: Path) -> list[tuple[str, str]]:
+    """The fenced blocks of a Markdown file as (language, code), in order.
+
+    Every fence must be a plain triple-backtick block that this pattern reads,
+    so that no code block escapes the checks below.
+    """
+    text = path.read_text()
+    found = FENCE.findall(text)
+    assert 2 * len(found) == len(OPENING.findall(text)), f"{path.name}: unreadable fence"
+    return found
+
+
+def python_blocks(path: Path) -> list[str]:
+    """The Python blocks of a file; Python is only ever fenced as ``python``."""
+    found = blocks(path)
+    odd = [language for language, _ in found if language.lower() in PYTHON - {"python"}]
+    assert odd == [], f"{path.name}: fence Python as 'python'"
+    return [code for language, code in found if language == "python"]
+
+
+def exec_module(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A fresh module namespace for a page's code, registered for the length of a test."""
+    module = types.ModuleType("docs_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return vars(module)
+
+
+def dispose(namespace: dict[str, Any]) -> None:
+    """Close the engine of the page's ``app``, if it has one."""
+    app = namespace.get("app")
+    if isinstance(app, Flask) and "scoria" in app.extensions:
+        app.extensions["scoria"].storage(app).engine.dispose()
 
 
 def run_flask_command(line: str, namespace: dict[str, Any]) -> None:
@@ -40,12 +73,10 @@ def run_flask_command(line: str, namespace: dict[str, Any]) -> None:
 @pytest.mark.parametrize("page", EXECUTED_PAGES)
 def test_page_runs_in_order(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    module = types.ModuleType("docs_example")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    namespace = vars(module)
+    namespace = exec_module(DOCS / page, monkeypatch)
     ran = 0
     try:
-        for language, code in blocks(page):
+        for language, code in blocks(DOCS / page):
             if language == "python":
                 exec(compile(code, f"{page}:block{ran}", "exec"), namespace)
                 ran += 1
@@ -54,10 +85,53 @@ def test_page_runs_in_order(page: str, tmp_path: Path, monkeypatch: pytest.Monke
                     if line.startswith("flask "):
                         run_flask_command(line, namespace)
     finally:
-        app = namespace.get("app")
-        if isinstance(app, Flask) and "scoria" in app.extensions:
-            app.extensions["scoria"].storage(app).engine.dispose()
-    assert ran >= 2
+        dispose(namespace)
+    assert ran == len(python_blocks(DOCS / page)) >= 2
+
+
+@pytest.mark.parametrize("page", sorted(path.name for path in DOCS.glob("*.md")))
+def test_python_blocks_compile(page: str) -> None:
+    for number, code in enumerate(python_blocks(DOCS / page)):
+        compile(code, f"{page}:block{number}", "exec")
+
+
+def test_readme_links_point_at_files() -> None:
+    targets = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    assert targets
+    assert [target for target in targets if not (ROOT / target).exists()] == []
+
+
+def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (code,) = python_blocks(README)
+    namespace = exec_module(README, monkeypatch)
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        app: Flask = namespace["app"]
+        run_flask_command("flask scoria db upgrade", namespace)
+        client = app.test_client()
+        with client.session_transaction() as session:
+            session.update(actor_id="u-1", tenant_id="acme", session_id="chat-1", role="operator")
+
+        answer = client.post("/assistant", data={"prompt": "Ship it"}).json
+        run_id = answer["run_id"]
+        assert answer["evidence"] == f"/scoria/workflows/{run_id}"
+        page = client.get(answer["evidence"])
+        assert page.status_code == 200
+        assert 'data-status="waiting_for_approval"' in page.text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token is not None
+        approved = client.post(
+            f"/scoria/workflows/{run_id}/approve", data={"csrf_token": token.group(1)}
+        )
+        assert approved.status_code == 303
+        with app.app_context():
+            run = flask_scoria.get_run(run_id, tenant_id="acme")
+            detail = flask_scoria.get_run_detail(run_id)
+        assert (run.status, run.session_id) == ("completed", "chat-1")
+        assert detail.approvals[0].decided_by == "u-1"
+    finally:
+        dispose(namespace)
 
 
 def test_configuration_page_names_every_key_and_default() -> None:
