@@ -141,6 +141,26 @@ def test_configuration_page_names_every_key_and_default() -> None:
         assert f"`{default!r}`" in page, key
 
 
+def test_configuration_host_engine_example_sets_the_pragmas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (code,) = python_blocks(DOCS / "configuration.md")
+    namespace = exec_module(DOCS / "configuration.md", monkeypatch)
+    exec(compile(code, "configuration.md", "exec"), namespace)
+    app: Flask = namespace["create_app"]()
+    with app.app_context():
+        try:
+            with namespace["runtime"].storage().engine.connect() as conn:
+                pragmas = [
+                    conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                    for name in ("journal_mode", "synchronous", "busy_timeout")
+                ]
+        finally:
+            namespace["db"].engine.dispose()
+    assert pragmas == ["wal", 2, 30000]
+
+
 def test_errors_page_names_every_error_and_code() -> None:
     page = (DOCS / "errors.md").read_text()
     classes = [
