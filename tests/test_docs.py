@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 
 import flask_scoria
-from flask_scoria import errors, handoff
+from flask_scoria import errors, handoff, schema
 from flask_scoria.extension import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def dispose(namespace: dict[str, Any]) -> None:
 
 def run_flask_command(line: str, namespace: dict[str, Any]) -> None:
     """Run a ``flask [--app X] ...`` line with the page's ``app`` and check it passes."""
-    words = shlex.split(line)[1:]
+    words = shlex.split(line, comments=True)[1:]
     if words[:1] == ["--app"]:
         words = words[2:]
     app: Flask = namespace["app"]
@@ -159,6 +159,56 @@ def test_configuration_host_engine_example_sets_the_pragmas(
         finally:
             namespace["db"].engine.dispose()
     assert pragmas == ["wal", 2, 30000]
+
+
+HOST_APP = """
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from flask_scoria import Scoria
+
+app = Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///host.sqlite3"
+db = SQLAlchemy(app)
+runtime = Scoria(app, db=db)
+
+
+class Note(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+
+"""
+
+
+def test_migrations_mode_2_runs_as_written(tmp_path: Path) -> None:
+    section = (DOCS / "migrations.md").read_text().split("## Mode 2")[1].split("\n## ")[0]
+    fenced = FENCE.findall(section)
+    code = "\n".join(code for language, code in fenced if language == "python")
+    lines = [
+        shlex.split(line, comments=True)[1:]
+        for language, block in fenced
+        if language == "bash"
+        for line in block.splitlines()
+        if line.startswith("flask db ")
+    ]
+    assert ["db", "upgrade", "heads"] in lines and ["db", "upgrade", "scoria@head"] in lines
+    (tmp_path / "hostapp.py").write_text(HOST_APP + code)
+
+    def flask(*args: str) -> str:
+        command = [sys.executable, "-m", "flask", "--app", "hostapp", *args]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    flask("db", "init")
+    for words in lines:
+        flask(*words)
+    flask("db", "upgrade", "heads")
+
+    heads = flask("db", "heads")
+    assert f"{schema.head_revision()} (scoria) (head)" in heads and "(app) (head)" in heads
+    assert flask("scoria", "db", "current").strip() == schema.head_revision()
+    flask("scoria", "db", "check")
+    written = "".join(path.read_text() for path in (tmp_path / "migrations").rglob("*.py"))
+    assert "create_table('note'" in written and "scoria_" not in written
 
 
 def test_errors_page_names_every_error_and_code() -> None:
