@@ -1,48 +1,188 @@
-"""The statements the runtime executes, built once.
+"""The statements the runtime executes, built and compiled once.
 
 Building a SQLAlchemy statement costs several times more than executing a
-prepared one, and every transition runs a handful of them; so the hot ones are
-constructed here with bind parameters and reused.
+prepared one, and executing a compiled Core statement still costs several
+times more than the database takes for the short statements of a transition.
+So the hot statements are built here with bind parameters, compiled once per
+dialect and set of parameters, and run on the connection's DBAPI cursor with
+the column types' own bind and result processors. They run inside the
+:class:`~sqlalchemy.engine.Connection` transactions of
+:class:`~flask_scoria.storage.Storage`; database errors leave as
+:class:`~sqlalchemy.exc.DBAPIError`, like those of Core statements.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Update, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Dialect, bindparam, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 from .models import approvals, events, handoffs, runs, steps
 
-INSERT_RUN = insert(runs)
-INSERT_STEP = insert(steps)
-INSERT_EVENTS = insert(events)
-INSERT_APPROVAL = insert(approvals)
-INSERT_HANDOFF = insert(handoffs)
+Processor = Callable[[Any], Any] | None
 
-RUN_BY_ID = select(runs).where(runs.c.id == bindparam("b_run_id"))
-RUN_BY_ID_FOR_UPDATE = RUN_BY_ID.with_for_update()
-UPDATE_RUN_IF_VERSION = update(runs).where(
-    runs.c.id == bindparam("b_run_id"), runs.c.version == bindparam("b_version")
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    positional: tuple[str, ...] | None
+    defaults: dict[str, Any]
+    binds: tuple[tuple[str, Processor], ...]
+    columns: tuple[tuple[str, Processor], ...]
+
+    def parameters(self, values: Mapping[str, Any]) -> Any:
+        processed = dict(self.defaults)
+        processed.update(values)
+        for name, processor in self.binds:
+            value = processed[name]
+            if processor is not None and value is not None:
+                processed[name] = processor(value)
+        if self.positional is None:
+            return processed
+        return tuple([processed[name] for name in self.positional])
+
+    def row(self, values: Sequence[Any]) -> dict[str, Any]:
+        return {
+            name: value if processor is None or value is None else processor(value)
+            for (name, processor), value in zip(self.columns, values, strict=True)
+        }
+
+
+class Prepared:
+    """A statement compiled once per dialect and run on the DBAPI cursor.
+
+    Parameters are plain dicts keyed by column key (for the columns an INSERT
+    or UPDATE writes) and by bind parameter name.
+    """
+
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = statement
+        self._compiled: dict[tuple[str, frozenset[str]], _Compiled] = {}
+
+    def _compile(self, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
+        cache_key = (dialect.name, keys)
+        compiled = self._compiled.get(cache_key)
+        if compiled is None:
+            compiled = self._compiled[cache_key] = _compile(self.statement, dialect, keys)
+        return compiled
+
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """Execute with one set of parameters; return the DBAPI cursor."""
+        compiled = self._compile(conn.dialect, frozenset(params))
+        return _run(conn, compiled, compiled.parameters(params), many=False)
+
+    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per row of parameters (all with the same keys)."""
+        compiled = self._compile(conn.dialect, frozenset(rows[0]))
+        if len(rows) == 1:
+            _run(conn, compiled, compiled.parameters(rows[0]), many=False).close()
+        else:
+            _run(conn, compiled, [compiled.parameters(row) for row in rows], many=True).close()
+
+    def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Execute and return how many rows the statement changed."""
+        cursor = self.execute(conn, params)
+        count: int = cursor.rowcount
+        cursor.close()
+        return count
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first row of the result as a dict keyed by column key, or ``None``."""
+        compiled = self._compile(conn.dialect, frozenset(params))
+        cursor = _run(conn, compiled, compiled.parameters(params), many=False)
+        values = cursor.fetchone()
+        cursor.close()
+        return None if values is None else compiled.row(values)
+
+    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every row of the result as dicts keyed by column key."""
+        compiled = self._compile(conn.dialect, frozenset(params))
+        cursor = _run(conn, compiled, compiled.parameters(params), many=False)
+        rows = [compiled.row(values) for values in cursor.fetchall()]
+        cursor.close()
+        return rows
+
+
+def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=sorted(keys)))
+    binds = tuple(
+        (name, bind.type.dialect_impl(dialect).bind_processor(dialect))
+        for bind, name in compiled.bind_names.items()
+    )
+    selected = getattr(statement, "selected_columns", ())
+    columns = tuple(
+        (column.key, column.type.dialect_impl(dialect).result_processor(dialect, None))
+        for column in selected
+    )
+    return _Compiled(
+        sql=compiled.string,
+        positional=None if compiled.positiontup is None else tuple(compiled.positiontup),
+        defaults=dict(compiled.params),
+        binds=binds,
+        columns=columns,
+    )
+
+
+def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> Any:
+    dbapi_connection = conn.connection
+    cursor = dbapi_connection.cursor()
+    try:
+        if many:
+            cursor.executemany(compiled.sql, params)
+        else:
+            cursor.execute(compiled.sql, params)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        cursor.close()
+        invalidated = conn.dialect.is_disconnect(exc, dbapi_connection, cursor)
+        if invalidated:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            compiled.sql,
+            params,
+            exc,
+            conn.dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=conn.dialect,
+        ) from exc
+    return cursor
+
+
+INSERT_RUN = Prepared(insert(runs).inline())
+INSERT_STEP = Prepared(insert(steps).inline())
+INSERT_EVENTS = Prepared(insert(events).inline())
+INSERT_APPROVAL = Prepared(insert(approvals).inline())
+INSERT_HANDOFF = Prepared(insert(handoffs).inline())
+
+_RUN_BY_ID = select(runs).where(runs.c.id == bindparam("b_run_id"))
+RUN_BY_ID = Prepared(_RUN_BY_ID)
+RUN_BY_ID_FOR_UPDATE = Prepared(_RUN_BY_ID.with_for_update())
+UPDATE_RUN_IF_VERSION = Prepared(
+    update(runs).where(runs.c.id == bindparam("b_run_id"), runs.c.version == bindparam("b_version"))
 )
 
-STEP_BY_ID = select(steps).where(steps.c.id == bindparam("b_step_id"))
-QUEUED_STEPS = (
+STEP_BY_ID = Prepared(select(steps).where(steps.c.id == bindparam("b_step_id")))
+QUEUED_STEPS = Prepared(
     select(steps)
     .where(steps.c.run_id == bindparam("b_run_id"), steps.c.status == "queued")
     .order_by(steps.c.sequence)
 )
-OPEN_STEP_COUNT = (
-    select(func.count())
+OPEN_STEP_COUNT = Prepared(
+    select(func.count().label("count"))
     .select_from(steps)
     .where(
         steps.c.run_id == bindparam("b_run_id"),
-        steps.c.status.not_in(("completed", "cancelled")),
+        steps.c.status != "completed",
+        steps.c.status != "cancelled",
     )
 )
-EXPIRED_STEP_OF_RUN = (
+EXPIRED_STEP_OF_RUN = Prepared(
     select(steps.c.id, steps.c.lease_token)
     .where(
         steps.c.run_id == bindparam("b_run_id"),
@@ -52,31 +192,35 @@ EXPIRED_STEP_OF_RUN = (
     .limit(1)
 )
 
-LATEST_APPROVAL_OF_RUN = (
+LATEST_APPROVAL_OF_RUN = Prepared(
     select(approvals)
     .where(approvals.c.run_id == bindparam("b_run_id"))
     .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
     .limit(1)
 )
-LATEST_DECIDED_APPROVAL_OF_STEP = (
+LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
     .where(
         approvals.c.step_id == bindparam("b_step_id"),
-        approvals.c.status.in_(("approved", "rejected")),
+        or_(approvals.c.status == "approved", approvals.c.status == "rejected"),
     )
     .order_by(approvals.c.decided_at.desc(), approvals.c.id.desc())
     .limit(1)
 )
-DECIDE_PENDING_APPROVAL = update(approvals).where(
-    approvals.c.id == bindparam("b_approval_id"), approvals.c.status == "pending"
+DECIDE_PENDING_APPROVAL = Prepared(
+    update(approvals).where(
+        approvals.c.id == bindparam("b_approval_id"), approvals.c.status == "pending"
+    )
 )
 
 
 @cache
-def _update_step_where(names: tuple[str, ...]) -> Update:
-    return update(steps).where(
-        steps.c.id == bindparam("b_step_id"),
-        *(steps.c[name] == bindparam(f"b_{name}") for name in names),
+def _update_step_where(names: tuple[str, ...]) -> Prepared:
+    return Prepared(
+        update(steps).where(
+            steps.c.id == bindparam("b_step_id"),
+            *(steps.c[name] == bindparam(f"b_{name}") for name in names),
+        )
     )
 
 
@@ -84,10 +228,9 @@ def update_step_if(
     conn: Connection, step_id: uuid.UUID, expect: Mapping[str, Any], values: Mapping[str, Any]
 ) -> bool:
     """Update one step only while its columns still equal ``expect``."""
-    statement = _update_step_where(tuple(sorted(expect)))
     params = {**values, "b_step_id": step_id}
     params.update({f"b_{name}": value for name, value in expect.items()})
-    return conn.execute(statement, params).rowcount == 1
+    return _update_step_where(tuple(sorted(expect))).rowcount(conn, params) == 1
 
 
 def update_run_if_version(
@@ -95,4 +238,4 @@ def update_run_if_version(
 ) -> bool:
     """Compare-and-set a run on its ``version``."""
     params = {**values, "b_run_id": run_id, "b_version": version}
-    return conn.execute(UPDATE_RUN_IF_VERSION, params).rowcount == 1
+    return UPDATE_RUN_IF_VERSION.rowcount(conn, params) == 1

@@ -64,6 +64,8 @@ class Storage:
         with _storage_errors(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.begin()
             yield conn
             conn.commit()
 

@@ -21,9 +21,8 @@ def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: Any) -> dict[str, Any]
     """Read a run, first failing it if a step's lease expired."""
     with ctx.storage.read() as conn:
         row = load_run(conn, key, guard, lock=False)
-        stale = (
-            row["status"] == "running"
-            and conn.execute(_sql.EXPIRED_STEP_OF_RUN, {"b_run_id": key, "b_now": utcnow()}).first()
+        stale = row["status"] == "running" and _sql.EXPIRED_STEP_OF_RUN.first(
+            conn, {"b_run_id": key, "b_now": utcnow()}
         )
     if stale:
         _, row, _ = transact(ctx, key, guard, expire_leases)

@@ -89,12 +89,12 @@ class NewRun:
     def insert(self, storage: Storage) -> None:
         self.row["last_event_sequence"] = len(self.events)
         with storage.write() as conn:
-            conn.execute(_sql.INSERT_RUN, [self.row])
+            _sql.INSERT_RUN.execute_many(conn, [self.row])
             if self.steps:
-                conn.execute(_sql.INSERT_STEP, self.steps)
+                _sql.INSERT_STEP.execute_many(conn, self.steps)
             if self.handoffs:
-                conn.execute(_sql.INSERT_HANDOFF, self.handoffs)
-            conn.execute(_sql.INSERT_EVENTS, self.events)
+                _sql.INSERT_HANDOFF.execute_many(conn, self.handoffs)
+            _sql.INSERT_EVENTS.execute_many(conn, self.events)
 
 
 def start_run(

@@ -65,8 +65,8 @@ def record_outcome(
             child, handoff = handoff_rows(tx.run_id, step_id, spec, sequence=sequence, now=tx.now)
             result = handoff_result(handoff, spec)
             tx.finish_step(step_id, held, status="completed", result_envelope=result, **done)
-            tx.conn.execute(_sql.INSERT_STEP, [child])
-            tx.conn.execute(_sql.INSERT_HANDOFF, [handoff])
+            _sql.INSERT_STEP.execute_many(tx.conn, [child])
+            _sql.INSERT_HANDOFF.execute_many(tx.conn, [handoff])
             tx.set(last_step_sequence=sequence)
             tx.event("step_completed", step_id)
             tx.event("handoff_created", step_id, handoff_payload(handoff))
@@ -76,8 +76,8 @@ def record_outcome(
     if isinstance(outcome, Succeed):
         tx.finish_step(step_id, held, status="completed", result_envelope=outcome.result, **done)
         tx.event("step_completed", step_id)
-        open_steps = tx.conn.execute(_sql.OPEN_STEP_COUNT, {"b_run_id": tx.run_id}).scalar_one()
-        if open_steps == 0:
+        open_steps = _sql.OPEN_STEP_COUNT.first(tx.conn, {"b_run_id": tx.run_id})
+        if open_steps is not None and open_steps["count"] == 0:
             tx.set(status="completed", completed_at=tx.now)
             tx.event("run_completed")
             tx.signal(signals.run_completed)
@@ -87,8 +87,8 @@ def record_outcome(
         tx.finish_step(
             step_id, held, status="waiting_for_approval", lease_token=None, lease_expires_at=None
         )
-        tx.conn.execute(
-            _sql.INSERT_APPROVAL,
+        _sql.INSERT_APPROVAL.execute_many(
+            tx.conn,
             [
                 {
                     "id": uuid7(),
@@ -154,16 +154,14 @@ def claim_step(
 
 
 def claim_next(tx: Tx, handlers: Handlers) -> None:
-    queued = tx.conn.execute(_sql.QUEUED_STEPS, {"b_run_id": tx.run_id}).mappings()
-    for step in queued.all():
+    for step in _sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id}):
         if handlers.get(step["kind"]) is not None:
             claim_step(tx, step, handlers, decided_approval(tx.conn, step["id"]))
             return
 
 
 def decided_approval(conn: Connection, step_id: uuid.UUID) -> Approval | None:
-    query = _sql.LATEST_DECIDED_APPROVAL_OF_STEP
-    row = conn.execute(query, {"b_step_id": step_id}).mappings().first()
+    row = _sql.LATEST_DECIDED_APPROVAL_OF_STEP.first(conn, {"b_step_id": step_id})
     return None if row is None else approval_from_row(row)
 
 
@@ -172,7 +170,7 @@ def expire_leases(tx: Tx) -> bool:
     if tx.status() != "running":
         return False
     params = {"b_run_id": tx.run_id, "b_now": tx.now}
-    expired = tx.conn.execute(_sql.EXPIRED_STEP_OF_RUN, params).mappings().first()
+    expired = _sql.EXPIRED_STEP_OF_RUN.first(tx.conn, params)
     if expired is None:
         return False
     error = {

@@ -132,7 +132,7 @@ class Tx:
         if not _sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values):
             raise Conflict
         if self.new_events:
-            self.conn.execute(_sql.INSERT_EVENTS, self.new_events)
+            _sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
         return {**self.run, **values}
 
 
@@ -198,7 +198,7 @@ def transact(
 
 def load_run(conn: Connection, run_id: uuid.UUID, guard: Any, *, lock: bool) -> dict[str, Any]:
     query = _sql.RUN_BY_ID_FOR_UPDATE if lock else _sql.RUN_BY_ID
-    row = conn.execute(query, {"b_run_id": run_id}).mappings().first()
+    row = query.first(conn, {"b_run_id": run_id})
     if row is None or (guard is not UNSET and row["tenant_id"] != guard):
         raise RunNotFound(str(run_id))
-    return dict(row)
+    return row

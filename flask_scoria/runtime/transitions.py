@@ -90,12 +90,11 @@ def _current_step(tx: Tx) -> dict[str, Any] | None:
     step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
     if step_id is None:
         return None
-    row = tx.conn.execute(_sql.STEP_BY_ID, {"b_step_id": step_id}).mappings().first()
-    return None if row is None else dict(row)
+    return _sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
 
 
 def _latest_approval(tx: Tx) -> Approval | None:
-    row = tx.conn.execute(_sql.LATEST_APPROVAL_OF_RUN, {"b_run_id": tx.run_id}).mappings().first()
+    row = _sql.LATEST_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id})
     return None if row is None else approval_from_row(row)
 
 
@@ -181,8 +180,8 @@ def _decide(
             raise ApprovalAlreadyDecided(
                 str(tx.run_id), approval.id, approval.status, approval.decided_by
             )
-        decided = tx.conn.execute(
-            _sql.DECIDE_PENDING_APPROVAL,
+        decided = _sql.DECIDE_PENDING_APPROVAL.rowcount(
+            tx.conn,
             {
                 "b_approval_id": uuid.UUID(approval.id),
                 "status": decision,
@@ -191,7 +190,7 @@ def _decide(
                 "note": text,
             },
         )
-        if decided.rowcount != 1:
+        if decided != 1:
             raise Conflict
         payload = {"decision": decision, "decided_by": who}
         tx.event("approval_decided", uuid.UUID(approval.step_id), payload)
