@@ -34,15 +34,14 @@ class _Compiled:
     sql: str
     positional: tuple[str, ...] | None
     defaults: dict[str, Any]
-    binds: tuple[tuple[str, Processor], ...]
+    binds: tuple[tuple[str, Callable[[Any], Any]], ...]
     columns: tuple[tuple[str, Processor], ...]
 
     def parameters(self, values: Mapping[str, Any]) -> Any:
-        processed = dict(self.defaults)
-        processed.update(values)
+        processed = {**self.defaults, **values}
         for name, processor in self.binds:
             value = processed[name]
-            if processor is not None and value is not None:
+            if value is not None:
                 processed[name] = processor(value)
         if self.positional is None:
             return processed
@@ -113,8 +112,9 @@ class Prepared:
 def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
     compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=sorted(keys)))
     binds = tuple(
-        (name, bind.type.dialect_impl(dialect).bind_processor(dialect))
+        (name, processor)
         for bind, name in compiled.bind_names.items()
+        if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
     )
     selected = getattr(statement, "selected_columns", ())
     columns = tuple(

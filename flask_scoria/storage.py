@@ -62,10 +62,9 @@ class Storage:
     def write(self) -> Iterator[Connection]:
         """A connection in a write transaction, committed on success."""
         with _storage_errors(), self.engine.connect() as conn:
+            conn.begin()
             if self.is_sqlite:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                conn.begin()
+                conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
             yield conn
             conn.commit()
 
