@@ -37,6 +37,8 @@ from flask_scoria import Scoria, schema
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+#: How many interleaved batches the round-trips are split into.
+BATCHES = 10
 TABLES = ("scoria_runs", "scoria_steps", "scoria_approvals", "scoria_events", "scoria_handoffs")
 
 
@@ -63,132 +65,156 @@ class Timings:
     commits: int
 
 
+class ScoriaFlow:
+    """Round-trips through the facade on one app, in as many batches as asked."""
+
+    def __init__(self, uri: str) -> None:
+        self.app = make_app(uri)
+        self.engine = self.app.extensions["scoria"].storage(self.app).engine
+        self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
+        self.timings = Timings([], [], 0.0, 0)
+        sa.event.listen(self.engine, "commit", self._count)
+
+    def _count(self, _conn: Any) -> None:
+        self.timings.commits += 1
+
+    def run(self, runs: int) -> None:
+        timings = self.timings
+        began = time.perf_counter()
+        with self.app.app_context():
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run = scoria.start_run(self.who, initial_step={"kind": "approval"})
+                t1 = time.perf_counter()
+                scoria.approve_run(run.run_id, decided_by="operator")
+                t2 = time.perf_counter()
+                done = scoria.resume_run(run.run_id)
+                t3 = time.perf_counter()
+                assert done.status == "completed", done.status
+                timings.start.append(t1 - t0)
+                timings.resume.append(t3 - t2)
+        timings.seconds += time.perf_counter() - began
+
+    def close(self) -> None:
+        sa.event.remove(self.engine, "commit", self._count)
+        self.engine.dispose()
+
+
 def scoria_roundtrips(uri: str, runs: int) -> Timings:
     """Do ``runs`` round-trips through the facade in this process."""
-    app = make_app(uri)
-    engine = app.extensions["scoria"].storage(app).engine
-    commits = 0
-
-    def count(_conn: Any) -> None:
-        nonlocal commits
-        commits += 1
-
-    sa.event.listen(engine, "commit", count)
-    start_times: list[float] = []
-    resume_times: list[float] = []
-    who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
-    began = time.perf_counter()
-    with app.app_context():
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            run = scoria.start_run(who, initial_step={"kind": "approval"})
-            t1 = time.perf_counter()
-            scoria.approve_run(run.run_id, decided_by="operator")
-            t2 = time.perf_counter()
-            done = scoria.resume_run(run.run_id)
-            t3 = time.perf_counter()
-            assert done.status == "completed", done.status
-            start_times.append(t1 - t0)
-            resume_times.append(t3 - t2)
-    elapsed = time.perf_counter() - began
-    sa.event.remove(engine, "commit", count)
-    engine.dispose()
-    return Timings(start_times, resume_times, elapsed, commits)
+    flow = ScoriaFlow(uri)
+    try:
+        flow.run(runs)
+    finally:
+        flow.close()
+    return flow.timings
 
 
 def _scoria_worker(uri: str, runs: int, queue: Any) -> None:
     queue.put(scoria_roundtrips(uri, runs).seconds)
 
 
-def raw_roundtrips(uri: str, runs: int) -> float:
+class RawFlow:
     """The floor: two committed transactions per round-trip with the plain driver."""
-    if uri.startswith("sqlite"):
-        conn: Any = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        param = "?"
-    else:
-        import psycopg
 
-        conn = psycopg.connect(
-            sa.make_url(uri).set(drivername="postgresql").render_as_string(False)
+    def __init__(self, uri: str) -> None:
+        self.sqlite = uri.startswith("sqlite")
+        if self.sqlite:
+            self.conn: Any = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            param = "?"
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(
+                sa.make_url(uri).set(drivername="postgresql").render_as_string(False)
+            )
+            param = "%s"
+        self.conn.execute("CREATE TABLE IF NOT EXISTS raw_runs (id TEXT PRIMARY KEY, status TEXT)")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS raw_steps (id TEXT PRIMARY KEY, run_id TEXT, status TEXT)"
         )
-        param = "%s"
-    conn.execute("CREATE TABLE IF NOT EXISTS raw_runs (id TEXT PRIMARY KEY, status TEXT)")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS raw_steps (id TEXT PRIMARY KEY, run_id TEXT, status TEXT)"
-    )
-    if not uri.startswith("sqlite"):
-        conn.commit()
-    began = time.perf_counter()
-    for _ in range(runs):
-        run_id, step_id = str(uuid.uuid4()), str(uuid.uuid4())
-        _raw_tx(
-            conn,
-            uri,
-            [
-                (f"INSERT INTO raw_runs VALUES ({param}, 'waiting')", (run_id,)),
-                (f"INSERT INTO raw_steps VALUES ({param}, {param}, 'waiting')", (step_id, run_id)),
-            ],
-        )
-        _raw_tx(
-            conn,
-            uri,
-            [
-                (f"UPDATE raw_runs SET status='completed' WHERE id={param}", (run_id,)),
-                (f"UPDATE raw_steps SET status='completed' WHERE id={param}", (step_id,)),
-            ],
-        )
-    elapsed = time.perf_counter() - began
-    conn.execute("DROP TABLE raw_steps")
-    conn.execute("DROP TABLE raw_runs")
-    if not uri.startswith("sqlite"):
-        conn.commit()
-    conn.close()
-    return elapsed
+        self._commit()
+        self.create = [
+            f"INSERT INTO raw_runs VALUES ({param}, 'waiting')",
+            f"INSERT INTO raw_steps VALUES ({param}, {param}, 'waiting')",
+        ]
+        self.finish = [
+            f"UPDATE raw_runs SET status='completed' WHERE id={param}",
+            f"UPDATE raw_steps SET status='completed' WHERE id={param}",
+        ]
+        self.seconds = 0.0
 
-
-def crud_roundtrips(uri: str, runs: int) -> float:
-    """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
-    app = Flask("crud", instance_path=tempfile.mkdtemp())
-    app.config["SQLALCHEMY_DATABASE_URI"] = uri
-    db = SQLAlchemy(app)
-
-    class CrudRun(db.Model):  # type: ignore[name-defined,misc]
-        id: Mapped[str] = mapped_column(primary_key=True)
-        status: Mapped[str]
-
-    class CrudStep(db.Model):  # type: ignore[name-defined,misc]
-        id: Mapped[str] = mapped_column(primary_key=True)
-        run_id: Mapped[str]
-        status: Mapped[str]
-
-    with app.app_context():
-        db.create_all()
+    def run(self, runs: int) -> None:
         began = time.perf_counter()
         for _ in range(runs):
-            run = CrudRun(id=str(uuid.uuid4()), status="waiting")
-            step = CrudStep(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
-            db.session.add_all([run, step])
-            db.session.commit()
-            run.status = step.status = "completed"
-            db.session.commit()
-        elapsed = time.perf_counter() - began
-        db.drop_all()
-        db.engine.dispose()
-    return elapsed
+            run_id, step_id = str(uuid.uuid4()), str(uuid.uuid4())
+            self._tx([(self.create[0], (run_id,)), (self.create[1], (step_id, run_id))])
+            self._tx([(self.finish[0], (run_id,)), (self.finish[1], (step_id,))])
+        self.seconds += time.perf_counter() - began
+
+    def _tx(self, statements: list[tuple[str, tuple[str, ...]]]) -> None:
+        if self.sqlite:
+            self.conn.execute("BEGIN IMMEDIATE")
+        for sql, args in statements:
+            self.conn.execute(sql, args)
+        if self.sqlite:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.commit()
+
+    def _commit(self) -> None:
+        if not self.sqlite:
+            self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.execute("DROP TABLE raw_steps")
+        self.conn.execute("DROP TABLE raw_runs")
+        self._commit()
+        self.conn.close()
 
 
-def _raw_tx(conn: Any, uri: str, statements: list[tuple[str, tuple[str, ...]]]) -> None:
-    if uri.startswith("sqlite"):
-        conn.execute("BEGIN IMMEDIATE")
-        for sql, args in statements:
-            conn.execute(sql, args)
-        conn.execute("COMMIT")
-    else:
-        for sql, args in statements:
-            conn.execute(sql, args)
-        conn.commit()
+class CrudFlow:
+    """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
+
+    def __init__(self, uri: str) -> None:
+        self.app = Flask("crud", instance_path=tempfile.mkdtemp())
+        self.app.config["SQLALCHEMY_DATABASE_URI"] = uri
+        self.db = db = SQLAlchemy(self.app)
+
+        class CrudRun(db.Model):  # type: ignore[name-defined,misc]
+            id: Mapped[str] = mapped_column(primary_key=True)
+            status: Mapped[str]
+
+        class CrudStep(db.Model):  # type: ignore[name-defined,misc]
+            id: Mapped[str] = mapped_column(primary_key=True)
+            run_id: Mapped[str]
+            status: Mapped[str]
+
+        self.models = (CrudRun, CrudStep)
+        with self.app.app_context():
+            db.create_all()
+        self.seconds = 0.0
+
+    def run(self, runs: int) -> None:
+        crud_run, crud_step = self.models
+        session = self.db.session
+        with self.app.app_context():
+            began = time.perf_counter()
+            for _ in range(runs):
+                run = crud_run(id=str(uuid.uuid4()), status="waiting")
+                step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
+                session.add_all([run, step])
+                session.commit()
+                run.status = step.status = "completed"
+                session.commit()
+            self.seconds += time.perf_counter() - began
+
+    def close(self) -> None:
+        with self.app.app_context():
+            self.db.drop_all()
+            self.db.engine.dispose()
 
 
 def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
@@ -242,10 +268,24 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
     try:
         scoria_roundtrips(uri, 20)  # warm-up: imports, pools, caches
         warm = size(uri)
-        timings = scoria_roundtrips(uri, runs)
+        # On SQLite the baselines get a file of their own next to it, so that the tables
+        # they drop leave no free pages in the file whose size is measured.
+        baseline = uri.replace(".sqlite3", "-baseline.sqlite3")
+        flow, raw, crud = ScoriaFlow(uri), RawFlow(baseline), CrudFlow(baseline)
+        try:
+            # Interleaved batches, so that all three see the same minutes of a noisy machine.
+            batches = [runs // BATCHES + (i < runs % BATCHES) for i in range(BATCHES)]
+            for batch in batches:
+                flow.run(batch)
+                raw.run(batch)
+                crud.run(batch)
+        finally:
+            flow.close()
+            raw.close()
+            crud.close()
+        timings = flow.timings
         per_run_bytes = (size(uri) - warm) / runs
-        raw_seconds = raw_roundtrips(uri, runs)
-        crud_seconds = crud_roundtrips(uri, runs)
+        raw_seconds, crud_seconds = raw.seconds, crud.seconds
 
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
