@@ -12,6 +12,7 @@ from flask import Flask, current_app
 from sqlalchemy import Engine
 
 from .execution import Handler, LeaseKeeper, load_handler
+from .handoff import normalize_key
 from .runtime import RuntimeContext
 from .storage import Storage, create_standalone_engine
 
@@ -80,7 +81,7 @@ def read_settings(app: Flask) -> Settings:
         step_lease_seconds=lease,
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
-        redact_keys=tuple(str(key) for key in config["SCORIA_REDACT_KEYS"]),
+        redact_keys=tuple(normalize_key(str(key)) for key in config["SCORIA_REDACT_KEYS"]),
     )
 
 

@@ -287,13 +287,18 @@ def test_payloads_render_inert(operator_app: Flask, ops: FlaskClient) -> None:
 
 
 def test_secret_values_never_reach_the_page(database_uri: str, tmp_path: Path) -> None:
-    app = create_test_app(database_uri, tmp_path / "i", SCORIA_REDACT_KEYS=["ssn"])
+    app = create_test_app(database_uri, tmp_path / "i", SCORIA_REDACT_KEYS=["SSN"])
     runtime: Scoria = app.extensions["scoria"]
     runtime.operator_scope(from_session)
     secrets = {
         "password": "hunter2-pw",
         "nested": [{"apiKey": "sk-live-1"}, {"X-Auth-Token": "tok-2"}],
         "ssn": "078-05-1120",
+        "customerSsn": "219-09-9999",
+        "messages": [{"role": "user", "content": "my card is 4111-1111"}],
+        "chat_history": ["earlier turn with a phone number 555-0100"],
+        "session": {"user_id": "raw-session-state"},
+        "session_id": "chat-visible",
         "db_password": "pw-3",
         "Authorization": "Bearer abc-4",
         "max_tokens": 256,
@@ -314,8 +319,12 @@ def test_secret_values_never_reach_the_page(database_uri: str, tmp_path: Path) -
     client = app.test_client()
     sign_in(client, {"tenant_id": TENANT, "actor_id": "ops"})
     html = page(client, f"/scoria/workflows/{run_id}")
-    for value in ("hunter2-pw", "sk-live-1", "tok-2", "078-05-1120", "pw-3", "abc-4"):
+    hidden = ("hunter2-pw", "sk-live-1", "tok-2", "078-05-1120", "219-09-9999", "pw-3", "abc-4")
+    hidden += ("4111-1111", "555-0100", "raw-session-state")
+    for value in hidden:
         assert value not in html
+    assert "&#34;messages&#34;: &#34;[REDACTED]&#34;" in html
+    assert "&#34;session_id&#34;: &#34;chat-visible&#34;" in html
     assert "&#34;password&#34;: &#34;[REDACTED]&#34;" in html
     assert "&#34;apiKey&#34;: &#34;[REDACTED]&#34;" in html
     assert "&#34;max_tokens&#34;: 256" in html

@@ -19,30 +19,18 @@ TERMINAL = frozenset({"completed", "failed", "rejected", "cancelled"})
 PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
 
-# Of the keys a handoff refuses, those that name credentials; transcripts and
-# messages stay readable on the operator pages.
-_CREDENTIAL_WORDS = (
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "api_key",
-    "apikey",
-    "authorization",
-    "credential",
-    "private_key",
-    "cookie",
-    "header",
-    "provider_session",
-)
-
 
 def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
-    """Whether the value under ``key`` is hidden: a credential name or an ``extra`` one."""
-    name = normalize_key(key)
-    if name in extra:
+    """Whether the value under ``key`` is hidden.
+
+    Hidden are the keys a handoff refuses (credentials, transcripts, raw
+    session state) and ``extra`` names, normalized, matched as a whole name
+    or as a ``_name`` suffix.
+    """
+    if is_unsafe_key(key):
         return True
-    return is_unsafe_key(key) and any(word in name for word in _CREDENTIAL_WORDS)
+    name = normalize_key(key)
+    return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 
 def redact(value: Any, extra: Collection[str] = ()) -> Any:
