@@ -19,6 +19,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
 from .errors import ScoriaError
@@ -59,7 +60,7 @@ def _engine() -> Engine:
 
 
 def scoria_errors(fn: F) -> F:
-    """Turn a ``ScoriaError`` into a click error naming its message and code."""
+    """Turn a ``ScoriaError`` (message and code) or a database error into a click error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -67,6 +68,9 @@ def scoria_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ScoriaError as exc:
             raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise click.ClickException(f"database error: {reason}") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -124,29 +128,43 @@ def _echo_run(run: RunSummary, as_json: bool) -> None:
 # -- database ------------------------------------------------------------------
 
 
+def _own_history(engine: Engine) -> Engine:
+    """``engine``, unless the revisions are mounted in the host's Alembic history."""
+    if schema.mounted_in_host_history(engine):
+        raise click.ClickException(
+            "the scoria revisions are recorded in your app's alembic_version (mounted in its"
+            " history); migrate them with your app's own commands, e.g. flask db upgrade heads"
+        )
+    return engine
+
+
 @db_cli.command("upgrade")
 @click.argument("revision", default="heads")
+@scoria_errors
 def db_upgrade(revision: str) -> None:
     """Apply flask-scoria's migrations up to REVISION (default: newest)."""
-    schema.upgrade(_engine(), revision)
+    schema.upgrade(_own_history(_engine()), revision)
     click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
 
 
 @db_cli.command("downgrade")
 @click.argument("revision", default="base")
+@scoria_errors
 def db_downgrade(revision: str) -> None:
     """Revert flask-scoria's migrations down to REVISION (default: drop all)."""
-    schema.downgrade(_engine(), revision)
+    schema.downgrade(_own_history(_engine()), revision)
     click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
 
 
 @db_cli.command("current")
+@scoria_errors
 def db_current() -> None:
     """Print the revision the database is at."""
     click.echo(schema.current_revision(_engine()) or "none (run: flask scoria db upgrade)")
 
 
 @db_cli.command("check")
+@scoria_errors
 def db_check() -> None:
     """Exit non-zero unless the database matches the newest revision."""
     current = schema.current_revision(_engine())

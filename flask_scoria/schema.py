@@ -76,20 +76,32 @@ def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(config)
 
 
-def current_revision(engine: Engine) -> str | None:
-    """The flask-scoria revision the database is at, or ``None`` before the first upgrade.
-
-    Looks in flask-scoria's own version table, then in the host's
-    ``alembic_version`` for revisions mounted in the host's history.
-    """
+def _recorded(engine: Engine) -> tuple[str, str] | None:
+    """The version table holding a flask-scoria revision, and that revision."""
     known = {script.revision for script in _scripts().walk_revisions()}
     with engine.connect() as connection:
         for table in (VERSION_TABLE, HOST_VERSION_TABLE):
             context = MigrationContext.configure(connection, opts={"version_table": table})
             applied = [head for head in context.get_current_heads() if head in known]
             if applied:
-                return applied[0]
+                return table, applied[0]
     return None
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The flask-scoria revision the database is at, or ``None`` before the first upgrade.
+
+    Looks in flask-scoria's own version table, then in the host's
+    ``alembic_version`` for revisions mounted in the host's history.
+    """
+    recorded = _recorded(engine)
+    return recorded[1] if recorded else None
+
+
+def mounted_in_host_history(engine: Engine) -> bool:
+    """Whether the host's ``alembic_version`` records the flask-scoria revision."""
+    recorded = _recorded(engine)
+    return recorded is not None and recorded[0] == HOST_VERSION_TABLE
 
 
 def head_revision() -> str:

@@ -252,6 +252,18 @@ def test_verify_accepts_scoria_mounted_in_the_host_history(tmp_path: Path) -> No
     assert f"PASS  0. app database migrated: scoria tables at {schema.head_revision()}" in out
     assert invoke(app.test_cli_runner(), "db", "current") == (0, schema.head_revision() + "\n")
     assert invoke(app.test_cli_runner(), "db", "check")[0] == 0
+    for command in ("upgrade", "downgrade"):
+        code, out = invoke(app.test_cli_runner(), "db", command)
+        assert code == 1 and "recorded in your app's alembic_version" in out
+    assert invoke(app.test_cli_runner(), "db", "current")[1] == schema.head_revision() + "\n"
+
+
+def test_db_commands_report_an_unreachable_database(tmp_path: Path) -> None:
+    app = create_test_app(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.sqlite3'}", tmp_path)
+    for command in ("current", "check", "upgrade"):
+        code, out = invoke(app.test_cli_runner(), "db", command)
+        assert code == 1
+        assert out.startswith("Error: database error: unable to open database file"), out
 
 
 def example_app(tmp_path: Path, *, migrated: bool) -> Flask:
