@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from sqlalchemy import event
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -25,6 +26,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env("ASSISTANT")
     if config:
         app.config.update(config)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        # A write may wait on another writer: fail after 30 s, not SQLite's default 5 s.
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
     os.makedirs(app.instance_path, exist_ok=True)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _instance_secret(Path(app.instance_path))
@@ -36,10 +40,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .extensions import db, migrate, runtime
 
     db.init_app(app)
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            event.listen(db.engine, "connect", _sqlite_pragmas)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     runtime.init_app(app)
     app.register_blueprint(views.bp)
     return app
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    """WAL, so that pages read while a run is written; FULL, so a decision survives a crash."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
 
 
 def _instance_secret(instance: Path) -> str:

@@ -196,3 +196,9 @@ def test_autogenerate_ignores_the_scoria_tables(app: Flask) -> None:
         naive = MigrationContext.configure(conn)
         dropped = {diff[1].name for diff in compare_metadata(naive, db.metadata)}
     assert "scoria_runs" in dropped
+
+
+def test_the_sqlite_database_runs_in_wal_mode(app: Flask) -> None:
+    with app.app_context(), db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
