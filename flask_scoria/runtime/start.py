@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from blinker import Signal
+from blinker import NamedSignal
 
 from .. import _sql, signals
 from .._ids import uuid7
@@ -127,7 +127,7 @@ def start_run(
     else:
         new.add_step(new_step_row(new.row["id"], **step_spec), resolver)
     new.insert(ctx.storage)
-    pending: list[tuple[Signal, dict[str, Any]]] = [(signals.run_started, {})]
+    pending: list[tuple[NamedSignal, dict[str, Any]]] = [(signals.run_started, {})]
     if step_spec is None:
         pending.append((signals.run_completed, {}))
     send(ctx.app, pending, new.row)

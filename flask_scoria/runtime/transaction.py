@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from blinker import Signal
+from blinker import NamedSignal
 from flask import Flask
 from sqlalchemy import Connection
 
@@ -82,7 +82,7 @@ class Tx:
     lease_until: datetime
     changes: dict[str, Any] = field(default_factory=dict)
     new_events: list[dict[str, Any]] = field(default_factory=list)
-    signals: list[tuple[Signal, dict[str, Any]]] = field(default_factory=list)
+    signals: list[tuple[NamedSignal, dict[str, Any]]] = field(default_factory=list)
     claim: Claim | None = None
 
     @property
@@ -106,7 +106,7 @@ class Tx:
             event_row(self.run_id, first, self.new_events, event_type, step_id, payload, self.now)
         )
 
-    def signal(self, signal: Signal, **extra: Any) -> None:
+    def signal(self, signal: NamedSignal, **extra: Any) -> None:
         self.signals.append((signal, extra))
 
     def update_step(self, step_id: uuid.UUID, expect: Mapping[str, Any], **values: Any) -> None:
@@ -136,12 +136,19 @@ class Tx:
         return {**self.run, **values}
 
 
-def send(app: Flask, pending: list[tuple[Signal, dict[str, Any]]], row: dict[str, Any]) -> None:
+def send(
+    app: Flask, pending: list[tuple[NamedSignal, dict[str, Any]]], row: dict[str, Any]
+) -> None:
     if not pending:
         return
     summary = summary_from_row(row)
     for signal, extra in pending:
-        signal.send(app, run=summary, **extra)
+        for receiver in signal.receivers_for(app):
+            try:
+                receiver(app, run=summary, **extra)
+            except Exception:
+                # The change is committed: a failing receiver must not look like a failed call.
+                app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
 
 
 def event_row(
