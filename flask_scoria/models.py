@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ForeignKey, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import ForeignKey, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ._types import JSONPayload, UTCDateTime, UUIDType
@@ -26,6 +26,11 @@ NAMING_CONVENTION = {
 _ID = 255
 _NAME = 64
 _STATUS = 32
+
+# Partial indexes hold only the rows still open (a running step holds a lease),
+# so that finished runs cost nothing in them.
+_LEASED = text("lease_expires_at IS NOT NULL")
+_PENDING = text("status = 'pending'")
 
 
 class Base(DeclarativeBase):
@@ -55,10 +60,17 @@ class Run(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
+    # Each list of runs is one walk of an index, newest first: the operator's
+    # (tenant-wide, or filtered on one column) and a session's.
     __table_args__ = (
-        Index("ix_scoria_runs_session_created", "session_id", "created_at", "id"),
+        Index("ix_scoria_runs_session_created", "session_id", "tenant_id", "created_at", "id"),
         Index("ix_scoria_runs_tenant_created", "tenant_id", "created_at", "id"),
-        Index("ix_scoria_runs_status", "status"),
+        Index("ix_scoria_runs_status_tenant_created", "status", "tenant_id", "created_at", "id"),
+        Index("ix_scoria_runs_tenant_actor_created", "tenant_id", "actor_id", "created_at", "id"),
+        Index(
+            "ix_scoria_runs_tenant_role_created", "tenant_id", "root_role_id", "created_at", "id"
+        ),
+        {"sqlite_with_rowid": False},
     )
 
 
@@ -88,7 +100,12 @@ class Step(Base):
 
     __table_args__ = (
         Index("uq_scoria_steps_run_sequence", "run_id", "sequence", unique=True),
-        Index("ix_scoria_steps_status_lease", "status", "lease_expires_at"),
+        Index(
+            "ix_scoria_steps_lease",
+            "lease_expires_at",
+            sqlite_where=_LEASED,
+            postgresql_where=_LEASED,
+        ),
     )
 
 
@@ -113,7 +130,14 @@ class Approval(Base):
 
     __table_args__ = (
         Index("ix_scoria_approvals_run", "run_id"),
-        Index("ix_scoria_approvals_status_requested", "status", "requested_at"),
+        Index("ix_scoria_approvals_step", "step_id"),
+        Index(
+            "ix_scoria_approvals_pending_requested",
+            "requested_at",
+            "id",
+            sqlite_where=_PENDING,
+            postgresql_where=_PENDING,
+        ),
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, literal, select, tuple_
+from sqlalchemy import ColumnElement, Select, literal, literal_column, select, tuple_
 
 from .._ids import parse_uuid
 from ..extension import get_extension
@@ -25,6 +25,9 @@ T = TypeVar("T")
 PAGE_SIZE = 50
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
+# Inline, so that the planner matches the partial index of pending approvals
+# even with a generic plan.
+_PENDING: ColumnElement[str] = literal_column("'pending'")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def pending_approvals(
     query = (
         select(runs, *approval_columns)
         .join(approvals, approvals.c.run_id == runs.c.id)
-        .where(runs.c.tenant_id == tenant_id, approvals.c.status == "pending")
+        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
     )
     return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
 

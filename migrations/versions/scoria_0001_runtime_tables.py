@@ -15,6 +15,9 @@ down_revision = None
 branch_labels = ("scoria",)
 depends_on = None
 
+LEASED = sa.text("lease_expires_at IS NOT NULL")
+PENDING = sa.text("status = 'pending'")
+
 
 def upgrade() -> None:
     op.create_table(
@@ -35,16 +38,31 @@ def upgrade() -> None:
         sa.Column("completed_at", UTCDateTime(), nullable=True),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_scoria_runs"),
+        sqlite_with_rowid=False,
     )
     op.create_index(
         "ix_scoria_runs_session_created",
         "scoria_runs",
-        ["session_id", "created_at", "id"],
+        ["session_id", "tenant_id", "created_at", "id"],
     )
     op.create_index(
         "ix_scoria_runs_tenant_created", "scoria_runs", ["tenant_id", "created_at", "id"]
     )
-    op.create_index("ix_scoria_runs_status", "scoria_runs", ["status"])
+    op.create_index(
+        "ix_scoria_runs_status_tenant_created",
+        "scoria_runs",
+        ["status", "tenant_id", "created_at", "id"],
+    )
+    op.create_index(
+        "ix_scoria_runs_tenant_actor_created",
+        "scoria_runs",
+        ["tenant_id", "actor_id", "created_at", "id"],
+    )
+    op.create_index(
+        "ix_scoria_runs_tenant_role_created",
+        "scoria_runs",
+        ["tenant_id", "root_role_id", "created_at", "id"],
+    )
 
     op.create_table(
         "scoria_steps",
@@ -75,7 +93,13 @@ def upgrade() -> None:
     op.create_index(
         "uq_scoria_steps_run_sequence", "scoria_steps", ["run_id", "sequence"], unique=True
     )
-    op.create_index("ix_scoria_steps_status_lease", "scoria_steps", ["status", "lease_expires_at"])
+    op.create_index(
+        "ix_scoria_steps_lease",
+        "scoria_steps",
+        ["lease_expires_at"],
+        sqlite_where=LEASED,
+        postgresql_where=LEASED,
+    )
 
     op.create_table(
         "scoria_approvals",
@@ -99,10 +123,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_scoria_approvals"),
     )
     op.create_index("ix_scoria_approvals_run", "scoria_approvals", ["run_id"])
+    op.create_index("ix_scoria_approvals_step", "scoria_approvals", ["step_id"])
     op.create_index(
-        "ix_scoria_approvals_status_requested",
+        "ix_scoria_approvals_pending_requested",
         "scoria_approvals",
-        ["status", "requested_at"],
+        ["requested_at", "id"],
+        sqlite_where=PENDING,
+        postgresql_where=PENDING,
     )
 
     op.create_table(
