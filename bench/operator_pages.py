@@ -1,11 +1,12 @@
 """Render time of the operator pages as the runs table grows.
 
 Bulk-loads N runs with plain INSERTs (90% in the operator's tenant; N/100
-sessions and actors, so every filtered page is full at any N), adds one run
-with an approval pause through the facade, then times GET of that run's page,
-the runs list, its second page, a filtered list, a session page and the
-approvals inbox with the Flask test client. Prints the median per page and
-the large/small ratio. Run by hand:
+sessions and actors, 1 in 13 failed, 1 in 50 with a second root role, so every
+filtered page is full at any N), adds one run with an approval pause through
+the facade, then times GET of that run's page, the runs list, its second page,
+the list filtered by each column, a session page and the approvals inbox with
+the Flask test client. Prints the median per page and the large/small ratio.
+Run by hand:
 
     .venv/bin/python bench/operator_pages.py                 # 10k and 1M, both backends
     .venv/bin/python bench/operator_pages.py --sizes 10000 100000 --backends sqlite
@@ -71,7 +72,7 @@ def load_runs(engine: sa.Engine, count: int) -> float:
                     "session_id": f"s-{index % groups}",
                     "actor_id": f"user-{index % groups}",
                     "tenant_id": tenant,
-                    "root_role_id": "executor",
+                    "root_role_id": "reviewer" if index % 50 == 7 else "executor",
                     "status": "completed" if index % 13 else "failed",
                     "version": 3,
                     "last_event_sequence": 0,
@@ -104,6 +105,11 @@ def timed(client: Any, url: str) -> float:
     return statistics.median(samples) * 1000
 
 
+def next_page(client: Any, query: str) -> str:
+    first = client.get(f"/scoria/workflows{query}").get_data(as_text=True)
+    return str(first.split('rel="next" href="')[1].split('"')[0].replace("&amp;", "&"))
+
+
 def measure(uri: str, size: int, workdir: Path) -> dict[str, float]:
     engine = sa.create_engine(uri)
     schema.upgrade(engine)
@@ -117,13 +123,16 @@ def measure(uri: str, size: int, workdir: Path) -> dict[str, float]:
         who = scoria.identity({"tenant_id": TENANT, "session_id": "s-1", "actor_id": "ops"})
         run_id = scoria.start_run(who, initial_step={"kind": "x"}, handlers={"x": ask}).run_id
     client = app.test_client()
-    first = client.get("/scoria/workflows").get_data(as_text=True)
-    after = first.split('rel="next" href="')[1].split('"')[0].replace("&amp;", "&")
+    after = next_page(client, "")
     figures = {
         "run page": timed(client, f"/scoria/workflows/{run_id}"),
         "runs list": timed(client, "/scoria/workflows"),
         "runs list, page 2": timed(client, after),
         "runs list, by actor": timed(client, "/scoria/workflows?actor=user-7"),
+        "runs list, by status": timed(client, "/scoria/workflows?status=failed"),
+        "runs list, by role": timed(client, "/scoria/workflows?role=reviewer"),
+        "by status, page 2": timed(client, next_page(client, "?status=failed")),
+        "by actor and session": timed(client, "/scoria/workflows?actor=user-7&session=s-7"),
         "session page": timed(client, "/scoria/sessions/s-1"),
         "approvals inbox": timed(client, "/scoria/approvals"),
     }
