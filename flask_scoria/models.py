@@ -146,17 +146,17 @@ class Event(Base):
 
     __tablename__ = "scoria_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[uuid.UUID] = mapped_column(
-        UUIDType, ForeignKey("scoria_runs.id", ondelete="CASCADE")
+        UUIDType, ForeignKey("scoria_runs.id", ondelete="CASCADE"), primary_key=True
     )
-    sequence: Mapped[int] = mapped_column(Integer)
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     event_type: Mapped[str] = mapped_column(String(_NAME))
     step_id: Mapped[uuid.UUID | None] = mapped_column(UUIDType)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSONPayload)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("uq_scoria_events_run_sequence", "run_id", "sequence", unique=True),)
+    # The timeline is read by run and sequence only: on SQLite the table is that index.
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
 
 class Handoff(Base):

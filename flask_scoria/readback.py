@@ -87,9 +87,9 @@ class Step(StepView):
 
 @dataclass(frozen=True)
 class Event:
-    """One timeline entry of a run."""
+    """One timeline entry of a run; ``id`` is ``"<run_id>/<sequence>"``."""
 
-    id: int
+    id: str
     sequence: int
     event_type: str
     step_id: str | None
@@ -258,7 +258,7 @@ def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
     ]
     event_list = [
         Event(
-            id=row["id"],
+            id=f"{row['run_id']}/{row['sequence']}",
             sequence=row["sequence"],
             event_type=row["event_type"],
             step_id=_sid(row["step_id"]),

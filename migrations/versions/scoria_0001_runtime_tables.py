@@ -134,9 +134,8 @@ def upgrade() -> None:
 
     op.create_table(
         "scoria_events",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("run_id", UUIDType(), nullable=False),
-        sa.Column("sequence", sa.Integer(), nullable=False),
+        sa.Column("sequence", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("event_type", sa.String(64), nullable=False),
         sa.Column("step_id", UUIDType(), nullable=True),
         sa.Column("payload", JSONPayload, nullable=True),
@@ -147,10 +146,8 @@ def upgrade() -> None:
             name="fk_scoria_events_run_id_scoria_runs",
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name="pk_scoria_events"),
-    )
-    op.create_index(
-        "uq_scoria_events_run_sequence", "scoria_events", ["run_id", "sequence"], unique=True
+        sa.PrimaryKeyConstraint("run_id", "sequence", name="pk_scoria_events"),
+        sqlite_with_rowid=False,
     )
 
     op.create_table(
