@@ -201,6 +201,7 @@ LATEST_APPROVAL_OF_RUN = Prepared(
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
     .where(
+        approvals.c.run_id == bindparam("b_run_id"),
         approvals.c.step_id == bindparam("b_step_id"),
         or_(approvals.c.status == "approved", approvals.c.status == "rejected"),
     )

@@ -130,7 +130,6 @@ class Approval(Base):
 
     __table_args__ = (
         Index("ix_scoria_approvals_run", "run_id"),
-        Index("ix_scoria_approvals_step", "step_id"),
         Index(
             "ix_scoria_approvals_pending_requested",
             "requested_at",

@@ -12,8 +12,6 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection
-
 from .. import _sql, signals
 from .._ids import uuid7
 from ..errors import InvalidHandoff
@@ -156,12 +154,14 @@ def claim_step(
 def claim_next(tx: Tx, handlers: Handlers) -> None:
     for step in _sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id}):
         if handlers.get(step["kind"]) is not None:
-            claim_step(tx, step, handlers, decided_approval(tx.conn, step["id"]))
+            claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
             return
 
 
-def decided_approval(conn: Connection, step_id: uuid.UUID) -> Approval | None:
-    row = _sql.LATEST_DECIDED_APPROVAL_OF_STEP.first(conn, {"b_step_id": step_id})
+def decided_approval(tx: Tx, step_id: uuid.UUID) -> Approval | None:
+    """The latest decision on ``step_id`` (found through the run's approvals index)."""
+    params = {"b_run_id": tx.run_id, "b_step_id": step_id}
+    row = _sql.LATEST_DECIDED_APPROVAL_OF_STEP.first(tx.conn, params)
     return None if row is None else approval_from_row(row)
 
 

@@ -125,7 +125,7 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         tx,
         step,
         handlers,
-        decided_approval(tx.conn, step["id"]),
+        decided_approval(tx, step["id"]),
         from_status="failed",
         attempt=attempt,
         error_envelope=None,

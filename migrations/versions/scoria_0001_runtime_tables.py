@@ -123,7 +123,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_scoria_approvals"),
     )
     op.create_index("ix_scoria_approvals_run", "scoria_approvals", ["run_id"])
-    op.create_index("ix_scoria_approvals_step", "scoria_approvals", ["step_id"])
     op.create_index(
         "ix_scoria_approvals_pending_requested",
         "scoria_approvals",
