@@ -89,6 +89,41 @@ def test_page_runs_in_order(page: str, tmp_path: Path, monkeypatch: pytest.Monke
     assert ran == len(python_blocks(DOCS / page)) >= 2
 
 
+def test_testing_page_is_a_passing_test_suite(tmp_path: Path) -> None:
+    """Each block of the testing guide is a file; pytest and its flask commands pass."""
+    page = DOCS / "testing.md"
+    for code in python_blocks(page):
+        name = code.splitlines()[0].removeprefix("# ")
+        (tmp_path / name).write_text(code)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+    commands = [
+        line
+        for language, code in blocks(page)
+        if language == "bash"
+        for line in code.splitlines()
+        if line.startswith("flask ")
+    ]
+    assert len(commands) == 2
+    for line in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", *shlex.split(line)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    assert "all checks passed" in done.stdout
+
+
 @pytest.mark.parametrize("page", sorted(path.name for path in DOCS.glob("*.md")))
 def test_python_blocks_compile(page: str) -> None:
     for number, code in enumerate(python_blocks(DOCS / page)):
