@@ -35,6 +35,7 @@ def drive(
             row["id"],
             UNSET,
             partial(record_outcome, ctx=ctx, handlers=handlers, claim=claim, outcome=outcome),
+            known=row,
         )
     return row
 
@@ -74,8 +75,7 @@ def record_outcome(
     if isinstance(outcome, Succeed):
         tx.finish_step(step_id, held, status="completed", result_envelope=outcome.result, **done)
         tx.event("step_completed", step_id)
-        open_steps = _sql.OPEN_STEP_COUNT.first(tx.conn, {"b_run_id": tx.run_id})
-        if open_steps is not None and open_steps["count"] == 0:
+        if _no_open_steps(tx):
             tx.set(status="completed", completed_at=tx.now)
             tx.event("run_completed")
             tx.signal(signals.run_completed)
@@ -109,6 +109,15 @@ def record_outcome(
     elif isinstance(outcome, Fail):
         tx.finish_step(step_id, held, status="failed", error_envelope=outcome.error, **done)
         fail_run(tx, step_id, "step_failed", outcome.error)
+
+
+def _no_open_steps(tx: Tx) -> bool:
+    """Whether every step of the run is now completed or cancelled."""
+    if tx.run["last_step_sequence"] == 1:
+        # A run that never had a second step has only the one just completed.
+        return True
+    open_steps = _sql.OPEN_STEP_COUNT.first(tx.conn, {"b_run_id": tx.run_id})
+    return open_steps is not None and open_steps["count"] == 0
 
 
 def fail_run(tx: Tx, step_id: uuid.UUID, event_type: str, error: dict[str, Any]) -> None:

@@ -180,12 +180,24 @@ def transact(
     run_id: uuid.UUID,
     guard: Any,
     decide: Callable[[Tx], T],
+    *,
+    known: dict[str, Any] | None = None,
 ) -> tuple[T, dict[str, Any], Claim | None]:
-    """Run ``decide`` on the freshly read run until its compare-and-set wins."""
+    """Run ``decide`` on the freshly read run until its compare-and-set wins.
+
+    ``known`` is the run as this process last committed it. On SQLite, whose
+    ``BEGIN IMMEDIATE`` already serialises writers, the first try decides on
+    it without reading the run again: if the run changed since, the
+    compare-and-set fails and the next try reads it. PostgreSQL always reads
+    the run first, locking it before any of its steps.
+    """
+    if not ctx.storage.is_sqlite:
+        known = None
     for attempt in range(MAX_ATTEMPTS):
         try:
             with ctx.storage.write() as conn:
-                row = load_run(conn, run_id, guard, lock=True)
+                row = known or load_run(conn, run_id, guard, lock=True)
+                known = None
                 now = utcnow()
                 tx = Tx(conn, row, now, ctx.keeper.expiry(now))
                 outcome = decide(tx)
