@@ -14,7 +14,7 @@ the column types' own bind and result processors. They run inside the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
@@ -116,7 +116,10 @@ def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -
         for bind, name in compiled.bind_names.items()
         if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
     )
-    selected = getattr(statement, "selected_columns", ())
+    # A SELECT's columns, or those an INSERT or UPDATE returns (none without RETURNING).
+    selected: Iterable[Any] = getattr(
+        statement, "selected_columns", getattr(statement, "exported_columns", ())
+    )
     columns = tuple(
         (column.key, column.type.dialect_impl(dialect).result_processor(dialect, None))
         for column in selected
@@ -192,11 +195,19 @@ EXPIRED_STEP_OF_RUN = Prepared(
     .limit(1)
 )
 
-LATEST_APPROVAL_OF_RUN = Prepared(
+_LATEST_APPROVAL = (
     select(approvals)
     .where(approvals.c.run_id == bindparam("b_run_id"))
     .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
     .limit(1)
+)
+LATEST_APPROVAL_OF_RUN = Prepared(_LATEST_APPROVAL)
+#: The run's latest approval next to the step ``b_step_id``, in one row whose step
+#: columns are prefixed ``steps_``; no row when either is missing.
+LATEST_APPROVAL_WITH_STEP = Prepared(
+    _LATEST_APPROVAL.add_columns(*(column.label(f"steps_{column.key}") for column in steps.c)).join(
+        steps, steps.c.id == bindparam("b_step_id")
+    )
 )
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
@@ -208,10 +219,14 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     .order_by(approvals.c.decided_at.desc(), approvals.c.id.desc())
     .limit(1)
 )
-DECIDE_PENDING_APPROVAL = Prepared(
-    update(approvals).where(
-        approvals.c.id == bindparam("b_approval_id"), approvals.c.status == "pending"
+#: Decide the run's latest approval if it is pending, returning it as decided.
+DECIDE_LATEST_APPROVAL = Prepared(
+    update(approvals)
+    .where(
+        approvals.c.id == _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery(),
+        approvals.c.status == "pending",
     )
+    .returning(*approvals.c)
 )
 
 

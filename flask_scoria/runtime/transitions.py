@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import update
 
@@ -99,12 +98,15 @@ def _latest_approval(tx: Tx) -> Approval | None:
 
 
 def _resume_approved(tx: Tx, handlers: Handlers) -> None:
-    approval = _latest_approval(tx)
-    step = _current_step(tx)
-    if approval is None or step is None:
+    step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
+    params = {"b_run_id": tx.run_id, "b_step_id": step_id}
+    row = None if step_id is None else _sql.LATEST_APPROVAL_WITH_STEP.first(tx.conn, params)
+    if row is None:
         raise NoPendingApproval(str(tx.run_id))
+    approval = approval_from_row(row)
     if approval.status == "pending":
         raise ApprovalPending(str(tx.run_id), approval.id)
+    step = {key[6:]: value for key, value in row.items() if key.startswith("steps_")}
     tx.set(status="running")
     tx.event("resume_requested", step["id"])
     tx.signal(signals.run_resumed)
@@ -132,6 +134,16 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         result_envelope=None,
         completed_at=None,
     )
+
+
+def _not_pending(tx: Tx) -> NoReturn:
+    """Raise why the run's latest approval could not be decided."""
+    approval = _latest_approval(tx)
+    if approval is None:
+        raise NoPendingApproval(str(tx.run_id))
+    if approval.status == "pending":
+        raise Conflict
+    raise ApprovalAlreadyDecided(str(tx.run_id), approval.id, approval.status, approval.decided_by)
 
 
 def approve_run(
@@ -173,37 +185,28 @@ def _decide(
     ctx = context()
 
     def decide(tx: Tx) -> None:
-        approval = _latest_approval(tx)
-        if approval is None:
-            raise NoPendingApproval(str(tx.run_id))
-        if approval.status != "pending":
-            raise ApprovalAlreadyDecided(
-                str(tx.run_id), approval.id, approval.status, approval.decided_by
-            )
-        decided = _sql.DECIDE_PENDING_APPROVAL.rowcount(
+        decided = _sql.DECIDE_LATEST_APPROVAL.first(
             tx.conn,
             {
-                "b_approval_id": uuid.UUID(approval.id),
+                "b_run_id": tx.run_id,
                 "status": decision,
                 "decided_by": who,
                 "decided_at": tx.now,
                 "note": text,
             },
         )
-        if decided != 1:
-            raise Conflict
+        if decided is None:
+            _not_pending(tx)
+        step_id = decided["step_id"]
         payload = {"decision": decision, "decided_by": who}
-        tx.event("approval_decided", uuid.UUID(approval.step_id), payload)
-        tx.signal(signals.approval_decided, approval={"approval_id": approval.id, **payload})
+        tx.event("approval_decided", step_id, payload)
+        tx.signal(signals.approval_decided, approval={"approval_id": str(decided["id"]), **payload})
         if decision == "rejected":
             tx.update_step(
-                uuid.UUID(approval.step_id),
-                {"status": "waiting_for_approval"},
-                status="rejected",
-                completed_at=tx.now,
+                step_id, {"status": "waiting_for_approval"}, status="rejected", completed_at=tx.now
             )
             tx.set(status="rejected", completed_at=tx.now)
-            tx.event("run_rejected", uuid.UUID(approval.step_id), {"reason": text})
+            tx.event("run_rejected", step_id, {"reason": text})
 
     _, row, _ = transact(ctx, key, guard, decide)
     return summary_from_row(row)
