@@ -14,13 +14,14 @@ the column types' own bind and result processors. They run inside the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import Connection, Dialect, bindparam, func, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
@@ -143,18 +144,45 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
             cursor.execute(compiled.sql, params)
     except conn.dialect.loaded_dbapi.Error as exc:
         cursor.close()
-        invalidated = conn.dialect.is_disconnect(exc, dbapi_connection, cursor)
-        if invalidated:
-            conn.invalidate(exc)
-        raise DBAPIError.instance(
-            compiled.sql,
-            params,
-            exc,
-            conn.dialect.loaded_dbapi.Error,
-            connection_invalidated=invalidated,
-            dialect=conn.dialect,
-        ) from exc
+        raise _database_error(conn, exc, compiled.sql, params, cursor) from exc
     return cursor
+
+
+def _database_error(
+    conn: Connection, exc: Any, sql: str, params: Any, cursor: Any
+) -> StatementError:
+    """The :class:`DBAPIError` SQLAlchemy would raise; invalidates a lost connection."""
+    invalidated = conn.dialect.is_disconnect(exc, conn.connection, cursor)
+    if invalidated:
+        conn.invalidate(exc)
+    error: StatementError = DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        conn.dialect.loaded_dbapi.Error,
+        connection_invalidated=invalidated,
+        dialect=conn.dialect,
+    )
+    return error
+
+
+@contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """Send the statements of the block to PostgreSQL together (psycopg's pipeline mode).
+
+    Their results arrive at the end of the block at the latest, so a check of a
+    row count belongs after it; a database error may surface there too.
+    Elsewhere the block runs as it is.
+    """
+    enter = getattr(conn.connection.driver_connection, "pipeline", None)
+    if enter is None or conn.dialect.name != "postgresql":
+        yield
+        return
+    try:
+        with enter():
+            yield
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _database_error(conn, exc, "<pipeline>", None, None) from exc
 
 
 INSERT_RUN = Prepared(insert(runs).inline())
@@ -251,7 +279,11 @@ def update_step_if(
 
 def update_run_if_version(
     conn: Connection, run_id: uuid.UUID, version: int, values: Mapping[str, Any]
-) -> bool:
-    """Compare-and-set a run on its ``version``."""
+) -> Any:
+    """Compare-and-set a run on its ``version``; its ``rowcount`` is 1 if it won.
+
+    Returns the DBAPI cursor, whose ``rowcount`` is known once a
+    :func:`pipeline` around the call has ended.
+    """
     params = {**values, "b_run_id": run_id, "b_version": version}
-    return UPDATE_RUN_IF_VERSION.rowcount(conn, params) == 1
+    return UPDATE_RUN_IF_VERSION.execute(conn, params)

@@ -88,7 +88,7 @@ class NewRun:
 
     def insert(self, storage: Storage) -> None:
         self.row["last_event_sequence"] = len(self.events)
-        with storage.write() as conn:
+        with storage.write() as conn, _sql.pipeline(conn):
             _sql.INSERT_RUN.execute_many(conn, [self.row])
             if self.steps:
                 _sql.INSERT_STEP.execute_many(conn, self.steps)

@@ -129,10 +129,15 @@ class Tx:
         values["version"] = self.run["version"] + 1
         values["last_event_sequence"] = self.run["last_event_sequence"] + len(self.new_events)
         values["updated_at"] = self.now
-        if not _sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values):
+        # The events go with the compare-and-set; a lost race rolls both back.
+        with _sql.pipeline(self.conn):
+            cursor = _sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values)
+            if self.new_events:
+                _sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
+        won = cursor.rowcount == 1
+        cursor.close()
+        if not won:
             raise Conflict
-        if self.new_events:
-            _sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
         return {**self.run, **values}
 
 
