@@ -144,7 +144,7 @@ class Tx:
 def send(
     app: Flask, pending: list[tuple[NamedSignal, dict[str, Any]]], row: dict[str, Any]
 ) -> None:
-    if not pending:
+    if not any(signal.receivers for signal, _ in pending):
         return
     summary = summary_from_row(row)
     for signal, extra in pending:
