@@ -185,34 +185,29 @@ def approval_from_row(row: Mapping[Any, Any]) -> Approval:
     )
 
 
+def _step_fields(row: Mapping[Any, Any], approval: Approval | None) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "run_id": str(row["run_id"]),
+        "sequence": row["sequence"],
+        "kind": row["kind"],
+        "role_id": row["role_id"],
+        "attempt": row["attempt"],
+        "parent_step_id": _sid(row["parent_step_id"]),
+        "handoff_input": row["handoff_input"],
+        "projected_context": row["projected_context"],
+        "approval": approval,
+    }
+
+
 def step_view_from_row(row: Mapping[Any, Any], approval: Approval | None) -> StepView:
     """Project a ``scoria_steps`` row into what a handler is given."""
-    return StepView(
-        id=str(row["id"]),
-        run_id=str(row["run_id"]),
-        sequence=row["sequence"],
-        kind=row["kind"],
-        role_id=row["role_id"],
-        attempt=row["attempt"],
-        parent_step_id=_sid(row["parent_step_id"]),
-        handoff_input=row["handoff_input"],
-        projected_context=row["projected_context"],
-        approval=approval,
-    )
+    return StepView(**_step_fields(row, approval))
 
 
 def _step_from_row(row: RowMapping, approval: Approval | None) -> Step:
     return Step(
-        id=str(row["id"]),
-        run_id=str(row["run_id"]),
-        sequence=row["sequence"],
-        kind=row["kind"],
-        role_id=row["role_id"],
-        attempt=row["attempt"],
-        parent_step_id=_sid(row["parent_step_id"]),
-        handoff_input=row["handoff_input"],
-        projected_context=row["projected_context"],
-        approval=approval,
+        **_step_fields(row, approval),
         status=row["status"],
         result_envelope=row["result_envelope"],
         error_envelope=row["error_envelope"],
