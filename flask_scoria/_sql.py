@@ -256,6 +256,21 @@ DECIDE_LATEST_APPROVAL = Prepared(
     )
     .returning(*approvals.c)
 )
+#: Decide the approval ``b_approval_id`` of the run if it is pending, returning it as decided.
+DECIDE_APPROVAL = Prepared(
+    update(approvals)
+    .where(
+        approvals.c.id == bindparam("b_approval_id"),
+        approvals.c.run_id == bindparam("b_run_id"),
+        approvals.c.status == "pending",
+    )
+    .returning(*approvals.c)
+)
+APPROVAL_OF_RUN = Prepared(
+    select(approvals).where(
+        approvals.c.id == bindparam("b_approval_id"), approvals.c.run_id == bindparam("b_run_id")
+    )
+)
 
 
 @cache

@@ -53,6 +53,11 @@ db_cli = AppGroup("db", help="Manage the scoria_* tables.")
 scoria_cli.add_command(db_cli)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+approval_option = click.option(
+    "--approval",
+    "approval_id",
+    help="Decide only this approval (its id from 'show'), never a later one.",
+)
 
 
 def _engine() -> Engine:
@@ -247,9 +252,9 @@ def echo_detail(detail: RunDetail) -> None:
     if detail.approvals:
         click.echo("\nApprovals")
         echo_table(
-            ("TOOL", "STATUS", "DECIDED_BY", "DECIDED_AT", "REASON / NOTE"),
+            ("APPROVAL_ID", "TOOL", "STATUS", "DECIDED_BY", "DECIDED_AT", "REASON / NOTE"),
             (
-                (a.tool_name, a.status, a.decided_by, a.decided_at, a.note or a.reason)
+                (a.id, a.tool_name, a.status, a.decided_by, a.decided_at, a.note or a.reason)
                 for a in detail.approvals
             ),
         )
@@ -286,11 +291,14 @@ def show(run_id: str, as_json: bool) -> None:
 @click.argument("run_id")
 @click.option("--by", "decided_by", required=True, help="Who approves (recorded).")
 @click.option("--note", help="A note kept with the decision.")
+@approval_option
 @json_option
 @scoria_errors
-def approve(run_id: str, decided_by: str, note: str | None, as_json: bool) -> None:
+def approve(
+    run_id: str, decided_by: str, note: str | None, approval_id: str | None, as_json: bool
+) -> None:
     """Approve the pending approval of RUN_ID; then resume it."""
-    run = approve_run(run_id, decided_by=decided_by, note=note)
+    run = approve_run(run_id, decided_by=decided_by, note=note, approval_id=approval_id)
     _echo_run(run, as_json)
     if not as_json:
         click.echo(f"\nApproved. Continue the run with: flask scoria resume {run.run_id}")
@@ -300,11 +308,15 @@ def approve(run_id: str, decided_by: str, note: str | None, as_json: bool) -> No
 @click.argument("run_id")
 @click.option("--by", "decided_by", required=True, help="Who rejects (recorded).")
 @click.option("--reason", help="Why, kept with the decision.")
+@approval_option
 @json_option
 @scoria_errors
-def reject(run_id: str, decided_by: str, reason: str | None, as_json: bool) -> None:
+def reject(
+    run_id: str, decided_by: str, reason: str | None, approval_id: str | None, as_json: bool
+) -> None:
     """Reject the pending approval of RUN_ID, ending the run as rejected."""
-    _echo_run(reject_run(run_id, decided_by=decided_by, reason=reason), as_json)
+    run = reject_run(run_id, decided_by=decided_by, reason=reason, approval_id=approval_id)
+    _echo_run(run, as_json)
 
 
 @scoria_cli.command("resume")

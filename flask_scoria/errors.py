@@ -74,9 +74,13 @@ class NoPendingApproval(ScoriaError):
 
     code = "no_pending_approval"
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"Run {run_id} has no approval to decide.")
+    def __init__(self, run_id: str, approval_id: str | None = None) -> None:
+        if approval_id is None:
+            super().__init__(f"Run {run_id} has no approval to decide.")
+        else:
+            super().__init__(f"Run {run_id} has no approval {approval_id}.")
         self.run_id = run_id
+        self.approval_id = approval_id
 
 
 class InvalidIdentity(ScoriaError):

@@ -137,6 +137,18 @@ def test_reject_ends_the_run(runner: FlaskCliRunner, paused: str, app: Flask) ->
         assert scoria.get_run_detail(paused).approvals[0].note == "not today"
 
 
+def test_approve_only_the_approval_named(app: Flask, runner: FlaskCliRunner, paused: str) -> None:
+    with app.app_context():
+        (approval,) = scoria.get_run_detail(paused).approvals
+    assert approval.id in invoke(runner, "show", paused)[1]
+    code, out = invoke(runner, "approve", paused, "--by", "ops", "--approval", UNKNOWN)
+    assert code == 1 and f"has no approval {UNKNOWN}" in out and "[no_pending_approval]" in out
+    code, out = invoke(runner, "approve", paused, "--by", "ops", "--approval", approval.id)
+    assert code == 0
+    code, out = invoke(runner, "reject", paused, "--by", "ops", "--approval", approval.id)
+    assert code == 1 and "already approved by 'ops'" in out
+
+
 def test_approve_a_run_without_approval(app: Flask, runner: FlaskCliRunner) -> None:
     with app.app_context():
         done = scoria.start_run(scoria.identity(None)).run_id

@@ -154,11 +154,9 @@ def test_readme_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         page = client.get(answer["evidence"])
         assert page.status_code == 200
         assert 'data-status="waiting_for_approval"' in page.text
-        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-        assert token is not None
-        approved = client.post(
-            f"/scoria/workflows/{run_id}/approve", data={"csrf_token": token.group(1)}
-        )
+        form = dict(re.findall(r'name="(csrf_token|approval_id)" value="([^"]+)"', page.text))
+        assert form.keys() == {"csrf_token", "approval_id"}
+        approved = client.post(f"/scoria/workflows/{run_id}/approve", data=form)
         assert approved.status_code == 303
         with app.app_context():
             run = flask_scoria.get_run(run_id, tenant_id="acme")

@@ -81,10 +81,17 @@ def csrf(html: str) -> str:
     return found.group(1)
 
 
+def approval_id(html: str) -> str:
+    found = re.search(r'name="approval_id" value="([^"]+)"', html)
+    assert found, "no decision form on the page"
+    return found.group(1)
+
+
 def post_form(client: FlaskClient, run_id: str, action: str, **form: str) -> str:
-    token = csrf(page(client, f"/scoria/workflows/{run_id}"))
+    html = page(client, f"/scoria/workflows/{run_id}")
     response = client.post(
-        f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token, **form}
+        f"/scoria/workflows/{run_id}/{action}",
+        data={"csrf_token": csrf(html), "approval_id": approval_id(html), **form},
     )
     assert response.status_code == 303
     assert response.location == f"/scoria/workflows/{run_id}"
@@ -144,15 +151,66 @@ def test_approve_without_a_registered_handler_waits_for_the_host(
 
 def test_reject_on_the_page(operator_app: Flask, ops: FlaskClient) -> None:
     run_id = start(operator_app)
-    token = csrf(page(ops, f"/scoria/workflows/{run_id}"))
+    shown = page(ops, f"/scoria/workflows/{run_id}")
+    token, decision_for = csrf(shown), approval_id(shown)
     html = post_form(ops, run_id, "reject", note="not today")
     assert 'data-status="rejected"' in html
     assert "not today" in html
     assert 'data-event-type="run_rejected"' in html
     assert "action=" not in html.split('id="decisions"')[0].split("</header>")[1]
-    again = ops.post(f"/scoria/workflows/{run_id}/approve", data={"csrf_token": token})
+    again = ops.post(
+        f"/scoria/workflows/{run_id}/approve",
+        data={"csrf_token": token, "approval_id": decision_for},
+    )
     assert "already" in page(ops, again.location).lower()
     assert run_status(operator_app, run_id) == "rejected"
+
+
+def two_gates(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask to publish, then, once that is approved, ask to notify the customers."""
+    if step.approval is None:
+        return WaitForApproval("publish", {"env": "prod"})
+    if step.approval.tool_name == "publish":
+        return WaitForApproval("notify_customers", {"audience": "everyone"})
+    return Succeed({"notified": True})
+
+
+def test_a_stale_page_cannot_decide_a_later_approval(
+    operator_app: Flask, runtime: Scoria, ops: FlaskClient
+) -> None:
+    runtime.handler("gates")(two_gates)
+    run_id = start(operator_app, kind="gates")
+    stale = page(ops, f"/scoria/workflows/{run_id}")
+    post_form(ops, run_id, "approve")  # a colleague approves "publish"; "notify" is asked
+    with operator_app.app_context():
+        pending = scoria.get_run_detail(run_id).approvals[-1]
+    assert (pending.tool_name, pending.status) == ("notify_customers", "pending")
+
+    for action in ("approve", "reject"):
+        response = ops.post(
+            f"/scoria/workflows/{run_id}/{action}",
+            data={"csrf_token": csrf(stale), "approval_id": approval_id(stale)},
+        )
+        assert "already approved by &#39;ops&#39;" in page(ops, response.location)
+    with operator_app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert detail.summary.status == "waiting_for_approval"
+    assert [(a.tool_name, a.status) for a in detail.approvals] == [
+        ("publish", "approved"),
+        ("notify_customers", "pending"),
+    ]
+
+
+def test_a_decision_without_its_approval_id_is_refused(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app)
+    token = csrf(page(ops, f"/scoria/workflows/{run_id}"))
+    for action in ("approve", "reject"):
+        response = ops.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token})
+        assert response.status_code == 400
+        assert "Reload the page" in response.get_data(as_text=True)
+    assert run_status(operator_app, run_id) == "waiting_for_approval"
 
 
 def test_handoff_run_shows_its_delegated_evidence(operator_app: Flask, ops: FlaskClient) -> None:
@@ -215,9 +273,10 @@ def test_other_tenants_unknown_and_malformed_ids_look_the_same(
     bodies = {page(ops, url, 404) for url in urls}
     assert len(bodies) == 1
     assert theirs not in bodies.pop()
-    token = csrf(page(ops, f"/scoria/workflows/{start(operator_app)}"))
+    own = page(ops, f"/scoria/workflows/{start(operator_app)}")
+    form = {"csrf_token": csrf(own), "approval_id": approval_id(own)}
     for action in ("approve", "reject"):
-        response = ops.post(f"/scoria/workflows/{theirs}/{action}", data={"csrf_token": token})
+        response = ops.post(f"/scoria/workflows/{theirs}/{action}", data=form)
         assert response.status_code == 404
     assert run_status(operator_app, theirs) == "waiting_for_approval"
     assert theirs not in page(ops, "/scoria/workflows")

@@ -415,3 +415,56 @@ def test_unreachable_database_is_a_storage_error(unreachable: str, tmp_path: Pat
             assert info.value.code == "storage_unavailable"
             assert not isinstance(info.value, sa.exc.SQLAlchemyError)
     broken.extensions["scoria"].storage(broken).engine.dispose()
+
+
+def ask_twice(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask to publish; once approved, ask to notify; then finish."""
+    if step.approval is None:
+        return scoria.WaitForApproval("publish")
+    if step.approval.tool_name == "publish":
+        return scoria.WaitForApproval("notify")
+    return Succeed({"done": True})
+
+
+def test_a_decision_bound_to_an_approval_never_decides_a_later_one() -> None:
+    run_id = start({"work": ask_twice}).run_id
+    (first,) = scoria.get_run_detail(run_id).approvals
+    scoria.approve_run(run_id, decided_by="ops-1", approval_id=first.id)
+    scoria.resume_run(run_id, handlers={"work": ask_twice})
+    second = scoria.get_run_detail(run_id).approvals[-1]
+    assert (second.tool_name, second.status) == ("notify", "pending")
+
+    for decide in (scoria.approve_run, scoria.reject_run):
+        with pytest.raises(scoria.ApprovalAlreadyDecided) as lost:
+            decide(run_id, decided_by="ops-2", approval_id=first.id)
+        assert (lost.value.approval_id, lost.value.decided_by) == (first.id, "ops-1")
+    assert scoria.get_run_detail(run_id).approvals[-1].status == "pending"
+
+    rejected = scoria.reject_run(run_id, decided_by="ops-2", approval_id=second.id)
+    assert rejected.status == "rejected"
+
+
+@pytest.mark.parametrize("approval_id", [str(uuid.uuid4()), "not-an-id", "x" * 100])
+def test_a_decision_bound_to_an_unknown_approval_changes_nothing(approval_id: str) -> None:
+    run_id = paused_run()
+    with pytest.raises(scoria.NoPendingApproval) as missing:
+        scoria.approve_run(run_id, decided_by="ops", approval_id=approval_id)
+    assert missing.value.approval_id == approval_id
+    assert scoria.get_run_detail(run_id).approvals[0].status == "pending"
+    assert event_types(run_id)[-1] == "waiting_for_approval"
+
+
+@pytest.mark.parametrize("approval_id", [7, b"id", ["id"], {"id": 1}])
+def test_an_approval_id_must_be_a_string(approval_id: Any) -> None:
+    run_id = paused_run()
+    with pytest.raises(scoria.InvalidRunOptions, match="approval_id"):
+        scoria.approve_run(run_id, decided_by="ops", approval_id=approval_id)
+    assert scoria.get_run_detail(run_id).approvals[0].status == "pending"
+
+
+def test_an_approval_of_another_run_cannot_be_decided_through_this_one() -> None:
+    mine, theirs = paused_run(), paused_run()
+    (their_approval,) = scoria.get_run_detail(theirs).approvals
+    with pytest.raises(scoria.NoPendingApproval):
+        scoria.approve_run(mine, decided_by="ops", approval_id=their_approval.id)
+    assert scoria.get_run_detail(theirs).approvals[0].status == "pending"

@@ -10,24 +10,33 @@ from . import queries
 from .access import OperatorScope
 
 
-def approve(run_id: str, scope: OperatorScope, note: str | None) -> RunSummary:
-    """Approve as the operator; resume at once when the step's kind has a registered handler.
+def approve(run_id: str, scope: OperatorScope, approval_id: str, note: str | None) -> RunSummary:
+    """Approve, as the operator, the approval the page showed.
 
-    Without a registered handler the run stays approved and waiting, for the
-    host's own ``resume_run`` with its per-call handlers.
+    Resumes at once when the step's kind has a registered handler; without
+    one the run stays approved and waiting, for the host's own ``resume_run``
+    with its per-call handlers.
     """
     decided = runtime.approve_run(
-        run_id, decided_by=_decider(scope), note=note, tenant_id=scope.tenant_id
+        run_id,
+        decided_by=_decider(scope),
+        note=note,
+        approval_id=approval_id,
+        tenant_id=scope.tenant_id,
     )
     if queries.step_kind(run_id, decided.current_step_id) in get_extension().handlers:
         return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
     return decided
 
 
-def reject(run_id: str, scope: OperatorScope, reason: str | None) -> RunSummary:
-    """Reject as the operator; the step and the run end ``rejected``."""
+def reject(run_id: str, scope: OperatorScope, approval_id: str, reason: str | None) -> RunSummary:
+    """Reject, as the operator, the approval the page showed; step and run end ``rejected``."""
     return runtime.reject_run(
-        run_id, decided_by=_decider(scope), reason=reason, tenant_id=scope.tenant_id
+        run_id,
+        decided_by=_decider(scope),
+        reason=reason,
+        approval_id=approval_id,
+        tenant_id=scope.tenant_id,
     )
 
 

@@ -141,9 +141,12 @@ def reject(run_id: str) -> BaseResponse:
 
 
 def _decide(run_id: str, action: Any, done: str) -> BaseResponse:
+    approval_id = request.form.get("approval_id", "").strip()
+    if not approval_id:
+        abort(400, description="The form names no approval. Reload the page and decide again.")
     text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
     try:
-        summary = action(run_id, current_scope(), text)
+        summary = action(run_id, current_scope(), approval_id, text)
     except RunNotFound:
         raise
     except ScoriaError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -12,7 +13,7 @@ from ..errors import ApprovalAlreadyDecided, ApprovalPending, NoPendingApproval,
 from ..execution import Handlers
 from ..models import approvals, steps
 from ..readback import Approval, RunSummary, approval_from_row, summary_from_row
-from .arguments import decider, optional_text, run_uuid, tenant_guard
+from .arguments import approval_key, decider, optional_text, run_uuid, tenant_guard
 from .steps import claim_next, claim_step, decided_approval, drive, expire_leases
 from .transaction import UNSET, Conflict, Tx, context, transact
 
@@ -136,11 +137,17 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
     )
 
 
-def _not_pending(tx: Tx) -> NoReturn:
-    """Raise why the run's latest approval could not be decided."""
-    approval = _latest_approval(tx)
+def _not_pending(tx: Tx, approval_id: uuid.UUID | None) -> NoReturn:
+    """Raise why the approval (default: the run's latest) could not be decided."""
+    if approval_id is None:
+        approval = _latest_approval(tx)
+    else:
+        row = _sql.APPROVAL_OF_RUN.first(
+            tx.conn, {"b_run_id": tx.run_id, "b_approval_id": approval_id}
+        )
+        approval = None if row is None else approval_from_row(row)
     if approval is None:
-        raise NoPendingApproval(str(tx.run_id))
+        raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
     if approval.status == "pending":
         raise Conflict
     raise ApprovalAlreadyDecided(str(tx.run_id), approval.id, approval.status, approval.decided_by)
@@ -151,16 +158,19 @@ def approve_run(
     *,
     decided_by: str,
     note: str | None = None,
+    approval_id: str | None = None,
     tenant_id: Any = UNSET,
     identity: Any = None,
 ) -> RunSummary:
     """Approve the run's pending approval as ``decided_by``.
 
-    The run stays ``waiting_for_approval`` until :func:`resume_run`. Raises
+    Given ``approval_id`` (the approval the decider was shown), only that
+    approval is decided, never a later one. The run stays
+    ``waiting_for_approval`` until :func:`resume_run`. Raises
     :class:`ApprovalAlreadyDecided` (naming the winner) or
     :class:`NoPendingApproval`.
     """
-    return _decide(run_id, "approved", decided_by, note, tenant_id, identity)
+    return _decide(run_id, "approved", decided_by, note, approval_id, tenant_id, identity)
 
 
 def reject_run(
@@ -168,35 +178,47 @@ def reject_run(
     *,
     decided_by: str,
     reason: str | None = None,
+    approval_id: str | None = None,
     tenant_id: Any = UNSET,
     identity: Any = None,
 ) -> RunSummary:
-    """Reject the run's pending approval; the step and the run end ``rejected``."""
-    return _decide(run_id, "rejected", decided_by, reason, tenant_id, identity)
+    """Reject the run's pending approval; the step and the run end ``rejected``.
+
+    ``approval_id`` binds the decision to one approval, as for :func:`approve_run`.
+    """
+    return _decide(run_id, "rejected", decided_by, reason, approval_id, tenant_id, identity)
 
 
 def _decide(
-    run_id: Any, decision: str, decided_by: Any, note: Any, tenant_id: Any, identity: Any
+    run_id: Any,
+    decision: str,
+    decided_by: Any,
+    note: Any,
+    approval_id: Any,
+    tenant_id: Any,
+    identity: Any,
 ) -> RunSummary:
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
     who = decider(decided_by, "decided_by")
     text = optional_text(note, "note" if decision == "approved" else "reason")
+    expected = approval_key(run_id, approval_id)
     ctx = context()
 
     def decide(tx: Tx) -> None:
-        decided = _sql.DECIDE_LATEST_APPROVAL.first(
-            tx.conn,
-            {
-                "b_run_id": tx.run_id,
-                "status": decision,
-                "decided_by": who,
-                "decided_at": tx.now,
-                "note": text,
-            },
-        )
+        params = {
+            "b_run_id": tx.run_id,
+            "status": decision,
+            "decided_by": who,
+            "decided_at": tx.now,
+            "note": text,
+        }
+        if expected is None:
+            decided = _sql.DECIDE_LATEST_APPROVAL.first(tx.conn, params)
+        else:
+            decided = _sql.DECIDE_APPROVAL.first(tx.conn, {**params, "b_approval_id": expected})
         if decided is None:
-            _not_pending(tx)
+            _not_pending(tx, expected)
         step_id = decided["step_id"]
         payload = {"decision": decision, "decided_by": who}
         tx.event("approval_decided", step_id, payload)

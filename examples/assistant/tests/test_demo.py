@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class Browser:
-    """A cookie-keeping HTTP client that fills in the page's CSRF token."""
+    """A cookie-keeping HTTP client that submits the page's forms with their hidden fields."""
 
     def __init__(self, base: str) -> None:
         self.base = base
@@ -34,16 +34,30 @@ class Browser:
         return self._open(urllib.request.Request(self.base + path))
 
     def post(self, path: str, **form: str) -> str:
-        token = re.search(r'name="csrf_token" value="([^"]+)"', self.page)
-        assert token, "no form on the current page"
-        data = urllib.parse.urlencode({"csrf_token": html.unescape(token.group(1)), **form})
-        return self._open(urllib.request.Request(self.base + path, data=data.encode()))
+        """Submit the current page's form for ``path`` with its hidden fields and ``form``."""
+        here = urllib.parse.urlsplit(self.url).path
+        fields = [
+            body
+            for attributes, body in re.findall(r"<form([^>]*)>(.*?)</form>", self.page, re.S)
+            if form_action(attributes, here) == path
+        ]
+        assert fields, f"no form for {path} on the current page"
+        hidden = re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', fields[0])
+        data = {name: html.unescape(value) for name, value in hidden}
+        encoded = urllib.parse.urlencode({**data, **form}).encode()
+        return self._open(urllib.request.Request(self.base + path, data=encoded))
 
     def _open(self, request: urllib.request.Request) -> str:
         with self.opener.open(request, timeout=10) as response:
             self.url = response.url
             self.page = response.read().decode()
         return self.page
+
+
+def form_action(attributes: str, default: str) -> str:
+    """Where a form posts: its ``action``, or the page it is on."""
+    found = re.search(r'action="([^"]*)"', attributes)
+    return html.unescape(found.group(1)) if found else default
 
 
 def free_port() -> int:
