@@ -36,6 +36,7 @@ from .readback import RunDetail as RunDetail
 from .readback import RunSummary as RunSummary
 from .readback import Step as Step
 from .readback import StepView as StepView
+from .retention import prune_runs as prune_runs
 from .runtime import approve_run as approve_run
 from .runtime import cancel_run as cancel_run
 from .runtime import dispatch as dispatch

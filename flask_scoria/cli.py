@@ -12,7 +12,7 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import click
@@ -26,6 +26,7 @@ from .errors import ScoriaError
 from .extension import get_extension
 from .models import runs as runs_table
 from .readback import RunDetail, RunSummary, summary_from_row
+from .retention import prune_runs
 from .runtime import (
     approve_run,
     dispatch,
@@ -367,6 +368,27 @@ def worker(interval: float, limit: int, once: bool) -> None:
                 time.sleep(interval)
     except KeyboardInterrupt:
         click.echo("worker stopped")
+
+
+@scoria_cli.command("prune")
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    help="Delete runs that ended more than this many days ago.",
+)
+@click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@scoria_errors
+def prune(days: float, tenant_id: str | None, dry_run: bool) -> None:
+    """Delete runs that ended long ago, with their steps, events and approvals.
+
+    Runs still running or waiting for approval are never deleted.
+    """
+    options: dict[str, Any] = {} if tenant_id is None else {"tenant_id": tenant_id}
+    count = prune_runs(older_than=timedelta(days=days), dry_run=dry_run, **options)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {count} run(s) that ended more than {days:g} day(s) ago")
 
 
 @scoria_cli.command("recover")

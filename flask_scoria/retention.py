@@ -1,0 +1,70 @@
+"""Deleting runs that ended long ago, with everything recorded about them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, func, select
+
+from .errors import InvalidRunOptions
+from .models import approvals, events, handoffs, runs, steps
+from .runtime.arguments import tenant_guard
+from .runtime.transaction import UNSET, context, utcnow
+
+#: The statuses of a run that no call continues on its own.
+ENDED_STATUSES = ("completed", "failed", "rejected", "cancelled")
+
+
+def prune_runs(
+    *,
+    older_than: timedelta,
+    tenant_id: Any = UNSET,
+    batch_size: int = 500,
+    dry_run: bool = False,
+) -> int:
+    """Delete the runs that ended more than ``older_than`` ago; return how many.
+
+    A run's steps, events, approvals and handoffs go with it. Runs that have
+    not ended (``running``, ``waiting_for_approval``) are never touched.
+    ``tenant_id`` limits the pruning to one tenant (``None``: runs without a
+    tenant). Each batch of ``batch_size`` runs is one short transaction, so
+    pruning a large table does not hold up the app. With ``dry_run`` nothing
+    is deleted and the number that would be is returned.
+    """
+    if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
+        raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidRunOptions("batch_size must be a positive int.")
+    ctx = context()
+    conditions = _ended_before(utcnow() - older_than, tenant_guard(tenant_id, None))
+    if dry_run:
+        with ctx.storage.read() as conn:
+            count = select(func.count()).select_from(runs).where(*conditions)
+            return conn.execute(count).scalar_one()
+    pruned = 0
+    while True:
+        with ctx.storage.write() as conn:
+            batch = list(
+                conn.scalars(
+                    select(runs.c.id).where(*conditions).limit(batch_size).with_for_update()
+                )
+            )
+            for table in (events, approvals, handoffs, steps):
+                conn.execute(delete(table).where(table.c.run_id.in_(batch)))
+            conn.execute(delete(runs).where(runs.c.id.in_(batch)))
+        pruned += len(batch)
+        if len(batch) < batch_size:
+            break
+    if pruned:
+        ctx.app.logger.info("flask-scoria: pruned %d runs that ended %s ago", pruned, older_than)
+    return pruned
+
+
+def _ended_before(cutoff: Any, tenant: Any) -> list[ColumnElement[bool]]:
+    conditions = [runs.c.status.in_(ENDED_STATUSES), runs.c.completed_at < cutoff]
+    if tenant is not UNSET:
+        conditions.append(
+            runs.c.tenant_id.is_(None) if tenant is None else runs.c.tenant_id == tenant
+        )
+    return conditions
