@@ -153,7 +153,7 @@ class LeaseKeeper:
                 self._held.pop(token, None)
 
     def _ensure_thread(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
             return
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="scoria-lease-keeper", daemon=True)
@@ -179,5 +179,5 @@ class LeaseKeeper:
                     )
                     .values(lease_expires_at=self.expiry(datetime.now(UTC)))
                 )
-        except ScoriaError:
+        except Exception:  # the keeper must outlive any one failed renewal
             log.warning("Could not renew the lease of step %s.", step_id, exc_info=True)

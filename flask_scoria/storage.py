@@ -59,9 +59,20 @@ class Storage:
         self.is_sqlite = engine.dialect.name == "sqlite"
 
     @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn SQLAlchemy's and the driver's own errors into :class:`StorageError`."""
+        try:
+            yield
+        except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
+            raise StorageError(
+                "The flask-scoria database is unavailable:"
+                f" {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+
+    @contextmanager
     def write(self) -> Iterator[Connection]:
         """A connection in a write transaction, committed on success."""
-        with _storage_errors(), self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             conn.begin()
             if self.is_sqlite:
                 conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
@@ -71,28 +82,18 @@ class Storage:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A connection for reads; nothing it does is committed."""
-        with _storage_errors(), self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             yield conn
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
         """A connection whose queries all see the database at one moment."""
-        with _storage_errors(), self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn.exec_driver_sql("BEGIN")
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
-
-
-@contextmanager
-def _storage_errors() -> Iterator[None]:
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise StorageError(
-            f"The flask-scoria database is unavailable: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

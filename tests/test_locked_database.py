@@ -1,0 +1,92 @@
+"""An SQLite database held by another writer: typed errors, and leases that survive it."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from _helpers import row_counts
+from conftest import create_test_app
+
+import flask_scoria as scoria
+from flask_scoria import schema
+
+
+@contextmanager
+def write_locked(path: Path, seconds: float | None = None) -> Iterator[None]:
+    """Hold SQLite's write lock from another connection (for ``seconds``, or the block)."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        if seconds is not None:
+            time.sleep(seconds)
+        yield
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+
+def test_a_locked_database_raises_storage_error_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    app = create_test_app(f"sqlite:///{path}", tmp_path, SCORIA_SQLITE_BUSY_TIMEOUT=0.2)
+    engine = app.extensions["scoria"].storage(app).engine
+    schema.upgrade(engine)
+    with app.app_context(), write_locked(path):
+        try:
+            scoria.start_run({"session_id": "s-1"})
+        except scoria.StorageError as exc:
+            assert "database is locked" in exc.message
+        else:
+            raise AssertionError("start_run wrote through another writer's lock")
+    assert row_counts(engine)["scoria_runs"] == 0
+    engine.dispose()
+
+
+def test_the_lease_keeper_outlives_a_renewal_that_found_the_database_locked(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    app = create_test_app(
+        f"sqlite:///{path}",
+        tmp_path,
+        SCORIA_SQLITE_BUSY_TIMEOUT=0.05,
+        SCORIA_STEP_LEASE_SECONDS=0.6,
+    )
+    runtime: scoria.Scoria = app.extensions["scoria"]
+    engine = runtime.storage(app).engine
+    schema.upgrade(engine)
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    @runtime.handler("slow")
+    def slow(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
+        calls.append(step.attempt)
+        entered.set()
+        release.wait(10)
+        return {"ok": True}
+
+    result: dict[str, scoria.RunSummary] = {}
+
+    def start() -> None:
+        with app.app_context():
+            result["run"] = scoria.start_run({"session_id": "s-1"}, initial_step={"kind": "slow"})
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    assert entered.wait(10)
+    with write_locked(path, seconds=0.5):  # the renewals due meanwhile fail
+        pass
+    time.sleep(0.8)  # past the lease: only renewals after the lock keep the step alive
+    with app.app_context():
+        (run,) = scoria.list_runs_for_session("s-1")
+        assert scoria.get_run(run.run_id).status == "running"
+    release.set()
+    worker.join(10)
+    assert result["run"].status == "completed"
+    assert calls == [1]
+    engine.dispose()
