@@ -70,3 +70,13 @@ def _check_text(text: str, what: str, error: ErrorFactory) -> str:
     except UnicodeEncodeError:
         raise error(f"{what} contains a lone surrogate character.") from None
     return text
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store (NUL, lone surrogates) replaced."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def check_text(text: str, *, what: str, error: ErrorFactory) -> str:
+    """``text``, or ``error`` if it holds what PostgreSQL cannot store."""
+    return _check_text(text, what, error)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import update
 from werkzeug.utils import import_string
 
-from ._json import json_copy, json_object
+from ._json import check_text, json_copy, json_object, storable_text
 from .errors import InvalidRunOptions, ScoriaError
 from .models import steps
 from .outcomes import Fail, Handoff, Outcome, Succeed, WaitForApproval
@@ -81,7 +81,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         value = handler(step, run)
     except Exception as exc:
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
-        return Fail({"type": type(exc).__name__, "message": str(exc)[:2000]})
+        return Fail({"type": type(exc).__name__, "message": storable_text(str(exc)[:2000])})
     try:
         return _normalize(value)
     except _BadResult as exc:
@@ -100,8 +100,11 @@ def _normalize(value: Any) -> Outcome:
         tool = value.tool_name
         if not isinstance(tool, str) or not tool.strip() or len(tool) > 255:
             raise _BadResult("WaitForApproval needs a tool_name of 1 to 255 characters.")
-        if value.reason is not None and not isinstance(value.reason, str):
-            raise _BadResult("WaitForApproval reason must be a string.")
+        check_text(tool, what="WaitForApproval tool_name", error=_BadResult)
+        if value.reason is not None:
+            if not isinstance(value.reason, str):
+                raise _BadResult("WaitForApproval reason must be a string.")
+            check_text(value.reason, what="WaitForApproval reason", error=_BadResult)
         arguments = (
             None
             if value.arguments is None

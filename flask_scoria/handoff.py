@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._json import json_copy
+from ._json import check_text, json_copy
 from .errors import InvalidHandoff
 
 UNSAFE_NAMES = frozenset(
@@ -201,4 +201,8 @@ def _tags(value: Any) -> list[str]:
             "invalid_capability_tags",
             "capability_tags must be a list of non-empty strings of at most 64 characters.",
         )
-    return [tag.strip() for tag in value]
+    return [check_text(tag.strip(), what="capability_tags", error=_invalid_tags) for tag in value]
+
+
+def _invalid_tags(message: str) -> InvalidHandoff:
+    return InvalidHandoff("invalid_capability_tags", message)

@@ -468,3 +468,51 @@ def test_an_approval_of_another_run_cannot_be_decided_through_this_one() -> None
     with pytest.raises(scoria.NoPendingApproval):
         scoria.approve_run(mine, decided_by="ops", approval_id=their_approval.id)
     assert scoria.get_run_detail(theirs).approvals[0].status == "pending"
+
+
+def raise_with(text: str) -> Any:
+    def handler(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        raise ValueError(text)
+
+    return handler
+
+
+@pytest.mark.parametrize("text", ["bad \x00 input", "bad \ud800 input"])
+def test_an_exception_text_postgres_cannot_store_still_fails_the_step(text: str) -> None:
+    run = start({"work": raise_with(text)})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope
+    assert error is not None and error["type"] == "ValueError"
+    assert error["message"].startswith("bad ") and error["message"].endswith(" input")
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        scoria.WaitForApproval("send\x00email"),
+        scoria.WaitForApproval("send_email", reason="why\x00"),
+        scoria.WaitForApproval("send_email", reason="why \udc80"),
+    ],
+)
+def test_an_approval_request_postgres_cannot_store_fails_the_step(outcome: Any) -> None:
+    run = start({"work": lambda step, run: outcome})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope
+    assert error is not None and error["type"] == "invalid_handler_result"
+    assert scoria.get_run_detail(run.run_id).approvals == []
+
+
+@pytest.mark.parametrize("tags", [["ok\x00"], ["\ud800"]])
+def test_capability_tags_postgres_cannot_store_are_refused(tags: list[str]) -> None:
+    with pytest.raises(scoria.InvalidHandoff) as refused:
+        scoria.start_handoff_run(
+            scoria.identity(IDENTITY),
+            "critic",
+            root_role_id="writer",
+            delegated_kind="review",
+            handoff_input={},
+            projected_context={},
+            capability_tags=tags,
+        )
+    assert refused.value.code == "invalid_capability_tags"
+    assert scoria.list_runs_for_session("session-1") == []
