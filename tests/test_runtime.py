@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Scoria, Succeed
+from flask_scoria.models import runs
 
 pytestmark = pytest.mark.usefixtures("app_ctx")
 
@@ -516,3 +517,16 @@ def test_capability_tags_postgres_cannot_store_are_refused(tags: list[str]) -> N
         )
     assert refused.value.code == "invalid_capability_tags"
     assert scoria.list_runs_for_session("session-1") == []
+
+
+def test_paging_a_session_keeps_runs_created_in_the_same_instant(app: Flask) -> None:
+    run_ids = [start().run_id for _ in range(4)]
+    engine = app.extensions["scoria"].storage(app).engine
+    with engine.begin() as conn:
+        conn.execute(sa.update(runs).values(created_at=datetime.now(UTC)))
+    everything = [run.run_id for run in scoria.list_runs_for_session("session-1")]
+    assert sorted(everything, reverse=True) == everything == sorted(run_ids, reverse=True)
+    paged: list[str] = []
+    while page := scoria.list_runs_for_session("session-1", limit=1, before=(paged or [None])[-1]):
+        paged += [run.run_id for run in page]
+    assert paged == everything

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import literal, select, tuple_
 
 from .. import _sql
 from ..errors import InvalidRunOptions
@@ -70,9 +70,11 @@ def list_runs_for_session(
     with ctx.storage.read() as conn:
         if before is not None:
             cursor = load_run(conn, run_uuid(before), guard, lock=False)
-            query = query.where(
-                tuple_(runs.c.created_at, runs.c.id) < tuple_(cursor["created_at"], cursor["id"])
+            after = tuple_(
+                literal(cursor["created_at"], runs.c.created_at.type),
+                literal(cursor["id"], runs.c.id.type),
             )
+            query = query.where(tuple_(runs.c.created_at, runs.c.id) < after)
         rows = conn.execute(
             query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
         ).mappings()
