@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from flask.testing import FlaskClient
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval
+from flask_scoria.operator import queries
 
 TENANT = "acme"
 
@@ -581,3 +584,48 @@ def test_prefix_and_template_overrides(database_uri: str, tmp_path: Path) -> Non
     assert static.status_code == 200
     static.close()
     app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_an_error_message_is_evidence_not_a_secret(operator_app: Flask, ops: FlaskClient) -> None:
+    def broken(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        raise ConnectionError("upstream API returned 502")
+
+    run_id = start(operator_app, kind="flaky", handlers={"flaky": broken})
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    assert "upstream API returned 502" in html
+    assert 'data-status="failed"' in html
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/scoria/workflows?_method=PATCH",
+        "/scoria/workflows?_external=1&_anchor=x&_scheme=javascript",
+        "/scoria/sessions/sess-1?session_id=other",
+        "/scoria/approvals?run_id=x",
+    ],
+)
+def test_unknown_query_arguments_stay_out_of_page_links(
+    operator_app: Flask, ops: FlaskClient, url: str
+) -> None:
+    start(operator_app)
+    later = queries.Cursor(datetime.now(UTC) + timedelta(days=1), uuid.uuid4()).encode()
+    html = page(ops, f"{url}&after={later}")
+    assert 'class="pager"' in html
+    assert "javascript" not in html and "_method" not in html and "http://" not in html
+    assert "session_id=" not in html and "run_id=" not in html
+
+
+@pytest.mark.parametrize("after", ["99999999999999999999." + "0" * 32, "1.zz", "junk"])
+def test_a_malformed_page_cursor_is_a_clear_400(ops: FlaskClient, after: str) -> None:
+    response = ops.get(f"/scoria/workflows?after={after}")
+    assert response.status_code == 400
+    assert "start again from the first page" in response.get_data(as_text=True)
+
+
+def test_a_session_id_with_slashes_has_its_page(operator_app: Flask, ops: FlaskClient) -> None:
+    who = scoria.identity({"actor_id": "alice", "tenant_id": TENANT, "session_id": "chat/42"})
+    with operator_app.app_context():
+        run_id = scoria.start_run(who).run_id
+    assert 'href="/scoria/sessions/chat/42"' in page(ops, f"/scoria/workflows/{run_id}")
+    assert run_id in page(ops, "/scoria/sessions/chat/42")

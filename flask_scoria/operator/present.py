@@ -20,16 +20,20 @@ PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
 
 
+# Refused in a handoff, but how every error envelope names its text: an operator needs it.
+_EVIDENCE_KEYS = frozenset({"message"})
+
+
 def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
     """Whether the value under ``key`` is hidden.
 
     Hidden are the keys a handoff refuses (credentials, transcripts, raw
-    session state) and ``extra`` names, normalized, matched as a whole name
-    or as a ``_name`` suffix.
+    session state) except ``message``, the text of every error envelope, and
+    ``extra`` names, normalized, matched as a whole name or as a ``_name`` suffix.
     """
-    if is_unsafe_key(key):
-        return True
     name = normalize_key(key)
+    if is_unsafe_key(key) and name not in _EVIDENCE_KEYS:
+        return True
     return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 

@@ -49,7 +49,10 @@ class Cursor:
         parsed = parse_uuid(match.group(2)) if match else None
         if match is None or parsed is None:
             return None
-        return cls(_EPOCH + timedelta(microseconds=int(match.group(1))), parsed)
+        try:
+            return cls(_EPOCH + timedelta(microseconds=int(match.group(1))), parsed)
+        except OverflowError:
+            return None
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,17 @@ def _page_helpers() -> dict[str, Any]:
     }
 
 
+#: The query arguments a page link carries over: the runs list's filters.
+_FILTER_ARGS = ("status", "session", "actor", "role")
+
+
 def _page_url(after: str | None) -> str:
     """This page's URL with the same filters, starting after ``after``."""
-    args: dict[str, Any] = {**request.args.to_dict(), "after": after}
-    return url_for(request.endpoint or "scoria.runs", **(request.view_args or {}), **args)
+    args: dict[str, Any] = {
+        name: request.args[name] for name in _FILTER_ARGS if request.args.get(name)
+    }
+    args.update(request.view_args or {}, after=after)
+    return url_for(request.endpoint or "scoria.runs", **args)
 
 
 @bp.get("/")
@@ -84,7 +91,7 @@ def runs() -> str:
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
-@bp.get("/sessions/<session_id>")
+@bp.get("/sessions/<path:session_id>")
 def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = queries.RunFilters(session_id=session_id)
