@@ -530,3 +530,10 @@ def test_paging_a_session_keeps_runs_created_in_the_same_instant(app: Flask) -> 
     while page := scoria.list_runs_for_session("session-1", limit=1, before=(paged or [None])[-1]):
         paged += [run.run_id for run in page]
     assert paged == everything
+
+
+def test_a_malformed_approval_id_on_another_tenants_run_looks_like_an_unknown_run() -> None:
+    run_id = paused_run()
+    for target in (run_id, str(uuid.uuid4())):
+        with pytest.raises(scoria.RunNotFound):
+            scoria.approve_run(target, decided_by="ops", approval_id="nope", tenant_id="other")

@@ -8,7 +8,7 @@ from typing import Any
 
 from .._ids import parse_uuid
 from .._json import json_object
-from ..errors import InvalidHandoff, InvalidRunOptions, NoPendingApproval, RunNotFound
+from ..errors import InvalidHandoff, InvalidRunOptions, RunNotFound
 from ..handoff import require_name
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
@@ -24,16 +24,13 @@ def run_uuid(run_id: Any) -> uuid.UUID:
     return parsed
 
 
-def approval_key(run_id: Any, approval_id: Any) -> uuid.UUID | None:
-    """The approval a decision is bound to, or ``None`` for the run's latest."""
+def approval_key(approval_id: Any) -> uuid.UUID | str | None:
+    """The approval a decision is bound to: its id, the text that names none, or ``None``."""
     if approval_id is None:
         return None
     if not isinstance(approval_id, str | uuid.UUID):
         raise InvalidRunOptions("approval_id must be the id of one of the run's approvals.")
-    parsed = parse_uuid(approval_id)
-    if parsed is None:
-        raise NoPendingApproval(str(run_id), str(approval_id))
-    return parsed
+    return parse_uuid(approval_id) or str(approval_id)
 
 
 def tenant_guard(tenant_id: Any, identity: Any) -> Any:

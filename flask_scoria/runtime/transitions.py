@@ -202,7 +202,7 @@ def _decide(
     guard = tenant_guard(tenant_id, identity)
     who = decider(decided_by, "decided_by")
     text = optional_text(note, "note" if decision == "approved" else "reason")
-    expected = approval_key(run_id, approval_id)
+    expected = approval_key(approval_id)
     ctx = context()
 
     def decide(tx: Tx) -> None:
@@ -213,6 +213,8 @@ def _decide(
             "decided_at": tx.now,
             "note": text,
         }
+        if isinstance(expected, str):  # names no approval at all
+            raise NoPendingApproval(str(tx.run_id), expected)
         if expected is None:
             decided = _sql.DECIDE_LATEST_APPROVAL.first(tx.conn, params)
         else:
