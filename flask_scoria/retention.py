@@ -36,8 +36,12 @@ def prune_runs(
         raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InvalidRunOptions("batch_size must be a positive int.")
+    try:
+        cutoff = utcnow() - older_than
+    except OverflowError:
+        raise InvalidRunOptions("older_than reaches back before the year 1.") from None
     ctx = context()
-    conditions = _ended_before(utcnow() - older_than, tenant_guard(tenant_id, None))
+    conditions = _ended_before(cutoff, tenant_guard(tenant_id, None))
     if dry_run:
         with ctx.storage.read() as conn:
             count = select(func.count()).select_from(runs).where(*conditions)

@@ -154,3 +154,8 @@ def test_prune_command(app: Flask, history: dict[str, str], runner: FlaskCliRunn
     assert visible(app, history) == set(history) - {"other_tenant"}
     result = runner.invoke(args=["scoria", "prune", "--days", "0"])
     assert result.exit_code == 2 and "--days" in result.output
+
+
+def test_prune_refuses_a_cutoff_before_the_calendar(app: Flask) -> None:
+    with app.app_context(), pytest.raises(InvalidRunOptions, match="year 1"):
+        scoria.prune_runs(older_than=timedelta(days=800_000))

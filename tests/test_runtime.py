@@ -537,3 +537,36 @@ def test_a_malformed_approval_id_on_another_tenants_run_looks_like_an_unknown_ru
     for target in (run_id, str(uuid.uuid4())):
         with pytest.raises(scoria.RunNotFound):
             scoria.approve_run(target, decided_by="ops", approval_id="nope", tenant_id="other")
+
+
+@pytest.mark.parametrize("metadata", [[], "", 0, False])
+def test_runtime_metadata_must_be_a_dict(metadata: Any) -> None:
+    with pytest.raises(scoria.InvalidRunOptions, match="runtime metadata"):
+        start(runtime={"metadata": metadata})
+    assert scoria.list_runs_for_session("session-1") == []
+
+
+def test_a_step_sequence_leaves_room_for_its_handoffs() -> None:
+    with pytest.raises(scoria.InvalidRunOptions, match="sequence"):
+        scoria.start_run(
+            scoria.identity(IDENTITY), initial_step={"kind": "work", "sequence": 2**31 - 1}
+        )
+    delegate = lambda step, run: scoria.Handoff("critic", "review")  # noqa: E731
+    run = scoria.start_run(
+        scoria.identity(IDENTITY),
+        initial_step={"kind": "work", "sequence": 1_000_000},
+        handlers={"work": delegate, "review": succeed},
+    )
+    assert [step.sequence for step in scoria.get_run_detail(run.run_id).steps] == [
+        1_000_000,
+        1_000_001,
+    ]
+
+
+@pytest.mark.parametrize("field", ["handoff_input", "projected_context"])
+def test_a_handoff_outcome_with_a_non_dict_payload_fails_its_step(field: str) -> None:
+    delegate = lambda step, run: scoria.Handoff("critic", "review", **{field: []})  # noqa: E731
+    run = start({"work": delegate})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope
+    assert error is not None and error["type"] == "invalid_handoff"

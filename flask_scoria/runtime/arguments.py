@@ -24,6 +24,10 @@ def run_uuid(run_id: Any) -> uuid.UUID:
     return parsed
 
 
+#: The largest first step sequence; handoffs number their steps after it.
+MAX_SEQUENCE = 1_000_000
+
+
 def approval_key(approval_id: Any) -> uuid.UUID | str | None:
     """The approval a decision is bound to: its id, the text that names none, or ``None``."""
     if approval_id is None:
@@ -86,8 +90,9 @@ def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
         raise InvalidRunOptions(exc.message) from None
     role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
     sequence = value.get("sequence", 1)
-    if not isinstance(sequence, int) or isinstance(sequence, bool) or not 1 <= sequence < 2**31:
-        raise InvalidRunOptions("initial_step sequence must be a positive int.")
+    in_range = isinstance(sequence, int) and 1 <= sequence <= MAX_SEQUENCE
+    if not in_range or isinstance(sequence, bool):
+        raise InvalidRunOptions(f"initial_step sequence must be an int from 1 to {MAX_SEQUENCE}.")
     if value.get("status", "queued") != "queued":
         raise InvalidRunOptions("initial_step status can only be 'queued'.")
     return {"kind": kind, "role_id": role_id, "sequence": sequence}
@@ -101,8 +106,9 @@ def run_metadata(runtime: Any, ident: Identity) -> dict[str, Any]:
     unknown = set(runtime) - {"metadata"}
     if unknown:
         raise InvalidRunOptions(f"runtime has unknown keys: {sorted(map(str, unknown))}.")
+    given = runtime.get("metadata")
     metadata = json_object(
-        runtime.get("metadata") or {}, what="runtime metadata", error=InvalidRunOptions
+        {} if given is None else given, what="runtime metadata", error=InvalidRunOptions
     )
     if ident.metadata:
         metadata.setdefault("identity", dict(ident.metadata))

@@ -51,8 +51,10 @@ def record_outcome(
             spec = validate_handoff(
                 delegated_role_id=outcome.delegated_role_id,
                 delegated_kind=outcome.delegated_kind,
-                handoff_input=outcome.handoff_input or {},
-                projected_context=outcome.projected_context or {},
+                handoff_input={} if outcome.handoff_input is None else outcome.handoff_input,
+                projected_context=(
+                    {} if outcome.projected_context is None else outcome.projected_context
+                ),
                 capability_tags=outcome.capability_tags,
                 max_bytes=ctx.handoff_max_bytes,
                 max_depth=ctx.handoff_max_depth,
