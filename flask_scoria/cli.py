@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
-from .errors import ScoriaError
+from .errors import ScoriaError, StorageError
 from .extension import get_extension
 from .models import runs as runs_table
 from .readback import RunDetail, RunSummary, summary_from_row
@@ -355,11 +355,18 @@ def worker(interval: float, limit: int, once: bool) -> None:
     """Run queued steps with the app's registered handlers until interrupted.
 
     Each pass first fails steps whose lease expired (as 'recover' does).
-    Several workers may share a database: each step still runs once.
+    Several workers may share a database: each step still runs once. When
+    the database is unavailable the pass is retried after INTERVAL seconds.
     """
     try:
         while True:
-            dispatched = dispatch_queued(limit=limit)
+            try:
+                dispatched = dispatch_queued(limit=limit)
+            except StorageError as exc:
+                if once:
+                    raise
+                click.echo(f"{exc.message} [{exc.code}]; retrying", err=True)
+                dispatched = []
             for run in dispatched:
                 click.echo(f"dispatched {run.run_id}: {run.status}")
             if once:

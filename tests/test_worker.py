@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from _helpers import counting_handler, executions
+from conftest import create_test_app
 from flask import Flask
 from flask.testing import FlaskCliRunner
 
 import flask_scoria as scoria
-from flask_scoria import InvalidRunOptions, Scoria
+from flask_scoria import InvalidRunOptions, Scoria, schema
 
+TESTS = Path(__file__).resolve().parent
 WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
 
 
@@ -114,3 +123,66 @@ def test_worker_command_refuses_a_bad_interval(runner: FlaskCliRunner) -> None:
     result = runner.invoke(args=["scoria", "worker", "--interval", "0"])
     assert result.exit_code == 2
     assert "--interval" in result.output
+
+
+def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
+    """A real ``flask scoria worker`` keeps going through a locked database, then stops on ^C."""
+    database = tmp_path / "scoria.sqlite3"
+    counter = tmp_path / "count.txt"
+    (tmp_path / "workerapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from _helpers import counting_handler
+            from conftest import create_test_app
+
+            app = create_test_app(
+                "sqlite:///{database}", "{tmp_path / "instance"}", SCORIA_SQLITE_BUSY_TIMEOUT=0.05
+            )
+            app.extensions["scoria"].handler("count")(counting_handler)
+            """
+        )
+    )
+    app = create_test_app(f"sqlite:///{database}", tmp_path / "instance")
+    engine = app.extensions["scoria"].storage(app).engine
+    schema.upgrade(engine)
+    with app.app_context():
+        run_id = queued_run(counter)
+    engine.dispose()
+
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "workerapp",
+            "scoria",
+            "worker",
+            "--interval",
+            "0.1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # several passes find the database locked
+        blocker.rollback()
+        deadline = time.monotonic() + 20
+        while not executions(counter) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        blocker.close()
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=20)
+    assert worker.returncode == 0, err
+    assert "database is locked" in err and "retrying" in err
+    assert f"dispatched {run_id}: completed" in out
+    assert out.rstrip().endswith("worker stopped")
+    assert len(executions(counter)) == 1
