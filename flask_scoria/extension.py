@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
 from .execution import Handler, LeaseKeeper, load_handler
 from .handoff import normalize_key
@@ -54,35 +55,58 @@ def read_settings(app: Flask) -> Settings:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
-    uri = config["SCORIA_DATABASE_URI"]
-    if uri is None:
-        os.makedirs(app.instance_path, exist_ok=True)
-        uri = "sqlite:///" + os.path.join(app.instance_path, "scoria.sqlite3")
+    uri = _database_uri(app, config["SCORIA_DATABASE_URI"])
     synchronous = str(config["SCORIA_SQLITE_SYNCHRONOUS"]).upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
     prefix = config["SCORIA_URL_PREFIX"]
     if not isinstance(prefix, str) or not prefix.startswith("/") or prefix == "/":
         raise ValueError("SCORIA_URL_PREFIX must be a path such as '/scoria'.")
-    lease = float(config["SCORIA_STEP_LEASE_SECONDS"])
-    max_bytes = int(config["SCORIA_HANDOFF_MAX_BYTES"])
-    max_depth = int(config["SCORIA_HANDOFF_MAX_DEPTH"])
-    if lease <= 0 or max_bytes <= 0 or max_depth <= 0:
-        raise ValueError(
-            "SCORIA_STEP_LEASE_SECONDS, SCORIA_HANDOFF_MAX_BYTES and"
-            " SCORIA_HANDOFF_MAX_DEPTH must be positive."
-        )
+    lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float)
+    max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
+    max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
+    busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
     return Settings(
-        database_uri=str(uri),
+        database_uri=uri,
         engine_options=dict(config["SCORIA_ENGINE_OPTIONS"]),
         sqlite_synchronous=synchronous,
-        sqlite_busy_timeout=float(config["SCORIA_SQLITE_BUSY_TIMEOUT"]),
+        sqlite_busy_timeout=busy_timeout,
         url_prefix=prefix.rstrip("/"),
         step_lease_seconds=lease,
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
         redact_keys=tuple(normalize_key(str(key)) for key in config["SCORIA_REDACT_KEYS"]),
     )
+
+
+def _database_uri(app: Flask, uri: Any) -> str:
+    """The URL of the own engine; a relative SQLite path is in the instance folder."""
+    if uri is None:
+        uri = "sqlite:///scoria.sqlite3"
+    try:
+        url = make_url(uri)
+    except ArgumentError:
+        raise ValueError(f"SCORIA_DATABASE_URI is not a database URL: {uri!r}.") from None
+    path = url.database or ""
+    as_given = path in ("", ":memory:") or path.startswith("file:") or os.path.isabs(path)
+    if url.get_backend_name() == "sqlite" and not as_given:
+        os.makedirs(app.instance_path, exist_ok=True)
+        url = url.set(database=os.path.join(app.instance_path, path))
+    return url.render_as_string(hide_password=False)
+
+
+def _number(config: Mapping[str, Any], key: str, kind: type, *, allow_zero: bool = False) -> Any:
+    """``config[key]`` as a positive ``kind`` (or zero, if allowed), or a ValueError naming it."""
+    value = config[key]
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    low_ok = number is not None and (number > 0 or (allow_zero and number == 0))
+    if isinstance(value, bool) or not low_ok:
+        least = "zero or more" if allow_zero else "positive"
+        raise ValueError(f"{key} must be a {least} number, not {value!r}.")
+    return number
 
 
 class _AppState:

@@ -84,6 +84,11 @@ def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
         ("SCORIA_URL_PREFIX", "/", "SCORIA_URL_PREFIX"),
         ("SCORIA_STEP_LEASE_SECONDS", 0, "SCORIA_STEP_LEASE_SECONDS"),
         ("SCORIA_HANDOFF_MAX_DEPTH", -1, "SCORIA_HANDOFF_MAX_DEPTH"),
+        ("SCORIA_STEP_LEASE_SECONDS", "soon", "SCORIA_STEP_LEASE_SECONDS"),
+        ("SCORIA_HANDOFF_MAX_BYTES", None, "SCORIA_HANDOFF_MAX_BYTES"),
+        ("SCORIA_HANDOFF_MAX_BYTES", True, "SCORIA_HANDOFF_MAX_BYTES"),
+        ("SCORIA_SQLITE_BUSY_TIMEOUT", -1, "SCORIA_SQLITE_BUSY_TIMEOUT"),
+        ("SCORIA_DATABASE_URI", "not a url", "SCORIA_DATABASE_URI"),
     ],
 )
 def test_bad_configuration_is_refused_at_init(
@@ -127,3 +132,18 @@ def test_handler_kind_must_be_named(tmp_path: Path) -> None:
     runtime = Scoria()
     with pytest.raises(ValueError, match="non-empty"):
         runtime.handler(" ")
+
+
+def test_a_relative_sqlite_path_is_in_the_instance_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    app = Flask("relative", instance_path=str(tmp_path / "instance"))
+    app.config["SCORIA_DATABASE_URI"] = "sqlite:///runs.sqlite3"
+    runtime = Scoria(app)
+    engine = runtime.storage(app).engine
+    assert engine.url.database == str(tmp_path / "instance" / "runs.sqlite3")
+    absolute = Flask("absolute", instance_path=str(tmp_path / "other"))
+    absolute.config["SCORIA_DATABASE_URI"] = f"sqlite:///{tmp_path / 'abs.sqlite3'}"
+    assert Scoria(absolute).storage(absolute).engine.url.database == str(tmp_path / "abs.sqlite3")
+    engine.dispose()
