@@ -214,7 +214,7 @@ OPEN_STEP_COUNT = Prepared(
     )
 )
 EXPIRED_STEP_OF_RUN = Prepared(
-    select(steps.c.id, steps.c.lease_token)
+    select(steps.c.id, steps.c.lease_token, steps.c.lease_expires_at)
     .where(
         steps.c.run_id == bindparam("b_run_id"),
         steps.c.status == "running",

@@ -189,9 +189,15 @@ def expire_leases(tx: Tx) -> bool:
         "message": "The process executing this step stopped before it finished;"
         " resume_run retries the step.",
     }
+    # Only the lease that was read: a renewal committed since then keeps the step alive.
+    held = {
+        "status": "running",
+        "lease_token": expired["lease_token"],
+        "lease_expires_at": expired["lease_expires_at"],
+    }
     tx.update_step(
         expired["id"],
-        {"status": "running", "lease_token": expired["lease_token"]},
+        held,
         status="failed",
         error_envelope=error,
         lease_token=None,
