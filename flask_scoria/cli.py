@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import schema
 from .errors import ScoriaError, StorageError
 from .extension import get_extension
+from .models import RUN_STATUSES
 from .models import runs as runs_table
 from .readback import RunDetail, RunSummary, summary_from_row
 from .retention import prune_runs
@@ -40,14 +41,6 @@ from .worker import dispatch_queued
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RUN_STATUSES = (
-    "running",
-    "waiting_for_approval",
-    "completed",
-    "failed",
-    "rejected",
-    "cancelled",
-)
 
 scoria_cli = AppGroup("scoria", help="Inspect and operate flask-scoria runs.")
 db_cli = AppGroup("db", help="Manage the scoria_* tables.")

@@ -27,6 +27,11 @@ _ID = 255
 _NAME = 64
 _STATUS = 32
 
+#: Every status a run can have, in the order a run usually passes through them.
+RUN_STATUSES = ("running", "waiting_for_approval", "completed", "failed", "rejected", "cancelled")
+#: The statuses in which a run has ended; only ``resume_run`` continues a ``failed`` one.
+FINISHED_RUN_STATUSES = frozenset({"completed", "failed", "rejected", "cancelled"})
+
 # Partial indexes hold only the rows still open (a running step holds a lease),
 # so that finished runs cost nothing in them.
 _LEASED = text("lease_expires_at IS NOT NULL")

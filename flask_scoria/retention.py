@@ -8,12 +8,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, delete, func, select
 
 from .errors import InvalidRunOptions
-from .models import approvals, events, handoffs, runs, steps
+from .models import FINISHED_RUN_STATUSES, approvals, events, handoffs, runs, steps
 from .runtime.arguments import tenant_guard
 from .runtime.transaction import UNSET, context, utcnow
-
-#: The statuses of a run that no call continues on its own.
-ENDED_STATUSES = ("completed", "failed", "rejected", "cancelled")
 
 
 def prune_runs(
@@ -66,7 +63,7 @@ def prune_runs(
 
 
 def _ended_before(cutoff: Any, tenant: Any) -> list[ColumnElement[bool]]:
-    conditions = [runs.c.status.in_(ENDED_STATUSES), runs.c.completed_at < cutoff]
+    conditions = [runs.c.status.in_(sorted(FINISHED_RUN_STATUSES)), runs.c.completed_at < cutoff]
     if tenant is not UNSET:
         conditions.append(
             runs.c.tenant_id.is_(None) if tenant is None else runs.c.tenant_id == tenant

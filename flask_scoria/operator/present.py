@@ -15,7 +15,6 @@ from ..handoff import is_unsafe_key, normalize_key
 from ..readback import Step
 
 REDACTED = "[REDACTED]"
-TERMINAL = frozenset({"completed", "failed", "rejected", "cancelled"})
 PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
 

@@ -24,7 +24,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from .. import runtime
 from ..errors import RunNotFound, ScoriaError
 from ..extension import get_extension
-from ..handoff import normalize_key
+from ..models import FINISHED_RUN_STATUSES, RUN_STATUSES
 from . import actions, present, queries
 from .access import check_csrf, csrf_token, current_scope, require_scope, security_headers
 
@@ -43,7 +43,7 @@ _NOTE_LIMIT = 2000
 
 @bp.context_processor
 def _page_helpers() -> dict[str, Any]:
-    extra = frozenset(normalize_key(key) for key in get_extension().settings().redact_keys)
+    extra = frozenset(get_extension().settings().redact_keys)
     now = datetime.now(UTC)
     return {
         "csrf_token": csrf_token,
@@ -54,7 +54,8 @@ def _page_helpers() -> dict[str, Any]:
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(get_extension().handlers),
-        "terminal_statuses": present.TERMINAL,
+        "terminal_statuses": FINISHED_RUN_STATUSES,
+        "run_statuses": RUN_STATUSES,
         "page_url": _page_url,
     }
 
@@ -129,7 +130,7 @@ def run_status(run_id: str) -> Response:
         run_id=summary.run_id,
         status=summary.status,
         updated_at=summary.updated_at.isoformat(),
-        terminal=summary.status in present.TERMINAL,
+        terminal=summary.status in FINISHED_RUN_STATUSES,
     )
 
 

@@ -11,14 +11,15 @@ from sqlalchemy import update
 from .. import _sql, signals
 from ..errors import ApprovalAlreadyDecided, ApprovalPending, NoPendingApproval, RunNotResumable
 from ..execution import Handlers
-from ..models import approvals, steps
+from ..models import FINISHED_RUN_STATUSES, approvals, steps
 from ..readback import Approval, RunSummary, approval_from_row, summary_from_row
 from .arguments import approval_key, decider, optional_text, run_uuid, tenant_guard
 from .steps import claim_next, claim_step, decided_approval, drive, expire_leases
 from .transaction import UNSET, Conflict, Tx, context, transact
 
 #: Run statuses from which nothing moves on by itself.
-ENDED = ("completed", "rejected", "cancelled")
+#: A failed run can still be cancelled, which stops it from being retried.
+_NOT_CANCELLABLE = FINISHED_RUN_STATUSES - {"failed"}
 
 
 def dispatch(
@@ -255,7 +256,7 @@ def cancel_run(
     ctx = context()
 
     def decide(tx: Tx) -> None:
-        if tx.status() in ENDED:
+        if tx.status() in _NOT_CANCELLABLE:
             raise RunNotResumable(
                 str(tx.run_id), tx.status(), f"Run {tx.run_id} already ended as {tx.status()}."
             )
