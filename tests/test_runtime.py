@@ -15,7 +15,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Scoria, Succeed
-from flask_scoria.models import runs
+from flask_scoria.models import runs, steps
 
 pytestmark = pytest.mark.usefixtures("app_ctx")
 
@@ -570,3 +570,21 @@ def test_a_handoff_outcome_with_a_non_dict_payload_fails_its_step(field: str) ->
     assert run.status == "failed"
     error = only_step(run.run_id).error_envelope
     assert error is not None and error["type"] == "invalid_handoff"
+
+
+def test_listing_a_session_notices_an_expired_lease(app: Flask) -> None:
+    run_id = start().run_id  # its step waits, queued, for a handler
+    engine = app.extensions["scoria"].storage(app).engine
+    with engine.begin() as conn:  # as a process that claimed the step and died leaves it
+        conn.execute(
+            sa.update(steps)
+            .where(steps.c.run_id == uuid.UUID(run_id))
+            .values(
+                status="running",
+                lease_token="dead-process",
+                lease_expires_at=datetime.now(UTC) - timedelta(minutes=1),
+            )
+        )
+    (listed,) = scoria.list_runs_for_session("session-1")
+    assert (listed.run_id, listed.status) == (run_id, "failed")
+    assert "lease_expired" in event_types(run_id)

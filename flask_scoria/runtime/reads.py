@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import literal, select, tuple_
+from sqlalchemy import Connection, literal, select, tuple_
 
 from .. import _sql
 from ..errors import InvalidRunOptions
@@ -75,10 +75,30 @@ def list_runs_for_session(
                 literal(cursor["id"], runs.c.id.type),
             )
             query = query.where(tuple_(runs.c.created_at, runs.c.id) < after)
-        rows = conn.execute(
-            query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
-        ).mappings()
-        return [summary_from_row(row) for row in rows]
+        rows = [
+            dict(row)
+            for row in conn.execute(
+                query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+            ).mappings()
+        ]
+        running = [row["id"] for row in rows if row["status"] == "running"]
+        stale = _with_expired_leases(conn, running)
+    for index, row in enumerate(rows):
+        if row["id"] in stale:
+            _, rows[index], _ = transact(ctx, row["id"], guard, expire_leases)
+    return [summary_from_row(row) for row in rows]
+
+
+def _with_expired_leases(conn: Connection, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``run_ids`` have a running step whose lease expired."""
+    if not run_ids:
+        return set()
+    expired = select(steps.c.run_id).where(
+        steps.c.run_id.in_(run_ids),
+        steps.c.status == "running",
+        steps.c.lease_expires_at < utcnow(),
+    )
+    return set(conn.execute(expired).scalars())
 
 
 def recover_expired_leases() -> list[str]:
