@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from _helpers import IDENTITY, executions, outcome_of, race_in_process, wait_for_approval
 from flask import Flask
 
@@ -156,3 +157,27 @@ def test_races_across_processes(app: Flask, database_uri: str, tmp_path: Path) -
     assert assert_single_decision(app, races[1][1], by_race[1]) == "approved"
     assert_single_decision(app, races[2][1], by_race[2])
     assert_single_dispatch(app, races[3][1], dispatch_counter, by_race[3])
+
+
+@pytest.mark.runtime_to_handoff
+def test_dispatch_race_on_a_queued_handoff_child(app: Flask, tmp_path: Path) -> None:
+    counter = tmp_path / "executions"
+    with app.app_context():
+        run_id = scoria.start_handoff_run(
+            scoria.identity(IDENTITY),
+            "critic",
+            root_role_id="planner",
+            delegated_kind="work",
+            handoff_input={"brief": "review the draft"},
+            projected_context={"draft_answer": "Trains are reimbursed."},
+            runtime={"metadata": {"counter": str(counter)}},
+        ).run_id
+        (entry,) = scoria.get_run_detail(run_id).delegated_handoffs
+        assert entry.child_status == "queued"
+    results = race_threads(app, run_id, lambda index: "dispatch")
+    assert_single_dispatch(app, run_id, counter, results)
+    with app.app_context():
+        (entry,) = scoria.get_run_detail(run_id).delegated_handoffs
+    assert entry.child_status == "completed"
+    ((_, step_id, _),) = (line.split() for line in executions(counter))
+    assert step_id == entry.child_step_id
