@@ -629,3 +629,13 @@ def test_a_session_id_with_slashes_has_its_page(operator_app: Flask, ops: FlaskC
         run_id = scoria.start_run(who).run_id
     assert 'href="/scoria/sessions/chat/42"' in page(ops, f"/scoria/workflows/{run_id}")
     assert run_id in page(ops, "/scoria/sessions/chat/42")
+
+
+def test_pages_without_a_secret_key_say_what_is_missing(tmp_path: Path) -> None:
+    app = create_test_app(f"sqlite:///{tmp_path / 'scoria.sqlite3'}", tmp_path)
+    app.config["SECRET_KEY"] = None
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    response = app.test_client().get("/scoria/workflows")
+    assert response.status_code == 500
+    assert "SECRET_KEY" in response.get_data(as_text=True)
+    app.extensions["scoria"].storage(app).engine.dispose()

@@ -47,9 +47,15 @@ def resolve_scope() -> OperatorScope | None:
 
 
 def require_scope() -> None:
-    """``before_request``: deny unless the resolver grants a tenant."""
+    """``before_request``: deny unless the resolver grants a tenant (and sessions work)."""
     if request.endpoint == "scoria.static":
         return
+    if not current_app.secret_key:
+        abort(
+            500,
+            description="The operator pages keep their sign-in and form tokens in the session,"
+            " which needs the app's SECRET_KEY. Set it in the app's config.",
+        )
     scope = resolve_scope()
     if scope is None:
         abort(403)
