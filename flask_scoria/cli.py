@@ -93,7 +93,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+        return value.strftime("%Y-%m-%d %H:%M:%SZ")
     if isinstance(value, dict | list):
         return json.dumps(value, default=_plain)
     return str(value)
