@@ -11,9 +11,10 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from ._json import check_text, json_copy
+from ._json import ErrorFactory, check_text, json_copy
 from .errors import InvalidHandoff
 
 UNSAFE_NAMES = frozenset(
@@ -114,8 +115,17 @@ def validate_handoff(
     max_depth: int,
 ) -> HandoffSpec:
     """Check every part of a handoff; raise :class:`InvalidHandoff` on the first flaw."""
-    role = _name(delegated_role_id, "invalid_delegated_role_id", "delegated_role_id")
-    kind = _name(delegated_kind, "invalid_delegated_kind", "delegated_kind", 64)
+    role = require_name(
+        delegated_role_id,
+        "delegated_role_id",
+        error=partial(InvalidHandoff, "invalid_delegated_role_id"),
+    )
+    kind = require_name(
+        delegated_kind,
+        "delegated_kind",
+        error=partial(InvalidHandoff, "invalid_delegated_kind"),
+        limit=64,
+    )
     payload = _payload(handoff_input, "handoff_input", "invalid_handoff_input")
     _cap_size(payload, "handoff_input", max_bytes)
     context = _payload(projected_context, "projected_context", "invalid_projected_context")
@@ -125,17 +135,16 @@ def validate_handoff(
     return HandoffSpec(role, kind, payload, context, _tags(capability_tags))
 
 
-def require_name(value: Any, code: str, what: str, limit: int = 255) -> str:
-    """A non-blank string of at most ``limit`` characters, stripped."""
-    return _name(value, code, what, limit)
+def require_name(value: Any, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
+    """``value`` as a stripped, printable, non-blank name of at most ``limit`` characters.
 
-
-def _name(value: Any, code: str, what: str, limit: int = 255) -> str:
+    Anything else raises ``error`` with a message naming ``what``.
+    """
     if not isinstance(value, str) or not value.strip():
-        raise InvalidHandoff(code, f"{what} must be a non-empty string.")
+        raise error(f"{what} must be a non-empty string.")
     text = value.strip()
     if len(text) > limit or not text.isprintable():
-        raise InvalidHandoff(code, f"{what} must be printable and at most {limit} characters long.")
+        raise error(f"{what} must be printable and at most {limit} characters long.")
     return text
 
 
@@ -201,8 +210,5 @@ def _tags(value: Any) -> list[str]:
             "invalid_capability_tags",
             "capability_tags must be a list of non-empty strings of at most 64 characters.",
         )
-    return [check_text(tag.strip(), what="capability_tags", error=_invalid_tags) for tag in value]
-
-
-def _invalid_tags(message: str) -> InvalidHandoff:
-    return InvalidHandoff("invalid_capability_tags", message)
+    invalid = partial(InvalidHandoff, "invalid_capability_tags")
+    return [check_text(tag.strip(), what="capability_tags", error=invalid) for tag in value]

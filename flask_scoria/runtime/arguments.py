@@ -8,7 +8,7 @@ from typing import Any
 
 from .._ids import parse_uuid
 from .._json import json_object
-from ..errors import InvalidHandoff, InvalidRunOptions, RunNotFound
+from ..errors import InvalidRunOptions, RunNotFound
 from ..handoff import require_name
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
@@ -68,10 +68,7 @@ def decider(value: Any, name: str) -> str:
 
 
 def role_name(value: Any, name: str) -> str:
-    try:
-        return require_name(value, "invalid_run_options", name)
-    except InvalidHandoff as exc:
-        raise InvalidRunOptions(exc.message) from None
+    return require_name(value, name, error=InvalidRunOptions)
 
 
 def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
@@ -84,10 +81,7 @@ def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
         raise InvalidRunOptions(f"initial_step has unknown keys: {sorted(map(str, unknown))}.")
     if "kind" not in value:
         raise InvalidRunOptions("initial_step needs a 'kind', which selects its handler.")
-    try:
-        kind = require_name(value["kind"], "invalid_run_options", "initial_step kind", 64)
-    except InvalidHandoff as exc:
-        raise InvalidRunOptions(exc.message) from None
+    kind = require_name(value["kind"], "initial_step kind", error=InvalidRunOptions, limit=64)
     role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
     sequence = value.get("sequence", 1)
     in_range = isinstance(sequence, int) and 1 <= sequence <= MAX_SEQUENCE

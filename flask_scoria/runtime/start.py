@@ -6,6 +6,7 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from blinker import NamedSignal
@@ -154,8 +155,9 @@ def start_handoff_run(
     until :func:`dispatch`.
     """
     ident = normalize_identity(identity)
-    if not isinstance(root_role_id, str) or not root_role_id.strip():
-        raise InvalidHandoff("invalid_root_role_id", "root_role_id must be a non-empty string.")
+    role = require_name(
+        root_role_id, "root_role_id", error=partial(InvalidHandoff, "invalid_root_role_id")
+    )
     ctx = context()
     spec = validate_handoff(
         delegated_role_id=delegated_role_id,
@@ -166,7 +168,6 @@ def start_handoff_run(
         max_bytes=ctx.handoff_max_bytes,
         max_depth=ctx.handoff_max_depth,
     )
-    role = require_name(root_role_id, "invalid_root_role_id", "root_role_id")
     metadata = run_metadata(runtime, ident)
     resolver = Handlers(handlers, ctx.registry)
     now = utcnow()
