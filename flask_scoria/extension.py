@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app
 from sqlalchemy import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .execution import Handler, LeaseKeeper, load_handler
 from .handoff import normalize_key
@@ -33,6 +34,13 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The keys of flask-scoria's own engine, which a host's ``db`` engine ignores.
+_OWN_ENGINE_KEYS = (
+    "SCORIA_DATABASE_URI",
+    "SCORIA_ENGINE_OPTIONS",
+    "SCORIA_SQLITE_SYNCHRONOUS",
+    "SCORIA_SQLITE_BUSY_TIMEOUT",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,13 @@ class Settings:
 
 def read_settings(app: Flask) -> Settings:
     """Read and check the app's ``SCORIA_*`` keys, filling in defaults."""
+    unknown = sorted(key for key in app.config if key.startswith("SCORIA_") and key not in DEFAULTS)
+    if unknown:
+        warnings.warn(
+            f"flask-scoria ignores unknown config keys {unknown}; the keys it reads are"
+            f" {sorted(DEFAULTS)}.",
+            stacklevel=3,
+        )
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
@@ -66,16 +81,22 @@ def read_settings(app: Flask) -> Settings:
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
     busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
+    engine_options = config["SCORIA_ENGINE_OPTIONS"]
+    if not isinstance(engine_options, Mapping):
+        raise ValueError(
+            "SCORIA_ENGINE_OPTIONS must be a dict of create_engine() keyword arguments,"
+            f" not {engine_options!r}."
+        )
     return Settings(
         database_uri=uri,
-        engine_options=dict(config["SCORIA_ENGINE_OPTIONS"]),
+        engine_options=dict(engine_options),
         sqlite_synchronous=synchronous,
         sqlite_busy_timeout=busy_timeout,
         url_prefix=prefix.rstrip("/"),
         step_lease_seconds=lease,
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
-        redact_keys=tuple(normalize_key(str(key)) for key in config["SCORIA_REDACT_KEYS"]),
+        redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
     )
 
 
@@ -102,11 +123,23 @@ def _number(config: Mapping[str, Any], key: str, kind: type, *, allow_zero: bool
         number = kind(value)
     except (TypeError, ValueError):
         number = None
+    if number is not None and number != value and not isinstance(value, str):
+        number = None  # 1.5 is no int
     low_ok = number is not None and (number > 0 or (allow_zero and number == 0))
     if isinstance(value, bool) or not low_ok:
         least = "zero or more" if allow_zero else "positive"
         raise ValueError(f"{key} must be a {least} number, not {value!r}.")
     return number
+
+
+def _redact_keys(value: Any) -> tuple[str, ...]:
+    """Key names from a list, or from one comma-separated string (as env config gives)."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple | set | frozenset) or not all(
+        isinstance(name, str) for name in names
+    ):
+        raise ValueError(f"SCORIA_REDACT_KEYS must be a list of key names, not {value!r}.")
+    return tuple(normalize_key(name.strip()) for name in names if name.strip())
 
 
 class _AppState:
@@ -144,12 +177,26 @@ class Scoria:
         settings = read_settings(app)
         engine = None
         if self.db is None:
-            engine = create_standalone_engine(
-                settings.database_uri,
-                busy_timeout=settings.sqlite_busy_timeout,
-                synchronous=settings.sqlite_synchronous,
-                engine_options=dict(settings.engine_options),
-            )
+            try:
+                engine = create_standalone_engine(
+                    settings.database_uri,
+                    busy_timeout=settings.sqlite_busy_timeout,
+                    synchronous=settings.sqlite_synchronous,
+                    engine_options=dict(settings.engine_options),
+                )
+            except (SQLAlchemyError, TypeError) as exc:
+                raise ValueError(
+                    "SCORIA_DATABASE_URI / SCORIA_ENGINE_OPTIONS cannot make an engine:"
+                    f" {type(exc).__name__}: {exc}"
+                ) from exc
+        else:
+            ignored = [key for key in _OWN_ENGINE_KEYS if app.config[key] != DEFAULTS[key]]
+            if ignored:
+                warnings.warn(
+                    f"{ignored} are ignored with Scoria(db=db), which uses the"
+                    " Flask-SQLAlchemy engine; configure SQLALCHEMY_* instead.",
+                    stacklevel=2,
+                )
         self._states[app] = _AppState(settings, engine)
         app.extensions["scoria"] = self
 

@@ -89,6 +89,11 @@ def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
         ("SCORIA_HANDOFF_MAX_BYTES", True, "SCORIA_HANDOFF_MAX_BYTES"),
         ("SCORIA_SQLITE_BUSY_TIMEOUT", -1, "SCORIA_SQLITE_BUSY_TIMEOUT"),
         ("SCORIA_DATABASE_URI", "not a url", "SCORIA_DATABASE_URI"),
+        ("SCORIA_DATABASE_URI", "postgress://db/app", "SCORIA_DATABASE_URI"),
+        ("SCORIA_ENGINE_OPTIONS", "pool_size=5", "SCORIA_ENGINE_OPTIONS"),
+        ("SCORIA_ENGINE_OPTIONS", {"pool_sise": 5}, "SCORIA_ENGINE_OPTIONS"),
+        ("SCORIA_HANDOFF_MAX_BYTES", 1.5, "SCORIA_HANDOFF_MAX_BYTES"),
+        ("SCORIA_REDACT_KEYS", [1, 2], "SCORIA_REDACT_KEYS"),
     ],
 )
 def test_bad_configuration_is_refused_at_init(
@@ -147,3 +152,35 @@ def test_a_relative_sqlite_path_is_in_the_instance_folder(
     absolute.config["SCORIA_DATABASE_URI"] = f"sqlite:///{tmp_path / 'abs.sqlite3'}"
     assert Scoria(absolute).storage(absolute).engine.url.database == str(tmp_path / "abs.sqlite3")
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("ssn", ("ssn",)), ("ssn, IBAN", ("ssn", "iban")), (["customerSSN"], ("customer_ssn",))],
+)
+def test_redact_keys_from_a_list_or_one_string(
+    tmp_path: Path, value: object, expected: tuple[str, ...]
+) -> None:
+    app = Flask("redact", instance_path=str(tmp_path))
+    app.config["SCORIA_REDACT_KEYS"] = value
+    assert Scoria(app).settings(app).redact_keys == expected
+
+
+def test_unknown_scoria_keys_are_named_in_a_warning(tmp_path: Path) -> None:
+    app = Flask("typo", instance_path=str(tmp_path))
+    app.config["SCORIA_DATABASE_URL"] = "sqlite:///elsewhere.sqlite3"
+    with pytest.warns(UserWarning, match="SCORIA_DATABASE_URL"):
+        Scoria(app)
+
+
+def test_own_engine_keys_with_a_host_db_are_named_in_a_warning(tmp_path: Path) -> None:
+    app = Flask("host_db", instance_path=str(tmp_path))
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'app.sqlite3'}",
+        SCORIA_DATABASE_URI=f"sqlite:///{tmp_path / 'tests.sqlite3'}",
+    )
+    db = SQLAlchemy(app)
+    with pytest.warns(UserWarning, match="SCORIA_DATABASE_URI"):
+        Scoria(app, db=db)
+    with app.app_context():
+        db.engine.dispose()
