@@ -64,9 +64,10 @@ class Storage:
         try:
             yield
         except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
+            reason = _first_line(exc)
             raise StorageError(
                 "The flask-scoria database is unavailable:"
-                f" {type(exc).__name__}: {_first_line(exc)}"
+                f" {type(exc).__name__}: {reason}{_hint(reason)}"
             ) from exc
 
     @contextmanager
@@ -94,6 +95,18 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def _hint(reason: str) -> str:
+    """What to do about the common causes of ``reason``."""
+    if "scoria_" in reason and ("no such table" in reason or "does not exist" in reason):
+        return ". The scoria_* tables are missing: run `flask scoria db upgrade`."
+    if "database is locked" in reason:
+        return (
+            ". Another connection held SQLite's write lock past the busy timeout; with"
+            " Scoria(app, db=db), commit or roll back db.session before calling flask-scoria."
+        )
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ def test_a_locked_database_raises_storage_error_and_writes_nothing(tmp_path: Pat
         try:
             scoria.start_run({"session_id": "s-1"})
         except scoria.StorageError as exc:
-            assert "database is locked" in exc.message
+            assert "database is locked" in exc.message and "db.session" in exc.message
         else:
             raise AssertionError("start_run wrote through another writer's lock")
     assert row_counts(engine)["scoria_runs"] == 0

@@ -639,3 +639,24 @@ def test_pages_without_a_secret_key_say_what_is_missing(tmp_path: Path) -> None:
     assert response.status_code == 500
     assert "SECRET_KEY" in response.get_data(as_text=True)
     app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_an_approval_without_a_handler_here_says_the_app_resumes(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app, kind="manual", handlers={"manual": ask_then_publish})
+    html = post_form(ops, run_id, "approve")
+    assert "continues when your app calls resume_run" in html
+    assert 'id="awaiting-resume"' in html and f"flask scoria resume {run_id}" in html
+    assert 'name="approval_id"' not in html
+
+
+def test_missing_tables_are_named_on_the_page(tmp_path: Path) -> None:
+    app = create_test_app(f"sqlite:///{tmp_path / 'empty.sqlite3'}", tmp_path)
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    response = app.test_client().get("/scoria/workflows")
+    assert response.status_code == 503
+    assert "flask scoria db upgrade" in response.get_data(as_text=True)
+    with app.app_context(), pytest.raises(scoria.StorageError, match="flask scoria db upgrade"):
+        scoria.start_run(None)
+    app.extensions["scoria"].storage(app).engine.dispose()

@@ -18,11 +18,11 @@ from flask import (
     request,
     url_for,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
-from ..errors import RunNotFound, ScoriaError
+from ..errors import RunNotFound, ScoriaError, StorageError
 from ..extension import get_extension
 from ..models import FINISHED_RUN_STATUSES, RUN_STATUSES
 from . import actions, present, queries
@@ -160,13 +160,21 @@ def _decide(run_id: str, action: Any, done: str) -> BaseResponse:
     except ScoriaError as exc:
         flash(exc.message, "error")
     else:
-        flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
+        if summary.status == "waiting_for_approval":
+            flash(f"{done} The run continues when your app calls resume_run.", "ok")
+        else:
+            flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
 @bp.errorhandler(RunNotFound)
 def _run_not_found(_exc: RunNotFound) -> tuple[str, int]:
     return render_template("scoria/not_found.html"), 404
+
+
+@bp.errorhandler(StorageError)
+def _storage_error(exc: StorageError) -> tuple[str, int]:
+    return render_template("scoria/error.html", error=ServiceUnavailable(exc.message)), 503
 
 
 @bp.errorhandler(HTTPException)
