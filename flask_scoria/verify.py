@@ -119,8 +119,29 @@ def _operator_page(app: Flask, run_id: str) -> tuple[str, int, str]:
 
 def _require_handler(app: Flask, kind: str, out: Checklist) -> None:
     registered = sorted(get_extension(app).handlers)
-    hint = "" if kind in registered else f"; register one with @runtime.handler({kind!r})"
+    hint = (
+        ""
+        if kind in registered
+        else f"; register one with @runtime.handler({kind!r}), or name yours with --kind"
+    )
     out.expect(f"handler for {kind!r} registered", kind in registered, f"found {registered}{hint}")
+
+
+def _require_operator_setup(host: Flask, out: Checklist) -> None:
+    """The host's operator pages can work: sessions have a key, someone is an operator."""
+    out.expect(
+        "0a. SECRET_KEY set",
+        bool(host.secret_key),
+        "the operator pages keep sign-in and form tokens in the session"
+        + ("" if host.secret_key else "; set SECRET_KEY in the app's config"),
+    )
+    resolver = get_extension(host).operator_scope_resolver
+    out.expect(
+        "0b. operator scope registered",
+        resolver is not None,
+        "who may open the operator pages, for which tenant"
+        + ("" if resolver else "; register one with @runtime.operator_scope"),
+    )
 
 
 def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
@@ -247,6 +268,7 @@ def run_lane(host: Flask, lane: str, kind: str | None) -> Checklist:
             f"scoria tables at {revision or 'no revision'}, newest {head}"
             + ("" if revision == head else "; run: flask scoria db upgrade"),
         )
+        _require_operator_setup(host, out)
         with throwaway_app(host) as app, app.app_context():
             steps(app, kind or default_kind, out)
     except CheckFailed:

@@ -192,9 +192,14 @@ def test_db_commands_on_an_unmigrated_database(tmp_path: Path) -> None:
     assert invoke(runner, "db", "check")[0] == 0
 
 
+def operator_scope() -> dict[str, str]:
+    return {"tenant_id": "t-1", "actor_id": "ops"}
+
+
 def test_verify_adoption_passes_with_the_app_handlers(
     runtime: Scoria, runner: FlaskCliRunner
 ) -> None:
+    runtime.operator_scope(operator_scope)
     runtime.handler("approval")(ask_approval)
     code, out = invoke(runner, "verify")
     assert code == 0, out
@@ -206,21 +211,27 @@ def test_verify_adoption_passes_with_the_app_handlers(
 def test_verify_writes_nothing_to_the_app_database(
     app: Flask, runtime: Scoria, runner: FlaskCliRunner
 ) -> None:
+    runtime.operator_scope(operator_scope)
     runtime.handler("approval")(ask_approval)
     assert invoke(runner, "verify", "--json")[0] == 0
     assert invoke(runner, "runs") == (0, "No runs found.\n")
 
 
-def test_verify_fails_without_a_handler(runner: FlaskCliRunner) -> None:
+def test_verify_fails_without_a_handler(runtime: Scoria, runner: FlaskCliRunner) -> None:
+    runtime.operator_scope(operator_scope)
     code, out = invoke(runner, "verify", "--json")
     assert code == 1
     report = json.loads(out.split("\nError:")[0])
     assert report["passed"] is False
     assert report["checks"][-1]["outcome"] == "FAIL"
-    assert "@runtime.handler('approval')" in report["checks"][-1]["detail"]
+    assert (
+        "@runtime.handler('approval'), or name yours with --kind" in report["checks"][-1]["detail"]
+    )
 
 
 def test_verify_fails_when_the_handler_fails(runtime: Scoria, runner: FlaskCliRunner) -> None:
+    runtime.operator_scope(operator_scope)
+
     @runtime.handler("approval")
     def broken(step: scoria.StepView, run: scoria.RunSummary) -> None:
         raise RuntimeError("model unreachable")
@@ -232,6 +243,7 @@ def test_verify_fails_when_the_handler_fails(runtime: Scoria, runner: FlaskCliRu
 
 
 def test_verify_runtime_to_handoff(runtime: Scoria, runner: FlaskCliRunner) -> None:
+    runtime.operator_scope(operator_scope)
     runtime.handler("review")(review)
     code, out = invoke(runner, "verify", "runtime-to-handoff")
     assert code == 0, out
@@ -239,6 +251,25 @@ def test_verify_runtime_to_handoff(runtime: Scoria, runner: FlaskCliRunner) -> N
     assert "PASS  4. get_run_detail returns delegated_handoffs: 1 handoff(s)" in out
     assert "child completed" in out
     assert "PASS  5. operator page shows Delegated Evidence" in out
+
+
+def test_verify_fails_without_an_operator_scope(runtime: Scoria, runner: FlaskCliRunner) -> None:
+    runtime.handler("approval")(ask_approval)
+    code, out = invoke(runner, "verify")
+    assert code == 1
+    assert "FAIL  0b. operator scope registered" in out
+    assert "register one with @runtime.operator_scope" in out
+
+
+def test_verify_fails_without_a_secret_key(
+    app: Flask, runtime: Scoria, runner: FlaskCliRunner
+) -> None:
+    app.config["SECRET_KEY"] = None
+    runtime.operator_scope(operator_scope)
+    runtime.handler("approval")(ask_approval)
+    code, out = invoke(runner, "verify")
+    assert code == 1
+    assert "FAIL  0a. SECRET_KEY set" in out and "set SECRET_KEY" in out
 
 
 def test_verify_fails_on_an_unmigrated_app(tmp_path: Path) -> None:
@@ -258,6 +289,7 @@ def test_verify_accepts_scoria_mounted_in_the_host_history(tmp_path: Path) -> No
         conn.exec_driver_sql(f"ALTER TABLE {schema.VERSION_TABLE} RENAME TO alembic_version")
     engine.dispose()
     app = create_test_app(uri, tmp_path / "instance")
+    app.extensions["scoria"].operator_scope(operator_scope)
     app.extensions["scoria"].handler("approval")(ask_approval)
     code, out = invoke(app.test_cli_runner(), "verify")
     assert code == 0, out
