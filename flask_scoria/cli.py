@@ -148,10 +148,14 @@ def db_upgrade(revision: str) -> None:
 
 @db_cli.command("downgrade")
 @click.argument("revision", default="base")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping every run.")
 @scoria_errors
-def db_downgrade(revision: str) -> None:
+def db_downgrade(revision: str, yes: bool) -> None:
     """Revert flask-scoria's migrations down to REVISION (default: drop all)."""
-    schema.downgrade(_own_history(_engine()), revision)
+    engine = _own_history(_engine())
+    if revision == "base" and not yes:
+        click.confirm("This drops every scoria_* table and every run in them. Go on?", abort=True)
+    schema.downgrade(engine, revision)
     click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
 
 

@@ -69,7 +69,10 @@ def test_db_commands(empty_database_uri: str, tmp_path: Path) -> None:
     assert head in check.output
     with app.app_context():
         assert scoria.start_run(scoria.identity({"session_id": "s"})).status == "completed"
-    downgrade = runner.invoke(args=["scoria", "db", "downgrade"])
+    refused = runner.invoke(args=["scoria", "db", "downgrade"], input="n\n")
+    assert refused.exit_code == 1 and "drops every scoria_* table" in refused.output
+    assert runner.invoke(args=["scoria", "db", "current"]).output.strip() == head
+    downgrade = runner.invoke(args=["scoria", "db", "downgrade"], input="y\n")
     assert downgrade.exit_code == 0, downgrade.output
     engine = app.extensions["scoria"].storage(app).engine
     assert scoria_tables(engine) == set()
