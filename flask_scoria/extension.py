@@ -238,9 +238,19 @@ class Scoria:
         """The storage of ``app`` (default: the current app)."""
         state = self._state(app)
         if state.storage is None:
-            engine = state.engine if state.engine is not None else self.db.engine
+            engine = state.engine if state.engine is not None else self._host_engine()
             state.storage = Storage(engine)
         return state.storage
+
+    def _host_engine(self) -> Engine:
+        try:
+            engine: Engine = self.db.engine
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "Scoria(db=db) runs on the Flask-SQLAlchemy engine: call db.init_app(app)"
+                f" (and use it inside an app context) first. {exc}"
+            ) from exc
+        return engine
 
     def _state(self, app: Flask | None) -> _AppState:
         if app is None:

@@ -184,3 +184,10 @@ def test_own_engine_keys_with_a_host_db_are_named_in_a_warning(tmp_path: Path) -
         Scoria(app, db=db)
     with app.app_context():
         db.engine.dispose()
+
+
+def test_a_host_db_that_was_never_initialized_is_named(tmp_path: Path) -> None:
+    app = Flask("forgot", instance_path=str(tmp_path))
+    runtime = Scoria(app, db=SQLAlchemy())
+    with app.app_context(), pytest.raises(RuntimeError, match=r"db.init_app\(app\)"):
+        runtime.storage()

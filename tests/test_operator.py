@@ -660,3 +660,9 @@ def test_missing_tables_are_named_on_the_page(tmp_path: Path) -> None:
     with app.app_context(), pytest.raises(scoria.StorageError, match="flask scoria db upgrade"):
         scoria.start_run(None)
     app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_an_unknown_status_filter_is_a_clear_400(ops: FlaskClient) -> None:
+    response = ops.get("/scoria/workflows?status=bogus")
+    assert response.status_code == 400
+    assert "There is no run status &#39;bogus&#39;" in response.get_data(as_text=True)

@@ -82,8 +82,11 @@ def index() -> BaseResponse:
 @bp.get("/workflows")
 def runs() -> str:
     """The tenant's runs, newest first, filtered and paginated."""
+    status = _arg("status")
+    if status is not None and status not in RUN_STATUSES:
+        abort(400, description=f"There is no run status {status!r}; pick one from the list.")
     filters = queries.RunFilters(
-        status=_arg("status"),
+        status=status,
         session_id=_arg("session"),
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
