@@ -51,8 +51,12 @@ def test_start_without_initial_step_is_completed_at_once() -> None:
     assert scoria.get_run_detail(run.run_id).steps == []
 
 
-def test_step_without_handler_stays_queued_until_dispatch() -> None:
-    run = start()
+def test_step_without_handler_stays_queued_until_dispatch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("INFO", logger="flask_scoria"):
+        run = start()
+    assert "no handler for kind 'work' is known" in caplog.text
     assert run.status == "running"
     assert only_step(run.run_id).status == "queued"
     # a dispatch that still knows no handler changes nothing

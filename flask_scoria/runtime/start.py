@@ -14,7 +14,7 @@ from blinker import NamedSignal
 from .. import _sql, signals
 from .._ids import uuid7
 from ..errors import InvalidHandoff
-from ..execution import Handlers, LeaseKeeper
+from ..execution import Handlers, LeaseKeeper, log
 from ..handoff import require_name, validate_handoff
 from ..identity import Identity
 from ..identity import identity as normalize_identity
@@ -75,6 +75,14 @@ class NewRun:
         self.row["last_step_sequence"] = max(self.row["last_step_sequence"], step["sequence"])
         self.row["current_step_id"] = step["id"]
         handler = handlers.get(step["kind"])
+        if handler is None:
+            log.info(
+                "Step %s of run %s stays queued: no handler for kind %r is known;"
+                " dispatch() or 'flask scoria worker' runs it once one is registered.",
+                step["id"],
+                self.row["id"],
+                step["kind"],
+            )
         if handler is None or self.claim is not None:
             return
         token = secrets.token_hex(16)
