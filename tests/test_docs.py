@@ -103,7 +103,7 @@ def test_testing_page_is_a_passing_test_suite(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert "4 passed" in result.stdout
     commands = [
         line
         for language, code in blocks(page)
