@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 from typing import Any
@@ -242,6 +245,47 @@ def test_migrations_mode_2_runs_as_written(tmp_path: Path) -> None:
     flask("scoria", "db", "check")
     written = "".join(path.read_text() for path in (tmp_path / "migrations").rglob("*.py"))
     assert "create_table('note'" in written and "scoria_" not in written
+
+
+def test_switching_to_mode_2_runs_as_written(tmp_path: Path) -> None:
+    page = (DOCS / "migrations.md").read_text()
+    section = page.split("### Switching a database from mode 1 to mode 2")[1].split("\n## ")[0]
+    fenced = FENCE.findall(section)
+    commands = [shlex.split(code)[1:] for language, code in fenced if language == "bash"]
+    (statement,) = [code for language, code in fenced if language == "sql"]
+    mode_2 = page.split("## Mode 2")[1].split("\n## ")[0]
+    mount = "\n".join(code for language, code in FENCE.findall(mode_2) if language == "python")
+    unmounted = "from flask_migrate import Migrate\nMigrate(app, db)\n"
+    (tmp_path / "hostapp.py").write_text(
+        HOST_APP
+        + "import os\nif os.environ.get('MOUNT'):\n"
+        + textwrap.indent(mount, "    ")
+        + "\nelse:\n"
+        + textwrap.indent(unmounted, "    ")
+    )
+
+    def flask(*args: str, mounted: bool = True) -> str:
+        env = {**os.environ, "MOUNT": "1" if mounted else ""}
+        command = [sys.executable, "-m", "flask", "--app", "hostapp", *args]
+        result = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    flask("db", "init", mounted=False)
+    flask("db", "migrate", "-m", "first tables", mounted=False)
+    flask("db", "upgrade", mounted=False)
+    flask("scoria", "db", "upgrade", mounted=False)
+    for words in commands:
+        flask(*words)
+    database = next(tmp_path.rglob("*.sqlite3"))
+    with sqlite3.connect(database) as conn:
+        conn.execute(statement)
+    assert flask("scoria", "db", "current").strip() == schema.head_revision()
+    flask("scoria", "db", "check")
+    flask("db", "upgrade", "heads")
+    assert schema.head_revision() in flask("db", "current")
 
 
 def test_errors_page_names_every_error_and_code() -> None:
