@@ -22,7 +22,7 @@ from ..readback import RunSummary, summary_from_row
 from ..storage import Storage
 from .arguments import initial_step_spec, role_name, run_metadata
 from .steps import drive, handoff_payload, handoff_result, handoff_rows, new_step_row
-from .transaction import Claim, context, event_row, send, utcnow
+from .transaction import Claim, Timeline, context, send, utcnow
 
 
 def new_run_row(
@@ -47,7 +47,7 @@ def new_run_row(
     }
 
 
-class NewRun:
+class NewRun(Timeline):
     """Collects the rows of a run being created, inserted in one transaction."""
 
     def __init__(self, row: dict[str, Any], now: datetime, keeper: LeaseKeeper) -> None:
@@ -59,15 +59,8 @@ class NewRun:
         self.events: list[dict[str, Any]] = []
         self.claim: Claim | None = None
 
-    def event(
-        self,
-        event_type: str,
-        step_id: uuid.UUID | None = None,
-        payload: dict[str, Any] | None = None,
-    ) -> None:
-        self.events.append(
-            event_row(self.row["id"], 0, self.events, event_type, step_id, payload, self.now)
-        )
+    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
+        return self.row["id"], 0, self.events
 
     def add_step(self, step: dict[str, Any], handlers: Handlers) -> None:
         """Add a queued step, claimed at once when its handler is known."""

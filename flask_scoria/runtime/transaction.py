@@ -72,8 +72,37 @@ class Claim:
     approval: Approval | None
 
 
+class Timeline:
+    """Numbers the events one transaction appends to a run's timeline."""
+
+    now: datetime
+
+    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
+        """The run's id, its last event sequence before this transaction, the new events."""
+        raise NotImplementedError
+
+    def event(
+        self,
+        event_type: str,
+        step_id: uuid.UUID | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        """Append an event numbered after the run's last one."""
+        run_id, last_sequence, appended = self._timeline()
+        appended.append(
+            {
+                "run_id": run_id,
+                "sequence": last_sequence + len(appended) + 1,
+                "event_type": event_type,
+                "step_id": step_id,
+                "payload": payload,
+                "created_at": self.now,
+            }
+        )
+
+
 @dataclass
-class Tx:
+class Tx(Timeline):
     """The changes one transaction makes to one run, applied by :meth:`commit`."""
 
     conn: Connection
@@ -95,16 +124,8 @@ class Tx:
     def set(self, **changes: Any) -> None:
         self.changes.update(changes)
 
-    def event(
-        self,
-        event_type: str,
-        step_id: uuid.UUID | None = None,
-        payload: dict[str, Any] | None = None,
-    ) -> None:
-        first = self.run["last_event_sequence"]
-        self.new_events.append(
-            event_row(self.run_id, first, self.new_events, event_type, step_id, payload, self.now)
-        )
+    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
+        return self.run_id, self.run["last_event_sequence"], self.new_events
 
     def signal(self, signal: NamedSignal, **extra: Any) -> None:
         self.signals.append((signal, extra))
@@ -154,26 +175,6 @@ def send(
             except Exception:
                 # The change is committed: a failing receiver must not look like a failed call.
                 app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
-
-
-def event_row(
-    run_id: uuid.UUID,
-    last_sequence: int,
-    appended: list[dict[str, Any]],
-    event_type: str,
-    step_id: uuid.UUID | None,
-    payload: dict[str, Any] | None,
-    now: datetime,
-) -> dict[str, Any]:
-    """A ``scoria_events`` row numbered after ``last_sequence`` and the rows ``appended``."""
-    return {
-        "run_id": run_id,
-        "sequence": last_sequence + len(appended) + 1,
-        "event_type": event_type,
-        "step_id": step_id,
-        "payload": payload,
-        "created_at": now,
-    }
 
 
 def utcnow() -> datetime:
