@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, delete, func, select
 
 from .errors import InvalidRunOptions
 from .models import FINISHED_RUN_STATUSES, approvals, events, handoffs, runs, steps
-from .runtime.arguments import tenant_guard
+from .runtime.arguments import int_in_range, tenant_guard
 from .runtime.transaction import UNSET, context, utcnow
 
 
@@ -31,8 +31,7 @@ def prune_runs(
     """
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InvalidRunOptions("batch_size must be a positive int.")
+    int_in_range(batch_size, "batch_size")
     try:
         cutoff = utcnow() - older_than
     except OverflowError:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from .errors import InvalidRunOptions
 from .models import runs, steps
 from .readback import RunSummary
 from .runtime import dispatch, recover_expired_leases
+from .runtime.arguments import int_in_range
 from .runtime.transaction import context
 
 
@@ -26,8 +26,7 @@ def dispatch_queued(*, limit: int = 100) -> list[RunSummary]:
     Returns the summaries of the runs dispatched, oldest first. Runs whose queued
     steps have no registered handler are left as they are.
     """
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise InvalidRunOptions("limit must be a positive int.")
+    int_in_range(limit, "limit")
     ctx = context()
     recover_expired_leases()
     kinds = sorted(ctx.registry)

@@ -28,6 +28,15 @@ def run_uuid(run_id: Any) -> uuid.UUID:
 MAX_SEQUENCE = 1_000_000
 
 
+def int_in_range(value: Any, name: str, maximum: int | None = None) -> int:
+    """``value`` if it is an int from 1 to ``maximum`` (no bound when ``None``)."""
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or too_big:
+        bound = "a positive int" if maximum is None else f"an int from 1 to {maximum}"
+        raise InvalidRunOptions(f"{name} must be {bound}.")
+    return value
+
+
 def approval_key(approval_id: Any) -> uuid.UUID | str | None:
     """The approval a decision is bound to: its id, the text that names none, or ``None``."""
     if approval_id is None:
@@ -83,10 +92,7 @@ def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
         raise InvalidRunOptions("initial_step needs a 'kind', which selects its handler.")
     kind = require_name(value["kind"], "initial_step kind", error=InvalidRunOptions, limit=64)
     role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
-    sequence = value.get("sequence", 1)
-    in_range = isinstance(sequence, int) and 1 <= sequence <= MAX_SEQUENCE
-    if not in_range or isinstance(sequence, bool):
-        raise InvalidRunOptions(f"initial_step sequence must be an int from 1 to {MAX_SEQUENCE}.")
+    sequence = int_in_range(value.get("sequence", 1), "initial_step sequence", MAX_SEQUENCE)
     if value.get("status", "queued") != "queued":
         raise InvalidRunOptions("initial_step status can only be 'queued'.")
     return {"kind": kind, "role_id": role_id, "sequence": sequence}

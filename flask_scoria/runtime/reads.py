@@ -8,11 +8,10 @@ from typing import Any
 from sqlalchemy import Connection, literal, select, tuple_
 
 from .. import _sql
-from ..errors import InvalidRunOptions
 from ..identity import normalize_id
 from ..models import runs, steps
 from ..readback import RunDetail, RunSummary, load_detail, summary_from_row
-from .arguments import run_uuid, tenant_guard
+from .arguments import int_in_range, run_uuid, tenant_guard
 from .steps import expire_leases
 from .transaction import UNSET, RuntimeContext, context, load_run, transact, utcnow
 
@@ -58,8 +57,7 @@ def list_runs_for_session(
     ``before`` is the ``run_id`` of the last run of the previous page.
     """
     session = normalize_id(session_id, "session_id")
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 500:
-        raise InvalidRunOptions("limit must be an int from 1 to 500.")
+    int_in_range(limit, "limit", 500)
     guard = tenant_guard(tenant_id, identity)
     ctx = context()
     if session is None:
