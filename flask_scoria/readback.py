@@ -7,12 +7,12 @@ timezone-aware UTC datetimes; ids are strings.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, select
+from sqlalchemy import ColumnElement, Connection, RowMapping, Table, select
 
 from .models import approvals, events, handoffs, steps
 
@@ -233,13 +233,14 @@ def _handoff_from_row(row: RowMapping) -> HandoffRecord:
 def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
     """Read everything recorded for one run, four queries whatever its size."""
     run_id = run_row["id"]
+
+    def rows_of_run(table: Table, *order: ColumnElement[Any]) -> Iterable[RowMapping]:
+        query = select(table).where(table.c.run_id == run_id).order_by(*order)
+        return conn.execute(query).mappings()
+
     approval_list = [
         approval_from_row(row)
-        for row in conn.execute(
-            select(approvals)
-            .where(approvals.c.run_id == run_id)
-            .order_by(approvals.c.requested_at, approvals.c.id)
-        ).mappings()
+        for row in rows_of_run(approvals, approvals.c.requested_at, approvals.c.id)
     ]
     latest_decided: dict[str, Approval] = {}
     for approval in approval_list:
@@ -247,9 +248,7 @@ def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
             latest_decided[approval.step_id] = approval
     step_list = [
         _step_from_row(row, latest_decided.get(str(row["id"])))
-        for row in conn.execute(
-            select(steps).where(steps.c.run_id == run_id).order_by(steps.c.sequence)
-        ).mappings()
+        for row in rows_of_run(steps, steps.c.sequence)
     ]
     event_list = [
         Event(
@@ -260,17 +259,11 @@ def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
             payload=row["payload"],
             created_at=row["created_at"],
         )
-        for row in conn.execute(
-            select(events).where(events.c.run_id == run_id).order_by(events.c.sequence)
-        ).mappings()
+        for row in rows_of_run(events, events.c.sequence)
     ]
     handoff_list = [
         _handoff_from_row(row)
-        for row in conn.execute(
-            select(handoffs)
-            .where(handoffs.c.run_id == run_id)
-            .order_by(handoffs.c.created_at, handoffs.c.id)
-        ).mappings()
+        for row in rows_of_run(handoffs, handoffs.c.created_at, handoffs.c.id)
     ]
     return RunDetail(
         summary=summary_from_row(run_row),
