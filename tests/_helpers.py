@@ -7,7 +7,10 @@ as ``"_helpers:function"`` strings and imported by child processes.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +150,17 @@ UNSAFE_SUFFIXES = (
     *("_header", "_credentials"),
 )
 UNSAFE_PREFIXES = ("provider_session_", "socket_")
+
+
+@contextmanager
+def write_locked(path: Path, seconds: float | None = None) -> Iterator[None]:
+    """Hold SQLite's write lock from another connection (for ``seconds``, or the block)."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        if seconds is not None:
+            time.sleep(seconds)
+        yield
+    finally:
+        blocker.rollback()
+        blocker.close()

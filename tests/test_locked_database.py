@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _helpers import row_counts
+from _helpers import row_counts, write_locked
 from conftest import create_test_app
 
 import flask_scoria as scoria
 from flask_scoria import schema
-
-
-@contextmanager
-def write_locked(path: Path, seconds: float | None = None) -> Iterator[None]:
-    """Hold SQLite's write lock from another connection (for ``seconds``, or the block)."""
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        if seconds is not None:
-            time.sleep(seconds)
-        yield
-    finally:
-        blocker.rollback()
-        blocker.close()
 
 
 def test_a_locked_database_raises_storage_error_and_writes_nothing(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers import counting_handler, executions
+from _helpers import counting_handler, executions, write_locked
 from conftest import create_test_app
 from flask import Flask
 from flask.testing import FlaskCliRunner
@@ -149,36 +148,33 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         run_id = queued_run(counter)
     engine.dispose()
 
-    blocker = sqlite3.connect(database, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flask",
-            "--app",
-            "workerapp",
-            "scoria",
-            "worker",
-            "--interval",
-            "0.1",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with write_locked(database):
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flask",
+                "--app",
+                "workerapp",
+                "scoria",
+                "worker",
+                "--interval",
+                "0.1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.5)  # several passes find the database locked
-        blocker.rollback()
+    try:
         deadline = time.monotonic() + 20
         while not executions(counter) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.3)
     finally:
-        blocker.close()
         worker.send_signal(signal.SIGINT)
         out, err = worker.communicate(timeout=20)
     assert worker.returncode == 0, err
