@@ -30,7 +30,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Scoria, Succeed, WaitForApproval, schema
-from flask_scoria.models import runs
+from flask_scoria.runtime.tables import runs
 
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -23,7 +23,6 @@ from .errors import StorageError as StorageError
 from .extension import Scoria as Scoria
 from .identity import Identity as Identity
 from .identity import identity as identity
-from .models import include_name as include_name
 from .outcomes import Fail as Fail
 from .outcomes import Handoff as Handoff
 from .outcomes import Succeed as Succeed
@@ -36,17 +35,19 @@ from .readback import RunDetail as RunDetail
 from .readback import RunSummary as RunSummary
 from .readback import Step as Step
 from .readback import StepView as StepView
-from .retention import prune_runs as prune_runs
 from .runtime import approve_run as approve_run
 from .runtime import cancel_run as cancel_run
 from .runtime import dispatch as dispatch
+from .runtime import dispatch_queued as dispatch_queued
 from .runtime import get_run as get_run
 from .runtime import get_run_detail as get_run_detail
 from .runtime import list_runs_for_session as list_runs_for_session
+from .runtime import prune_runs as prune_runs
 from .runtime import reject_run as reject_run
 from .runtime import resume_run as resume_run
 from .runtime import start_handoff_run as start_handoff_run
 from .runtime import start_run as start_run
+from .schema import include_name as include_name
 from .signals import approval_decided as approval_decided
 from .signals import handoff_created as handoff_created
 from .signals import run_completed as run_completed
@@ -54,4 +55,6 @@ from .signals import run_failed as run_failed
 from .signals import run_paused as run_paused
 from .signals import run_resumed as run_resumed
 from .signals import run_started as run_started
-from .worker import dispatch_queued as dispatch_queued
+from .statuses import ApprovalStatus as ApprovalStatus
+from .statuses import RunStatus as RunStatus
+from .statuses import StepStatus as StepStatus

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -18,26 +17,28 @@ from typing import Any, TypeVar
 import click
 from flask import current_app
 from flask.cli import AppGroup
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
-from .errors import ScoriaError, StorageError
-from .extension import get_extension
-from .models import RUN_STATUSES
-from .models import runs as runs_table
-from .readback import RunDetail, RunSummary, summary_from_row
-from .retention import prune_runs
+from .errors import ScoriaError
+from .readback import RunDetail, RunSummary
 from .runtime import (
+    UNSET,
+    RunFilters,
     approve_run,
     dispatch,
     get_run_detail,
+    list_runs,
+    prune_runs,
     recover_expired_leases,
     reject_run,
     resume_run,
+    run_worker,
 )
+from .state import app_state
+from .statuses import RunStatus
 from .verify import LANES, run_lane
-from .worker import dispatch_queued
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,7 @@ approval_option = click.option(
 
 
 def _engine() -> Engine:
-    return get_extension().storage().engine
+    return app_state().storage.engine
 
 
 def scoria_errors(fn: F) -> F:
@@ -186,26 +187,14 @@ def db_check() -> None:
 # -- runs ------------------------------------------------------------------------
 
 
-def list_runs(
-    *, session_id: str | None, tenant_id: str | None, status: str | None, limit: int
-) -> list[RunSummary]:
-    """The newest runs of any session, optionally filtered."""
-    query = select(runs_table)
-    if session_id is not None:
-        query = query.where(runs_table.c.session_id == session_id)
-    if tenant_id is not None:
-        query = query.where(runs_table.c.tenant_id == tenant_id)
-    if status is not None:
-        query = query.where(runs_table.c.status == status)
-    query = query.order_by(runs_table.c.created_at.desc(), runs_table.c.id.desc()).limit(limit)
-    with get_extension().storage().read() as conn:
-        return [summary_from_row(row) for row in conn.execute(query).mappings()]
-
-
 @scoria_cli.command("runs")
 @click.option("--session", "session_id", help="Only runs of this session_id.")
 @click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
-@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
+@click.option(
+    "--status",
+    type=click.Choice([status.value for status in RunStatus]),
+    help="Only runs in this status.",
+)
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @json_option
 @scoria_errors
@@ -213,7 +202,9 @@ def runs_command(
     session_id: str | None, tenant_id: str | None, status: str | None, limit: int, as_json: bool
 ) -> None:
     """List runs, newest first."""
-    found = list_runs(session_id=session_id, tenant_id=tenant_id, status=status, limit=limit)
+    filters = RunFilters(status=status, session_id=session_id)
+    tenant = UNSET if tenant_id is None else tenant_id
+    found = list_runs(filters, tenant=tenant, limit=limit).rows
     if as_json:
         echo_json(found)
         return
@@ -356,20 +347,13 @@ def worker(interval: float, limit: int, once: bool) -> None:
     the database is unavailable the pass is retried after INTERVAL seconds.
     """
     try:
-        while True:
-            try:
-                dispatched = dispatch_queued(limit=limit)
-            except StorageError as exc:
-                if once:
-                    raise
-                click.echo(f"{exc.message} [{exc.code}]; retrying", err=True)
-                dispatched = []
-            for run in dispatched:
-                click.echo(f"dispatched {run.run_id}: {run.status}")
-            if once:
-                return
-            if not dispatched:
-                time.sleep(interval)
+        run_worker(
+            interval=interval,
+            limit=limit,
+            once=once,
+            on_dispatched=lambda run: click.echo(f"dispatched {run.run_id}: {run.status}"),
+            on_error=lambda exc: click.echo(f"{exc.message} [{exc.code}]; retrying", err=True),
+        )
     except KeyboardInterrupt:
         click.echo("worker stopped")
 

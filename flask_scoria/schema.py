@@ -14,7 +14,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from .models import Base
+from .runtime import metadata
 
 #: The table that records which flask-scoria revision a database is at.
 VERSION_TABLE = "scoria_alembic_version"
@@ -37,10 +37,21 @@ def versions_path() -> Path:
     return migrations_path() / "versions"
 
 
-def only_scoria_tables(name: str | None, type_: str, parent_names: Any) -> bool:
+def only_scoria_tables(name: str | None, type_: str, parent_names: object) -> bool:
     """Alembic ``include_name`` hook limiting a comparison to ``scoria_*`` tables."""
     if type_ == "table":
         return name is not None and name.startswith("scoria_")
+    return True
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic ``include_name`` hook that hides the ``scoria_*`` tables.
+
+    Pass it to a host's ``Migrate(..., include_name=include_name)`` (or
+    ``context.configure``) so that autogenerate never proposes dropping them.
+    """
+    if type_ == "table" and name is not None:
+        return not name.startswith("scoria_")
     return True
 
 
@@ -122,4 +133,4 @@ def differences(engine: Engine) -> list[Any]:
                 "version_table": VERSION_TABLE,
             },
         )
-        return list(compare_metadata(context, Base.metadata))
+        return list(compare_metadata(context, metadata))

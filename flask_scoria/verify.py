@@ -21,7 +21,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
 from .errors import ApprovalPending, InvalidHandoff, ScoriaError
-from .extension import Scoria, get_extension
 from .identity import Identity, identity
 from .runtime import (
     approve_run,
@@ -32,6 +31,7 @@ from .runtime import (
     start_handoff_run,
     start_run,
 )
+from .state import app_state
 
 VERIFY_ACTOR = "scoria-verify"
 VERIFY_TENANT = "scoria-verify"
@@ -79,7 +79,7 @@ def throwaway_app(host: Flask) -> Iterator[Flask]:
     Its operator scope grants the verifier's own tenant, so the operator pages
     can be read without the host's sign-in.
     """
-    host_extension = get_extension(host)
+    host_state = app_state(host)
     with tempfile.TemporaryDirectory(prefix="scoria-verify-") as tmp:
         app = Flask(host.import_name, root_path=host.root_path, instance_path=tmp)
         app.config.update(host.config)
@@ -88,11 +88,14 @@ def throwaway_app(host: Flask) -> Iterator[Flask]:
             SCORIA_ENGINE_OPTIONS={},
             SECRET_KEY=host.config.get("SECRET_KEY") or secrets.token_hex(16),
         )
-        extension = Scoria()
-        extension.handlers.update(host_extension.handlers)
-        extension.operator_scope(lambda: {"tenant_id": VERIFY_TENANT, "actor_id": VERIFY_ACTOR})
+        extension = type(host_state.extension)()
+        extension.registry.handlers.update(host_state.registry.handlers)
+        extension.registry.operator_scope = lambda: {
+            "tenant_id": VERIFY_TENANT,
+            "actor_id": VERIFY_ACTOR,
+        }
         extension.init_app(app)
-        engine = extension.storage(app).engine
+        engine = app_state(app).storage.engine
         try:
             schema.upgrade(engine)
             yield app
@@ -112,13 +115,13 @@ def _verify_identity() -> Identity:
 
 
 def _operator_page(app: Flask, run_id: str) -> tuple[str, int, str]:
-    path = f"{get_extension(app).settings(app).url_prefix}/workflows/{run_id}"
+    path = f"{app_state(app).settings.url_prefix}/workflows/{run_id}"
     response = app.test_client().get(path)
     return path, response.status_code, response.get_data(as_text=True)
 
 
 def _require_handler(app: Flask, kind: str, out: Checklist) -> None:
-    registered = sorted(get_extension(app).handlers)
+    registered = sorted(app_state(app).registry.handlers)
     hint = (
         ""
         if kind in registered
@@ -135,7 +138,7 @@ def _require_operator_setup(host: Flask, out: Checklist) -> None:
         "the operator pages keep sign-in and form tokens in the session"
         + ("" if host.secret_key else "; set SECRET_KEY in the app's config"),
     )
-    resolver = get_extension(host).operator_scope_resolver
+    resolver = app_state(host).registry.operator_scope
     out.expect(
         "0b. operator scope registered",
         resolver is not None,
@@ -232,7 +235,7 @@ def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
     )
     delegated = get_run_detail(handoff.run_id).delegated_handoffs
     entry = delegated[0] if len(delegated) == 1 else None
-    registered = kind in get_extension(app).handlers
+    registered = kind in app_state(app).registry.handlers
     out.expect(
         "4. get_run_detail returns delegated_handoffs",
         entry is not None
@@ -260,7 +263,7 @@ def run_lane(host: Flask, lane: str, kind: str | None) -> Checklist:
     default_kind, steps = LANES[lane]
     out = Checklist()
     try:
-        revision = schema.current_revision(get_extension(host).storage(host).engine)
+        revision = schema.current_revision(app_state(host).storage.engine)
         head = schema.head_revision()
         out.expect(
             "0. app database migrated",

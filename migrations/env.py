@@ -3,8 +3,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from flask_scoria.models import Base
-from flask_scoria.schema import VERSION_TABLE, only_scoria_tables
+from flask_scoria.schema import VERSION_TABLE, metadata, only_scoria_tables
 
 config = context.config
 
@@ -12,7 +11,7 @@ config = context.config
 def _configure_and_run(connection: object) -> None:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         version_table=VERSION_TABLE,
         include_name=only_scoria_tables,
         compare_type=True,

@@ -17,8 +17,9 @@ import pytest
 from flask import Flask
 
 import flask_scoria
-from flask_scoria import errors, handoff, schema
-from flask_scoria.extension import DEFAULTS
+from flask_scoria import errors, redaction, schema
+from flask_scoria.config import DEFAULTS
+from flask_scoria.runtime import handoffs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -299,7 +300,7 @@ def test_errors_page_names_every_error_and_code() -> None:
         assert f"`{cls.__name__}`" in page
         if "code" in vars(cls):
             assert f"`{cls.code}`" in page
-    source = Path(handoff.__file__).read_text()
+    source = Path(handoffs.__file__).read_text()
     codes = set(re.findall(r'"((?:invalid|unsafe)_\w+)"', source))
     codes |= {f"{what}_too_large" for what in ("handoff_input", "projected_context")}
     codes.add("projected_context_too_deep")
@@ -332,5 +333,5 @@ def test_sphinx_builds_without_warnings(tmp_path: Path) -> None:
 
 def test_errors_page_lists_every_unsafe_context_rule() -> None:
     page = (DOCS / "errors.md").read_text()
-    rules = (*handoff.UNSAFE_NAMES, *handoff.UNSAFE_SUFFIXES, *handoff.UNSAFE_PREFIXES)
+    rules = (*redaction.UNSAFE_NAMES, *redaction.UNSAFE_SUFFIXES, *redaction.UNSAFE_PREFIXES)
     assert [rule for rule in rules if f"`{rule}`" not in page] == []

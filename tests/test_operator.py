@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval
-from flask_scoria.operator import queries
+from flask_scoria.runtime import Cursor
 
 TENANT = "acme"
 
@@ -609,7 +609,7 @@ def test_unknown_query_arguments_stay_out_of_page_links(
     operator_app: Flask, ops: FlaskClient, url: str
 ) -> None:
     start(operator_app)
-    later = queries.Cursor(datetime.now(UTC) + timedelta(days=1), uuid.uuid4()).encode()
+    later = Cursor(datetime.now(UTC) + timedelta(days=1), uuid.uuid4()).encode()
     html = page(ops, f"{url}&after={later}")
     assert 'class="pager"' in html
     assert "javascript" not in html and "_method" not in html and "http://" not in html

@@ -14,7 +14,7 @@ from flask.testing import FlaskCliRunner
 
 import flask_scoria as scoria
 from flask_scoria import InvalidRunOptions, RunNotFound
-from flask_scoria.models import runs
+from flask_scoria.runtime.tables import runs
 
 DAY = timedelta(days=1)
 

@@ -15,7 +15,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Scoria, Succeed
-from flask_scoria.models import runs, steps
+from flask_scoria.runtime.tables import runs, steps
 
 pytestmark = pytest.mark.usefixtures("app_ctx")
 

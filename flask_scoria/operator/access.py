@@ -10,8 +10,8 @@ from typing import Any
 from flask import Response, abort, current_app, g, request, session
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from ..extension import get_extension
 from ..identity import normalize_id
+from ..state import app_state
 
 _SESSION_KEY = "_scoria_csrf"
 _CSRF_MAX_AGE = 12 * 3600
@@ -32,7 +32,7 @@ class OperatorScope:
 
 def resolve_scope() -> OperatorScope | None:
     """Ask the host's ``@runtime.operator_scope`` resolver; ``None`` denies."""
-    resolver = get_extension().operator_scope_resolver
+    resolver = app_state().registry.operator_scope
     if resolver is None:
         return None
     granted = resolver()

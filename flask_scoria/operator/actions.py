@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from .. import runtime
 from ..errors import InvalidRunOptions
-from ..extension import get_extension
 from ..readback import RunSummary
-from . import queries
+from ..state import app_state
 from .access import OperatorScope
 
 
@@ -24,7 +23,7 @@ def approve(run_id: str, scope: OperatorScope, approval_id: str, note: str | Non
         approval_id=approval_id,
         tenant_id=scope.tenant_id,
     )
-    if queries.step_kind(run_id, decided.current_step_id) in get_extension().handlers:
+    if runtime.step_kind(run_id, decided.current_step_id) in app_state().registry.handlers:
         return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
     return decided
 

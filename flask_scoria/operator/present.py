@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..handoff import is_unsafe_key, normalize_key
 from ..readback import Step
+from ..redaction import is_unsafe_key, normalize_key
 
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3

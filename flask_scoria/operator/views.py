@@ -1,4 +1,4 @@
-"""The operator pages: HTTP only; reads go through the facade and ``queries``."""
+"""The operator pages: HTTP only; reads and writes go through the runtime."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
 from ..errors import RunNotFound, ScoriaError, StorageError
-from ..extension import get_extension
-from ..models import FINISHED_RUN_STATUSES, RUN_STATUSES
-from . import actions, present, queries
+from ..state import app_state
+from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from . import actions, present
 from .access import check_csrf, csrf_token, current_scope, require_scope, security_headers
 
 bp = Blueprint(
@@ -43,7 +43,8 @@ _NOTE_LIMIT = 2000
 
 @bp.context_processor
 def _page_helpers() -> dict[str, Any]:
-    extra = frozenset(get_extension().settings().redact_keys)
+    state = app_state()
+    extra = frozenset(state.settings.redact_keys)
     now = datetime.now(UTC)
     return {
         "csrf_token": csrf_token,
@@ -53,9 +54,10 @@ def _page_helpers() -> dict[str, Any]:
         "absolute_time": present.absolute_time,
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
-        "registered_kinds": frozenset(get_extension().handlers),
-        "terminal_statuses": FINISHED_RUN_STATUSES,
-        "run_statuses": RUN_STATUSES,
+        "registered_kinds": frozenset(state.registry.handlers),
+        "RunStatus": RunStatus,
+        "StepStatus": StepStatus,
+        "ApprovalStatus": ApprovalStatus,
         "page_url": _page_url,
     }
 
@@ -83,30 +85,30 @@ def index() -> BaseResponse:
 def runs() -> str:
     """The tenant's runs, newest first, filtered and paginated."""
     status = _arg("status")
-    if status is not None and status not in RUN_STATUSES:
+    if status is not None and status not in tuple(RunStatus):
         abort(400, description=f"There is no run status {status!r}; pick one from the list.")
-    filters = queries.RunFilters(
+    filters = runtime.RunFilters(
         status=status,
         session_id=_arg("session"),
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
     )
-    page = queries.list_runs(current_scope().tenant_id, filters, _cursor())
+    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
 @bp.get("/sessions/<path:session_id>")
 def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
-    filters = queries.RunFilters(session_id=session_id)
-    page = queries.list_runs(current_scope().tenant_id, filters, _cursor())
+    filters = runtime.RunFilters(session_id=session_id)
+    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
     return render_template("scoria/session.html", page=page, session_id=session_id)
 
 
 @bp.get("/approvals")
 def approvals() -> str:
     """The tenant's approvals waiting for a decision."""
-    page = queries.pending_approvals(current_scope().tenant_id, _cursor())
+    page = runtime.pending_approvals(current_scope().tenant_id, _cursor())
     return render_template("scoria/approvals.html", page=page)
 
 
@@ -119,8 +121,8 @@ def run(run_id: str) -> str:
         detail=detail,
         run=detail.summary,
         tree=present.step_tree(detail.steps),
-        pending=[item for item in detail.approvals if item.status == "pending"],
-        decided=[item for item in detail.approvals if item.status != "pending"],
+        pending=[item for item in detail.approvals if item.status == ApprovalStatus.PENDING],
+        decided=[item for item in detail.approvals if item.status != ApprovalStatus.PENDING],
         kinds={step.id: step.kind for step in detail.steps},
     )
 
@@ -133,7 +135,7 @@ def run_status(run_id: str) -> Response:
         run_id=summary.run_id,
         status=summary.status,
         updated_at=summary.updated_at.isoformat(),
-        terminal=summary.status in FINISHED_RUN_STATUSES,
+        terminal=summary.status.finished,
     )
 
 
@@ -163,7 +165,7 @@ def _decide(run_id: str, action: Any, done: str) -> BaseResponse:
     except ScoriaError as exc:
         flash(exc.message, "error")
     else:
-        if summary.status == "waiting_for_approval":
+        if summary.status == RunStatus.WAITING_FOR_APPROVAL:
             flash(f"{done} The run continues when your app calls resume_run.", "ok")
         else:
             flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
@@ -194,11 +196,11 @@ def _arg(name: str) -> str | None:
     return request.args.get(name, "").strip() or None
 
 
-def _cursor() -> queries.Cursor | None:
+def _cursor() -> runtime.Cursor | None:
     text = request.args.get("after")
     if not text:
         return None
-    cursor = queries.Cursor.decode(text)
+    cursor = runtime.Cursor.decode(text)
     if cursor is None:
         abort(400, description="The page link is malformed; start again from the first page.")
     return cursor

@@ -1,18 +1,35 @@
 """The run state machine: start, dispatch, resume, decide, cancel and read back.
 
-The public verbs are re-exported on the package top level (``flask_scoria``).
+This is the engine's one entrance: the facade (``flask_scoria``), the
+extension, the CLI, ``verify`` and the operator pages import from here,
+never from the modules below it. The public verbs are re-exported on the
+package top level.
 """
 
+from .context import UNSET as UNSET
+from .context import TenantGuard as TenantGuard
+from .handlers import Handler as Handler
+from .handlers import load_handler as load_handler
+from .leases import LeaseKeeper as LeaseKeeper
+from .reads import Cursor as Cursor
+from .reads import Page as Page
+from .reads import PendingApproval as PendingApproval
+from .reads import RunFilters as RunFilters
 from .reads import get_run as get_run
 from .reads import get_run_detail as get_run_detail
+from .reads import list_runs as list_runs
 from .reads import list_runs_for_session as list_runs_for_session
+from .reads import pending_approvals as pending_approvals
 from .reads import recover_expired_leases as recover_expired_leases
+from .reads import step_kind as step_kind
+from .retention import prune_runs as prune_runs
 from .start import start_handoff_run as start_handoff_run
 from .start import start_run as start_run
-from .transaction import UNSET as UNSET
-from .transaction import RuntimeContext as RuntimeContext
+from .tables import metadata as metadata
 from .transitions import approve_run as approve_run
 from .transitions import cancel_run as cancel_run
 from .transitions import dispatch as dispatch
 from .transitions import reject_run as reject_run
 from .transitions import resume_run as resume_run
+from .worker import dispatch_queued as dispatch_queued
+from .worker import run_worker as run_worker

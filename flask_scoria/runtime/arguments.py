@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._ids import parse_uuid
-from .._json import json_object
+from .._json import ErrorFactory, json_object
 from ..errors import InvalidRunOptions, RunNotFound
-from ..handoff import require_name
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
-from .transaction import UNSET
+from ..statuses import StepStatus
+from .context import UNSET, TenantGuard
 
 MAX_TEXT = 10_000
 
@@ -46,7 +46,7 @@ def approval_key(approval_id: Any) -> uuid.UUID | str | None:
     return parse_uuid(approval_id) or str(approval_id)
 
 
-def tenant_guard(tenant_id: Any, identity: Any) -> Any:
+def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
     """The tenant a run must belong to, or ``UNSET`` for no guard."""
     if identity is not None:
         from_identity = normalize_identity(identity).tenant_id
@@ -76,6 +76,19 @@ def decider(value: Any, name: str) -> str:
     return who
 
 
+def require_name(value: Any, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
+    """``value`` as a stripped, printable, non-blank name of at most ``limit`` characters.
+
+    Anything else raises ``error`` with a message naming ``what``.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{what} must be a non-empty string.")
+    text = value.strip()
+    if len(text) > limit or not text.isprintable():
+        raise error(f"{what} must be printable and at most {limit} characters long.")
+    return text
+
+
 def role_name(value: Any, name: str) -> str:
     return require_name(value, name, error=InvalidRunOptions)
 
@@ -93,7 +106,7 @@ def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
     kind = require_name(value["kind"], "initial_step kind", error=InvalidRunOptions, limit=64)
     role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
     sequence = int_in_range(value.get("sequence", 1), "initial_step sequence", MAX_SEQUENCE)
-    if value.get("status", "queued") != "queued":
+    if value.get("status", StepStatus.QUEUED) != StepStatus.QUEUED:
         raise InvalidRunOptions("initial_step status can only be 'queued'.")
     return {"kind": kind, "role_id": role_id, "sequence": sequence}
 

@@ -1,26 +1,100 @@
-"""Reading runs back, noticing expired leases on the way."""
+"""Reading runs back: one run, lists of runs newest first, pending approvals.
+
+Every list is one keyset query that fetches one row more than it shows, so
+its cost does not grow with the table. Reads of a run notice expired leases
+on the way.
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, literal, select, tuple_
+from sqlalchemy import ColumnElement, Select, literal, literal_column, select, tuple_
 
-from .. import _sql
+from .._ids import parse_uuid
 from ..identity import normalize_id
-from ..models import runs, steps
-from ..readback import RunDetail, RunSummary, load_detail, summary_from_row
+from ..readback import Approval, RunDetail, RunSummary
+from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from . import statements as sql
 from .arguments import int_in_range, run_uuid, tenant_guard
+from .context import UNSET, RuntimeContext, TenantGuard, context
+from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
 from .steps import expire_leases
-from .transaction import UNSET, RuntimeContext, context, load_run, transact, utcnow
+from .tables import approvals, runs, steps
+from .transaction import Row, load_run, transact, utcnow
+
+T = TypeVar("T")
+
+#: Rows on one page of a list, unless the caller asks for another number.
+PAGE_SIZE = 50
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
+# Inline, so that the planner matches the partial index of pending approvals
+# even with a generic plan.
+_PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
 
 
-def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ends: the creation time and id of its last row."""
+
+    created_at: datetime
+    id: uuid.UUID
+
+    def encode(self) -> str:
+        """The opaque ``?after=`` value of this position."""
+        micros = (self.created_at - _EPOCH) // timedelta(microseconds=1)
+        return f"{micros}.{self.id.hex}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor | None:
+        """The position ``encode`` wrote, or ``None`` for anything else."""
+        match = _CURSOR.match(text)
+        parsed = parse_uuid(match.group(2)) if match else None
+        if match is None or parsed is None:
+            return None
+        try:
+            return cls(_EPOCH + timedelta(microseconds=int(match.group(1))), parsed)
+        except OverflowError:
+            return None
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """Rows of one page, and the cursor of the next page if there is one."""
+
+    rows: Sequence[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """Exact-match filters of a list of runs; ``None`` matches anything."""
+
+    status: str | None = None
+    session_id: str | None = None
+    actor_id: str | None = None
+    root_role_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingApproval:
+    """An approval waiting for a decision, with the run it pauses."""
+
+    approval: Approval
+    run: RunSummary
+
+
+def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard) -> Row:
     """Read a run, first failing it if a step's lease expired."""
     with ctx.storage.read() as conn:
         row = load_run(conn, key, guard, lock=False)
-        stale = row["status"] == "running" and _sql.EXPIRED_STEP_OF_RUN.first(
+        stale = row["status"] == RunStatus.RUNNING and sql.EXPIRED_STEP_OF_RUN.first(
             conn, {"b_run_id": key, "b_now": utcnow()}
         )
     if stale:
@@ -28,13 +102,13 @@ def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: Any) -> dict[str, Any]
     return row
 
 
-def get_run(run_id: str, *, tenant_id: Any = UNSET, identity: Any = None) -> RunSummary:
+def get_run(run_id: str, *, tenant_id: object = UNSET, identity: object = None) -> RunSummary:
     """The current summary of one exact run; :class:`RunNotFound` if none is visible."""
     ctx = context()
     return summary_from_row(_read_run(ctx, run_uuid(run_id), tenant_guard(tenant_id, identity)))
 
 
-def get_run_detail(run_id: str, *, tenant_id: Any = UNSET, identity: Any = None) -> RunDetail:
+def get_run_detail(run_id: str, *, tenant_id: object = UNSET, identity: object = None) -> RunDetail:
     """One run with its steps, timeline, approvals, handoffs and ``delegated_handoffs``."""
     ctx = context()
     key = run_uuid(run_id)
@@ -44,13 +118,39 @@ def get_run_detail(run_id: str, *, tenant_id: Any = UNSET, identity: Any = None)
         return load_detail(conn, load_run(conn, key, guard, lock=False))
 
 
+def list_runs(
+    filters: RunFilters = RunFilters(),
+    *,
+    tenant: TenantGuard = UNSET,
+    after: Cursor | None = None,
+    limit: int = PAGE_SIZE,
+) -> Page[RunSummary]:
+    """Runs matching ``filters`` (of ``tenant``, unless :data:`UNSET`), newest first.
+
+    The page starts after ``after``; ties in creation time are broken by
+    ``run_id``, descending.
+    """
+    query = select(runs)
+    if tenant is not UNSET:
+        query = query.where(runs.c.tenant_id == tenant)
+    for column, value in (
+        (runs.c.status, filters.status),
+        (runs.c.session_id, filters.session_id),
+        (runs.c.actor_id, filters.actor_id),
+        (runs.c.root_role_id, filters.root_role_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    return _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
+
+
 def list_runs_for_session(
     session_id: str | None,
     *,
     limit: int = 50,
     before: str | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> list[RunSummary]:
     """The runs of one host session, newest first.
 
@@ -62,41 +162,87 @@ def list_runs_for_session(
     ctx = context()
     if session is None:
         return []
-    query = select(runs).where(runs.c.session_id == session)
-    if guard is not UNSET:
-        query = query.where(runs.c.tenant_id == guard)
-    with ctx.storage.read() as conn:
-        if before is not None:
-            cursor = load_run(conn, run_uuid(before), guard, lock=False)
-            after = tuple_(
-                literal(cursor["created_at"], runs.c.created_at.type),
-                literal(cursor["id"], runs.c.id.type),
-            )
-            query = query.where(tuple_(runs.c.created_at, runs.c.id) < after)
-        rows = [
-            dict(row)
-            for row in conn.execute(
-                query.order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
-            ).mappings()
-        ]
-        running = [row["id"] for row in rows if row["status"] == "running"]
-        stale = _with_expired_leases(conn, running)
-    for index, row in enumerate(rows):
-        if row["id"] in stale:
-            _, rows[index], _ = transact(ctx, row["id"], guard, expire_leases)
-    return [summary_from_row(row) for row in rows]
+    after = None
+    if before is not None:
+        with ctx.storage.read() as conn:
+            last = load_run(conn, run_uuid(before), guard, lock=False)
+        after = Cursor(last["created_at"], last["id"])
+    found = list_runs(RunFilters(session_id=session), tenant=guard, after=after, limit=limit)
+    running = [uuid.UUID(run.run_id) for run in found.rows if run.status == RunStatus.RUNNING]
+    stale = _with_expired_leases(ctx, running)
+    return [
+        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, expire_leases)[1])
+        if uuid.UUID(run.run_id) in stale
+        else run
+        for run in found.rows
+    ]
 
 
-def _with_expired_leases(conn: Connection, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+def pending_approvals(
+    tenant_id: str, after: Cursor | None = None, limit: int = PAGE_SIZE
+) -> Page[PendingApproval]:
+    """The tenant's undecided approvals, newest request first."""
+    approval_columns = [column.label(f"a_{column.name}") for column in approvals.c]
+    query = (
+        select(runs, *approval_columns)
+        .join(approvals, approvals.c.run_id == runs.c.id)
+        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+    )
+    return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
+
+
+def step_kind(run_id: str, step_id: str | None) -> str | None:
+    """The kind of one step of a run whose tenant the caller already checked."""
+    run_key, step_key = parse_uuid(run_id), parse_uuid(step_id)
+    if run_key is None or step_key is None:
+        return None
+    with context().storage.read() as conn:
+        kind: str | None = conn.execute(
+            select(steps.c.kind).where(steps.c.run_id == run_key, steps.c.id == step_key)
+        ).scalar()
+    return kind
+
+
+def _run_page_row(row: Row) -> tuple[RunSummary, Cursor]:
+    return summary_from_row(row), Cursor(row["created_at"], row["id"])
+
+
+def _pending_page_row(row: Row) -> tuple[PendingApproval, Cursor]:
+    entry = PendingApproval(approval_from_row(split_prefixed(row, "a_")), summary_from_row(row))
+    return entry, Cursor(row["a_requested_at"], row["a_id"])
+
+
+def _page(
+    query: Select[Any],
+    order: tuple[ColumnElement[Any], ColumnElement[Any]],
+    after: Cursor | None,
+    limit: int,
+    project: Callable[[Row], tuple[T, Cursor]],
+) -> Page[T]:
+    if after is not None:
+        position = tuple_(
+            literal(after.created_at, order[0].type), literal(after.id, order[1].type)
+        )
+        query = query.where(tuple_(*order) < position)
+    query = query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
+    with context().storage.read() as conn:
+        projected = [project(dict(row)) for row in conn.execute(query).mappings()]
+    shown = projected[:limit]
+    more = len(projected) > limit
+    return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
+
+
+def _with_expired_leases(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
     """Which of ``run_ids`` have a running step whose lease expired."""
     if not run_ids:
         return set()
     expired = select(steps.c.run_id).where(
         steps.c.run_id.in_(run_ids),
-        steps.c.status == "running",
+        steps.c.status == StepStatus.RUNNING,
         steps.c.lease_expires_at < utcnow(),
     )
-    return set(conn.execute(expired).scalars())
+    with ctx.storage.read() as conn:
+        return set(conn.execute(expired).scalars())
 
 
 def recover_expired_leases() -> list[str]:
@@ -106,7 +252,7 @@ def recover_expired_leases() -> list[str]:
         run_ids = list(
             conn.execute(
                 select(steps.c.run_id)
-                .where(steps.c.status == "running", steps.c.lease_expires_at < utcnow())
+                .where(steps.c.status == StepStatus.RUNNING, steps.c.lease_expires_at < utcnow())
                 .distinct()
             ).scalars()
         )

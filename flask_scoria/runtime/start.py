@@ -2,39 +2,35 @@
 
 from __future__ import annotations
 
-import secrets
-import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from functools import partial
-from typing import Any
 
-from blinker import NamedSignal
-
-from .. import _sql, signals
+from .. import signals
 from .._ids import uuid7
 from ..errors import InvalidHandoff
-from ..execution import Handlers, LeaseKeeper, log
-from ..handoff import require_name, validate_handoff
 from ..identity import Identity
 from ..identity import identity as normalize_identity
-from ..readback import RunSummary, summary_from_row
-from ..storage import Storage
-from .arguments import initial_step_spec, role_name, run_metadata
-from .steps import drive, handoff_payload, handoff_result, handoff_rows, new_step_row
-from .transaction import Claim, Timeline, context, send, utcnow
+from ..readback import RunSummary
+from ..statuses import RunStatus, StepStatus
+from .arguments import initial_step_spec, require_name, role_name, run_metadata
+from .context import RuntimeContext, context
+from .handlers import Handlers
+from .handoffs import record_handoff, validate_handoff
+from .outcomes import drive
+from .rows import summary_from_row
+from .steps import claim_step, new_step_row
+from .transaction import NewRun, Row, utcnow
 
 
-def new_run_row(
-    ident: Identity, root_role_id: str, metadata: dict[str, Any], now: datetime
-) -> dict[str, Any]:
-    return {
+def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: Row) -> NewRun:
+    now = utcnow()
+    row = {
         "id": uuid7(),
         "session_id": ident.session_id,
         "actor_id": ident.actor_id,
         "tenant_id": ident.tenant_id,
         "root_role_id": root_role_id,
-        "status": "running",
+        "status": RunStatus.RUNNING,
         "version": 1,
         "last_event_sequence": 0,
         "last_step_sequence": 0,
@@ -45,67 +41,26 @@ def new_run_row(
         "completed_at": None,
         "updated_at": now,
     }
+    new = NewRun(row, now, ctx.keeper.expiry(now))
+    new.event("run_started")
+    new.signal(signals.run_started)
+    return new
 
 
-class NewRun(Timeline):
-    """Collects the rows of a run being created, inserted in one transaction."""
-
-    def __init__(self, row: dict[str, Any], now: datetime, keeper: LeaseKeeper) -> None:
-        self.row = row
-        self.now = now
-        self.keeper = keeper
-        self.steps: list[dict[str, Any]] = []
-        self.handoffs: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-        self.claim: Claim | None = None
-
-    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
-        return self.row["id"], 0, self.events
-
-    def add_step(self, step: dict[str, Any], handlers: Handlers) -> None:
-        """Add a queued step, claimed at once when its handler is known."""
-        self.steps.append(step)
-        self.row["last_step_sequence"] = max(self.row["last_step_sequence"], step["sequence"])
-        self.row["current_step_id"] = step["id"]
-        handler = handlers.get(step["kind"])
-        if handler is None:
-            log.info(
-                "Step %s of run %s stays queued: no handler for kind %r is known;"
-                " dispatch() or 'flask scoria worker' runs it once one is registered.",
-                step["id"],
-                self.row["id"],
-                step["kind"],
-            )
-        if handler is None or self.claim is not None:
-            return
-        token = secrets.token_hex(16)
-        step.update(
-            status="running",
-            lease_token=token,
-            lease_expires_at=self.keeper.expiry(self.now),
-            started_at=self.now,
-        )
-        self.event("step_started", step["id"], {"attempt": 1})
-        self.claim = Claim(step, token, handler, None)
-
-    def insert(self, storage: Storage) -> None:
-        self.row["last_event_sequence"] = len(self.events)
-        with storage.write() as conn, _sql.pipeline(conn):
-            _sql.INSERT_RUN.execute_many(conn, [self.row])
-            if self.steps:
-                _sql.INSERT_STEP.execute_many(conn, self.steps)
-            if self.handoffs:
-                _sql.INSERT_HANDOFF.execute_many(conn, self.handoffs)
-            _sql.INSERT_EVENTS.execute_many(conn, self.events)
+def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers) -> RunSummary:
+    """Write the new run, then execute the step it claimed, if any."""
+    row = new.insert(ctx.storage)
+    new.send(ctx.app, row)
+    return summary_from_row(drive(ctx, resolver, new.claim, row))
 
 
 def start_run(
-    identity: Any,
+    identity: object,
     *,
     root_role_id: str = "executor",
-    initial_step: Mapping[str, Any] | None = None,
-    runtime: Mapping[str, Any] | None = None,
-    handlers: Mapping[str, Any] | None = None,
+    initial_step: Mapping[str, object] | None = None,
+    runtime: Mapping[str, object] | None = None,
+    handlers: Mapping[str, object] | None = None,
 ) -> RunSummary:
     """Start a new run for ``identity`` and return its summary.
 
@@ -120,33 +75,30 @@ def start_run(
     metadata = run_metadata(runtime, ident)
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
-    now = utcnow()
-    new = NewRun(new_run_row(ident, role, metadata, now), now, ctx.keeper)
-    new.event("run_started")
+    new = _new_run(ctx, ident, role, metadata)
     if step_spec is None:
-        new.row.update(status="completed", completed_at=now)
+        new.set(status=RunStatus.COMPLETED, completed_at=new.now)
         new.event("run_completed")
+        new.signal(signals.run_completed)
     else:
-        new.add_step(new_step_row(new.row["id"], **step_spec), resolver)
-    new.insert(ctx.storage)
-    pending: list[tuple[NamedSignal, dict[str, Any]]] = [(signals.run_started, {})]
-    if step_spec is None:
-        pending.append((signals.run_completed, {}))
-    send(ctx.app, pending, new.row)
-    return summary_from_row(drive(ctx, resolver, new.claim, new.row))
+        step = new_step_row(new.run_id, **step_spec)
+        new.add_step(step)
+        new.set(current_step_id=step["id"])
+        claim_step(new, step, resolver, None)
+    return _launch(ctx, new, resolver)
 
 
 def start_handoff_run(
-    identity: Any,
+    identity: object,
     delegated_role_id: str,
     *,
     root_role_id: str,
     delegated_kind: str,
-    handoff_input: Mapping[str, Any],
-    projected_context: Mapping[str, Any],
-    capability_tags: Any = (),
-    handlers: Mapping[str, Any] | None = None,
-    runtime: Mapping[str, Any] | None = None,
+    handoff_input: Mapping[str, object],
+    projected_context: Mapping[str, object],
+    capability_tags: object = (),
+    handlers: Mapping[str, object] | None = None,
+    runtime: Mapping[str, object] | None = None,
 ) -> RunSummary:
     """Start a run whose root ``handoff`` step delegates to a queued child step.
 
@@ -171,30 +123,12 @@ def start_handoff_run(
     )
     metadata = run_metadata(runtime, ident)
     resolver = Handlers(handlers, ctx.registry)
-    now = utcnow()
-    new = NewRun(new_run_row(ident, role, metadata, now), now, ctx.keeper)
-    run_id = new.row["id"]
-    root = new_step_row(run_id, sequence=1, kind="handoff", role_id=role)
-    new.event("run_started")
-    child, handoff = handoff_rows(run_id, root["id"], spec, sequence=2, now=now)
-    root.update(
-        status="completed",
-        started_at=now,
-        completed_at=now,
-        result_envelope=handoff_result(handoff, spec),
-    )
-    new.steps.append(root)
-    new.event("step_completed", root["id"])
-    new.handoffs.append(handoff)
-    new.event("handoff_created", root["id"], handoff_payload(handoff))
-    new.add_step(child, resolver)
-    new.insert(ctx.storage)
-    send(
-        ctx.app,
-        [
-            (signals.run_started, {}),
-            (signals.handoff_created, {"handoff": handoff_payload(handoff)}),
-        ],
-        new.row,
-    )
-    return summary_from_row(drive(ctx, resolver, new.claim, new.row))
+    new = _new_run(ctx, ident, role, metadata)
+    root = new_step_row(new.run_id, sequence=1, kind="handoff", role_id=role)
+    root.update(status=StepStatus.COMPLETED, started_at=new.now, completed_at=new.now)
+    new.add_step(root)
+    child, result = record_handoff(new, root["id"], spec)
+    root["result_envelope"] = result
+    new.set(current_step_id=child["id"])
+    claim_step(new, child, resolver, None)
+    return _launch(ctx, new, resolver)

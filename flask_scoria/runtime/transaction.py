@@ -1,8 +1,9 @@
-"""Transactions on one run: read it, decide, compare-and-set its version.
+"""Changes to one run: read it, decide, and write every change at once.
 
-Every change to a run is one short transaction that ends in a compare-and-set
-on the run's ``version``; steps, approvals, handoffs and events change only
-inside such a transaction, so a lost race is noticed and retried.
+Every change to an existing run is one short transaction that ends in a
+compare-and-set on the run's ``version`` (:class:`Tx`); a new run is written
+with all its first rows in one transaction (:class:`NewRun`). Both collect
+the same kinds of change, so the rules that move steps work on either.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -19,41 +21,21 @@ from blinker import NamedSignal
 from flask import Flask
 from sqlalchemy import Connection
 
-from .. import _sql
 from ..errors import RunNotFound, StorageError
-from ..execution import Handler, LeaseKeeper
-from ..readback import Approval, summary_from_row
+from ..readback import Approval
+from ..statuses import RunStatus
 from ..storage import Storage
+from . import statements as sql
+from .context import UNSET, RuntimeContext, TenantGuard
+from .handlers import Handler
+from .rows import summary_from_row
 
 T = TypeVar("T")
 
+#: A row as a dict keyed by column key.
+Row = dict[str, Any]
+
 MAX_ATTEMPTS = 50
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-
-@dataclass(frozen=True)
-class RuntimeContext:
-    """What one call needs of the current app's flask-scoria state."""
-
-    app: Flask
-    storage: Storage
-    registry: Mapping[str, Handler]
-    keeper: LeaseKeeper
-    handoff_max_bytes: int
-    handoff_max_depth: int
-
-
-def context() -> RuntimeContext:
-    from ..extension import runtime_context
-
-    return runtime_context()
 
 
 class Conflict(Exception):
@@ -66,33 +48,51 @@ class StepLost(Exception):
 
 @dataclass
 class Claim:
-    step: dict[str, Any]
+    """A step this process moved to ``running``, with the lease token it holds."""
+
+    step: Row
     token: str
     handler: Handler
     approval: Approval | None
 
 
-class Timeline:
-    """Numbers the events one transaction appends to a run's timeline."""
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
-    now: datetime
 
-    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
-        """The run's id, its last event sequence before this transaction, the new events."""
-        raise NotImplementedError
+class RunChange(ABC):
+    """The changes one transaction makes to one run: columns, steps, events, signals."""
+
+    def __init__(self, run: Row, now: datetime, lease_until: datetime) -> None:
+        self.run = run
+        self.now = now
+        self.lease_until = lease_until
+        self.changes: Row = {}
+        self.new_events: list[Row] = []
+        self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
+        self.claim: Claim | None = None
+
+    @property
+    def run_id(self) -> uuid.UUID:
+        run_id: uuid.UUID = self.run["id"]
+        return run_id
+
+    def status(self) -> RunStatus:
+        """The run's status as this transaction leaves it."""
+        return RunStatus(self.changes["status"] if "status" in self.changes else self.run["status"])
+
+    def set(self, **changes: object) -> None:
+        """Change columns of the run."""
+        self.changes.update(changes)
 
     def event(
-        self,
-        event_type: str,
-        step_id: uuid.UUID | None = None,
-        payload: dict[str, Any] | None = None,
+        self, event_type: str, step_id: uuid.UUID | None = None, payload: Row | None = None
     ) -> None:
         """Append an event numbered after the run's last one."""
-        run_id, last_sequence, appended = self._timeline()
-        appended.append(
+        self.new_events.append(
             {
-                "run_id": run_id,
-                "sequence": last_sequence + len(appended) + 1,
+                "run_id": self.run_id,
+                "sequence": self.run["last_event_sequence"] + len(self.new_events) + 1,
                 "event_type": event_type,
                 "step_id": step_id,
                 "payload": payload,
@@ -100,49 +100,108 @@ class Timeline:
             }
         )
 
-
-@dataclass
-class Tx(Timeline):
-    """The changes one transaction makes to one run, applied by :meth:`commit`."""
-
-    conn: Connection
-    run: dict[str, Any]
-    now: datetime
-    lease_until: datetime
-    changes: dict[str, Any] = field(default_factory=dict)
-    new_events: list[dict[str, Any]] = field(default_factory=list)
-    signals: list[tuple[NamedSignal, dict[str, Any]]] = field(default_factory=list)
-    claim: Claim | None = None
-
-    @property
-    def run_id(self) -> uuid.UUID:
-        return self.run["id"]  # type: ignore[no-any-return]
-
-    def status(self) -> str:
-        return self.changes.get("status", self.run["status"])  # type: ignore[no-any-return]
-
-    def set(self, **changes: Any) -> None:
-        self.changes.update(changes)
-
-    def _timeline(self) -> tuple[uuid.UUID, int, list[dict[str, Any]]]:
-        return self.run_id, self.run["last_event_sequence"], self.new_events
-
-    def signal(self, signal: NamedSignal, **extra: Any) -> None:
+    def signal(self, signal: NamedSignal, **extra: object) -> None:
+        """Send ``signal`` once the change is committed."""
         self.signals.append((signal, extra))
 
-    def update_step(self, step_id: uuid.UUID, expect: Mapping[str, Any], **values: Any) -> None:
-        """Update one step only if it still matches ``expect``."""
-        if not _sql.update_step_if(self.conn, step_id, expect, values):
-            raise Conflict
+    def add_step(self, step: Row) -> None:
+        """Add a new step to the run."""
+        self.set(last_step_sequence=max(self.step_sequence(), step["sequence"]))
+        self._insert(sql.INSERT_STEP, step)
 
-    def finish_step(self, step_id: uuid.UUID, held: Mapping[str, Any], **values: Any) -> None:
+    def add_handoff(self, handoff: Row) -> None:
+        """Record a handoff of the run."""
+        self._insert(sql.INSERT_HANDOFF, handoff)
+
+    @abstractmethod
+    def _insert(self, statement: sql.Prepared, row: Row) -> None:
+        """Insert ``row`` with the change."""
+
+    def step_sequence(self) -> int:
+        """The highest step sequence of the run so far."""
+        sequence: int = self.changes.get("last_step_sequence") or self.run["last_step_sequence"]
+        return sequence
+
+    @abstractmethod
+    def update_step(
+        self, step_id: uuid.UUID, expect: Mapping[str, object], **values: object
+    ) -> None:
+        """Update one step only if it still matches ``expect``; else raise :class:`Conflict`."""
+
+    def finish_step(self, step_id: uuid.UUID, held: Mapping[str, object], **values: object) -> None:
         """Record a handler's outcome, unless the step is no longer held by it."""
         try:
             self.update_step(step_id, held, **values)
         except Conflict:
             raise StepLost from None
 
-    def commit(self) -> dict[str, Any]:
+    def send(self, app: Flask, row: Row) -> None:
+        """Send the collected signals for the committed ``row``."""
+        if not any(signal.receivers for signal, _ in self.signals):
+            return
+        summary = summary_from_row(row)
+        for signal, extra in self.signals:
+            for receiver in signal.receivers_for(app):
+                try:
+                    receiver(app, run=summary, **extra)
+                except Exception:
+                    # The change is committed: a failing receiver must not look like a failed call.
+                    app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
+
+
+class NewRun(RunChange):
+    """A run being created: its rows are inserted together by :meth:`insert`."""
+
+    def __init__(self, run: Row, now: datetime, lease_until: datetime) -> None:
+        super().__init__(run, now, lease_until)
+        self.new_rows: list[tuple[sql.Prepared, Row]] = []
+
+    def _insert(self, statement: sql.Prepared, row: Row) -> None:
+        self.new_rows.append((statement, row))
+
+    def update_step(
+        self, step_id: uuid.UUID, expect: Mapping[str, object], **values: object
+    ) -> None:
+        for statement, step in self.new_rows:
+            if (
+                statement is sql.INSERT_STEP
+                and step["id"] == step_id
+                and all(step[key] == value for key, value in expect.items())
+            ):
+                step.update(values)
+                return
+        raise Conflict
+
+    def insert(self, storage: Storage) -> Row:
+        """Write the run with its steps, handoffs and events; return the run as written."""
+        row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
+        with storage.write() as conn, sql.pipeline(conn):
+            sql.INSERT_RUN.execute_many(conn, [row])
+            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
+                rows = [new for of, new in self.new_rows if of is statement]
+                if rows:
+                    statement.execute_many(conn, rows)
+            sql.INSERT_EVENTS.execute_many(conn, self.new_events)
+        return row
+
+
+class Tx(RunChange):
+    """A change to a stored run, applied by :meth:`commit` as a compare-and-set."""
+
+    def __init__(self, conn: Connection, run: Row, now: datetime, lease_until: datetime) -> None:
+        super().__init__(run, now, lease_until)
+        self.conn = conn
+
+    def _insert(self, statement: sql.Prepared, row: Row) -> None:
+        statement.execute_many(self.conn, [row])
+
+    def update_step(
+        self, step_id: uuid.UUID, expect: Mapping[str, object], **values: object
+    ) -> None:
+        if not sql.update_step_if(self.conn, step_id, expect, values):
+            raise Conflict
+
+    def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
         if not self.changes and not self.new_events:
             return self.run
@@ -151,10 +210,10 @@ class Tx(Timeline):
         values["last_event_sequence"] = self.run["last_event_sequence"] + len(self.new_events)
         values["updated_at"] = self.now
         # The events go with the compare-and-set; a lost race rolls both back.
-        with _sql.pipeline(self.conn):
-            cursor = _sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values)
+        with sql.pipeline(self.conn):
+            cursor = sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values)
             if self.new_events:
-                _sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
+                sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
         won = cursor.rowcount == 1
         cursor.close()
         if not won:
@@ -162,33 +221,14 @@ class Tx(Timeline):
         return {**self.run, **values}
 
 
-def send(
-    app: Flask, pending: list[tuple[NamedSignal, dict[str, Any]]], row: dict[str, Any]
-) -> None:
-    if not any(signal.receivers for signal, _ in pending):
-        return
-    summary = summary_from_row(row)
-    for signal, extra in pending:
-        for receiver in signal.receivers_for(app):
-            try:
-                receiver(app, run=summary, **extra)
-            except Exception:
-                # The change is committed: a failing receiver must not look like a failed call.
-                app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def transact(
     ctx: RuntimeContext,
     run_id: uuid.UUID,
-    guard: Any,
+    guard: TenantGuard,
     decide: Callable[[Tx], T],
     *,
-    known: dict[str, Any] | None = None,
-) -> tuple[T, dict[str, Any], Claim | None]:
+    known: Row | None = None,
+) -> tuple[T | None, Row, Claim | None]:
     """Run ``decide`` on the freshly read run until its compare-and-set wins.
 
     ``known`` is the run as this process last committed it. On SQLite, whose
@@ -196,6 +236,9 @@ def transact(
     it without reading the run again: if the run changed since, the
     compare-and-set fails and the next try reads it. PostgreSQL always reads
     the run first, locking it before any of its steps.
+
+    If the step a handler held was lost meanwhile, the outcome is ``None``
+    and the run is returned as it now is.
     """
     if not ctx.storage.is_sqlite:
         known = None
@@ -213,16 +256,17 @@ def transact(
             continue
         except StepLost:
             with ctx.storage.read() as conn:
-                return None, load_run(conn, run_id, guard, lock=False), None  # type: ignore[return-value]
-        send(ctx.app, tx.signals, new_row)
+                return None, load_run(conn, run_id, guard, lock=False), None
+        tx.send(ctx.app, new_row)
         return outcome, new_row, tx.claim
     raise StorageError(
         f"Run {run_id} kept changing under this call; gave up after {MAX_ATTEMPTS} tries."
     )
 
 
-def load_run(conn: Connection, run_id: uuid.UUID, guard: Any, *, lock: bool) -> dict[str, Any]:
-    query = _sql.RUN_BY_ID_FOR_UPDATE if lock else _sql.RUN_BY_ID
+def load_run(conn: Connection, run_id: uuid.UUID, guard: TenantGuard, *, lock: bool) -> Row:
+    """Read one run, as if it did not exist when it belongs to another tenant than ``guard``."""
+    query = sql.RUN_BY_ID_FOR_UPDATE if lock else sql.RUN_BY_ID
     row = query.first(conn, {"b_run_id": run_id})
     if row is None or (guard is not UNSET and row["tenant_id"] != guard):
         raise RunNotFound(str(run_id))

@@ -8,18 +8,29 @@ from typing import Any, NoReturn
 
 from sqlalchemy import update
 
-from .. import _sql, signals
+from .. import signals
 from ..errors import ApprovalAlreadyDecided, ApprovalPending, NoPendingApproval, RunNotResumable
-from ..execution import Handlers
-from ..models import FINISHED_RUN_STATUSES, approvals, steps
-from ..readback import Approval, RunSummary, approval_from_row, summary_from_row
+from ..readback import Approval, RunSummary
+from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from . import statements as sql
 from .arguments import approval_key, decider, optional_text, run_uuid, tenant_guard
-from .steps import claim_next, claim_step, decided_approval, drive, expire_leases
-from .transaction import UNSET, Conflict, Tx, context, transact
+from .context import UNSET, context
+from .handlers import Handlers
+from .outcomes import drive
+from .rows import approval_from_row, split_prefixed, summary_from_row
+from .steps import claim_next, claim_step, decided_approval, expire_leases
+from .tables import approvals, steps
+from .transaction import Conflict, Tx, transact
 
-#: Run statuses from which nothing moves on by itself.
 #: A failed run can still be cancelled, which stops it from being retried.
-_NOT_CANCELLABLE = FINISHED_RUN_STATUSES - {"failed"}
+_CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)
+#: The steps a cancellation ends.
+_OPEN_STEPS = (
+    StepStatus.QUEUED,
+    StepStatus.RUNNING,
+    StepStatus.WAITING_FOR_APPROVAL,
+    StepStatus.FAILED,
+)
 
 
 def dispatch(
@@ -40,7 +51,7 @@ def dispatch(
     resolver = Handlers(handlers, ctx.registry)
 
     def decide(tx: Tx) -> None:
-        if not expire_leases(tx) and tx.status() == "running":
+        if not expire_leases(tx) and tx.status() == RunStatus.RUNNING:
             claim_next(tx, resolver)
 
     _, row, claim = transact(ctx, key, guard, decide)
@@ -68,9 +79,9 @@ def resume_run(
     def decide(tx: Tx) -> None:
         expire_leases(tx)
         status = tx.status()
-        if status == "waiting_for_approval":
+        if status == RunStatus.WAITING_FOR_APPROVAL:
             _resume_approved(tx, resolver)
-        elif status == "failed":
+        elif status == RunStatus.FAILED:
             _retry_failed(tx, resolver)
         else:
             raise RunNotResumable(
@@ -82,7 +93,7 @@ def resume_run(
 
 
 def _not_resumable_message(run_id: str, status: str) -> str:
-    if status == "running":
+    if status == RunStatus.RUNNING:
         return f"Run {run_id} is running; call dispatch() to execute its queued steps."
     return f"Run {run_id} is {status} and cannot be resumed."
 
@@ -91,38 +102,38 @@ def _current_step(tx: Tx) -> dict[str, Any] | None:
     step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
     if step_id is None:
         return None
-    return _sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
+    return sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
 
 
 def _latest_approval(tx: Tx) -> Approval | None:
-    row = _sql.LATEST_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id})
+    row = sql.LATEST_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id})
     return None if row is None else approval_from_row(row)
 
 
 def _resume_approved(tx: Tx, handlers: Handlers) -> None:
     step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
     params = {"b_run_id": tx.run_id, "b_step_id": step_id}
-    row = None if step_id is None else _sql.LATEST_APPROVAL_WITH_STEP.first(tx.conn, params)
+    row = None if step_id is None else sql.LATEST_APPROVAL_WITH_STEP.first(tx.conn, params)
     if row is None:
         raise NoPendingApproval(str(tx.run_id))
     approval = approval_from_row(row)
-    if approval.status == "pending":
+    if approval.status == ApprovalStatus.PENDING:
         raise ApprovalPending(str(tx.run_id), approval.id)
-    step = {key[6:]: value for key, value in row.items() if key.startswith("steps_")}
-    tx.set(status="running")
+    step = split_prefixed(row, "steps_")
+    tx.set(status=RunStatus.RUNNING)
     tx.event("resume_requested", step["id"])
     tx.signal(signals.run_resumed)
-    claim_step(tx, step, handlers, approval, from_status="waiting_for_approval")
+    claim_step(tx, step, handlers, approval, from_status=StepStatus.WAITING_FOR_APPROVAL)
 
 
 def _retry_failed(tx: Tx, handlers: Handlers) -> None:
     step = _current_step(tx)
-    if step is None or step["status"] != "failed":
+    if step is None or step["status"] != StepStatus.FAILED:
         raise RunNotResumable(
-            str(tx.run_id), "failed", f"Run {tx.run_id} has no failed step to retry."
+            str(tx.run_id), RunStatus.FAILED, f"Run {tx.run_id} has no failed step to retry."
         )
     attempt = step["attempt"] + 1
-    tx.set(status="running", completed_at=None)
+    tx.set(status=RunStatus.RUNNING, completed_at=None)
     tx.event("retry_requested", step["id"], {"attempt": attempt})
     tx.signal(signals.run_resumed)
     claim_step(
@@ -130,7 +141,7 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         step,
         handlers,
         decided_approval(tx, step["id"]),
-        from_status="failed",
+        from_status=StepStatus.FAILED,
         attempt=attempt,
         error_envelope=None,
         result_envelope=None,
@@ -143,13 +154,13 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None) -> NoReturn:
     if approval_id is None:
         approval = _latest_approval(tx)
     else:
-        row = _sql.APPROVAL_OF_RUN.first(
+        row = sql.APPROVAL_OF_RUN.first(
             tx.conn, {"b_run_id": tx.run_id, "b_approval_id": approval_id}
         )
         approval = None if row is None else approval_from_row(row)
     if approval is None:
         raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
-    if approval.status == "pending":
+    if approval.status == ApprovalStatus.PENDING:
         raise Conflict
     raise ApprovalAlreadyDecided(str(tx.run_id), approval.id, approval.status, approval.decided_by)
 
@@ -171,7 +182,9 @@ def approve_run(
     :class:`ApprovalAlreadyDecided` (naming the winner) or
     :class:`NoPendingApproval`.
     """
-    return _decide(run_id, "approved", decided_by, note, approval_id, tenant_id, identity)
+    return _decide(
+        run_id, ApprovalStatus.APPROVED, decided_by, note, approval_id, tenant_id, identity
+    )
 
 
 def reject_run(
@@ -187,7 +200,9 @@ def reject_run(
 
     ``approval_id`` binds the decision to one approval, as for :func:`approve_run`.
     """
-    return _decide(run_id, "rejected", decided_by, reason, approval_id, tenant_id, identity)
+    return _decide(
+        run_id, ApprovalStatus.REJECTED, decided_by, reason, approval_id, tenant_id, identity
+    )
 
 
 def _decide(
@@ -202,7 +217,7 @@ def _decide(
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
     who = decider(decided_by, "decided_by")
-    text = optional_text(note, "note" if decision == "approved" else "reason")
+    text = optional_text(note, "note" if decision == ApprovalStatus.APPROVED else "reason")
     expected = approval_key(approval_id)
     ctx = context()
 
@@ -217,20 +232,23 @@ def _decide(
         if isinstance(expected, str):  # names no approval at all
             raise NoPendingApproval(str(tx.run_id), expected)
         if expected is None:
-            decided = _sql.DECIDE_LATEST_APPROVAL.first(tx.conn, params)
+            decided = sql.DECIDE_LATEST_APPROVAL.first(tx.conn, params)
         else:
-            decided = _sql.DECIDE_APPROVAL.first(tx.conn, {**params, "b_approval_id": expected})
+            decided = sql.DECIDE_APPROVAL.first(tx.conn, {**params, "b_approval_id": expected})
         if decided is None:
             _not_pending(tx, expected)
         step_id = decided["step_id"]
         payload = {"decision": decision, "decided_by": who}
         tx.event("approval_decided", step_id, payload)
         tx.signal(signals.approval_decided, approval={"approval_id": str(decided["id"]), **payload})
-        if decision == "rejected":
+        if decision == ApprovalStatus.REJECTED:
             tx.update_step(
-                step_id, {"status": "waiting_for_approval"}, status="rejected", completed_at=tx.now
+                step_id,
+                {"status": StepStatus.WAITING_FOR_APPROVAL},
+                status=StepStatus.REJECTED,
+                completed_at=tx.now,
             )
-            tx.set(status="rejected", completed_at=tx.now)
+            tx.set(status=RunStatus.REJECTED, completed_at=tx.now)
             tx.event("run_rejected", step_id, {"reason": text})
 
     _, row, _ = transact(ctx, key, guard, decide)
@@ -256,7 +274,7 @@ def cancel_run(
     ctx = context()
 
     def decide(tx: Tx) -> None:
-        if tx.status() in _NOT_CANCELLABLE:
+        if tx.status() not in _CANCELLABLE:
             raise RunNotResumable(
                 str(tx.run_id), tx.status(), f"Run {tx.run_id} already ended as {tx.status()}."
             )
@@ -264,18 +282,21 @@ def cancel_run(
             update(steps)
             .where(
                 steps.c.run_id == tx.run_id,
-                steps.c.status.in_(("queued", "running", "waiting_for_approval", "failed")),
+                steps.c.status.in_(_OPEN_STEPS),
             )
             .values(
-                status="cancelled", lease_token=None, lease_expires_at=None, completed_at=tx.now
+                status=StepStatus.CANCELLED,
+                lease_token=None,
+                lease_expires_at=None,
+                completed_at=tx.now,
             )
         )
         tx.conn.execute(
             update(approvals)
-            .where(approvals.c.run_id == tx.run_id, approvals.c.status == "pending")
-            .values(status="cancelled", decided_by=who, decided_at=tx.now, note=text)
+            .where(approvals.c.run_id == tx.run_id, approvals.c.status == ApprovalStatus.PENDING)
+            .values(status=ApprovalStatus.CANCELLED, decided_by=who, decided_at=tx.now, note=text)
         )
-        tx.set(status="cancelled", completed_at=tx.now)
+        tx.set(status=RunStatus.CANCELLED, completed_at=tx.now)
         tx.event("run_cancelled", None, {"cancelled_by": who, "reason": text})
 
     _, row, _ = transact(ctx, key, guard, decide)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, delete, func, select
 
-from .errors import InvalidRunOptions
-from .models import FINISHED_RUN_STATUSES, approvals, events, handoffs, runs, steps
-from .runtime.arguments import int_in_range, tenant_guard
-from .runtime.transaction import UNSET, context, utcnow
+from ..errors import InvalidRunOptions
+from ..statuses import RunStatus
+from .arguments import int_in_range, tenant_guard
+from .context import UNSET, TenantGuard, context
+from .tables import approvals, events, handoffs, runs, steps
+from .transaction import utcnow
+
+#: The statuses of runs that have ended.
+_ENDED = sorted(status for status in RunStatus if status.finished)
 
 
 def prune_runs(
     *,
     older_than: timedelta,
-    tenant_id: Any = UNSET,
+    tenant_id: object = UNSET,
     batch_size: int = 500,
     dry_run: bool = False,
 ) -> int:
@@ -61,8 +65,8 @@ def prune_runs(
     return pruned
 
 
-def _ended_before(cutoff: Any, tenant: Any) -> list[ColumnElement[bool]]:
-    conditions = [runs.c.status.in_(sorted(FINISHED_RUN_STATUSES)), runs.c.completed_at < cutoff]
+def _ended_before(cutoff: datetime, tenant: TenantGuard) -> list[ColumnElement[bool]]:
+    conditions = [runs.c.status.in_(_ENDED), runs.c.completed_at < cutoff]
     if tenant is not UNSET:
         conditions.append(
             runs.c.tenant_id.is_(None) if tenant is None else runs.c.tenant_id == tenant

@@ -1,4 +1,4 @@
-"""Validation of bounded handoffs.
+"""Bounded handoffs: validating them, and recording them in a run.
 
 A handoff gives a child step a narrow, host-chosen ``projected_context``.
 Keys that look like transcripts, provider or socket state, headers, cookies
@@ -8,74 +8,20 @@ or credentials are refused at any depth, and both payloads are capped in size.
 from __future__ import annotations
 
 import json
-import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ._json import ErrorFactory, check_text, json_copy
-from .errors import InvalidHandoff
-
-UNSAFE_NAMES = frozenset(
-    {
-        "transcript",
-        "transcripts",
-        "messages",
-        "message_history",
-        "history",
-        "chat_history",
-        "conversation_history",
-        "provider_session",
-        "provider_state",
-        "runtime_state",
-        "session",
-        "session_state",
-        "socket",
-        "socket_state",
-        "assigns",
-        "private",
-        "cookies",
-        "headers",
-        "secrets",
-        "message",
-        "cookie",
-        "header",
-        "secret",
-        "token",
-        "password",
-        "passwd",
-        "api_key",
-        "apikey",
-        "authorization",
-        "credentials",
-        "private_key",
-        "access_token",
-        "refresh_token",
-    }
-)
-UNSAFE_SUFFIXES = (
-    "_transcript",
-    "_history",
-    "_messages",
-    "_cookies",
-    "_headers",
-    "_secrets",
-    "_provider_session",
-    "_socket",
-    "_token",
-    "_secret",
-    "_password",
-    "_api_key",
-    "_cookie",
-    "_header",
-    "_credentials",
-)
-UNSAFE_PREFIXES = ("provider_session_", "socket_")
-
-_ACRONYM_BOUNDARY = re.compile(r"([A-Z]+)([A-Z][a-z])")
-_CAMEL_BOUNDARY = re.compile(r"([a-z0-9])([A-Z])")
-_NON_ALNUM = re.compile(r"[^0-9A-Za-z]+")
+from .. import signals
+from .._ids import uuid7
+from .._json import check_text, json_copy
+from ..errors import InvalidHandoff
+from ..redaction import is_unsafe_key
+from .arguments import require_name
+from .steps import new_step_row
+from .transaction import Row, RunChange
 
 
 @dataclass(frozen=True)
@@ -87,21 +33,6 @@ class HandoffSpec:
     handoff_input: dict[str, Any]
     projected_context: dict[str, Any]
     capability_tags: list[str]
-
-
-def normalize_key(key: str) -> str:
-    """``requestHeaders``, ``Request-Headers`` -> ``request_headers``."""
-    key = _ACRONYM_BOUNDARY.sub(r"\1_\2", key)
-    key = _CAMEL_BOUNDARY.sub(r"\1_\2", key)
-    return _NON_ALNUM.sub("_", key).strip("_").lower()
-
-
-def is_unsafe_key(key: str) -> bool:
-    """Whether a context key names data that must not cross a handoff."""
-    name = normalize_key(key)
-    return (
-        name in UNSAFE_NAMES or name.endswith(UNSAFE_SUFFIXES) or name.startswith(UNSAFE_PREFIXES)
-    )
 
 
 def validate_handoff(
@@ -133,19 +64,6 @@ def validate_handoff(
     _check_keys(context, "")
     _cap_size(context, "projected_context", max_bytes)
     return HandoffSpec(role, kind, payload, context, _tags(capability_tags))
-
-
-def require_name(value: Any, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
-    """``value`` as a stripped, printable, non-blank name of at most ``limit`` characters.
-
-    Anything else raises ``error`` with a message naming ``what``.
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise error(f"{what} must be a non-empty string.")
-    text = value.strip()
-    if len(text) > limit or not text.isprintable():
-        raise error(f"{what} must be printable and at most {limit} characters long.")
-    return text
 
 
 def _payload(value: Any, what: str, code: str) -> dict[str, Any]:
@@ -212,3 +130,47 @@ def _tags(value: Any) -> list[str]:
         )
     invalid = partial(InvalidHandoff, "invalid_capability_tags")
     return [check_text(tag.strip(), what="capability_tags", error=invalid) for tag in value]
+
+
+def record_handoff(
+    change: RunChange, parent_step_id: uuid.UUID, spec: HandoffSpec
+) -> tuple[Row, Row]:
+    """Add a handoff's queued child step and its record to the run, with their events.
+
+    Returns the child step and the result envelope of the parent step, which
+    the caller completes.
+    """
+    child = new_step_row(
+        change.run_id,
+        sequence=change.step_sequence() + 1,
+        kind=spec.delegated_kind,
+        role_id=spec.delegated_role_id,
+        parent_step_id=parent_step_id,
+        handoff_input=spec.handoff_input,
+        projected_context=spec.projected_context,
+    )
+    handoff = {
+        "id": uuid7(),
+        "run_id": change.run_id,
+        "parent_step_id": parent_step_id,
+        "child_step_id": child["id"],
+        "delegated_role_id": spec.delegated_role_id,
+        "delegated_kind": spec.delegated_kind,
+        "capability_tags": spec.capability_tags,
+        "handoff_input": spec.handoff_input,
+        "projected_context": spec.projected_context,
+        "created_at": change.now,
+    }
+    change.add_step(child)
+    change.add_handoff(handoff)
+    payload = {
+        "handoff_id": str(handoff["id"]),
+        "child_step_id": str(child["id"]),
+        "delegated_role_id": spec.delegated_role_id,
+        "delegated_kind": spec.delegated_kind,
+    }
+    change.event("step_completed", parent_step_id)
+    change.event("handoff_created", parent_step_id, payload)
+    change.signal(signals.handoff_created, handoff=payload)
+    result = {"handoff_id": payload["handoff_id"], "delegated_role_id": spec.delegated_role_id}
+    return child, result

@@ -25,7 +25,8 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-from .models import approvals, events, handoffs, runs, steps
+from ..statuses import ApprovalStatus, StepStatus
+from .tables import approvals, events, handoffs, runs, steps
 
 Processor = Callable[[Any], Any] | None
 
@@ -201,7 +202,7 @@ UPDATE_RUN_IF_VERSION = Prepared(
 STEP_BY_ID = Prepared(select(steps).where(steps.c.id == bindparam("b_step_id")))
 QUEUED_STEPS = Prepared(
     select(steps)
-    .where(steps.c.run_id == bindparam("b_run_id"), steps.c.status == "queued")
+    .where(steps.c.run_id == bindparam("b_run_id"), steps.c.status == StepStatus.QUEUED)
     .order_by(steps.c.sequence)
 )
 OPEN_STEP_COUNT = Prepared(
@@ -209,15 +210,15 @@ OPEN_STEP_COUNT = Prepared(
     .select_from(steps)
     .where(
         steps.c.run_id == bindparam("b_run_id"),
-        steps.c.status != "completed",
-        steps.c.status != "cancelled",
+        steps.c.status != StepStatus.COMPLETED,
+        steps.c.status != StepStatus.CANCELLED,
     )
 )
 EXPIRED_STEP_OF_RUN = Prepared(
     select(steps.c.id, steps.c.lease_token, steps.c.lease_expires_at)
     .where(
         steps.c.run_id == bindparam("b_run_id"),
-        steps.c.status == "running",
+        steps.c.status == StepStatus.RUNNING,
         steps.c.lease_expires_at < bindparam("b_now"),
     )
     .limit(1)
@@ -242,7 +243,10 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     .where(
         approvals.c.run_id == bindparam("b_run_id"),
         approvals.c.step_id == bindparam("b_step_id"),
-        or_(approvals.c.status == "approved", approvals.c.status == "rejected"),
+        or_(
+            approvals.c.status == ApprovalStatus.APPROVED,
+            approvals.c.status == ApprovalStatus.REJECTED,
+        ),
     )
     .order_by(approvals.c.decided_at.desc(), approvals.c.id.desc())
     .limit(1)
@@ -252,7 +256,7 @@ DECIDE_LATEST_APPROVAL = Prepared(
     update(approvals)
     .where(
         approvals.c.id == _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery(),
-        approvals.c.status == "pending",
+        approvals.c.status == ApprovalStatus.PENDING,
     )
     .returning(*approvals.c)
 )
@@ -262,7 +266,7 @@ DECIDE_APPROVAL = Prepared(
     .where(
         approvals.c.id == bindparam("b_approval_id"),
         approvals.c.run_id == bindparam("b_run_id"),
-        approvals.c.status == "pending",
+        approvals.c.status == ApprovalStatus.PENDING,
     )
     .returning(*approvals.c)
 )

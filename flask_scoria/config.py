@@ -1,0 +1,136 @@
+"""The ``SCORIA_*`` configuration keys: their defaults, and reading them once."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .redaction import normalize_key
+
+#: Every configuration key flask-scoria reads, with its default.
+DEFAULTS: Mapping[str, Any] = {
+    "SCORIA_DATABASE_URI": None,
+    "SCORIA_ENGINE_OPTIONS": {},
+    "SCORIA_SQLITE_SYNCHRONOUS": "FULL",
+    "SCORIA_SQLITE_BUSY_TIMEOUT": 30.0,
+    "SCORIA_URL_PREFIX": "/scoria",
+    "SCORIA_STEP_LEASE_SECONDS": 300.0,
+    "SCORIA_HANDOFF_MAX_BYTES": 64 * 1024,
+    "SCORIA_HANDOFF_MAX_DEPTH": 16,
+    "SCORIA_REDACT_KEYS": (),
+}
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The keys of flask-scoria's own engine, which a host's ``db`` engine ignores.
+OWN_ENGINE_KEYS = (
+    "SCORIA_DATABASE_URI",
+    "SCORIA_ENGINE_OPTIONS",
+    "SCORIA_SQLITE_SYNCHRONOUS",
+    "SCORIA_SQLITE_BUSY_TIMEOUT",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``SCORIA_*`` configuration of one app, read once by ``init_app``."""
+
+    database_uri: str
+    engine_options: Mapping[str, Any]
+    sqlite_synchronous: str
+    sqlite_busy_timeout: float
+    url_prefix: str
+    step_lease_seconds: float
+    handoff_max_bytes: int
+    handoff_max_depth: int
+    redact_keys: tuple[str, ...]
+
+
+def read_settings(app: Flask) -> Settings:
+    """Read and check the app's ``SCORIA_*`` keys, filling in defaults."""
+    unknown = sorted(key for key in app.config if key.startswith("SCORIA_") and key not in DEFAULTS)
+    if unknown:
+        warnings.warn(
+            f"flask-scoria ignores unknown config keys {unknown}; the keys it reads are"
+            f" {sorted(DEFAULTS)}.",
+            stacklevel=3,
+        )
+    for key, value in DEFAULTS.items():
+        app.config.setdefault(key, value)
+    config = app.config
+    uri = _database_uri(app, config["SCORIA_DATABASE_URI"])
+    synchronous = str(config["SCORIA_SQLITE_SYNCHRONOUS"]).upper()
+    if synchronous not in _SYNCHRONOUS:
+        raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
+    prefix = config["SCORIA_URL_PREFIX"]
+    if not isinstance(prefix, str) or not prefix.startswith("/") or prefix == "/":
+        raise ValueError("SCORIA_URL_PREFIX must be a path such as '/scoria'.")
+    lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float)
+    max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
+    max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
+    busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
+    engine_options = config["SCORIA_ENGINE_OPTIONS"]
+    if not isinstance(engine_options, Mapping):
+        raise ValueError(
+            "SCORIA_ENGINE_OPTIONS must be a dict of create_engine() keyword arguments,"
+            f" not {engine_options!r}."
+        )
+    return Settings(
+        database_uri=uri,
+        engine_options=dict(engine_options),
+        sqlite_synchronous=synchronous,
+        sqlite_busy_timeout=busy_timeout,
+        url_prefix=prefix.rstrip("/"),
+        step_lease_seconds=lease,
+        handoff_max_bytes=max_bytes,
+        handoff_max_depth=max_depth,
+        redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
+    )
+
+
+def _database_uri(app: Flask, uri: Any) -> str:
+    """The URL of the own engine; a relative SQLite path is in the instance folder."""
+    if uri is None:
+        uri = "sqlite:///scoria.sqlite3"
+    try:
+        url = make_url(uri)
+    except ArgumentError:
+        raise ValueError(f"SCORIA_DATABASE_URI is not a database URL: {uri!r}.") from None
+    path = url.database or ""
+    as_given = path in ("", ":memory:") or path.startswith("file:") or os.path.isabs(path)
+    if url.get_backend_name() == "sqlite" and not as_given:
+        os.makedirs(app.instance_path, exist_ok=True)
+        url = url.set(database=os.path.join(app.instance_path, path))
+    return url.render_as_string(hide_password=False)
+
+
+def _number(config: Mapping[str, Any], key: str, kind: type, *, allow_zero: bool = False) -> Any:
+    """``config[key]`` as a positive ``kind`` (or zero, if allowed), or a ValueError naming it."""
+    value = config[key]
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is not None and number != value and not isinstance(value, str):
+        number = None  # 1.5 is no int
+    low_ok = number is not None and (number > 0 or (allow_zero and number == 0))
+    if isinstance(value, bool) or not low_ok:
+        least = "zero or more" if allow_zero else "positive"
+        raise ValueError(f"{key} must be a {least} number, not {value!r}.")
+    return number
+
+
+def _redact_keys(value: Any) -> tuple[str, ...]:
+    """Key names from a list, or from one comma-separated string (as env config gives)."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple | set | frozenset) or not all(
+        isinstance(name, str) for name in names
+    ):
+        raise ValueError(f"SCORIA_REDACT_KEYS must be a list of key names, not {value!r}.")
+    return tuple(normalize_key(name.strip()) for name in names if name.strip())

@@ -1,0 +1,57 @@
+"""What one runtime call needs of the current app, found through its state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from flask import Flask, current_app
+
+from ..state import app_state
+from ..storage import Storage
+from .handlers import Handler
+from .leases import LeaseKeeper
+
+
+class Unset(Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "Not given": a verb called without ``tenant_id=`` applies no tenant guard.
+UNSET: Final = Unset.UNSET
+
+#: The tenant a run must belong to (``None``: runs without a tenant), or :data:`UNSET`.
+TenantGuard = str | None | Unset
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """What one call needs of the current app's flask-scoria state."""
+
+    app: Flask
+    storage: Storage
+    registry: Mapping[str, Handler]
+    keeper: LeaseKeeper
+    handoff_max_bytes: int
+    handoff_max_depth: int
+
+
+def context() -> RuntimeContext:
+    """The runtime context of the current app."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    state = app_state(app)
+    return RuntimeContext(
+        app=app,
+        storage=state.storage,
+        registry=state.registry.handlers,
+        keeper=state.keeper,
+        handoff_max_bytes=state.settings.handoff_max_bytes,
+        handoff_max_depth=state.settings.handoff_max_depth,
+    )

@@ -1,0 +1,154 @@
+"""The ``scoria_*`` tables, on flask-scoria's own metadata.
+
+Tables are created by the shipped Alembic revisions (``flask scoria db
+upgrade``), never at import or in ``init_app``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, ForeignKey, Index, Integer, MetaData, String, Table, Text, text
+
+from .._types import JSONPayload, UTCDateTime, UUIDType
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: The metadata of every ``scoria_*`` table, for Alembic.
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+_ID = 255
+_NAME = 64
+_STATUS = 32
+
+# Partial indexes hold only the rows still open (a running step holds a lease),
+# so that finished runs cost nothing in them.
+_LEASED = text("lease_expires_at IS NOT NULL")
+_PENDING = text("status = 'pending'")
+
+
+def _run_id_column(*, primary_key: bool = False) -> Column[object]:
+    """The column naming the run a row belongs to; the row goes when the run does."""
+    return Column(
+        "run_id",
+        UUIDType,
+        ForeignKey("scoria_runs.id", ondelete="CASCADE"),
+        nullable=False,
+        primary_key=primary_key,
+    )
+
+
+#: One durable execution. ``version`` guards every transition.
+runs = Table(
+    "scoria_runs",
+    metadata,
+    Column("id", UUIDType, primary_key=True),
+    Column("session_id", String(_ID)),
+    Column("actor_id", String(_ID)),
+    Column("tenant_id", String(_ID)),
+    Column("root_role_id", String(_ID), nullable=False),
+    Column("status", String(_STATUS), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_event_sequence", Integer, nullable=False),
+    Column("last_step_sequence", Integer, nullable=False),
+    Column("current_step_id", UUIDType),
+    Column("metadata", JSONPayload, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("completed_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # Each list of runs is one walk of an index, newest first: the operator's
+    # (tenant-wide, or filtered on one column) and a session's.
+    Index("ix_scoria_runs_session_created", "session_id", "tenant_id", "created_at", "id"),
+    Index("ix_scoria_runs_tenant_created", "tenant_id", "created_at", "id"),
+    Index("ix_scoria_runs_status_tenant_created", "status", "tenant_id", "created_at", "id"),
+    Index("ix_scoria_runs_tenant_actor_created", "tenant_id", "actor_id", "created_at", "id"),
+    Index("ix_scoria_runs_tenant_role_created", "tenant_id", "root_role_id", "created_at", "id"),
+    sqlite_with_rowid=False,
+)
+
+#: One unit of work of a run, executed by the handler for its ``kind``.
+steps = Table(
+    "scoria_steps",
+    metadata,
+    Column("id", UUIDType, primary_key=True),
+    _run_id_column(),
+    Column("parent_step_id", UUIDType),
+    Column("sequence", Integer, nullable=False),
+    Column("kind", String(_NAME), nullable=False),
+    Column("role_id", String(_ID), nullable=False),
+    Column("status", String(_STATUS), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("handoff_input", JSONPayload),
+    Column("projected_context", JSONPayload),
+    Column("result_envelope", JSONPayload),
+    Column("error_envelope", JSONPayload),
+    Column("lease_token", String(_STATUS)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("started_at", UTCDateTime),
+    Column("completed_at", UTCDateTime),
+    Index("uq_scoria_steps_run_sequence", "run_id", "sequence", unique=True),
+    Index(
+        "ix_scoria_steps_lease", "lease_expires_at", sqlite_where=_LEASED, postgresql_where=_LEASED
+    ),
+)
+
+#: A pause of one step until an operator approves or rejects it.
+approvals = Table(
+    "scoria_approvals",
+    metadata,
+    Column("id", UUIDType, primary_key=True),
+    _run_id_column(),
+    Column("step_id", UUIDType, nullable=False),
+    Column("status", String(_STATUS), nullable=False),
+    Column("tool_name", String(_ID), nullable=False),
+    Column("arguments", JSONPayload),
+    Column("reason", Text),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("decided_by", String(_ID)),
+    Column("decided_at", UTCDateTime),
+    Column("note", Text),
+    Index("ix_scoria_approvals_run", "run_id"),
+    Index(
+        "ix_scoria_approvals_pending_requested",
+        "requested_at",
+        "id",
+        sqlite_where=_PENDING,
+        postgresql_where=_PENDING,
+    ),
+)
+
+#: One entry of a run's timeline, numbered by ``sequence`` per run.
+#: The timeline is read by run and sequence only: on SQLite the table is that index.
+events = Table(
+    "scoria_events",
+    metadata,
+    _run_id_column(primary_key=True),
+    Column("sequence", Integer, primary_key=True, autoincrement=False),
+    Column("event_type", String(_NAME), nullable=False),
+    Column("step_id", UUIDType),
+    Column("payload", JSONPayload),
+    Column("created_at", UTCDateTime, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+#: A bounded delegation from a parent step to a queued child step.
+handoffs = Table(
+    "scoria_handoffs",
+    metadata,
+    Column("id", UUIDType, primary_key=True),
+    _run_id_column(),
+    Column("parent_step_id", UUIDType, nullable=False),
+    Column("child_step_id", UUIDType),
+    Column("delegated_role_id", String(_ID), nullable=False),
+    Column("delegated_kind", String(_NAME), nullable=False),
+    Column("capability_tags", JSONPayload, nullable=False),
+    Column("handoff_input", JSONPayload, nullable=False),
+    Column("projected_context", JSONPayload, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_scoria_handoffs_run", "run_id"),
+)
