@@ -40,6 +40,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# By hand, never in CI: figures are ratios measured in one run (see bench/README.md).
+bench: $(STAMP)
+	$(BIN)/python bench/approval_roundtrip.py
+
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W -b html docs docs/_build/html
 

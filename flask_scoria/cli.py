@@ -75,13 +75,13 @@ def scoria_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def echo_json(value: Any) -> None:
+def echo_json(value: object) -> None:
     """Print dataclasses, mappings and lists as indented JSON."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
@@ -90,7 +90,7 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=_plain))
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
@@ -100,7 +100,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Print rows as left-aligned columns under ``headers``."""
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .redaction import normalize_key
@@ -94,11 +94,13 @@ def read_settings(app: Flask) -> Settings:
     )
 
 
-def _database_uri(app: Flask, uri: Any) -> str:
+def _database_uri(app: Flask, uri: object) -> str:
     """The URL of the own engine; a relative SQLite path is in the instance folder."""
     if uri is None:
         uri = "sqlite:///scoria.sqlite3"
     try:
+        if not isinstance(uri, str | URL):
+            raise ArgumentError(uri)
         url = make_url(uri)
     except ArgumentError:
         raise ValueError(f"SCORIA_DATABASE_URI is not a database URL: {uri!r}.") from None
@@ -126,7 +128,7 @@ def _number(config: Mapping[str, Any], key: str, kind: type, *, allow_zero: bool
     return number
 
 
-def _redact_keys(value: Any) -> tuple[str, ...]:
+def _redact_keys(value: object) -> tuple[str, ...]:
     """Key names from a list, or from one comma-separated string (as env config gives)."""
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, list | tuple | set | frozenset) or not all(

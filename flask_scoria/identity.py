@@ -31,7 +31,7 @@ class Identity:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_session(cls, session: Any) -> Identity:
+    def from_session(cls, session: object) -> Identity:
         """Read ``actor_id``, ``tenant_id`` and ``session_id`` keys of a session."""
         if not isinstance(session, Mapping):
             return cls()
@@ -42,7 +42,7 @@ class Identity:
         )
 
     @classmethod
-    def from_g(cls, g: Any) -> Identity:
+    def from_g(cls, g: object) -> Identity:
         """Read the actor, tenant and session id a request stored on ``g``.
 
         The actor is ``g.current_user``, ``g.user`` or ``g.actor``; the tenant
@@ -66,7 +66,7 @@ class Identity:
         }
 
 
-def identity(value: Any = None) -> Identity:
+def identity(value: object = None) -> Identity:
     """Normalize ``value`` into an :class:`Identity`.
 
     ``value`` may be an ``Identity``, a mapping, any object with attributes,
@@ -109,7 +109,7 @@ def identity(value: Any = None) -> Identity:
     )
 
 
-def normalize_id(value: Any, name: str) -> str | None:
+def normalize_id(value: object, name: str) -> str | None:
     """Return ``value`` as a stripped id string, or ``None`` when blank."""
     if value is None:
         return None
@@ -129,7 +129,7 @@ def normalize_id(value: Any, name: str) -> str | None:
     return text
 
 
-def _id_of(value: Any, name: str) -> str | None:
+def _id_of(value: object, name: str) -> str | None:
     """The id of an alias value: a plain id, or an object's ``id``."""
     if value is None:
         return None
@@ -150,7 +150,7 @@ def _first_present(read: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
+def _first_attr(obj: object, names: tuple[str, ...]) -> Any:
     for name in names:
         found = getattr(obj, name, _MISSING)
         if found is not _MISSING and found is not None:
@@ -158,7 +158,7 @@ def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-def _metadata(value: Any) -> dict[str, Any]:
+def _metadata(value: object) -> dict[str, Any]:
     if value is None:
         return {}
     return json_object(value, what="identity metadata", error=InvalidIdentity)

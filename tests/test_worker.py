@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from _helpers import counting_handler, executions, write_locked
 from conftest import create_test_app
-from flask import Flask
+from flask import Flask, g
 from flask.testing import FlaskCliRunner
 
 import flask_scoria as scoria
@@ -182,3 +182,32 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
     assert f"dispatched {run_id}: completed" in out
     assert out.rstrip().endswith("worker stopped")
     assert len(executions(counter)) == 1
+
+
+def test_each_worker_run_gets_a_fresh_app_context(
+    app: Flask, runtime: Scoria, runner: FlaskCliRunner, tmp_path: Path
+) -> None:
+    counter = tmp_path / "count.txt"
+    with app.app_context():
+        first, second = queued_run(counter), queued_run(counter)
+    seen: list[tuple[str, object]] = []
+    torn_down: list[str] = []
+
+    @runtime.handler("count")
+    def remember(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        # What a handler leaves on ``g`` (or in a host's db.session) must not reach the next run.
+        seen.append((run.run_id, g.get("left_by_previous_run")))
+        g.left_by_previous_run = run.run_id
+        return scoria.Succeed()
+
+    @app.teardown_appcontext
+    def count_teardown(_exc: BaseException | None) -> None:
+        if "left_by_previous_run" in g:
+            torn_down.append(g.left_by_previous_run)
+
+    result = runner.invoke(args=["scoria", "worker", "--once"])
+
+    assert result.exit_code == 0, result.output
+    assert seen == [(first, None), (second, None)]
+    # Each run's context was torn down right after it, as after a request.
+    assert torn_down == [first, second]

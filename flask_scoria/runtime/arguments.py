@@ -17,7 +17,7 @@ from .context import UNSET, TenantGuard
 MAX_TEXT = 10_000
 
 
-def run_uuid(run_id: Any) -> uuid.UUID:
+def run_uuid(run_id: object) -> uuid.UUID:
     parsed = parse_uuid(run_id)
     if parsed is None:
         raise RunNotFound(run_id)
@@ -28,7 +28,7 @@ def run_uuid(run_id: Any) -> uuid.UUID:
 MAX_SEQUENCE = 1_000_000
 
 
-def int_in_range(value: Any, name: str, maximum: int | None = None) -> int:
+def int_in_range(value: object, name: str, maximum: int | None = None) -> int:
     """``value`` if it is an int from 1 to ``maximum`` (no bound when ``None``)."""
     too_big = maximum is not None and isinstance(value, int) and value > maximum
     if not isinstance(value, int) or isinstance(value, bool) or value < 1 or too_big:
@@ -37,7 +37,7 @@ def int_in_range(value: Any, name: str, maximum: int | None = None) -> int:
     return value
 
 
-def approval_key(approval_id: Any) -> uuid.UUID | str | None:
+def approval_key(approval_id: object) -> uuid.UUID | str | None:
     """The approval a decision is bound to: its id, the text that names none, or ``None``."""
     if approval_id is None:
         return None
@@ -58,7 +58,7 @@ def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
     return normalize_id(tenant_id, "tenant_id")
 
 
-def optional_text(value: Any, name: str) -> str | None:
+def optional_text(value: object, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
@@ -66,7 +66,7 @@ def optional_text(value: Any, name: str) -> str | None:
     return value
 
 
-def decider(value: Any, name: str) -> str:
+def decider(value: object, name: str) -> str:
     try:
         who = normalize_id(value, name)
     except Exception as exc:
@@ -76,7 +76,7 @@ def decider(value: Any, name: str) -> str:
     return who
 
 
-def require_name(value: Any, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
+def require_name(value: object, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
     """``value`` as a stripped, printable, non-blank name of at most ``limit`` characters.
 
     Anything else raises ``error`` with a message naming ``what``.
@@ -89,11 +89,11 @@ def require_name(value: Any, what: str, *, error: ErrorFactory, limit: int = 255
     return text
 
 
-def role_name(value: Any, name: str) -> str:
+def role_name(value: object, name: str) -> str:
     return require_name(value, name, error=InvalidRunOptions)
 
 
-def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
+def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -111,7 +111,7 @@ def initial_step_spec(value: Any, root_role_id: str) -> dict[str, Any] | None:
     return {"kind": kind, "role_id": role_id, "sequence": sequence}
 
 
-def run_metadata(runtime: Any, ident: Identity) -> dict[str, Any]:
+def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:
     if runtime is None:
         runtime = {}
     if not isinstance(runtime, Mapping):

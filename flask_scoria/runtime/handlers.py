@@ -18,7 +18,7 @@ log = logging.getLogger("flask_scoria")
 Handler = Callable[[StepView, RunSummary], Any]
 
 
-def load_handler(value: Any, kind: str) -> Handler:
+def load_handler(value: object, kind: str) -> Handler:
     """Return a callable handler, importing ``"module:function"`` strings."""
     if isinstance(value, str):
         try:
@@ -32,13 +32,13 @@ def load_handler(value: Any, kind: str) -> Handler:
             f"Handler for kind {kind!r} must be callable or a 'module:function'"
             f" string, not {type(value).__name__}."
         )
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 class Handlers:
     """Resolves a step kind: per-call handlers first, then the registry."""
 
-    def __init__(self, per_call: Any, registry: Mapping[str, Handler]) -> None:
+    def __init__(self, per_call: object, registry: Mapping[str, Handler]) -> None:
         if per_call is None:
             per_call = {}
         if not isinstance(per_call, Mapping):
@@ -79,7 +79,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         return _invalid(exc.message)
 
 
-def _normalize(value: Any) -> Outcome:
+def _normalize(value: object) -> Outcome:
     if value is None or isinstance(value, Mapping):
         value = Succeed(value)
     if isinstance(value, Succeed):

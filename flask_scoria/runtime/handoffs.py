@@ -37,11 +37,11 @@ class HandoffSpec:
 
 def validate_handoff(
     *,
-    delegated_role_id: Any,
-    delegated_kind: Any,
-    handoff_input: Any,
-    projected_context: Any,
-    capability_tags: Any,
+    delegated_role_id: object,
+    delegated_kind: object,
+    handoff_input: object,
+    projected_context: object,
+    capability_tags: object,
     max_bytes: int,
     max_depth: int,
 ) -> HandoffSpec:
@@ -66,7 +66,7 @@ def validate_handoff(
     return HandoffSpec(role, kind, payload, context, _tags(capability_tags))
 
 
-def _payload(value: Any, what: str, code: str) -> dict[str, Any]:
+def _payload(value: object, what: str, code: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidHandoff(code, f"{what} must be a dict, not {type(value).__name__}.")
     copied: dict[str, Any] = json_copy(
@@ -85,7 +85,7 @@ def _cap_size(value: dict[str, Any], what: str, max_bytes: int) -> None:
         )
 
 
-def _check_depth(value: Any, max_depth: int, depth: int = 1) -> None:
+def _check_depth(value: object, max_depth: int, depth: int = 1) -> None:
     if isinstance(value, dict | list):
         if depth > max_depth:
             raise InvalidHandoff(
@@ -98,7 +98,7 @@ def _check_depth(value: Any, max_depth: int, depth: int = 1) -> None:
             _check_depth(item, max_depth, depth + 1)
 
 
-def _check_keys(value: Any, path: str) -> None:
+def _check_keys(value: object, path: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else key
@@ -116,7 +116,7 @@ def _check_keys(value: Any, path: str) -> None:
             _check_keys(item, f"{path}[{index}]")
 
 
-def _tags(value: Any) -> list[str]:
+def _tags(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):

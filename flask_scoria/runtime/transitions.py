@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from sqlalchemy import update
 
@@ -20,7 +20,7 @@ from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .steps import claim_next, claim_step, decided_approval, expire_leases
 from .tables import approvals, steps
-from .transaction import Conflict, Tx, transact
+from .transaction import Conflict, Row, Tx, transact
 
 #: A failed run can still be cancelled, which stops it from being retried.
 _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)
@@ -36,9 +36,9 @@ _OPEN_STEPS = (
 def dispatch(
     run_id: str,
     *,
-    handlers: Mapping[str, Any] | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    handlers: Mapping[str, object] | None = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> RunSummary:
     """Execute the queued steps of a ``running`` run whose handlers are known.
 
@@ -61,9 +61,9 @@ def dispatch(
 def resume_run(
     run_id: str,
     *,
-    handlers: Mapping[str, Any] | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    handlers: Mapping[str, object] | None = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> RunSummary:
     """Continue the same run: after an approval, or by retrying its failed step.
 
@@ -98,7 +98,7 @@ def _not_resumable_message(run_id: str, status: str) -> str:
     return f"Run {run_id} is {status} and cannot be resumed."
 
 
-def _current_step(tx: Tx) -> dict[str, Any] | None:
+def _current_step(tx: Tx) -> Row | None:
     step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
     if step_id is None:
         return None
@@ -171,8 +171,8 @@ def approve_run(
     decided_by: str,
     note: str | None = None,
     approval_id: str | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> RunSummary:
     """Approve the run's pending approval as ``decided_by``.
 
@@ -193,8 +193,8 @@ def reject_run(
     decided_by: str,
     reason: str | None = None,
     approval_id: str | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> RunSummary:
     """Reject the run's pending approval; the step and the run end ``rejected``.
 
@@ -206,13 +206,13 @@ def reject_run(
 
 
 def _decide(
-    run_id: Any,
-    decision: str,
-    decided_by: Any,
-    note: Any,
-    approval_id: Any,
-    tenant_id: Any,
-    identity: Any,
+    run_id: object,
+    decision: ApprovalStatus,
+    decided_by: object,
+    note: object,
+    approval_id: object,
+    tenant_id: object,
+    identity: object,
 ) -> RunSummary:
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
@@ -260,8 +260,8 @@ def cancel_run(
     *,
     cancelled_by: str,
     reason: str | None = None,
-    tenant_id: Any = UNSET,
-    identity: Any = None,
+    tenant_id: object = UNSET,
+    identity: object = None,
 ) -> RunSummary:
     """End a run that has not ended, with its open steps and approvals, as ``cancelled``.
 
