@@ -31,6 +31,7 @@ class RunSummary:
     started_at: datetime | None
     completed_at: datetime | None
     updated_at: datetime
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Approval:
     decided_by: str | None
     decided_at: datetime | None
     note: str | None
+    editable: bool = False
+    edited_arguments: Mapping[str, Any] | None = None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,11 @@ class StepView:
     """What a handler sees of the step it executes.
 
     ``approval`` is the step's latest decided approval, so a handler that asked
-    for approval can tell, once resumed, that it was granted.
+    for approval can tell, once resumed, that it was granted. ``input`` is what
+    the previous step passed on (``{}`` if nothing). ``idempotency_key`` is
+    stable across the step's attempts and unique per step: pass it to the
+    model, payment or mail API the handler calls, since a handler whose
+    process dies may run again.
     """
 
     id: str
@@ -67,6 +75,9 @@ class StepView:
     handoff_input: Mapping[str, Any] | None
     projected_context: Mapping[str, Any] | None
     approval: Approval | None
+    input: Mapping[str, Any]
+    not_before: datetime | None
+    idempotency_key: str
 
 
 @dataclass(frozen=True)

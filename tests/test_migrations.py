@@ -7,7 +7,9 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from conftest import TABLES, create_test_app, throwaway_postgres_database
 
 import flask_scoria as scoria
 from flask_scoria import schema
+from flask_scoria.runtime import tables
 
 REPO = Path(__file__).resolve().parent.parent
 PIP = (sys.executable, "-m", "pip", "--quiet")
@@ -48,6 +51,116 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database_
         assert schema.current_revision(engine) is None
         schema.upgrade(engine)
         assert schema.differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_keeps_the_runs_of_the_first_revision(
+    empty_database_uri: str, tmp_path: Path
+) -> None:
+    engine = sa.create_engine(empty_database_uri)
+    try:
+        schema.upgrade(engine, "scoria_0001")
+        run_id, step_id = uuid.uuid4(), uuid.uuid4()
+        now = datetime.now(UTC)
+        # A run paused for approval, written with the first revision's columns only.
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(tables.runs).values(
+                    id=run_id,
+                    session_id="s-1",
+                    actor_id=None,
+                    tenant_id="t-1",
+                    root_role_id="executor",
+                    status="waiting_for_approval",
+                    version=3,
+                    last_event_sequence=3,
+                    last_step_sequence=1,
+                    current_step_id=step_id,
+                    metadata={},
+                    created_at=now,
+                    started_at=now,
+                    completed_at=None,
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                sa.insert(tables.steps).values(
+                    id=step_id,
+                    run_id=run_id,
+                    parent_step_id=None,
+                    sequence=1,
+                    kind="approval",
+                    role_id="executor",
+                    status="waiting_for_approval",
+                    attempt=1,
+                    handoff_input=None,
+                    projected_context=None,
+                    result_envelope=None,
+                    error_envelope=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    started_at=now,
+                    completed_at=None,
+                )
+            )
+            conn.execute(
+                sa.insert(tables.approvals).values(
+                    id=uuid.uuid4(),
+                    run_id=run_id,
+                    step_id=step_id,
+                    status="pending",
+                    tool_name="publish",
+                    arguments={"n": 1},
+                    reason=None,
+                    requested_at=now,
+                    decided_by=None,
+                    decided_at=None,
+                    note=None,
+                )
+            )
+            conn.execute(
+                sa.insert(tables.events),
+                [
+                    {
+                        "run_id": run_id,
+                        "sequence": n,
+                        "event_type": kind,
+                        "step_id": None,
+                        "payload": None,
+                        "created_at": now,
+                    }
+                    for n, kind in enumerate(
+                        ("run_started", "step_started", "waiting_for_approval"), start=1
+                    )
+                ],
+            )
+        schema.upgrade(engine)
+        assert schema.current_revision(engine) == schema.head_revision()
+        assert schema.differences(engine) == []
+        app = create_test_app(empty_database_uri, tmp_path / "instance")
+        with app.app_context():
+            detail = scoria.get_run_detail(str(run_id))
+            assert detail.summary.status == "waiting_for_approval"
+            assert detail.summary.idempotency_key is None
+            (step,) = detail.steps
+            assert (step.input, step.not_before, step.idempotency_key) == ({}, None, step.id)
+            (approval,) = detail.approvals
+            assert (approval.editable, approval.edited_arguments, approval.expires_at) == (
+                False,
+                None,
+                None,
+            )
+            scoria.approve_run(str(run_id), decided_by="ops")
+            done = scoria.resume_run(str(run_id), handlers={"approval": lambda s, r: None})
+            assert done.status == "completed"
+        app.extensions["scoria"].storage(app).engine.dispose()
+
+        schema.downgrade(engine, "scoria_0001")
+        assert schema.current_revision(engine) == "scoria_0001"
+        with engine.connect() as conn:
+            count = conn.execute(sa.text("SELECT count(*) FROM scoria_runs")).scalar()
+        assert count == 1
     finally:
         engine.dispose()
 

@@ -94,6 +94,9 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> None:
         "decided_by": None,
         "decided_at": None,
         "note": None,
+        "editable": False,
+        "edited_arguments": None,
+        "expires_at": None,
     }
     sql.INSERT_APPROVAL.execute_many(tx.conn, [approval])
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)

@@ -49,6 +49,7 @@ def summary_from_row(row: Mapping[Any, Any]) -> RunSummary:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         updated_at=row["updated_at"],
+        idempotency_key=row["idempotency_key"],
     )
 
 
@@ -65,6 +66,9 @@ def approval_from_row(row: Mapping[Any, Any]) -> Approval:
         decided_by=row["decided_by"],
         decided_at=row["decided_at"],
         note=row["note"],
+        editable=bool(row["editable"]),
+        edited_arguments=row["edited_arguments"],
+        expires_at=row["expires_at"],
     )
 
 
@@ -80,6 +84,9 @@ def _step_fields(row: Mapping[Any, Any], approval: Approval | None) -> dict[str,
         "handoff_input": row["handoff_input"],
         "projected_context": row["projected_context"],
         "approval": approval,
+        "input": row["input"] or {},
+        "not_before": row["not_before"],
+        "idempotency_key": str(row["id"]),
     }
 
 

@@ -40,6 +40,7 @@ def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: 
         "started_at": now,
         "completed_at": None,
         "updated_at": now,
+        "idempotency_key": None,
     }
     new = NewRun(row, now, ctx.keeper.expiry(now))
     new.event("run_started")

@@ -53,6 +53,9 @@ def new_step_row(
         "lease_expires_at": None,
         "started_at": None,
         "completed_at": None,
+        "input": None,
+        "not_before": None,
+        "trace_context": None,
     }
 
 

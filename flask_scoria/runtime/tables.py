@@ -6,7 +6,19 @@ upgrade``), never at import or in ``init_app``.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    false,
+    text,
+)
 
 from .._types import JSONPayload, UTCDateTime, UUIDType
 
@@ -29,6 +41,10 @@ _STATUS = 32
 # so that finished runs cost nothing in them.
 _LEASED = text("lease_expires_at IS NOT NULL")
 _PENDING = text("status = 'pending'")
+_QUEUED = text("status = 'queued'")
+_EXPIRING = text("status = 'pending' AND expires_at IS NOT NULL")
+_KEYED = text("idempotency_key IS NOT NULL")
+_KEYED_WITHOUT_TENANT = text("idempotency_key IS NOT NULL AND tenant_id IS NULL")
 
 
 def _run_id_column(*, primary_key: bool = False) -> Column[object]:
@@ -61,6 +77,7 @@ runs = Table(
     Column("started_at", UTCDateTime),
     Column("completed_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("idempotency_key", String(_ID)),
     # Each list of runs is one walk of an index, newest first: the operator's
     # (tenant-wide, or filtered on one column) and a session's.
     Index("ix_scoria_runs_session_created", "session_id", "tenant_id", "created_at", "id"),
@@ -68,6 +85,22 @@ runs = Table(
     Index("ix_scoria_runs_status_tenant_created", "status", "tenant_id", "created_at", "id"),
     Index("ix_scoria_runs_tenant_actor_created", "tenant_id", "actor_id", "created_at", "id"),
     Index("ix_scoria_runs_tenant_role_created", "tenant_id", "root_role_id", "created_at", "id"),
+    # A start's idempotency key is unique per tenant, and among runs without one.
+    Index(
+        "uq_scoria_runs_tenant_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=_KEYED,
+        postgresql_where=_KEYED,
+    ),
+    Index(
+        "uq_scoria_runs_untenanted_idempotency",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=_KEYED_WITHOUT_TENANT,
+        postgresql_where=_KEYED_WITHOUT_TENANT,
+    ),
     sqlite_with_rowid=False,
 )
 
@@ -91,10 +124,15 @@ steps = Table(
     Column("lease_expires_at", UTCDateTime),
     Column("started_at", UTCDateTime),
     Column("completed_at", UTCDateTime),
+    Column("input", JSONPayload),
+    Column("not_before", UTCDateTime),
+    Column("trace_context", JSONPayload),
     Index("uq_scoria_steps_run_sequence", "run_id", "sequence", unique=True),
     Index(
         "ix_scoria_steps_lease", "lease_expires_at", sqlite_where=_LEASED, postgresql_where=_LEASED
     ),
+    # Queued steps, by when they fall due: what a worker looks for.
+    Index("ix_scoria_steps_queued", "not_before", sqlite_where=_QUEUED, postgresql_where=_QUEUED),
 )
 
 #: A pause of one step until an operator approves or rejects it.
@@ -112,6 +150,9 @@ approvals = Table(
     Column("decided_by", String(_ID)),
     Column("decided_at", UTCDateTime),
     Column("note", Text),
+    Column("editable", Boolean, nullable=False, server_default=false()),
+    Column("edited_arguments", JSONPayload),
+    Column("expires_at", UTCDateTime),
     Index("ix_scoria_approvals_run", "run_id"),
     Index(
         "ix_scoria_approvals_pending_requested",
@@ -119,6 +160,12 @@ approvals = Table(
         "id",
         sqlite_where=_PENDING,
         postgresql_where=_PENDING,
+    ),
+    Index(
+        "ix_scoria_approvals_expiring",
+        "expires_at",
+        sqlite_where=_EXPIRING,
+        postgresql_where=_EXPIRING,
     ),
 )
 
