@@ -12,6 +12,7 @@ Adopt in the order ``identity -> start -> inspect -> resume``::
 
 from .errors import ApprovalAlreadyDecided as ApprovalAlreadyDecided
 from .errors import ApprovalPending as ApprovalPending
+from .errors import InvalidDecision as InvalidDecision
 from .errors import InvalidHandoff as InvalidHandoff
 from .errors import InvalidIdentity as InvalidIdentity
 from .errors import InvalidRunOptions as InvalidRunOptions
@@ -25,6 +26,7 @@ from .identity import Identity as Identity
 from .identity import identity as identity
 from .outcomes import Fail as Fail
 from .outcomes import Handoff as Handoff
+from .outcomes import Next as Next
 from .outcomes import Succeed as Succeed
 from .outcomes import WaitForApproval as WaitForApproval
 from .readback import Approval as Approval

@@ -24,6 +24,7 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_STEP_LEASE_SECONDS": 300.0,
     "SCORIA_HANDOFF_MAX_BYTES": 64 * 1024,
     "SCORIA_HANDOFF_MAX_DEPTH": 16,
+    "SCORIA_MAX_STEPS": 1000,
     "SCORIA_REDACT_KEYS": (),
 }
 
@@ -49,6 +50,7 @@ class Settings:
     step_lease_seconds: float
     handoff_max_bytes: int
     handoff_max_depth: int
+    max_steps: int
     redact_keys: tuple[str, ...]
 
 
@@ -74,6 +76,7 @@ def read_settings(app: Flask) -> Settings:
     lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
+    max_steps = _number(config, "SCORIA_MAX_STEPS", int)
     busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
     engine_options = config["SCORIA_ENGINE_OPTIONS"]
     if not isinstance(engine_options, Mapping):
@@ -90,6 +93,7 @@ def read_settings(app: Flask) -> Settings:
         step_lease_seconds=lease,
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
+        max_steps=max_steps,
         redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
     )
 

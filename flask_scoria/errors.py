@@ -109,6 +109,15 @@ class InvalidHandoff(ScoriaError):
         self.path = path
 
 
+class InvalidDecision(ScoriaError):
+    """A decision that does not fit its approval; nothing is written.
+
+    For example, ``arguments=`` for an approval that is not ``editable``.
+    """
+
+    code = "invalid_decision"
+
+
 class StorageError(ScoriaError):
     """The database could not be reached or stayed locked past its timeout."""
 

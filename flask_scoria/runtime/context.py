@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from flask import Flask, current_app
 
 from ..state import app_state
 from ..storage import Storage
-from .handlers import Handler
 from .leases import LeaseKeeper
+
+if TYPE_CHECKING:
+    from .handlers import Handler
 
 
 class Unset(Enum):
@@ -41,6 +43,7 @@ class RuntimeContext:
     keeper: LeaseKeeper
     handoff_max_bytes: int
     handoff_max_depth: int
+    max_steps: int
 
 
 def context() -> RuntimeContext:
@@ -54,4 +57,5 @@ def context() -> RuntimeContext:
         keeper=state.keeper,
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
+        max_steps=state.settings.max_steps,
     )

@@ -10,20 +10,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from .. import signals
 from .._ids import uuid7
 from ..errors import InvalidHandoff
-from ..outcomes import Fail, Handoff, Outcome, Succeed, WaitForApproval
+from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
 from .context import UNSET, RuntimeContext
 from .handlers import Handlers, run_handler
-from .handoffs import record_handoff, validate_handoff
+from .handoffs import record_handoff, serialized_size, validate_handoff
 from .rows import step_view_from_row, summary_from_row
-from .steps import claim_next, fail_run
+from .steps import claim_next, claim_step, fail_run, new_step_row
 from .transaction import Claim, Row, Tx, transact
 
 
@@ -94,9 +95,9 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> None:
         "decided_by": None,
         "decided_at": None,
         "note": None,
-        "editable": False,
+        "editable": outcome.editable,
         "edited_arguments": None,
-        "expires_at": None,
+        "expires_at": _after(tx.now, outcome.expires_in),
     }
     sql.INSERT_APPROVAL.execute_many(tx.conn, [approval])
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)
@@ -107,6 +108,55 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> None:
 def _fail(done: Finished, outcome: Fail) -> None:
     done.finish(StepStatus.FAILED, error_envelope=outcome.error, completed_at=done.tx.now)
     fail_run(done.tx, done.step_id, "step_failed", outcome.error)
+
+
+def _next(done: Finished, outcome: Next) -> None:
+    tx = done.tx
+    sequence = tx.step_sequence() + 1
+    limit = done.ctx.max_steps
+    if sequence > limit:
+        message = f"Next({outcome.kind!r}) would give the run step {sequence}; the limit is {limit}"
+        _fail(
+            done, Fail({"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."})
+        )
+        return
+    given = dict(outcome.input or {})
+    size, cap = serialized_size(given), done.ctx.handoff_max_bytes
+    if size > cap:
+        message = f"Next input is {size} bytes serialized; the limit is {cap}"
+        _fail(
+            done,
+            Fail(
+                {
+                    "type": "invalid_handler_result",
+                    "message": message + " (SCORIA_HANDOFF_MAX_BYTES).",
+                }
+            ),
+        )
+        return
+    step = new_step_row(
+        tx.run_id,
+        sequence=sequence,
+        kind=outcome.kind,
+        role_id=outcome.role_id or done.claim.step["role_id"],
+    )
+    step.update(input=given, not_before=_after(tx.now, outcome.delay))
+    tx.add_step(step)
+    result = {"next_step_id": str(step["id"]), "next_kind": outcome.kind}
+    done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
+    tx.event("step_completed", done.step_id)
+    if step["not_before"] is None:
+        claim_step(tx, step, done.handlers, None)
+    else:
+        tx.set(current_step_id=step["id"])
+        tx.event("step_queued", step["id"], {"not_before": step["not_before"].isoformat()})
+
+
+def _after(now: datetime, seconds: float | timedelta | None) -> datetime | None:
+    """``now`` plus ``seconds``; ``None`` for no time at all."""
+    if not seconds:
+        return None
+    return now + (seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds))
 
 
 def _handoff(done: Finished, outcome: Handoff) -> None:
@@ -136,6 +186,7 @@ RECORDERS: dict[type, Callable[[Finished, Any], None]] = {
     WaitForApproval: _wait_for_approval,
     Fail: _fail,
     Handoff: _handoff,
+    Next: _next,
 }
 
 

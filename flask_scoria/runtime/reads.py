@@ -24,7 +24,7 @@ from . import statements as sql
 from .arguments import int_in_range, run_uuid, tenant_guard
 from .context import UNSET, RuntimeContext, TenantGuard, context
 from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
-from .steps import expire_leases
+from .steps import notice_expiry
 from .tables import approvals, runs, steps
 from .transaction import Row, load_run, transact, utcnow
 
@@ -90,15 +90,21 @@ class PendingApproval:
     run: RunSummary
 
 
+#: What can expire unnoticed in a run of each status.
+_EXPIRING = {
+    RunStatus.RUNNING: sql.EXPIRED_STEP_OF_RUN,
+    RunStatus.WAITING_FOR_APPROVAL: sql.EXPIRED_APPROVAL_OF_RUN,
+}
+
+
 def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard) -> Row:
-    """Read a run, first failing it if a step's lease expired."""
+    """Read a run, first failing it if a step's lease or its approval expired."""
     with ctx.storage.read() as conn:
         row = load_run(conn, key, guard, lock=False)
-        stale = row["status"] == RunStatus.RUNNING and sql.EXPIRED_STEP_OF_RUN.first(
-            conn, {"b_run_id": key, "b_now": utcnow()}
-        )
+        expiring = _EXPIRING.get(row["status"])
+        stale = expiring and expiring.first(conn, {"b_run_id": key, "b_now": utcnow()})
     if stale:
-        _, row, _ = transact(ctx, key, guard, expire_leases)
+        _, row, _ = transact(ctx, key, guard, notice_expiry)
     return row
 
 
@@ -168,10 +174,10 @@ def list_runs_for_session(
             last = load_run(conn, run_uuid(before), guard, lock=False)
         after = Cursor(last["created_at"], last["id"])
     found = list_runs(RunFilters(session_id=session), tenant=guard, after=after, limit=limit)
-    running = [uuid.UUID(run.run_id) for run in found.rows if run.status == RunStatus.RUNNING]
-    stale = _with_expired_leases(ctx, running)
+    open_runs = [uuid.UUID(run.run_id) for run in found.rows if not run.status.finished]
+    stale = _with_expiries(ctx, open_runs)
     return [
-        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, expire_leases)[1])
+        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, notice_expiry)[1])
         if uuid.UUID(run.run_id) in stale
         else run
         for run in found.rows
@@ -232,33 +238,47 @@ def _page(
     return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
 
 
-def _with_expired_leases(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    """Which of ``run_ids`` have a running step whose lease expired."""
+def _expired_leases(now: datetime) -> Select[Any]:
+    """The runs with a running step whose lease expired before ``now``."""
+    return select(steps.c.run_id).where(
+        steps.c.status == StepStatus.RUNNING, steps.c.lease_expires_at < now
+    )
+
+
+def _expired_approvals(now: datetime) -> Select[Any]:
+    """The runs with a pending approval that expired before ``now``."""
+    return select(approvals.c.run_id).where(
+        approvals.c.status == _PENDING,
+        approvals.c.expires_at.is_not(None),
+        approvals.c.expires_at < now,
+    )
+
+
+def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``run_ids`` have a lease or an approval that expired."""
     if not run_ids:
         return set()
-    expired = select(steps.c.run_id).where(
-        steps.c.run_id.in_(run_ids),
-        steps.c.status == StepStatus.RUNNING,
-        steps.c.lease_expires_at < utcnow(),
-    )
+    now = utcnow()
+    leases = _expired_leases(now).where(steps.c.run_id.in_(run_ids))
+    decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
     with ctx.storage.read() as conn:
-        return set(conn.execute(expired).scalars())
+        return set(conn.execute(leases.union(decisions)).scalars())
 
 
 def recover_expired_leases() -> list[str]:
-    """Fail every run whose running step outlived its lease; return their ids."""
+    """Fail every run whose running step outlived its lease, or whose approval expired.
+
+    Returns the ids of the runs it failed.
+    """
     ctx = context()
+    now = utcnow()
     with ctx.storage.read() as conn:
-        run_ids = list(
-            conn.execute(
-                select(steps.c.run_id)
-                .where(steps.c.status == StepStatus.RUNNING, steps.c.lease_expires_at < utcnow())
-                .distinct()
-            ).scalars()
+        run_ids = sorted(
+            set(conn.execute(_expired_leases(now).union(_expired_approvals(now))).scalars())
         )
     recovered = []
     for key in run_ids:
-        expired, _, _ = transact(ctx, key, UNSET, expire_leases)
+        expired, _, _ = transact(ctx, key, UNSET, notice_expiry)
         if expired:
             recovered.append(str(key))
     return recovered
