@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ def approval_step(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return scoria.WaitForApproval("publish", {"env": "prod"}, reason="bench")
 
 
-def make_app(uri: str) -> Flask:
+def make_app(uri: str, engine_options: dict[str, Any] | None = None) -> Flask:
     app = Flask("bench", instance_path=tempfile.mkdtemp())
     app.config.update(SCORIA_DATABASE_URI=uri, SCORIA_SQLITE_SYNCHRONOUS="FULL")
+    if engine_options:
+        app.config["SCORIA_ENGINE_OPTIONS"] = engine_options
     runtime = Scoria(app)
     runtime.handler("approval")(approval_step)
     return app
@@ -68,8 +71,8 @@ class Timings:
 class ScoriaFlow:
     """Round-trips through the facade on one app, in as many batches as asked."""
 
-    def __init__(self, uri: str) -> None:
-        self.app = make_app(uri)
+    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
+        self.app = make_app(uri, engine_options)
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
         self.timings = Timings([], [], 0.0, 0)
@@ -77,6 +80,10 @@ class ScoriaFlow:
 
     def _count(self, _conn: Any) -> None:
         self.timings.commits += 1
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.seconds
 
     def run(self, runs: int) -> None:
         timings = self.timings
@@ -177,19 +184,23 @@ class RawFlow:
         if not self.sqlite:
             self.conn.commit()
 
-    def close(self) -> None:
-        self.conn.execute("DROP TABLE raw_steps")
-        self.conn.execute("DROP TABLE raw_runs")
-        self._commit()
+    def close(self, drop: bool = True) -> None:
+        """Close the connection; ``drop=False`` leaves the tables to another flow's close."""
+        if drop:
+            self.conn.execute("DROP TABLE raw_steps")
+            self.conn.execute("DROP TABLE raw_runs")
+            self._commit()
         self.conn.close()
 
 
 class CrudFlow:
     """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
         self.app = Flask("crud", instance_path=tempfile.mkdtemp())
         self.app.config["SQLALCHEMY_DATABASE_URI"] = uri
+        if engine_options:
+            self.app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
         self.db = db = SQLAlchemy(self.app)
 
         class CrudRun(db.Model):  # type: ignore[name-defined,misc]
@@ -224,6 +235,22 @@ class CrudFlow:
         with self.app.app_context():
             self.db.drop_all()
             self.db.engine.dispose()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` cut into ``parts`` near-equal whole numbers (the first ones one larger)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def interleave(flows: Sequence[Any], runs: int, batches: int = BATCHES) -> None:
+    """Do ``runs`` round-trips with each flow, in interleaved batches.
+
+    Each flow has ``run(n)``; batching them in turn lets every flow see the same
+    minutes of a noisy machine, so the ratios of one call are comparable.
+    """
+    for batch in split(runs, batches):
+        for flow in flows:
+            flow.run(batch)
 
 
 def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
@@ -295,12 +322,7 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         baseline = uri.replace(".sqlite3", "-baseline.sqlite3")
         flow, raw, crud = ScoriaFlow(uri), RawFlow(baseline), CrudFlow(baseline)
         try:
-            # Interleaved batches, so that all three see the same minutes of a noisy machine.
-            batches = [runs // BATCHES + (i < runs % BATCHES) for i in range(BATCHES)]
-            for batch in batches:
-                flow.run(batch)
-                raw.run(batch)
-                crud.run(batch)
+            interleave((flow, raw, crud), runs)
         finally:
             flow.close()
             raw.close()
