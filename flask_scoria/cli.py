@@ -27,6 +27,7 @@ from .runtime import (
     UNSET,
     RunFilters,
     approve_run,
+    cancel_run,
     dispatch,
     get_run_detail,
     list_runs,
@@ -306,6 +307,17 @@ def reject(
     """Reject the pending approval of RUN_ID, ending the run as rejected."""
     run = reject_run(run_id, decided_by=decided_by, reason=reason, approval_id=approval_id)
     _echo_run(run, as_json)
+
+
+@scoria_cli.command("cancel")
+@click.argument("run_id")
+@click.option("--by", "cancelled_by", required=True, help="Who cancels (recorded).")
+@click.option("--reason", help="Why, kept with the cancellation.")
+@json_option
+@scoria_errors
+def cancel(run_id: str, cancelled_by: str, reason: str | None, as_json: bool) -> None:
+    """Cancel RUN_ID with its open steps and approvals; a running handler's outcome is dropped."""
+    _echo_run(cancel_run(run_id, cancelled_by=cancelled_by, reason=reason), as_json)
 
 
 @scoria_cli.command("resume")

@@ -89,6 +89,15 @@ def require_name(value: object, what: str, *, error: ErrorFactory, limit: int = 
     return text
 
 
+def idempotency_name(value: object, error: ErrorFactory) -> str | None:
+    """An idempotency key: ``None``, or a printable string of 1 to 255 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not value.isprintable():
+        raise error("idempotency_key must be a printable string of 1 to 255 characters.")
+    return value
+
+
 def role_name(value: object, name: str) -> str:
     return require_name(value, name, error=InvalidRunOptions)
 

@@ -7,22 +7,29 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from ..errors import InvalidHandoff
+from ..errors import InvalidHandoff, InvalidRunOptions
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
-from .arguments import initial_step_spec, require_name, role_name, run_metadata
+from . import statements as sql
+from .arguments import idempotency_name, initial_step_spec, require_name, role_name, run_metadata
 from .context import RuntimeContext, context
 from .handlers import Handlers
 from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
 from .steps import claim_step, new_step_row
-from .transaction import NewRun, Row, utcnow
+from .transaction import DuplicateStart, NewRun, Row, utcnow
 
 
-def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: Row) -> NewRun:
+def _new_run(
+    ctx: RuntimeContext,
+    ident: Identity,
+    root_role_id: str,
+    metadata: Row,
+    idempotency_key: str | None,
+) -> NewRun:
     now = utcnow()
     row = {
         "id": uuid7(),
@@ -40,7 +47,7 @@ def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: 
         "started_at": now,
         "completed_at": None,
         "updated_at": now,
-        "idempotency_key": None,
+        "idempotency_key": idempotency_key,
     }
     new = NewRun(row, now, ctx.keeper.expiry(now))
     new.event("run_started")
@@ -48,9 +55,30 @@ def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: 
     return new
 
 
-def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers) -> RunSummary:
-    """Write the new run, then execute the step it claimed, if any."""
-    row = new.insert(ctx.storage)
+def _started_before(ctx: RuntimeContext, ident: Identity, key: str | None) -> RunSummary | None:
+    """The run an earlier start with the same idempotency key and tenant created, if any."""
+    if key is None:
+        return None
+    with ctx.storage.read() as conn:
+        if ident.tenant_id is None:
+            row = sql.RUN_BY_UNTENANTED_KEY.first(conn, {"b_key": key})
+        else:
+            row = sql.RUN_BY_TENANT_KEY.first(conn, {"b_key": key, "b_tenant": ident.tenant_id})
+    return None if row is None else summary_from_row(row)
+
+
+def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identity) -> RunSummary:
+    """Write the new run, then execute the step it claimed, if any.
+
+    If a start with the same idempotency key won the race, its run is returned
+    instead, and nothing of this one is written or executed.
+    """
+    try:
+        row = new.insert(ctx.storage)
+    except DuplicateStart:
+        earlier = _started_before(ctx, ident, new.run["idempotency_key"])
+        assert earlier is not None  # the key is unique and runs are deleted only when ended
+        return earlier
     new.send(ctx.app, row)
     return summary_from_row(drive(ctx, resolver, new.claim, row))
 
@@ -62,21 +90,28 @@ def start_run(
     initial_step: Mapping[str, object] | None = None,
     runtime: Mapping[str, object] | None = None,
     handlers: Mapping[str, object] | None = None,
+    idempotency_key: str | None = None,
 ) -> RunSummary:
     """Start a new run for ``identity`` and return its summary.
 
     With ``initial_step`` the run gets one queued step, executed at once when
     a handler for its kind is known. Without it the run has no work and is
     ``completed`` at once. ``runtime={"metadata": {...}}`` is stored on the
-    run. Raises :class:`InvalidIdentity` or :class:`InvalidRunOptions`.
+    run. With ``idempotency_key``, a second start with the same key and
+    tenant returns the first run unchanged and runs nothing. Raises
+    :class:`InvalidIdentity` or :class:`InvalidRunOptions`.
     """
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
     step_spec = initial_step_spec(initial_step, role)
     metadata = run_metadata(runtime, ident)
+    key = idempotency_name(idempotency_key, InvalidRunOptions)
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
-    new = _new_run(ctx, ident, role, metadata)
+    earlier = _started_before(ctx, ident, key)
+    if earlier is not None:
+        return earlier
+    new = _new_run(ctx, ident, role, metadata, key)
     if step_spec is None:
         new.set(status=RunStatus.COMPLETED, completed_at=new.now)
         new.event("run_completed")
@@ -86,7 +121,7 @@ def start_run(
         new.add_step(step)
         new.set(current_step_id=step["id"])
         claim_step(new, step, resolver, None)
-    return _launch(ctx, new, resolver)
+    return _launch(ctx, new, resolver, ident)
 
 
 def start_handoff_run(
@@ -100,13 +135,14 @@ def start_handoff_run(
     capability_tags: object = (),
     handlers: Mapping[str, object] | None = None,
     runtime: Mapping[str, object] | None = None,
+    idempotency_key: str | None = None,
 ) -> RunSummary:
     """Start a run whose root ``handoff`` step delegates to a queued child step.
 
     Everything is validated before anything is written; a rejected call raises
     :class:`InvalidHandoff` with a ``code`` naming the rule. With a handler for
     ``delegated_kind`` the child runs at once; otherwise it stays ``queued``
-    until :func:`dispatch`.
+    until :func:`dispatch`. ``idempotency_key`` works as for :func:`start_run`.
     """
     ident = normalize_identity(identity)
     role = require_name(
@@ -123,8 +159,12 @@ def start_handoff_run(
         max_depth=ctx.handoff_max_depth,
     )
     metadata = run_metadata(runtime, ident)
+    key = idempotency_name(idempotency_key, InvalidRunOptions)
     resolver = Handlers(handlers, ctx.registry)
-    new = _new_run(ctx, ident, role, metadata)
+    earlier = _started_before(ctx, ident, key)
+    if earlier is not None:
+        return earlier
+    new = _new_run(ctx, ident, role, metadata, key)
     root = new_step_row(new.run_id, sequence=1, kind="handoff", role_id=role)
     root.update(status=StepStatus.COMPLETED, started_at=new.now, completed_at=new.now)
     new.add_step(root)
@@ -132,4 +172,4 @@ def start_handoff_run(
     root["result_envelope"] = result
     new.set(current_step_id=child["id"])
     claim_step(new, child, resolver, None)
-    return _launch(ctx, new, resolver)
+    return _launch(ctx, new, resolver, ident)

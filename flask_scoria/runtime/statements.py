@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -198,6 +199,21 @@ def pipeline(conn: Connection) -> Iterator[None]:
 
 
 INSERT_RUN = Prepared(insert(runs).inline())
+#: Insert a run unless its idempotency key is taken; its row count says which.
+INSERT_RUN_IF_NEW = {
+    "postgresql": Prepared(postgresql.insert(runs).on_conflict_do_nothing()),
+    "sqlite": Prepared(sqlite.insert(runs).on_conflict_do_nothing()),
+}
+#: The run started with the idempotency key ``b_key`` for the tenant ``b_tenant``.
+RUN_BY_TENANT_KEY = Prepared(
+    select(runs).where(
+        runs.c.tenant_id == bindparam("b_tenant"), runs.c.idempotency_key == bindparam("b_key")
+    )
+)
+#: The run without a tenant started with the idempotency key ``b_key``.
+RUN_BY_UNTENANTED_KEY = Prepared(
+    select(runs).where(runs.c.tenant_id.is_(None), runs.c.idempotency_key == bindparam("b_key"))
+)
 INSERT_STEP = Prepared(insert(steps).inline())
 INSERT_EVENTS = Prepared(insert(events).inline())
 INSERT_APPROVAL = Prepared(insert(approvals).inline())

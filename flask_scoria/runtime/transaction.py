@@ -42,6 +42,10 @@ class Conflict(Exception):
     """Another transaction changed the run first; read it again."""
 
 
+class DuplicateStart(Exception):
+    """Another start with the same idempotency key and tenant was committed first."""
+
+
 class StepLost(Exception):
     """The step was cancelled or its lease expired while its handler ran."""
 
@@ -175,14 +179,23 @@ class NewRun(RunChange):
     def insert(self, storage: Storage) -> Row:
         """Write the run with its steps, handoffs and events; return the run as written."""
         row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
-        with storage.write() as conn, sql.pipeline(conn):
-            sql.INSERT_RUN.execute_many(conn, [row])
+        with storage.write() as conn:
+            if row["idempotency_key"] is not None:
+                insert_if_new = sql.INSERT_RUN_IF_NEW[conn.dialect.name]
+                if insert_if_new.rowcount(conn, row) != 1:
+                    raise DuplicateStart
+            self._insert_rows(conn, row)
+        return row
+
+    def _insert_rows(self, conn: Connection, row: Row) -> None:
+        with sql.pipeline(conn):
+            if row["idempotency_key"] is None:
+                sql.INSERT_RUN.execute_many(conn, [row])
             for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
                 rows = [new for of, new in self.new_rows if of is statement]
                 if rows:
                     statement.execute_many(conn, rows)
             sql.INSERT_EVENTS.execute_many(conn, self.new_events)
-        return row
 
 
 class Tx(RunChange):

@@ -178,7 +178,7 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
             tx.conn, {"b_run_id": tx.run_id, "b_approval_id": approval_id}
         )
         approval = None if row is None else approval_from_row(row)
-    if approval is None:
+    if approval is None or approval.status == ApprovalStatus.EXPIRED:
         raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
     if approval.status != ApprovalStatus.PENDING:
         raise ApprovalAlreadyDecided(
