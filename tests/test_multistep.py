@@ -339,3 +339,14 @@ def test_a_database_holds_no_half_written_keyed_start(app: Flask, app_ctx: None)
             sa.text("SELECT count(*) FROM scoria_runs WHERE idempotency_key = 'k-1'")
         )
         assert keyed.scalar_one() == 1
+
+
+def test_the_initial_step_can_carry_input(app_ctx: None) -> None:
+    run = scoria.start_run(
+        scoria.identity(IDENTITY),
+        initial_step={"kind": "echo", "input": {"topic": "rail"}},
+        handlers={"echo": lambda step, run: Succeed(dict(step.input))},
+    )
+    assert scoria.get_run_detail(run.run_id).steps[0].result_envelope == {"topic": "rail"}
+    with pytest.raises(scoria.InvalidRunOptions):
+        scoria.start_run(IDENTITY, initial_step={"kind": "echo", "input": ["not", "a", "dict"]})

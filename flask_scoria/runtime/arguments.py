@@ -107,7 +107,7 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
         return None
     if not isinstance(value, Mapping):
         raise InvalidRunOptions("initial_step must be a dict with at least a 'kind'.")
-    unknown = set(value) - {"kind", "role_id", "sequence", "status"}
+    unknown = set(value) - {"kind", "role_id", "sequence", "status", "input"}
     if unknown:
         raise InvalidRunOptions(f"initial_step has unknown keys: {sorted(map(str, unknown))}.")
     if "kind" not in value:
@@ -117,7 +117,11 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
     sequence = int_in_range(value.get("sequence", 1), "initial_step sequence", MAX_SEQUENCE)
     if value.get("status", StepStatus.QUEUED) != StepStatus.QUEUED:
         raise InvalidRunOptions("initial_step status can only be 'queued'.")
-    return {"kind": kind, "role_id": role_id, "sequence": sequence}
+    given = value.get("input")
+    step_input = None
+    if given is not None:
+        step_input = json_object(given, what="initial_step input", error=InvalidRunOptions)
+    return {"kind": kind, "role_id": role_id, "sequence": sequence, "input": step_input}
 
 
 def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:

@@ -139,8 +139,9 @@ def _next(done: Finished, outcome: Next) -> None:
         sequence=sequence,
         kind=outcome.kind,
         role_id=outcome.role_id or done.claim.step["role_id"],
+        input=given,
     )
-    step.update(input=given, not_before=_after(tx.now, outcome.delay))
+    step["not_before"] = _after(tx.now, outcome.delay)
     tx.add_step(step)
     result = {"next_step_id": str(step["id"]), "next_kind": outcome.kind}
     done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)

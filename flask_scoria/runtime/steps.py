@@ -34,6 +34,7 @@ def new_step_row(
     parent_step_id: uuid.UUID | None = None,
     handoff_input: Row | None = None,
     projected_context: Row | None = None,
+    input: Row | None = None,
 ) -> Row:
     """A new ``queued`` step of ``run_id``, as a row to insert."""
     return {
@@ -53,7 +54,7 @@ def new_step_row(
         "lease_expires_at": None,
         "started_at": None,
         "completed_at": None,
-        "input": None,
+        "input": input,
         "not_before": None,
         "trace_context": None,
     }
