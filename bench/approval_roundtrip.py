@@ -69,9 +69,16 @@ class Timings:
 
 
 class ScoriaFlow:
-    """Round-trips through the facade on one app, in as many batches as asked."""
+    """Round-trips through the facade on one app, in as many batches as asked.
 
-    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
+    ``fused`` approves with ``approve_run(resume=True)`` instead of approving,
+    then calling ``resume_run``.
+    """
+
+    def __init__(
+        self, uri: str, engine_options: dict[str, Any] | None = None, *, fused: bool = False
+    ) -> None:
+        self.fused = fused
         self.app = make_app(uri, engine_options)
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
@@ -93,9 +100,13 @@ class ScoriaFlow:
                 t0 = time.perf_counter()
                 run = scoria.start_run(self.who, initial_step={"kind": "approval"})
                 t1 = time.perf_counter()
-                scoria.approve_run(run.run_id, decided_by="operator")
-                t2 = time.perf_counter()
-                done = scoria.resume_run(run.run_id)
+                if self.fused:
+                    t2 = t1
+                    done = scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+                else:
+                    scoria.approve_run(run.run_id, decided_by="operator")
+                    t2 = time.perf_counter()
+                    done = scoria.resume_run(run.run_id)
                 t3 = time.perf_counter()
                 assert done.status == "completed", done.status
                 timings.start.append(t1 - t0)
@@ -320,17 +331,18 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         # On SQLite the baselines get a file of their own next to it, so that the tables
         # they drop leave no free pages in the file whose size is measured.
         baseline = uri.replace(".sqlite3", "-baseline.sqlite3")
-        flow, raw, crud = ScoriaFlow(uri), RawFlow(baseline), CrudFlow(baseline)
+        flow, fused = ScoriaFlow(uri), ScoriaFlow(uri, fused=True)
+        raw, crud = RawFlow(baseline), CrudFlow(baseline)
         try:
-            interleave((flow, raw, crud), runs)
+            interleave((flow, fused, raw, crud), runs)
         finally:
-            flow.close()
-            raw.close()
-            crud.close()
+            for each in (flow, fused, raw, crud):
+                each.close()
         timings = flow.timings
         after = size(uri)
-        per_run_bytes = (after[0] - warm[0]) / runs
-        at_rest_bytes = (after[1] - warm[1]) / runs
+        # Both flows leave the same rows behind for each round-trip.
+        per_run_bytes = (after[0] - warm[0]) / (2 * runs)
+        at_rest_bytes = (after[1] - warm[1]) / (2 * runs)
         raw_seconds, crud_seconds = raw.seconds, crud.seconds
 
         # Two processes share the round-trips; the clock starts once both are warm.
@@ -356,11 +368,13 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         cleanup()
     return {
         "roundtrips_per_s": runs / timings.seconds,
+        "fused_roundtrips_per_s": runs / fused.timings.seconds,
         "raw_floor_per_s": runs / raw_seconds,
         "crud_per_s": runs / crud_seconds,
         "two_process_per_s": (2 * half) / two_process_seconds if two_process_seconds else 0.0,
         "two_process_failures": failures,
         "commits_per_roundtrip": timings.commits / runs,
+        "fused_commits_per_roundtrip": fused.timings.commits / runs,
         "start_p50_ms": statistics.median(timings.start) * 1000,
         "start_p99_ms": _p99(timings.start) * 1000,
         "resume_p50_ms": statistics.median(timings.resume) * 1000,
@@ -389,6 +403,8 @@ def main() -> None:
             ratios = {
                 "ratio to raw floor": result["roundtrips_per_s"] / result["raw_floor_per_s"],
                 "ratio to CRUD": result["roundtrips_per_s"] / result["crud_per_s"],
+                "fused to raw floor": result["fused_roundtrips_per_s"] / result["raw_floor_per_s"],
+                "fused to CRUD": result["fused_roundtrips_per_s"] / result["crud_per_s"],
                 "CRUD to raw floor": result["crud_per_s"] / result["raw_floor_per_s"],
                 "2 processes / 1": result["two_process_per_s"] / result["roundtrips_per_s"],
             }
