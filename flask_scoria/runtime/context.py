@@ -44,6 +44,8 @@ class RuntimeContext:
     handoff_max_bytes: int
     handoff_max_depth: int
     max_steps: int
+    #: Whether operator pages are set up; they show only runs of the operator's tenant.
+    has_operators: bool
 
 
 def context() -> RuntimeContext:
@@ -58,4 +60,5 @@ def context() -> RuntimeContext:
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
         max_steps=state.settings.max_steps,
+        has_operators=state.registry.operator_scope is not None,
     )

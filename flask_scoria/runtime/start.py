@@ -19,7 +19,7 @@ from .handlers import Handlers
 from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
-from .steps import claim_step, new_step_row
+from .steps import claim_step, log, new_step_row
 from .transaction import DuplicateStart, NewRun, Row, utcnow
 
 
@@ -49,6 +49,12 @@ def _new_run(
         "updated_at": now,
         "idempotency_key": idempotency_key,
     }
+    if ident.tenant_id is None and ctx.has_operators:
+        log.warning(
+            "Run %s starts without a tenant_id, so no operator will see it: the operator"
+            " pages show only runs of the operator's tenant. Pass the tenant in the identity.",
+            row["id"],
+        )
     new = NewRun(row, now, ctx.keeper.expiry(now))
     new.event("run_started")
     new.signal(signals.run_started)
