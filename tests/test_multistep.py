@@ -3,7 +3,6 @@ approve-and-resume, idempotent starts."""
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from datetime import timedelta
@@ -12,10 +11,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, counting_handler, executions, race_in_process, row_counts
+from _helpers import IDENTITY, counting_handler, executions, row_counts
 from conftest import create_test_app
 from flask import Flask
-from test_concurrency import PROCESSES, paused_run, race_threads
+from test_concurrency import paused_run, race_across_processes, race_threads
 
 import flask_scoria as scoria
 from flask_scoria import Next, Succeed, WaitForApproval
@@ -246,8 +245,9 @@ def assert_one_keyed_run(app: Flask, key: str, results: Any) -> None:
     assert len(run_ids) == 1
     assert len(executions(Path(key))) == 1
     with app.app_context():
-        (run,) = scoria.list_runs_for_session(IDENTITY["session_id"])
-    assert run.run_id in run_ids and run.idempotency_key == key
+        session_runs = scoria.list_runs_for_session(IDENTITY["session_id"])
+    (run,) = [run for run in session_runs if run.idempotency_key == key]
+    assert run.run_id in run_ids
 
 
 def test_approve_and_resume_and_keyed_starts_race_across_processes(
@@ -256,30 +256,9 @@ def test_approve_and_resume_and_keyed_starts_race_across_processes(
     counter = tmp_path / "resume-executions"
     key = str(tmp_path / "keyed-executions")
     races = [("approve_and_resume", paused_run(app, counter)), ("start_keyed", key)]
-    spawn = multiprocessing.get_context("spawn")
-    barrier = spawn.Barrier(PROCESSES)
-    queue = spawn.Queue()
-    processes = [
-        spawn.Process(
-            target=race_in_process,
-            args=(database_uri, str(tmp_path / f"instance-{i}"), i, races, barrier, queue),
-        )
-        for i in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    collected = [queue.get(timeout=120) for _ in range(PROCESSES * len(races))]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    by_race: dict[int, list[tuple[str, str, str]]] = {}
-    for race, *outcome in collected:
-        by_race.setdefault(race, []).append(tuple(outcome))  # type: ignore[arg-type]
+    by_race = race_across_processes(database_uri, tmp_path, races)
     assert_one_approve_and_resume(app, races[0][1], counter, by_race[0])
-    keyed = [result for result in by_race[1]]
-    assert {code for _, code, _ in keyed} == {"ok"}
-    assert len({detail.split()[1] for _, _, detail in keyed}) == 1
-    assert len(executions(Path(key))) == 1
+    assert_one_keyed_run(app, key, by_race[1])
 
 
 def test_the_same_key_in_two_tenants_makes_two_runs(app_ctx: None) -> None:
