@@ -51,6 +51,7 @@ def _page_helpers() -> dict[str, Any]:
         "pretty": partial(present.pretty, extra=extra),
         "preview": partial(present.preview, extra=extra),
         "absolute_time": present.absolute_time,
+        "iso_time": present.iso_time,
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(get_extension().handlers),
