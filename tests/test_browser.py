@@ -151,8 +151,10 @@ def open_page(browser: Any) -> Iterator[Callable[..., Any]]:
     assert errors == []
 
 
-def start(app: Flask, kind: str | None, session_id: str = "chat-7f3a", **kw: Any) -> str:
-    who = scoria.identity({"actor_id": "alice", "tenant_id": TENANT, "session_id": session_id})
+def start(
+    app: Flask, kind: str | None, session_id: str = "chat-7f3a", actor: str = "alice", **kw: Any
+) -> str:
+    who = scoria.identity({"actor_id": actor, "tenant_id": TENANT, "session_id": session_id})
     with app.app_context():
         step = None if kind is None else {"kind": kind}
         return scoria.start_run(who, initial_step=step, **kw).run_id
@@ -223,7 +225,12 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
 def test_pages_fit_the_screen_in_both_schemes(
     app: Flask, base: str, open_page: Callable[..., Any], size: str, scheme: str
 ) -> None:
-    waiting = start(app, "send", session_id="chat-with-a-rather-long-session-identifier-0042")
+    waiting = start(
+        app,
+        "send",
+        session_id="chat-with-a-rather-long-session-identifier-0042",
+        actor="serviceaccount" + "x" * 60,
+    )
     handed = start(app, "delegate", session_id="chat-91b2")
     done = start(app, "send")
     with app.app_context():
