@@ -209,6 +209,8 @@ def test_short_ids_tell_runs_of_the_same_moment_apart(app: Flask, ops: FlaskClie
         ("/dashboard?tab=runs&x=1", "/dashboard?tab=runs&amp;x=1"),
         ("javascript:alert(1)", None),
         ("//elsewhere.example", None),
+        ("/\\elsewhere.example", None),
+        ("/", "/"),
     ],
 )
 def test_a_link_back_to_the_host_app(

@@ -91,7 +91,7 @@ def _home_url() -> str | None:
     url = current_app.config.get("SCORIA_HOME_URL")
     if not isinstance(url, str):
         return None
-    if url.startswith(("https://", "http://")) or (url.startswith("/") and url[1:2] != "/"):
+    if url.startswith(("https://", "http://")) or (url[:1] == "/" and url[1:2] not in ("/", "\\")):
         return url
     return None
 
