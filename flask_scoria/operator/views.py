@@ -194,24 +194,24 @@ def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
     text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
     scope = current_scope()
     inbox = request.form.get("return_to") == _INBOX
+    back = redirect(
+        url_for("scoria.approvals") if inbox else url_for("scoria.run", run_id=run_id), code=303
+    )
     try:
         summary = action(run_id, scope, approval_id, text)
     except ApprovalAlreadyDecided as exc:
         if exc.decided_by != scope.actor_id or exc.decision != decision:
             flash(exc.message, "error")
-        else:
-            # The same decision by the same operator, sent twice: it stands.
-            summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
-            flash(_outcome(done, summary, inbox), "ok")
+            return back
+        # The same operator sent the same decision again (a double click, a second tab).
+        summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
     except RunNotFound:
         raise
     except ScoriaError as exc:
         flash(exc.message, "error")
-    else:
-        flash(_outcome(done, summary, inbox), "ok")
-    if inbox:
-        return redirect(url_for("scoria.approvals"), code=303)
-    return redirect(url_for("scoria.run", run_id=run_id), code=303)
+        return back
+    flash(_outcome(done, summary, inbox), "ok")
+    return back
 
 
 def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
