@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ..readback import Step
@@ -96,16 +96,32 @@ def step_tree(steps: Sequence[Step]) -> list[StepNode]:
     return ordered
 
 
+def utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive time is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def iso_time(moment: datetime) -> str:
+    """``2024-06-01T12:00:03.250Z``: the machine-readable UTC time of a ``<time>``."""
+    return utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def absolute_time(moment: datetime | None) -> str:
     """``2024-06-01 12:00:03 UTC``, or an em dash for no time."""
-    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "—" if moment is None else utc(moment).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def relative_time(moment: datetime | None, now: datetime) -> str:
-    """``3 min ago``: how long before ``now`` a moment was."""
+    """``3 min ago`` for a moment before ``now``, ``in 3 min`` for one after it.
+
+    Less than a second ahead counts as now: clocks of app and database differ a little.
+    """
     if moment is None:
         return ""
-    return span((now - moment).total_seconds()) + " ago"
+    seconds = (now - utc(moment)).total_seconds()
+    return f"in {span(-seconds)}" if seconds <= -1 else f"{span(seconds)} ago"
 
 
 def span(seconds: float) -> str:

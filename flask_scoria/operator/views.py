@@ -10,6 +10,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    current_app,
     flash,
     g,
     jsonify,
@@ -18,11 +19,13 @@ from flask import (
     request,
     url_for,
 )
-from werkzeug.exceptions import HTTPException, ServiceUnavailable
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, NotFound, ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
-from ..errors import RunNotFound, ScoriaError, StorageError
+from ..errors import ApprovalAlreadyDecided, RunNotFound, ScoriaError, StorageError
+from ..readback import RunSummary
 from ..state import app_state
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import actions, present
@@ -39,6 +42,10 @@ bp.before_request(require_scope)
 bp.after_request(security_headers)
 
 _NOTE_LIMIT = 2000
+#: The navigation counts pending approvals up to this many, then shows ``99+``.
+_NAV_COUNT_LIMIT = 99
+#: What a decision form sends as ``return_to`` to come back to the inbox.
+_INBOX = "approvals"
 
 
 @bp.context_processor
@@ -52,6 +59,7 @@ def _page_helpers() -> dict[str, Any]:
         "pretty": partial(present.pretty, extra=extra),
         "preview": partial(present.preview, extra=extra),
         "absolute_time": present.absolute_time,
+        "iso_time": present.iso_time,
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(state.registry.handlers),
@@ -59,7 +67,35 @@ def _page_helpers() -> dict[str, Any]:
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
         "page_url": _page_url,
+        "pending_count": _pending_count,
+        "home_url": _home_url(),
     }
+
+
+def _pending_count() -> str | None:
+    """How many approvals wait for the operator's tenant, as the navigation shows it."""
+    scope = g.get("_scoria_scope")
+    if scope is None:
+        return None
+    try:
+        waiting = runtime.count_pending_approvals(scope.tenant_id, up_to=_NAV_COUNT_LIMIT + 1)
+    except StorageError:
+        # The page that explains the storage error must still render.
+        return None
+    return f"{_NAV_COUNT_LIMIT}+" if waiting > _NAV_COUNT_LIMIT else str(waiting)
+
+
+def _home_url() -> str | None:
+    """``SCORIA_HOME_URL``, the host app's page the navigation links back to, if usable.
+
+    Only a path or an http(s) URL is linked, never another scheme.
+    """
+    url = current_app.config.get("SCORIA_HOME_URL")
+    if not isinstance(url, str):
+        return None
+    if url.startswith(("https://", "http://")) or (url[:1] == "/" and url[1:2] not in ("/", "\\")):
+        return url
+    return None
 
 
 #: The query arguments a page link carries over: the runs list's filters.
@@ -143,53 +179,98 @@ def run_status(run_id: str) -> Response:
 def approve(run_id: str) -> BaseResponse:
     """Approve the pending approval as the operator (and resume when possible)."""
     check_csrf()
-    return _decide(run_id, actions.approve, "Approved.")
+    return _decide(run_id, actions.approve, "approved", "Approved.")
 
 
 @bp.post("/workflows/<run_id>/reject")
 def reject(run_id: str) -> BaseResponse:
     """Reject the pending approval as the operator."""
     check_csrf()
-    return _decide(run_id, actions.reject, "Rejected.")
+    return _decide(run_id, actions.reject, "rejected", "Rejected.")
 
 
-def _decide(run_id: str, action: Any, done: str) -> BaseResponse:
+def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
     approval_id = request.form.get("approval_id", "").strip()
     if not approval_id:
         abort(400, description="The form names no approval. Reload the page and decide again.")
     text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
+    scope = current_scope()
+    inbox = request.form.get("return_to") == _INBOX
+    back = redirect(
+        url_for("scoria.approvals") if inbox else url_for("scoria.run", run_id=run_id), code=303
+    )
     try:
-        summary = action(run_id, current_scope(), approval_id, text)
+        summary = action(run_id, scope, approval_id, text)
+    except ApprovalAlreadyDecided as exc:
+        if exc.decided_by != scope.actor_id or exc.decision != decision:
+            flash(exc.message, "error")
+            return back
+        # The same operator sent the same decision again (a double click, a second tab).
+        summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
     except RunNotFound:
         raise
     except ScoriaError as exc:
         flash(exc.message, "error")
+        return back
+    flash(_outcome(done, summary, inbox), "ok")
+    return back
+
+
+def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
+    """What the operator is told after deciding; the inbox also names the run."""
+    if summary.status != RunStatus.WAITING_FOR_APPROVAL:
+        text = f"{done} The run is now {summary.status.replace('_', ' ')}."
     else:
-        if summary.status == RunStatus.WAITING_FOR_APPROVAL:
-            flash(f"{done} The run continues when your app calls resume_run.", "ok")
+        detail = runtime.get_run_detail(summary.run_id, tenant_id=current_scope().tenant_id)
+        pending = ApprovalStatus.PENDING
+        asked = [item.tool_name for item in detail.approvals if item.status == pending]
+        if asked:
+            text = f"{done} The run now waits for another approval: {asked[-1]}."
         else:
-            flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
-    return redirect(url_for("scoria.run", run_id=run_id), code=303)
+            text = f"{done} The run continues when your app calls resume_run."
+    return f"Run …{summary.run_id[-8:]}: {text}" if inbox else text
 
 
 @bp.errorhandler(RunNotFound)
-def _run_not_found(_exc: RunNotFound) -> tuple[str, int]:
-    return render_template("scoria/not_found.html"), 404
+def _run_not_found(_exc: RunNotFound) -> ResponseReturnValue:
+    return _error_page(NotFound())
 
 
 @bp.errorhandler(StorageError)
-def _storage_error(exc: StorageError) -> tuple[str, int]:
-    return render_template("scoria/error.html", error=ServiceUnavailable(exc.message)), 503
+def _storage_error(exc: StorageError) -> ResponseReturnValue:
+    return _error_page(ServiceUnavailable(exc.message))
 
 
 @bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> tuple[str, int]:
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
+    return _error_page(exc)
+
+
+def _error_page(exc: HTTPException) -> ResponseReturnValue:
+    """The error as a page, or as JSON for ``status.json``, whose poller reads no HTML.
+
+    A 404 says the same whatever the reason, so that another tenant's run
+    cannot be told apart from an unknown one.
+    """
     status = exc.code or 500
+    if request.endpoint == "scoria.run_status":
+        return _json_error(status, exc)
     if status == 404:
         return render_template("scoria/not_found.html"), 404
     if status == 403:
+        g.pop("_scoria_scope", None)  # a refused request shows no tenant, nor its counts
         return render_template("scoria/forbidden.html"), 403
     return render_template("scoria/error.html", error=exc), status
+
+
+def _json_error(status: int, exc: HTTPException) -> ResponseReturnValue:
+    if status == 404:
+        message = "No such run for your tenant."
+    elif status == 403:
+        message = "Operator access required: the app's @runtime.operator_scope granted none."
+    else:
+        message = exc.description or exc.name
+    return jsonify(error=exc.name, status=status, message=message), status
 
 
 def _arg(name: str) -> str | None:

@@ -15,6 +15,7 @@ from .reads import Cursor as Cursor
 from .reads import Page as Page
 from .reads import PendingApproval as PendingApproval
 from .reads import RunFilters as RunFilters
+from .reads import count_pending_approvals as count_pending_approvals
 from .reads import get_run as get_run
 from .reads import get_run_detail as get_run_detail
 from .reads import list_runs as list_runs

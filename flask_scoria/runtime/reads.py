@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, literal, literal_column, select, tuple_
+from sqlalchemy import ColumnElement, Select, func, literal, literal_column, select, tuple_
 
 from .._ids import parse_uuid
 from ..identity import normalize_id
@@ -195,6 +195,19 @@ def pending_approvals(
         .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
     )
     return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
+
+
+def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
+    """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
+    waiting = (
+        select(approvals.c.id)
+        .join(runs, approvals.c.run_id == runs.c.id)
+        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+        .limit(up_to)
+        .subquery()
+    )
+    with context().storage.read() as conn:
+        return conn.execute(select(func.count()).select_from(waiting)).scalar_one()
 
 
 def step_kind(run_id: str, step_id: str | None) -> str | None:
