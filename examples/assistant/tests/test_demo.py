@@ -5,65 +5,19 @@ from __future__ import annotations
 import html
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
 
+from examples.assistant.tests.http_client import Browser, free_port
+
 ROOT = Path(__file__).resolve().parents[3]
-
-
-class Browser:
-    """A cookie-keeping HTTP client that submits the page's forms with their hidden fields."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.page = ""
-        self.url = ""
-
-    def get(self, path: str) -> str:
-        return self._open(urllib.request.Request(self.base + path))
-
-    def post(self, path: str, **form: str) -> str:
-        """Submit the current page's form for ``path`` with its hidden fields and ``form``."""
-        here = urllib.parse.urlsplit(self.url).path
-        fields = [
-            body
-            for attributes, body in re.findall(r"<form([^>]*)>(.*?)</form>", self.page, re.S)
-            if form_action(attributes, here) == path
-        ]
-        assert fields, f"no form for {path} on the current page"
-        hidden = re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', fields[0])
-        data = {name: html.unescape(value) for name, value in hidden}
-        encoded = urllib.parse.urlencode({**data, **form}).encode()
-        return self._open(urllib.request.Request(self.base + path, data=encoded))
-
-    def _open(self, request: urllib.request.Request) -> str:
-        with self.opener.open(request, timeout=10) as response:
-            self.url = response.url
-            self.page = response.read().decode()
-        return self.page
-
-
-def form_action(attributes: str, default: str) -> str:
-    """Where a form posts: its ``action``, or the page it is on."""
-    found = re.search(r'action="([^"]*)"', attributes)
-    return html.unescape(found.group(1)) if found else default
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
