@@ -184,8 +184,14 @@ class Note(db.Model):
 """
 
 
-def test_migrations_mode_2_runs_as_written(tmp_path: Path) -> None:
-    section = (DOCS / "migrations.md").read_text().split("## Mode 2")[1].split("\n## ")[0]
+MOUNTED = "## With Flask-Migrate: mount the revisions in your history"
+MOVING = "### Moving a database from `flask scoria db` to your history"
+
+
+def test_migrations_with_flask_migrate_runs_as_written(tmp_path: Path) -> None:
+    page = (DOCS / "migrations.md").read_text()
+    assert page.index(MOUNTED) < page.index("## Without Flask-Migrate")
+    section = page.split(MOUNTED)[1].split("\n## ")[0]
     fenced = FENCE.findall(section)
     code = "\n".join(code for language, code in fenced if language == "python")
     lines = [
@@ -198,16 +204,17 @@ def test_migrations_mode_2_runs_as_written(tmp_path: Path) -> None:
     assert ["db", "upgrade", "heads"] in lines and ["db", "upgrade", "scoria@head"] in lines
     (tmp_path / "hostapp.py").write_text(HOST_APP + code)
 
-    def flask(*args: str) -> str:
+    def flask(*args: str, status: int = 0) -> str:
         command = [sys.executable, "-m", "flask", "--app", "hostapp", *args]
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
-        assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+        assert result.returncode == status, f"{args}\n{result.stdout}\n{result.stderr}"
+        return result.stdout + result.stderr
 
     flask("db", "init")
     for words in lines:
         flask(*words)
     flask("db", "upgrade", "heads")
+    assert "Multiple head revisions" in flask("db", "upgrade", status=1)
 
     heads = flask("db", "heads")
     assert f"{schema.head_revision()} (scoria) (head)" in heads and "(app) (head)" in heads
@@ -217,14 +224,14 @@ def test_migrations_mode_2_runs_as_written(tmp_path: Path) -> None:
     assert "create_table('note'" in written and "scoria_" not in written
 
 
-def test_switching_to_mode_2_runs_as_written(tmp_path: Path) -> None:
+def test_moving_to_the_flask_migrate_history_runs_as_written(tmp_path: Path) -> None:
     page = (DOCS / "migrations.md").read_text()
-    section = page.split("### Switching a database from mode 1 to mode 2")[1].split("\n## ")[0]
+    section = page.split(MOVING)[1].split("\n## ")[0]
     fenced = FENCE.findall(section)
     commands = [shlex.split(code)[1:] for language, code in fenced if language == "bash"]
     (statement,) = [code for language, code in fenced if language == "sql"]
-    mode_2 = page.split("## Mode 2")[1].split("\n## ")[0]
-    mount = "\n".join(code for language, code in FENCE.findall(mode_2) if language == "python")
+    mounted = page.split(MOUNTED)[1].split("\n## ")[0]
+    mount = "\n".join(code for language, code in FENCE.findall(mounted) if language == "python")
     unmounted = "from flask_migrate import Migrate\nMigrate(app, db)\n"
     (tmp_path / "hostapp.py").write_text(
         HOST_APP
