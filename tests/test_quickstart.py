@@ -131,3 +131,24 @@ def test_sign_in_ask_and_approve_over_http(server: str, venv: Path) -> None:
     read_back = json.loads(person.get(f"/assistant/runs/{run_id}"))
     assert read_back == {"run_id": run_id, "status": "completed", "session_id": "chat-1"}
     assert run_id in person.get("/scoria/sessions/chat-1")
+
+
+def test_the_installed_wheel_brings_the_pytest_plugin(venv: Path, tmp_path: Path) -> None:
+    """The testing guide's suite passes with the plugin found through its entry point."""
+    install = [sys.executable, "-m", "pip", "--python", venv / "python", "install", "--quiet"]
+    needs = ["pytest", "pytest-flask", "flask-sqlalchemy"]
+    subprocess.run([*install, *needs], check=True, capture_output=True)
+    for code in python_blocks(DOCS / "testing.md"):
+        (tmp_path / code.splitlines()[0].removeprefix("# ")).write_text(code)
+    env = {**os.environ, "PYTHONPATH": "", "PYTEST_ADDOPTS": ""}
+    env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+    result = subprocess.run(
+        [venv / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 passed" in result.stdout
