@@ -5,10 +5,9 @@ from __future__ import annotations
 import html
 import os
 import re
+import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,16 +19,14 @@ from examples.assistant.tests.http_client import Browser, free_port
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+def start_demo(port: int, tmp_path: Path) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PORT": str(port),
         "ASSISTANT_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
         "ASSISTANT_SECRET_KEY": "demo-test",
     }
-    server = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "examples.assistant.demo"],
         cwd=ROOT,
         env=env,
@@ -37,24 +34,40 @@ def demo(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    server = start_demo(port, tmp_path)
     base = f"http://127.0.0.1:{port}"
+    assert server.stdout
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(base + "/login", timeout=1).close()
-                break
-            except urllib.error.URLError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    output = server.stdout.read() if server.stdout else ""
-                    pytest.fail(f"the demo did not start:\n{output}")
-                time.sleep(0.2)
+        banner = [server.stdout.readline()]
+        while banner[-1] and "Ctrl+C" not in banner[-1]:
+            banner.append(server.stdout.readline())
+        text = "".join(banner)
+        assert text.startswith(f"flask-scoria example assistant: {base}/\n"), text
+        assert "sign in as alice" in text
+        # Printed only once the port is bound: the first request needs no retry.
+        urllib.request.urlopen(base + "/login", timeout=10).close()
         yield base
     finally:
         server.terminate()
-        output, _ = server.communicate(timeout=10)
-    assert f"http://127.0.0.1:{port}/" in output
-    assert "sign in as alice" in output
+        server.communicate(timeout=10)
+
+
+def test_a_busy_port_is_reported_with_the_way_out(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_demo(port, tmp_path)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is already in use" in output
+    assert f"make demo PORT={port + 1}" in output
+    assert "http://" not in output
 
 
 def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
