@@ -43,7 +43,8 @@ def main() -> None:
         f"flask-scoria example assistant: {url}\n"
         f"  database: {app.config['SQLALCHEMY_DATABASE_URI']} (both migration histories applied)\n"
         "  sign in as alice (member, asks questions) and, in another browser, as ops\n"
-        f"  (operator, approves at {url}{prefix}/approvals); no passwords.\n"
+        f"  (operator, approves at {url}{prefix}/approvals); zoe and gus are the same pair\n"
+        "  in tenant globex. No passwords.\n"
         "  The assistant's model is a deterministic stand-in: examples/assistant/model_client.py\n"
         "  Stop with Ctrl+C.",
         flush=True,

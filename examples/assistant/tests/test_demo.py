@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import socket
@@ -81,13 +82,18 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     alice.post("/assistant/runs", prompt="What does the travel policy say about trains?")
     run_id = alice.url.rsplit("/", 1)[1]
     assert 'data-status="waiting_for_approval"' in alice.page
-    assert f'href="/scoria/workflows/{run_id}"' in alice.page
+    assert "/scoria/workflows/" not in alice.page
+    assert 'data-poll-url="/assistant/runs/' in alice.page
 
     ops = Browser(demo)
     ops.get("/login")
     ops.post("/login", user_id="ops")
+    ops.get(f"/assistant/runs/{run_id}")
+    assert f'href="/scoria/workflows/{run_id}"' in ops.page
     approve_as_operator(ops, run_id)
 
+    polled = json.loads(alice.get(f"/assistant/runs/{run_id}/status.json"))
+    assert (polled["status"], polled["final"]) == ("completed", True)
     alice.get(f"/assistant/runs/{run_id}")
     assert 'data-status="completed"' in alice.page
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
