@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import tempfile
@@ -318,6 +319,17 @@ LANES: dict[str, tuple[str, Lane, bool]] = {
     "adoption": ("approval", verify_adoption, True),
     "runtime-to-handoff": ("review", verify_runtime_to_handoff, False),
 }
+
+
+def parse_payload(text: str) -> dict[str, Any]:
+    """The ``--payload`` option: a JSON object, or a ValueError that says what is wrong."""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"--payload must be a JSON object, not {type(payload).__name__}")
+    return payload
 
 
 def run_lane(host: Flask, lane: str, kind: str | None, payload: Any = None) -> Checklist:

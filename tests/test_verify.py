@@ -12,7 +12,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Succeed, WaitForApproval, schema
-from flask_scoria.verify import run_lane
+from flask_scoria.verify import parse_payload, run_lane
 
 
 def operator_scope() -> dict[str, str]:
@@ -117,3 +117,11 @@ def test_the_app_runs_must_carry_a_tenant(
     (check,) = [check for check in report.checks if check.name == "0c. runs carry a tenant"]
     assert check.outcome == outcome
     assert detail in check.detail
+
+
+def test_a_payload_option_is_a_json_object() -> None:
+    assert parse_payload('{"title": "Notes", "tags": ["a"]}') == {"title": "Notes", "tags": ["a"]}
+    with pytest.raises(ValueError, match="--payload is not JSON"):
+        parse_payload("{title: Notes}")
+    with pytest.raises(ValueError, match="--payload must be a JSON object, not list"):
+        parse_payload("[1]")
