@@ -27,20 +27,21 @@ from examples.assistant.tests.http_client import Browser, free_port
 PAGES = {"README.md": README, "quickstart.md": DOCS / "quickstart.md"}
 
 
+def run(*command: object) -> None:
+    """Run ``command``; on failure, show what it printed."""
+    done = subprocess.run([str(word) for word in command], capture_output=True, text=True)
+    assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with a wheel of this checkout installed, and nothing else."""
     where = tmp_path_factory.mktemp("quickstart")
-    subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", where, ROOT],
-        check=True,
-        capture_output=True,
-    )
+    run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", where, ROOT)
     (wheel,) = where.glob("*.whl")
     env = where / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)
-    install = [sys.executable, "-m", "pip", "--python", env / "bin" / "python", "install"]
-    subprocess.run([*install, "--quiet", wheel], check=True, capture_output=True)
+    run(sys.executable, "-m", "venv", "--without-pip", env)
+    run(sys.executable, "-m", "pip", "--python", env / "bin" / "python", "install", "-q", wheel)
     return env / "bin"
 
 
@@ -75,13 +76,13 @@ def server(request: pytest.FixtureRequest, venv: Path, tmp_path: Path) -> Iterat
     env = {key: value for key, value in os.environ.items() if not key.startswith("FLASK_")}
     env.update(PATH=f"{venv}{os.pathsep}{env['PATH']}", PYTHONPATH="", PYTHONDONTWRITEBYTECODE="1")
     commands = flask_commands(page)
-    (run,) = [words for words in commands if words[-1] == "run"]
-    for words in commands[: commands.index(run)]:
+    (serve,) = [words for words in commands if words[-1] == "run"]
+    for words in commands[: commands.index(serve)]:
         done = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{words}\n{done.stdout}{done.stderr}"
     port = free_port()
     served = subprocess.Popen(
-        [*run, "--port", str(port)],
+        [*serve, "--port", str(port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -135,9 +136,8 @@ def test_sign_in_ask_and_approve_over_http(server: str, venv: Path) -> None:
 
 def test_the_installed_wheel_brings_the_pytest_plugin(venv: Path, tmp_path: Path) -> None:
     """The testing guide's suite passes with the plugin found through its entry point."""
-    install = [sys.executable, "-m", "pip", "--python", venv / "python", "install", "--quiet"]
     needs = ["pytest", "pytest-flask", "flask-sqlalchemy"]
-    subprocess.run([*install, *needs], check=True, capture_output=True)
+    run(sys.executable, "-m", "pip", "--python", venv / "python", "install", "-q", *needs)
     for code in python_blocks(DOCS / "testing.md"):
         (tmp_path / code.splitlines()[0].removeprefix("# ")).write_text(code)
     env = {**os.environ, "PYTHONPATH": "", "PYTEST_ADDOPTS": ""}
