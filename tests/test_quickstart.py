@@ -118,6 +118,8 @@ def test_the_pages_install_from_the_checkout() -> None:
 def test_sign_in_ask_and_approve_over_http(server: str, venv: Path) -> None:
     person = Browser(server)
     person.get("/")
+    person.post("/assistant", prompt="Before signing in")
+    assert person.url == f"{server}/"
     person.post("/sign-in")
     person.post("/assistant", prompt="Ship the release notes")
     run_id = person.url.rsplit("/", 1)[1]
