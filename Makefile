@@ -1,10 +1,12 @@
 # The two commands of the README work on a fresh machine:
-#   make demo   runs the example assistant app on embedded SQLite
+#   make demo   runs the example assistant app on embedded SQLite (PORT=5000 by default)
 #   make test   runs the whole test suite (SQLite, PostgreSQL, a real Chromium)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+PORT ?= 5000
 
 .PHONY: demo test test-adoption test-runtime-to-handoff lint typecheck docs bench browser clean
 
@@ -14,6 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[postgres]" --group dev
 	touch $(STAMP)
 
+# The demo needs only the package and the example's own dependencies, not the dev toolchain.
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e . --group demo
+	touch $(DEMO_STAMP)
+
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).
 browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -21,8 +30,8 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
 	fi
 
-demo: $(STAMP)
-	$(BIN)/python -m examples.assistant.demo
+demo: $(DEMO_STAMP)
+	PORT=$(PORT) $(BIN)/python -m examples.assistant.demo
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

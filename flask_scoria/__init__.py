@@ -24,6 +24,8 @@ from .errors import StorageError as StorageError
 from .extension import Scoria as Scoria
 from .identity import Identity as Identity
 from .identity import identity as identity
+from .identity import identity_from_g as identity_from_g
+from .identity import identity_from_session as identity_from_session
 from .outcomes import Fail as Fail
 from .outcomes import Handoff as Handoff
 from .outcomes import Next as Next
