@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_browser import SHOTS, browser_page
+from test_browser import SHOTS, browser, open_page
 
 from examples.assistant.tests.http_client import Browser
 from examples.assistant.tests.test_demo import approve_as_operator, demo
 
 pytestmark = pytest.mark.browser
-__all__ = ["browser_page", "demo"]  # fixtures
+__all__ = ["browser", "demo", "open_page"]  # fixtures
 
 
-def test_the_member_sees_the_approval_arrive(browser_page: Any, demo: str, tmp_path: Path) -> None:
-    page = browser_page
-    errors: list[str] = []
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+def test_the_member_sees_the_approval_arrive(
+    open_page: Callable[..., Any], demo: str, tmp_path: Path
+) -> None:
+    page = open_page()  # fails the test on any console error
     page.goto(f"{demo}/login")
     page.click("text=Sign in as alice")
     page.fill("#prompt", "What does the travel policy say about trains?")
@@ -38,4 +39,3 @@ def test_the_member_sees_the_approval_arrive(browser_page: Any, demo: str, tmp_p
     assert page.locator("#live").count() == 0
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "example-run-completed.png"), full_page=True)
-    assert errors == []
