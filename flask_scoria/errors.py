@@ -110,9 +110,18 @@ class InvalidHandoff(ScoriaError):
 
 
 class StorageError(ScoriaError):
-    """The database could not be reached or stayed locked past its timeout."""
+    """The database could not be reached or stayed locked past its timeout.
+
+    ``run_id`` names the run when it was already committed before the
+    failure (``start_run`` wrote the run, then could not record its first
+    step's outcome): look it up with ``get_run`` instead of starting another.
+    """
 
     code = "storage_unavailable"
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 def _short_repr(value: object, limit: int = 80) -> str:

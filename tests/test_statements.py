@@ -2,7 +2,9 @@
 
 Counted on the DBAPI cursors, so that statements run through SQLAlchemy and
 those run straight on the cursor both count; ``BEGIN``, ``COMMIT`` and
-``PRAGMA`` do not. An ``executemany`` is one statement.
+``PRAGMA`` do not, nor the empty query (``;``) with which the pool pings a
+PostgreSQL connection before each transaction. An ``executemany`` is one
+statement.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import flask_scoria as scoria
 #: before writing each outcome, which SQLite's ``BEGIN IMMEDIATE`` makes needless.
 STATEMENTS = {"sqlite": 19, "postgresql": 21}
 COMMITS = 5
-NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA")
+NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 executed: list[str] = []
 

@@ -7,7 +7,7 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from ..errors import InvalidHandoff
+from ..errors import InvalidHandoff, StorageError
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
@@ -49,10 +49,20 @@ def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: 
 
 
 def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers) -> RunSummary:
-    """Write the new run, then execute the step it claimed, if any."""
+    """Write the new run, then execute the step it claimed, if any.
+
+    A :class:`StorageError` after the run was written names it in ``run_id``.
+    """
     row = new.insert(ctx.storage)
     new.send(ctx.app, row)
-    return summary_from_row(drive(ctx, resolver, new.claim, row))
+    try:
+        return summary_from_row(drive(ctx, resolver, new.claim, row))
+    except StorageError as exc:
+        raise StorageError(
+            f"{exc.message} Run {new.run_id} was started before that: find it with"
+            " get_run(run_id) rather than starting another.",
+            run_id=str(new.run_id),
+        ) from exc
 
 
 def start_run(
