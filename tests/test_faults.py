@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, counting_handler, executions
+from _helpers import IDENTITY, ask_then_work, counting_handler, executions, row_counts
 from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
+from flask_scoria import runtime as scoria_runtime
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -198,3 +199,94 @@ def test_the_own_engine_pings_and_times_out(database_uri: str, tmp_path: Path) -
             app.extensions["scoria"].storage(app).read() as conn,
         ):
             conn.exec_driver_sql("SELECT pg_sleep(2)")
+
+
+TENANT = IDENTITY["tenant_id"]
+
+
+@pytest.fixture
+def ops(app: Flask) -> Any:
+    """A client of the operator pages, as an operator of ``TENANT``."""
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    return app.test_client()
+
+
+def paused(**runtime: Any) -> scoria.RunSummary:
+    return scoria.start_run(
+        IDENTITY, initial_step={"kind": "ask"}, handlers={"ask": ask_then_work}, **runtime
+    )
+
+
+def test_approved_runs_waiting_for_resume_can_be_listed(app: Flask, ops: Any) -> None:
+    with app.app_context():
+        waiting = paused()
+        approved = paused()
+        scoria.approve_run(approved.run_id, decided_by="ops")
+        resumed = paused()
+        scoria.approve_run(resumed.run_id, decided_by="ops")
+        scoria.resume_run(resumed.run_id, handlers={"ask": ask_then_work})
+        found = scoria_runtime.list_runs(scoria_runtime.RunFilters(awaiting_resume=True))
+    assert [run.run_id for run in found.rows] == [approved.run_id]
+    html = ops.get("/scoria/workflows?status=awaiting_resume").get_data(as_text=True)
+    assert f"workflows/{approved.run_id}" in html
+    assert f"workflows/{waiting.run_id}" not in html
+    assert f"workflows/{resumed.run_id}" not in html
+    assert 'value="awaiting_resume" selected' in html
+
+
+def test_metadata_larger_than_the_cap_is_refused_and_nothing_written(
+    database_uri: str, tmp_path: Path
+) -> None:
+    with configured_app(database_uri, tmp_path, SCORIA_MAX_METADATA_BYTES=1000) as app:
+        engine = app.extensions["scoria"].storage(app).engine
+        before = row_counts(engine)
+        with app.app_context():
+            with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_MAX_METADATA_BYTES"):
+                scoria.start_run(IDENTITY, runtime={"metadata": {"text": "x" * 1000}})
+            with pytest.raises(scoria.InvalidRunOptions, match="1000"):
+                scoria.start_handoff_run(
+                    {**IDENTITY, "metadata": {"text": "y" * 1000}},
+                    "critic",
+                    root_role_id="planner",
+                    delegated_kind="review",
+                    handoff_input={},
+                    projected_context={},
+                )
+            scoria.start_run(IDENTITY, runtime={"metadata": {"text": "x" * 900}})
+        assert row_counts(engine)["scoria_runs"] == before["scoria_runs"] + 1
+
+
+@contextmanager
+def statements_of(app: Flask) -> Iterator[list[str]]:
+    """The SQL text of every statement SQLAlchemy sends while the block runs."""
+    engine = app.extensions["scoria"].storage(app).engine
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(args[2])
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_lists_and_status_polls_read_no_metadata(app: Flask, ops: Any) -> None:
+    with app.app_context():
+        run = paused(runtime={"metadata": {"payload": "p" * 10_000}})
+    pages = (
+        "/scoria/workflows",
+        "/scoria/workflows?status=awaiting_resume",
+        f"/scoria/sessions/{IDENTITY['session_id']}",
+        "/scoria/approvals",
+        f"/scoria/workflows/{run.run_id}/status.json",
+    )
+    for url in pages:
+        with statements_of(app) as seen:
+            response = ops.get(url)
+        assert response.status_code == 200, url
+        reads = [sql for sql in seen if "FROM scoria_runs" in sql]
+        assert reads, url
+        assert not [sql for sql in reads if "scoria_runs.metadata" in sql], url
+    assert ops.get(pages[-1]).get_json()["status"] == "waiting_for_approval"

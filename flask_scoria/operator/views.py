@@ -59,9 +59,12 @@ def _page_helpers() -> dict[str, Any]:
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
         "page_url": _page_url,
+        "AWAITING_RESUME": AWAITING_RESUME,
     }
 
 
+#: The runs list's ``status`` filter for approved runs waiting for ``resume_run``.
+AWAITING_RESUME = "awaiting_resume"
 #: The query arguments a page link carries over: the runs list's filters.
 _FILTER_ARGS = ("status", "session", "actor", "role")
 
@@ -85,15 +88,18 @@ def index() -> BaseResponse:
 def runs() -> str:
     """The tenant's runs, newest first, filtered and paginated."""
     status = _arg("status")
-    if status is not None and status not in tuple(RunStatus):
+    awaiting_resume = status == AWAITING_RESUME
+    if status is not None and status not in tuple(RunStatus) and not awaiting_resume:
         abort(400, description=f"There is no run status {status!r}; pick one from the list.")
     filters = runtime.RunFilters(
-        status=status,
+        status=None if awaiting_resume else status,
         session_id=_arg("session"),
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
+        awaiting_resume=awaiting_resume,
     )
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
@@ -101,7 +107,8 @@ def runs() -> str:
 def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/session.html", page=page, session_id=session_id)
 
 
@@ -130,7 +137,7 @@ def run(run_id: str) -> str:
 @bp.get("/workflows/<run_id>/status.json")
 def run_status(run_id: str) -> Response:
     """What the run page polls to know when to reload."""
-    summary = runtime.get_run(run_id, tenant_id=current_scope().tenant_id)
+    summary = runtime.run_status(run_id, tenant_id=current_scope().tenant_id)
     return jsonify(
         run_id=summary.run_id,
         status=summary.status,

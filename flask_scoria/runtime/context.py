@@ -41,6 +41,7 @@ class RuntimeContext:
     keeper: LeaseKeeper
     handoff_max_bytes: int
     handoff_max_depth: int
+    max_metadata_bytes: int
 
 
 def context() -> RuntimeContext:
@@ -54,4 +55,5 @@ def context() -> RuntimeContext:
         keeper=state.keeper,
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
+        max_metadata_bytes=state.settings.max_metadata_bytes,
     )

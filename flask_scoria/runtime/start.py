@@ -83,8 +83,8 @@ def start_run(
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
     step_spec = initial_step_spec(initial_step, role)
-    metadata = run_metadata(runtime, ident)
     ctx = context()
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     resolver = Handlers(handlers, ctx.registry)
     new = _new_run(ctx, ident, role, metadata)
     if step_spec is None:
@@ -132,7 +132,7 @@ def start_handoff_run(
         max_bytes=ctx.handoff_max_bytes,
         max_depth=ctx.handoff_max_depth,
     )
-    metadata = run_metadata(runtime, ident)
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     resolver = Handlers(handlers, ctx.registry)
     new = _new_run(ctx, ident, role, metadata)
     root = new_step_row(new.run_id, sequence=1, kind="handoff", role_id=role)
