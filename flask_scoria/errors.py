@@ -115,13 +115,16 @@ class StorageError(ScoriaError):
     ``run_id`` names the run when it was already committed before the
     failure (``start_run`` wrote the run, then could not record its first
     step's outcome): look it up with ``get_run`` instead of starting another.
+    ``hint`` says what to do about a known cause, without the connection's
+    details (host, port, user, database) that ``message`` may hold.
     """
 
     code = "storage_unavailable"
 
-    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+    def __init__(self, message: str, *, run_id: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
         self.run_id = run_id
+        self.hint = hint
 
 
 def short_repr(value: object, limit: int = 80) -> str:

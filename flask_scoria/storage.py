@@ -110,9 +110,11 @@ class Storage:
             yield
         except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
             reason = _first_line(exc)
+            hint = _hint(reason)
             raise StorageError(
-                "The flask-scoria database is unavailable:"
-                f" {type(exc).__name__}: {reason}{_hint(reason)}"
+                f"The flask-scoria database is unavailable: {type(exc).__name__}: {reason}"
+                + (f". {hint}" if hint else ""),
+                hint=hint,
             ) from exc
 
     @contextmanager
@@ -142,16 +144,16 @@ class Storage:
             yield conn
 
 
-def _hint(reason: str) -> str:
+def _hint(reason: str) -> str | None:
     """What to do about the common causes of ``reason``."""
     if "scoria_" in reason and ("no such table" in reason or "does not exist" in reason):
-        return ". The scoria_* tables are missing: run `flask scoria db upgrade`."
+        return "The scoria_* tables are missing: run `flask scoria db upgrade`."
     if "database is locked" in reason:
         return (
-            ". Another connection held SQLite's write lock past the busy timeout; with"
+            "Another connection held SQLite's write lock past the busy timeout; with"
             " Scoria(app, db=db), commit or roll back db.session before calling flask-scoria."
         )
-    return ""
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -290,3 +290,84 @@ def test_lists_and_status_polls_read_no_metadata(app: Flask, ops: Any) -> None:
         assert reads, url
         assert not [sql for sql in reads if "scoria_runs.metadata" in sql], url
     assert ops.get(pages[-1]).get_json()["status"] == "waiting_for_approval"
+
+
+HIDDEN = (
+    *("secret_key", "aws_secret_access_key", "Proxy-Authorization", "api_keys", "passwords"),
+    *("tokens", "pwd", "passphrase", "jwt", "bearer", "credential", "signing_key"),
+    *("encryption_key", "auth", "basicAuth", "client_secret", "AWS_ACCESS_KEY"),
+)
+SHOWN = ("max_tokens", "prompt_tokens", "session_id", "draft_answer", "author", "authority")
+
+
+def test_credentials_are_redacted_and_url_passwords_masked(app: Flask, ops: Any) -> None:
+    arguments = {key: f"value-of-{key}" for key in (*HIDDEN, *SHOWN)}
+    arguments.update(
+        database_url="postgresql://app:hunter2@db.internal:5432/prod",
+        dsn="host=db user=app password=hunter3 dbname=prod",
+        notes=["see https://bob:hunter4@example.com/x", "https://example.com/a@b"],
+    )
+
+    def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return scoria.WaitForApproval("deploy", arguments)
+
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "ask"}, handlers={"ask": ask})
+    html = ops.get(f"/scoria/workflows/{run.run_id}").get_data(as_text=True)
+    for key in HIDDEN:
+        assert f"value-of-{key}&#34;" not in html, key
+        assert f"&#34;{key}&#34;: &#34;[REDACTED]&#34;" in html, key
+    for key in SHOWN:
+        assert f"value-of-{key}&#34;" in html, key
+    assert "hunter" not in html
+    assert "postgresql://app:[REDACTED]@db.internal:5432/prod" in html
+    assert "password=[REDACTED] dbname=prod" in html
+    assert "https://example.com/a@b" in html
+
+
+@pytest.mark.parametrize("key", [*SHOWN, "pwd", "passphrase", "secret_key", "auth", "jwt"])
+def test_handoffs_still_carry_what_the_contract_allows(app: Flask, key: str) -> None:
+    with app.app_context():
+        run = scoria.start_handoff_run(
+            IDENTITY,
+            "critic",
+            root_role_id="planner",
+            delegated_kind="review",
+            handoff_input={},
+            projected_context={key: 1},
+        )
+    assert run.run_id
+
+
+def test_the_unavailable_page_names_no_connection_details(tmp_path: Path) -> None:
+    uri = "postgresql+psycopg://scoria_user@127.0.0.1:1/scoria_secret_db"
+    with configured_app(uri, tmp_path, SCORIA_CONNECT_TIMEOUT=2) as app:
+        app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+        response = app.test_client().get("/scoria/workflows")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 503
+    assert "unavailable" in html
+    for detail in ("127.0.0.1", "port 1", "scoria_user", "scoria_secret_db", "psycopg"):
+        assert detail not in html, detail
+
+
+def test_security_headers_on_every_response_under_the_prefix(app: Flask) -> None:
+    @app.get("/scoria-elsewhere")
+    def elsewhere() -> str:
+        return "host page"
+
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    ops = app.test_client()
+    responses = [
+        ops.get("/scoria/no/such/page"),
+        ops.get("/scoria/workflows/x/approve"),
+        ops.delete("/scoria/workflows"),
+        ops.get("/scoria"),
+    ]
+    assert [response.status_code for response in responses][:3] == [404, 405, 405]
+    for response in responses:
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Cache-Control"] == "no-store"
+    assert "Content-Security-Policy" not in ops.get("/scoria-elsewhere").headers

@@ -10,6 +10,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    current_app,
     flash,
     g,
     jsonify,
@@ -36,7 +37,7 @@ bp = Blueprint(
     static_url_path="/static",
 )
 bp.before_request(require_scope)
-bp.after_request(security_headers)
+bp.after_app_request(security_headers)
 
 _NOTE_LIMIT = 2000
 
@@ -186,7 +187,12 @@ def _run_not_found(_exc: RunNotFound) -> tuple[str, int]:
 
 @bp.errorhandler(StorageError)
 def _storage_error(exc: StorageError) -> tuple[str, int]:
-    return render_template("scoria/error.html", error=ServiceUnavailable(exc.message)), 503
+    # The message may name the database's host, port, user and name: the log has it.
+    current_app.logger.error("flask-scoria operator page: %s", exc.message)
+    description = "The flask-scoria database is unavailable. " + (
+        exc.hint or "The app's log has the details."
+    )
+    return render_template("scoria/error.html", error=ServiceUnavailable(description)), 503
 
 
 @bp.errorhandler(HTTPException)

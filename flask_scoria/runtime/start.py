@@ -62,6 +62,7 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers) -> RunSummary:
             f"{exc.message} Run {new.run_id} was started before that: find it with"
             " get_run(run_id) rather than starting another.",
             run_id=str(new.run_id),
+            hint=exc.hint,
         ) from exc
 
 
