@@ -27,6 +27,10 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_HANDOFF_MAX_DEPTH": 16,
     "SCORIA_MAX_STEPS": 1000,
     "SCORIA_REDACT_KEYS": (),
+    "SCORIA_CONNECT_TIMEOUT": 10.0,
+    "SCORIA_STATEMENT_TIMEOUT": 30.0,
+    "SCORIA_RECONNECT_ATTEMPTS": 3,
+    "SCORIA_MAX_METADATA_BYTES": 256 * 1024,
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -36,6 +40,8 @@ OWN_ENGINE_KEYS = (
     "SCORIA_ENGINE_OPTIONS",
     "SCORIA_SQLITE_SYNCHRONOUS",
     "SCORIA_SQLITE_BUSY_TIMEOUT",
+    "SCORIA_CONNECT_TIMEOUT",
+    "SCORIA_STATEMENT_TIMEOUT",
 )
 
 
@@ -53,6 +59,10 @@ class Settings:
     handoff_max_depth: int
     max_steps: int
     redact_keys: tuple[str, ...]
+    connect_timeout: float
+    statement_timeout: float
+    reconnect_attempts: int
+    max_metadata_bytes: int
 
 
 def read_settings(app: Flask) -> Settings:
@@ -96,6 +106,10 @@ def read_settings(app: Flask) -> Settings:
         handoff_max_depth=max_depth,
         max_steps=max_steps,
         redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
+        connect_timeout=_number(config, "SCORIA_CONNECT_TIMEOUT", float),
+        statement_timeout=_number(config, "SCORIA_STATEMENT_TIMEOUT", float, allow_zero=True),
+        reconnect_attempts=_number(config, "SCORIA_RECONNECT_ATTEMPTS", int, allow_zero=True),
+        max_metadata_bytes=_number(config, "SCORIA_MAX_METADATA_BYTES", int),
     )
 
 

@@ -149,6 +149,8 @@ def normalize_id(value: object, name: str) -> str | None:
         return None
     if isinstance(value, bool):
         raise InvalidIdentity(f"{name} must be a string or an int, not a bool.")
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_ID_LENGTH:
+        raise InvalidIdentity(f"{name} is longer than {MAX_ID_LENGTH} characters.")
     if isinstance(value, int | uuid.UUID):
         value = str(value)
     if not isinstance(value, str):

@@ -2,7 +2,9 @@
 
 Counted on the DBAPI cursors, so that statements run through SQLAlchemy and
 those run straight on the cursor both count; ``BEGIN``, ``COMMIT`` and
-``PRAGMA`` do not. An ``executemany`` is one statement.
+``PRAGMA`` do not, nor the empty query (``;``) with which the pool pings a
+PostgreSQL connection before each transaction. An ``executemany`` is one
+statement.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ COMMITS = 5
 #: one run lock and one run compare-and-set fewer.
 FUSED_STATEMENTS = {"sqlite": 16, "postgresql": 18}
 FUSED_COMMITS = 4
-NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA")
+NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 executed: list[str] = []
 

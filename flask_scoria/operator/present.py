@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..readback import Step
-from ..redaction import is_unsafe_key, normalize_key
+from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
 
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3
@@ -27,17 +27,22 @@ def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
     """Whether the value under ``key`` is hidden.
 
     Hidden are the keys a handoff refuses (credentials, transcripts, raw
-    session state) except ``message``, the text of every error envelope, and
-    ``extra`` names, normalized, matched as a whole name or as a ``_name`` suffix.
+    session state) except ``message``, the text of every error envelope, more
+    credential names a handoff may carry (``pwd``, ``secret_key``,
+    ``proxy_authorization``, ...), and ``extra`` names, normalized, matched as
+    a whole name or as a ``_name`` suffix.
     """
     name = normalize_key(key)
     if is_unsafe_key(key) and name not in _EVIDENCE_KEYS:
+        return True
+    if is_display_secret(key):
         return True
     return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 
 def redact(value: Any, extra: Collection[str] = ()) -> Any:
-    """A copy of a JSON value with secret-looking keys' values replaced, at any depth."""
+    """A copy of a JSON value with secret-looking keys' values replaced, at any depth,
+    and the passwords of URLs and connection strings in its texts masked."""
     if isinstance(value, Mapping):
         return {
             key: REDACTED if is_secret_key(str(key), extra) else redact(item, extra)
@@ -45,6 +50,8 @@ def redact(value: Any, extra: Collection[str] = ()) -> Any:
         }
     if isinstance(value, list | tuple):
         return [redact(item, extra) for item in value]
+    if isinstance(value, str):
+        return mask_passwords(value, REDACTED)
     return value
 
 

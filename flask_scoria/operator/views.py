@@ -39,7 +39,7 @@ bp = Blueprint(
     static_url_path="/static",
 )
 bp.before_request(require_scope)
-bp.after_request(security_headers)
+bp.after_app_request(security_headers)
 
 _NOTE_LIMIT = 2000
 #: The navigation counts pending approvals up to this many, then shows ``99+``.
@@ -69,7 +69,12 @@ def _page_helpers() -> dict[str, Any]:
         "page_url": _page_url,
         "pending_count": _pending_count,
         "home_url": _home_url(),
+        "AWAITING_RESUME": AWAITING_RESUME,
     }
+
+
+#: The runs list's ``status`` filter for approved runs waiting for ``resume_run``.
+AWAITING_RESUME = "awaiting_resume"
 
 
 def _pending_count() -> str | None:
@@ -121,15 +126,18 @@ def index() -> BaseResponse:
 def runs() -> str:
     """The tenant's runs, newest first, filtered and paginated."""
     status = _arg("status")
-    if status is not None and status not in tuple(RunStatus):
+    awaiting_resume = status == AWAITING_RESUME
+    if status is not None and status not in tuple(RunStatus) and not awaiting_resume:
         abort(400, description=f"There is no run status {status!r}; pick one from the list.")
     filters = runtime.RunFilters(
-        status=status,
+        status=None if awaiting_resume else status,
         session_id=_arg("session"),
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
+        awaiting_resume=awaiting_resume,
     )
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
@@ -137,7 +145,8 @@ def runs() -> str:
 def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/session.html", page=page, session_id=session_id)
 
 
@@ -166,7 +175,7 @@ def run(run_id: str) -> str:
 @bp.get("/workflows/<run_id>/status.json")
 def run_status(run_id: str) -> Response:
     """What the run page polls to know when to reload."""
-    summary = runtime.get_run(run_id, tenant_id=current_scope().tenant_id)
+    summary = runtime.run_status(run_id, tenant_id=current_scope().tenant_id)
     return jsonify(
         run_id=summary.run_id,
         status=summary.status,
@@ -238,7 +247,12 @@ def _run_not_found(_exc: RunNotFound) -> ResponseReturnValue:
 
 @bp.errorhandler(StorageError)
 def _storage_error(exc: StorageError) -> ResponseReturnValue:
-    return _error_page(ServiceUnavailable(exc.message))
+    # The message may name the database's host, port, user and name: the log has it.
+    current_app.logger.error("flask-scoria operator page: %s", exc.message)
+    description = "The flask-scoria database is unavailable. " + (
+        exc.hint or "The app's log has the details."
+    )
+    return _error_page(ServiceUnavailable(description))
 
 
 @bp.errorhandler(HTTPException)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._ids import parse_uuid
-from .._json import ErrorFactory, json_object
+from .._json import ErrorFactory, check_text, json_object, serialized_size
 from ..errors import InvalidRunOptions, RunNotFound
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
@@ -61,9 +61,9 @@ def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
 def optional_text(value: object, name: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise InvalidRunOptions(f"{name} must be a string of at most {MAX_TEXT} characters.")
-    return value
+    return check_text(value, what=name, error=InvalidRunOptions)
 
 
 def decider(value: object, name: str) -> str:
@@ -124,7 +124,11 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
     return {"kind": kind, "role_id": role_id, "sequence": sequence, "input": step_input}
 
 
-def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:
+def run_metadata(runtime: object, ident: Identity, max_bytes: int) -> dict[str, Any]:
+    """The metadata to store on a new run: ``runtime["metadata"]`` and the identity's.
+
+    Larger than ``max_bytes`` serialized, it is refused.
+    """
     if runtime is None:
         runtime = {}
     if not isinstance(runtime, Mapping):
@@ -138,4 +142,10 @@ def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:
     )
     if ident.metadata:
         metadata.setdefault("identity", dict(ident.metadata))
+    size = serialized_size(metadata)
+    if size > max_bytes:
+        raise InvalidRunOptions(
+            f"runtime metadata is {size} bytes serialized; the limit is {max_bytes}"
+            " (SCORIA_MAX_METADATA_BYTES). Store large payloads elsewhere and keep a reference."
+        )
     return metadata

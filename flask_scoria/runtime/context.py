@@ -46,6 +46,7 @@ class RuntimeContext:
     max_steps: int
     #: Whether operator pages are set up; they show only runs of the operator's tenant.
     has_operators: bool
+    max_metadata_bytes: int
 
 
 def context() -> RuntimeContext:
@@ -61,4 +62,5 @@ def context() -> RuntimeContext:
         handoff_max_depth=state.settings.handoff_max_depth,
         max_steps=state.settings.max_steps,
         has_operators=state.registry.operator_scope is not None,
+        max_metadata_bytes=state.settings.max_metadata_bytes,
     )

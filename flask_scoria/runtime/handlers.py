@@ -11,7 +11,7 @@ from typing import Any
 from werkzeug.utils import import_string
 
 from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
-from ..errors import InvalidRunOptions, ScoriaError
+from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..readback import RunSummary, StepView
 from .arguments import require_name
@@ -55,7 +55,7 @@ class Handlers:
         self._per_call: dict[str, Handler] = {}
         for kind, handler in per_call.items():
             if not isinstance(kind, str) or not kind:
-                raise InvalidRunOptions(f"handler kinds must be strings, not {kind!r}.")
+                raise InvalidRunOptions(f"handler kinds must be strings, not {short_repr(kind)}.")
             self._per_call[kind] = load_handler(handler, kind)
         self._registry = registry
 
@@ -78,7 +78,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         value = handler(step, run)
     except Exception as exc:
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
-        return Fail({"type": type(exc).__name__, "message": storable_text(str(exc)[:2000])})
+        return Fail({"type": type(exc).__name__, "message": storable_text(safe_str(exc, 2000))})
     try:
         return _normalize(value)
     except _BadResult as exc:
@@ -119,7 +119,7 @@ def _normalize(value: object) -> Outcome:
     if isinstance(value, Fail):
         error = value.error
         if not isinstance(error, Mapping):
-            error = {"message": error if isinstance(error, str) else repr(error)}
+            error = {"message": error if isinstance(error, str) else short_repr(error, 2000)}
         return Fail(json_object(error, what="handler error", error=_BadResult))
     if isinstance(value, Handoff):
         return value

@@ -14,9 +14,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, literal, literal_column, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    exists,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+    tuple_,
+)
 
 from .._ids import parse_uuid
+from .._json import is_storable_text
+from ..errors import RunNotFound
 from ..identity import normalize_id
 from ..readback import Approval, RunDetail, RunSummary
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
@@ -37,6 +49,11 @@ _CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
 # Inline, so that the planner matches the partial index of pending approvals
 # even with a generic plan.
 _PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
+#: A run's columns with its metadata left out (read as ``None``), for what does not show it.
+_WITHOUT_METADATA = (
+    *(column for column in runs.c if column.key != "metadata"),
+    null().label("metadata"),
+)
 
 
 @dataclass(frozen=True)
@@ -74,12 +91,17 @@ class Page(Generic[T]):
 
 @dataclass(frozen=True)
 class RunFilters:
-    """Exact-match filters of a list of runs; ``None`` matches anything."""
+    """Exact-match filters of a list of runs; ``None`` matches anything.
+
+    ``awaiting_resume`` keeps only runs whose approval was granted and that
+    wait for ``resume_run``.
+    """
 
     status: str | None = None
     session_id: str | None = None
     actor_id: str | None = None
     root_role_id: str | None = None
+    awaiting_resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,10 +119,19 @@ _EXPIRING = {
 }
 
 
-def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard) -> Row:
-    """Read a run, first failing it if a step's lease or its approval expired."""
+def _read_run(
+    ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard, *, metadata: bool = True
+) -> Row:
+    """Read a run (without its metadata if not ``metadata``), first failing it if a step's
+    lease or its approval expired."""
     with ctx.storage.read() as conn:
-        row = load_run(conn, key, guard, lock=False)
+        if metadata:
+            row = load_run(conn, key, guard, lock=False)
+        else:
+            found = conn.execute(select(*_WITHOUT_METADATA).where(runs.c.id == key)).first()
+            if found is None or (guard is not UNSET and found.tenant_id != guard):
+                raise RunNotFound(str(key))
+            row = dict(found._mapping)
         expiring = _EXPIRING.get(row["status"])
         stale = expiring and expiring.first(conn, {"b_run_id": key, "b_now": utcnow()})
     if stale:
@@ -112,6 +143,13 @@ def get_run(run_id: str, *, tenant_id: object = UNSET, identity: object = None) 
     """The current summary of one exact run; :class:`RunNotFound` if none is visible."""
     ctx = context()
     return summary_from_row(_read_run(ctx, run_uuid(run_id), tenant_guard(tenant_id, identity)))
+
+
+def run_status(run_id: str, *, tenant_id: object = UNSET) -> RunSummary:
+    """:func:`get_run` with the run's metadata left out (``{}``), for status polls."""
+    ctx = context()
+    key = run_uuid(run_id)
+    return summary_from_row(_read_run(ctx, key, tenant_guard(tenant_id, None), metadata=False))
 
 
 def get_run_detail(run_id: str, *, tenant_id: object = UNSET, identity: object = None) -> RunDetail:
@@ -130,13 +168,16 @@ def list_runs(
     tenant: TenantGuard = UNSET,
     after: Cursor | None = None,
     limit: int = PAGE_SIZE,
+    metadata: bool = True,
 ) -> Page[RunSummary]:
     """Runs matching ``filters`` (of ``tenant``, unless :data:`UNSET`), newest first.
 
     The page starts after ``after``; ties in creation time are broken by
-    ``run_id``, descending.
+    ``run_id``, descending. Without ``metadata`` the runs' metadata is not
+    read (each summary's is ``{}``). A filter no run can match, such as text
+    with a NUL character, gives an empty page.
     """
-    query = select(runs)
+    query = select(runs) if metadata else select(*_WITHOUT_METADATA)
     if tenant is not UNSET:
         query = query.where(runs.c.tenant_id == tenant)
     for column, value in (
@@ -145,8 +186,13 @@ def list_runs(
         (runs.c.actor_id, filters.actor_id),
         (runs.c.root_role_id, filters.root_role_id),
     ):
+        if value is not None and not is_storable_text(value):
+            return Page([], None)
         if value is not None:
             query = query.where(column == value)
+    if filters.awaiting_resume:
+        pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
+        query = query.where(runs.c.status == RunStatus.WAITING_FOR_APPROVAL, ~pending)
     return _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
 
 
@@ -187,10 +233,10 @@ def list_runs_for_session(
 def pending_approvals(
     tenant_id: str, after: Cursor | None = None, limit: int = PAGE_SIZE
 ) -> Page[PendingApproval]:
-    """The tenant's undecided approvals, newest request first."""
+    """The tenant's undecided approvals, newest request first (the runs without metadata)."""
     approval_columns = [column.label(f"a_{column.name}") for column in approvals.c]
     query = (
-        select(runs, *approval_columns)
+        select(*_WITHOUT_METADATA, *approval_columns)
         .join(approvals, approvals.c.run_id == runs.c.id)
         .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
     )

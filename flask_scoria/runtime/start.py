@@ -7,7 +7,7 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from ..errors import InvalidHandoff, InvalidRunOptions
+from ..errors import InvalidHandoff, InvalidRunOptions, StorageError
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
@@ -77,7 +77,8 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
     """Write the new run, then execute the step it claimed, if any.
 
     If a start with the same idempotency key won the race, its run is returned
-    instead, and nothing of this one is written or executed.
+    instead, and nothing of this one is written or executed. A
+    :class:`StorageError` after the run was written names it in ``run_id``.
     """
     try:
         row = new.insert(ctx.storage)
@@ -86,7 +87,15 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
         assert earlier is not None  # the key is unique and runs are deleted only when ended
         return earlier
     new.send(ctx.app, row)
-    return summary_from_row(drive(ctx, resolver, new.claim, row))
+    try:
+        return summary_from_row(drive(ctx, resolver, new.claim, row))
+    except StorageError as exc:
+        raise StorageError(
+            f"{exc.message} Run {new.run_id} was started before that: find it with"
+            " get_run(run_id) rather than starting another.",
+            run_id=str(new.run_id),
+            hint=exc.hint,
+        ) from exc
 
 
 def start_run(
@@ -110,9 +119,9 @@ def start_run(
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
     step_spec = initial_step_spec(initial_step, role)
-    metadata = run_metadata(runtime, ident)
     key = idempotency_name(idempotency_key, InvalidRunOptions)
     ctx = context()
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     resolver = Handlers(handlers, ctx.registry)
     earlier = _started_before(ctx, ident, key)
     if earlier is not None:
@@ -164,7 +173,7 @@ def start_handoff_run(
         max_bytes=ctx.handoff_max_bytes,
         max_depth=ctx.handoff_max_depth,
     )
-    metadata = run_metadata(runtime, ident)
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     key = idempotency_name(idempotency_key, InvalidRunOptions)
     resolver = Handlers(handlers, ctx.registry)
     earlier = _started_before(ctx, ident, key)

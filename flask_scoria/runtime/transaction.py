@@ -177,19 +177,31 @@ class NewRun(RunChange):
         raise Conflict
 
     def insert(self, storage: Storage) -> Row:
-        """Write the run with its steps, handoffs and events; return the run as written."""
-        row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
-        with storage.write() as conn:
-            if row["idempotency_key"] is not None:
-                insert_if_new = sql.INSERT_RUN_IF_NEW[conn.dialect.name]
-                if insert_if_new.rowcount(conn, row) != 1:
-                    raise DuplicateStart
-            self._insert_rows(conn, row)
-        return row
+        """Write the run with its steps, handoffs and events; return the run as written.
 
-    def _insert_rows(self, conn: Connection, row: Row) -> None:
+        If the connection drops, the write is tried again on a fresh one,
+        unless the run turns out to be there: the dropped commit went through.
+        """
+        row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
+        tries = 0
+        while True:
+            try:
+                with storage.write() as conn:
+                    if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
+                        self._insert_all(conn, row)
+                return row
+            except StorageError as exc:
+                tries += 1
+                if not storage.retry_after(exc, tries):
+                    raise
+
+    def _insert_all(self, conn: Connection, row: Row) -> None:
+        keyed = row["idempotency_key"] is not None
+        # A keyed run goes first, on its own, so that a start that lost the race writes nothing.
+        if keyed and sql.INSERT_RUN_IF_NEW[conn.dialect.name].rowcount(conn, row) != 1:
+            raise DuplicateStart
         with sql.pipeline(conn):
-            if row["idempotency_key"] is None:
+            if not keyed:
                 sql.INSERT_RUN.execute_many(conn, [row])
             for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
                 rows = [new for of, new in self.new_rows if of is statement]
@@ -251,10 +263,13 @@ def transact(
     the run first, locking it before any of its steps.
 
     If the step a handler held was lost meanwhile, the outcome is ``None``
-    and the run is returned as it now is.
+    and the run is returned as it now is. A transaction whose connection
+    dropped is tried again on a fresh one, a bounded number of times; if its
+    commit went through after all, the compare-and-set of the next try tells.
     """
     if not ctx.storage.is_sqlite:
         known = None
+    dropped = 0
     for attempt in range(MAX_ATTEMPTS):
         try:
             with ctx.storage.write() as conn:
@@ -270,6 +285,11 @@ def transact(
         except StepLost:
             with ctx.storage.read() as conn:
                 return None, load_run(conn, run_id, guard, lock=False), None
+        except StorageError as exc:
+            dropped += 1
+            if not ctx.storage.retry_after(exc, dropped):
+                raise
+            continue
         tx.send(ctx.app, new_row)
         return outcome, new_row, tx.claim
     raise StorageError(
