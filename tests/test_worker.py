@@ -168,7 +168,14 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)  # several passes find the database locked
+        assert worker.stderr is not None
+        errors: list[str] = []
+        reader = threading.Thread(target=lambda: errors.extend(worker.stderr), daemon=True)
+        reader.start()
+        # Hold the lock until the worker has found it locked and said it retries.
+        deadline = time.monotonic() + 30
+        while not any("retrying" in line for line in errors) and time.monotonic() < deadline:
+            time.sleep(0.05)
     try:
         deadline = time.monotonic() + 20
         while not executions(counter) and time.monotonic() < deadline:
@@ -176,7 +183,10 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         time.sleep(0.3)
     finally:
         worker.send_signal(signal.SIGINT)
-        out, err = worker.communicate(timeout=20)
+        worker.wait(timeout=20)
+        reader.join(timeout=5)
+    assert worker.stdout is not None
+    out, err = worker.stdout.read(), "".join(errors)
     assert worker.returncode == 0, err
     assert "database is locked" in err and "retrying" in err
     assert f"dispatched {run_id}: completed" in out
