@@ -186,7 +186,8 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         worker.wait(timeout=20)
         reader.join(timeout=5)
     assert worker.stdout is not None
-    out, err = worker.stdout.read(), "".join(errors)
+    with worker.stdout, worker.stderr:
+        out, err = worker.stdout.read(), "".join(errors)
     assert worker.returncode == 0, err
     assert "database is locked" in err and "retrying" in err
     assert f"dispatched {run_id}: completed" in out
