@@ -12,6 +12,7 @@ from flask import Flask
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .policy import EXECUTORS
 from .redaction import normalize_key
 
 #: Every configuration key flask-scoria reads, with its default.
@@ -25,6 +26,8 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_HANDOFF_MAX_BYTES": 64 * 1024,
     "SCORIA_HANDOFF_MAX_DEPTH": 16,
     "SCORIA_REDACT_KEYS": (),
+    "SCORIA_EXECUTOR": "inline",
+    "SCORIA_INLINE_RETRY_WAIT": 5.0,
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -50,6 +53,8 @@ class Settings:
     handoff_max_bytes: int
     handoff_max_depth: int
     redact_keys: tuple[str, ...]
+    executor: str
+    inline_retry_wait: float
 
 
 def read_settings(app: Flask) -> Settings:
@@ -75,6 +80,10 @@ def read_settings(app: Flask) -> Settings:
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
     busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
+    executor = config["SCORIA_EXECUTOR"]
+    if executor not in EXECUTORS:
+        raise ValueError(f"SCORIA_EXECUTOR must be one of {EXECUTORS}, not {executor!r}.")
+    retry_wait = _number(config, "SCORIA_INLINE_RETRY_WAIT", float, allow_zero=True)
     engine_options = config["SCORIA_ENGINE_OPTIONS"]
     if not isinstance(engine_options, Mapping):
         raise ValueError(
@@ -91,6 +100,8 @@ def read_settings(app: Flask) -> Settings:
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
         redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
+        executor=executor,
+        inline_retry_wait=retry_wait,
     )
 
 

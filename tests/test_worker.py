@@ -148,7 +148,10 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         run_id = queued_run(counter)
     engine.dispose()
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), str(TESTS.parent)]),
+    }
     with write_locked(database):
         worker = subprocess.Popen(
             [

@@ -32,4 +32,6 @@ from .transitions import dispatch as dispatch
 from .transitions import reject_run as reject_run
 from .transitions import resume_run as resume_run
 from .worker import dispatch_queued as dispatch_queued
+from .worker import execute_step as execute_step
+from .worker import resend_due_celery_steps as resend_due_celery_steps
 from .worker import run_worker as run_worker

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -11,7 +10,7 @@ from flask import Flask, current_app
 
 from ..state import app_state
 from ..storage import Storage
-from .handlers import Handler
+from .handlers import HandlerRegistry
 from .leases import LeaseKeeper
 
 
@@ -37,10 +36,11 @@ class RuntimeContext:
 
     app: Flask
     storage: Storage
-    registry: Mapping[str, Handler]
+    registry: HandlerRegistry
     keeper: LeaseKeeper
     handoff_max_bytes: int
     handoff_max_depth: int
+    inline_retry_wait: float
 
 
 def context() -> RuntimeContext:
@@ -50,8 +50,11 @@ def context() -> RuntimeContext:
     return RuntimeContext(
         app=app,
         storage=state.storage,
-        registry=state.registry.handlers,
+        registry=HandlerRegistry(
+            state.registry.handlers, state.registry.policies, state.settings.executor
+        ),
         keeper=state.keeper,
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
+        inline_retry_wait=state.settings.inline_retry_wait,
     )

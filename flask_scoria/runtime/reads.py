@@ -19,12 +19,11 @@ from sqlalchemy import ColumnElement, Select, literal, literal_column, select, t
 from .._ids import parse_uuid
 from ..identity import normalize_id
 from ..readback import Approval, RunDetail, RunSummary
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
-from . import statements as sql
+from ..statuses import ApprovalStatus, RunStatus
 from .arguments import int_in_range, run_uuid, tenant_guard
 from .context import UNSET, RuntimeContext, TenantGuard, context
 from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
-from .steps import expire_leases
+from .steps import expire_leases, stale_condition, stale_step
 from .tables import approvals, runs, steps
 from .transaction import Row, load_run, transact, utcnow
 
@@ -94,9 +93,7 @@ def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard) -> Row:
     """Read a run, first failing it if a step's lease expired."""
     with ctx.storage.read() as conn:
         row = load_run(conn, key, guard, lock=False)
-        stale = row["status"] == RunStatus.RUNNING and sql.EXPIRED_STEP_OF_RUN.first(
-            conn, {"b_run_id": key, "b_now": utcnow()}
-        )
+        stale = row["status"] == RunStatus.RUNNING and stale_step(conn, key, utcnow(), ctx.registry)
     if stale:
         _, row, _ = transact(ctx, key, guard, expire_leases)
     return row
@@ -237,23 +234,19 @@ def _with_expired_leases(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[u
     if not run_ids:
         return set()
     expired = select(steps.c.run_id).where(
-        steps.c.run_id.in_(run_ids),
-        steps.c.status == StepStatus.RUNNING,
-        steps.c.lease_expires_at < utcnow(),
+        steps.c.run_id.in_(run_ids), stale_condition(utcnow(), ctx.registry)
     )
     with ctx.storage.read() as conn:
         return set(conn.execute(expired).scalars())
 
 
 def recover_expired_leases() -> list[str]:
-    """Fail every run whose running step outlived its lease; return their ids."""
+    """Retry or fail every running step past its lease or timeout; return their runs' ids."""
     ctx = context()
     with ctx.storage.read() as conn:
         run_ids = list(
             conn.execute(
-                select(steps.c.run_id)
-                .where(steps.c.status == StepStatus.RUNNING, steps.c.lease_expires_at < utcnow())
-                .distinct()
+                select(steps.c.run_id).where(stale_condition(utcnow(), ctx.registry)).distinct()
             ).scalars()
         )
     recovered = []

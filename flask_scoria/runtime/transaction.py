@@ -27,7 +27,8 @@ from ..statuses import RunStatus
 from ..storage import Storage
 from . import statements as sql
 from .context import UNSET, RuntimeContext, TenantGuard
-from .handlers import Handler
+from .executors import QueuedStep, announce, notify
+from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class RunChange(ABC):
         self.new_events: list[Row] = []
         self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
         self.claim: Claim | None = None
+        self.queued: list[QueuedStep] = []
 
     @property
     def run_id(self) -> uuid.UUID:
@@ -104,6 +106,10 @@ class RunChange(ABC):
         """Send ``signal`` once the change is committed."""
         self.signals.append((signal, extra))
 
+    def queue(self, step: QueuedStep) -> None:
+        """Announce ``step`` to the process that executes it, on commit."""
+        self.queued.append(step)
+
     def add_step(self, step: Row) -> None:
         """Add a new step to the run."""
         self.set(last_step_sequence=max(self.step_sequence(), step["sequence"]))
@@ -136,7 +142,8 @@ class RunChange(ABC):
             raise StepLost from None
 
     def send(self, app: Flask, row: Row) -> None:
-        """Send the collected signals for the committed ``row``."""
+        """Announce the queued steps and send the collected signals for the committed ``row``."""
+        announce(app, self.queued)
         if not any(signal.receivers for signal, _ in self.signals):
             return
         summary = summary_from_row(row)
@@ -175,22 +182,34 @@ class NewRun(RunChange):
     def insert(self, storage: Storage) -> Row:
         """Write the run with its steps, handoffs and events; return the run as written."""
         row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
-        with storage.write() as conn, sql.pipeline(conn):
-            sql.INSERT_RUN.execute_many(conn, [row])
-            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
-                rows = [new for of, new in self.new_rows if of is statement]
-                if rows:
-                    statement.execute_many(conn, rows)
-            sql.INSERT_EVENTS.execute_many(conn, self.new_events)
+        with storage.write() as conn:
+            if self.queued:
+                notify(conn)
+            with sql.pipeline(conn):
+                sql.INSERT_RUN.execute_many(conn, [row])
+                for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
+                    rows = [new for of, new in self.new_rows if of is statement]
+                    if rows:
+                        statement.execute_many(conn, rows)
+                sql.INSERT_EVENTS.execute_many(conn, self.new_events)
         return row
 
 
 class Tx(RunChange):
     """A change to a stored run, applied by :meth:`commit` as a compare-and-set."""
 
-    def __init__(self, conn: Connection, run: Row, now: datetime, lease_until: datetime) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        run: Row,
+        now: datetime,
+        lease_until: datetime,
+        registry: HandlerRegistry | None = None,
+    ) -> None:
         super().__init__(run, now, lease_until)
         self.conn = conn
+        #: The app's handlers and policies, for retrying a step whose lease or time ran out.
+        self.registry = registry
 
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
         statement.execute_many(self.conn, [row])
@@ -203,6 +222,8 @@ class Tx(RunChange):
 
     def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
+        if self.queued:
+            notify(self.conn)
         if not self.changes and not self.new_events:
             return self.run
         values = dict(self.changes)
@@ -248,7 +269,7 @@ def transact(
                 row = known or load_run(conn, run_id, guard, lock=True)
                 known = None
                 now = utcnow()
-                tx = Tx(conn, row, now, ctx.keeper.expiry(now))
+                tx = Tx(conn, row, now, ctx.keeper.expiry(now), ctx.registry)
                 outcome = decide(tx)
                 new_row = tx.commit()
         except Conflict:
