@@ -121,12 +121,14 @@ def _leave_queued(
     known: bool,
     changes: dict[str, object],
 ) -> None:
-    """Write the step as ``queued``, due now unless later; tell its executor if known."""
+    """Write the step as ``queued``, due now unless later, and tell its executor."""
     not_before: datetime | None = changes.get("not_before", step["not_before"])  # type: ignore[assignment]
     if not_before is None:
         changes["not_before"] = not_before = change.now
     policy = handlers.policy(step["kind"])
-    elsewhere = known and (not_before > change.now or not handlers.runs_here(step["kind"]))
+    # A kind unknown here still goes to the app's default executor, if that is another process.
+    ours = known or policy.executor != "inline"
+    elsewhere = ours and (not_before > change.now or not handlers.runs_here(step["kind"]))
     if elsewhere:
         headers = tracing.carrier()
         if headers is not None:
