@@ -52,6 +52,7 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
             "task_ignore_result": True,
             "worker_prefetch_multiplier": 1,
             "broker_connection_retry_on_startup": True,
+            "task_default_queue": env.get("SCORIA_TEST_QUEUE", "celery"),
         }
     app = create_test_app(
         database_uri or env["SCORIA_TEST_DATABASE"],
