@@ -6,6 +6,7 @@ Configured from the environment, so that ``flask --app _background`` and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,34 @@ from flask_scoria import Retry, RunSummary, StepView
 
 def noop(step: StepView, run: RunSummary) -> None:
     return None
+
+
+def export_spans_to(path: str) -> None:
+    """Record this process's spans as JSON lines in ``path`` (OpenTelemetry's SDK)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class JSONLines(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            with open(path, "a") as out:
+                for span in spans:
+                    out.write(json.dumps(_span_record(span)) + "\n")
+            return SpanExportResult.SUCCESS
+
+    def _span_record(span: ReadableSpan) -> dict[str, Any]:
+        context, parent = span.get_span_context(), span.parent
+        return {
+            "name": span.name,
+            "trace_id": f"{context.trace_id:032x}",
+            "parent_id": None if parent is None else f"{parent.span_id:016x}",
+            "attributes": dict(span.attributes or {}),
+            "pid": os.getpid(),
+        }
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JSONLines()))
+    trace.set_tracer_provider(provider)
 
 
 def celery_init_app(app: Flask) -> Any:
@@ -65,4 +94,6 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("noop")(noop)
     if broker:
         celery_init_app(app)
+    if env.get("SCORIA_TEST_SPANS"):
+        export_spans_to(env["SCORIA_TEST_SPANS"])
     return app
