@@ -272,3 +272,29 @@ def test_handler_refuses_a_bad_executor_or_timeout(runtime: Scoria) -> None:
         runtime.handler("x", executor="threads")
     with pytest.raises(ValueError, match="timeout"):
         runtime.handler("x", timeout=0)
+
+
+def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
+    app: Flask, runtime: Scoria
+) -> None:
+    runtime.operator_scope(lambda: {"tenant_id": WHO["tenant_id"], "actor_id": "ops"})
+    runtime.handler("draft", retry=Retry(attempts=5, delay=60, jitter=False))(Flaky(failures=9))
+
+    @runtime.handler("gate", timeout=0.1)
+    def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        time.sleep(0.3)
+        return Succeed()
+
+    with app.app_context():
+        waiting = start("draft").run_id
+        timed_out = start("gate").run_id
+        not_before = only_step(waiting).not_before
+    assert not_before is not None
+    client = app.test_client()
+    html = client.get(f"/scoria/workflows/{waiting}").text
+    assert f"Retry 2 of 5 at {not_before:%H:%M:%S} UTC" in html
+    assert 'data-attempt-event="retry_scheduled"' in html
+    assert "ConnectionError" in html and "model unavailable (1)" in html
+    html = client.get(f"/scoria/workflows/{timed_out}").text
+    assert "timed out after 0.1 s" in html
+    assert 'data-attempt-event="step_timeout"' in html

@@ -191,7 +191,12 @@ def retry_or_fail(
     write(step_id, **values)
     if event_type != "step_failed":
         change.event(event_type, step_id, error)
-    payload = {"attempt": attempt + 1, "not_before": _iso(not_before), "error": error}
+    payload = {
+        "attempt": attempt + 1,
+        "attempts": policy.retry.attempts,
+        "not_before": _iso(not_before),
+        "error": error,
+    }
     change.event("retry_scheduled", step_id, payload)
     executor = str(policy.executor)
     change.queue(QueuedStep(change.run_id, step_id, executor, not_before, policy.timeout))
