@@ -152,7 +152,8 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), str(TESTS.parent)]),
     }
-    with write_locked(database):
+    errors = tmp_path / "worker.err"
+    with write_locked(database), errors.open("w") as err_file:
         worker = subprocess.Popen(
             [
                 sys.executable,
@@ -168,10 +169,12 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=err_file,
             text=True,
         )
-        time.sleep(1.5)  # several passes find the database locked
+        deadline = time.monotonic() + 30
+        while "retrying" not in errors.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # passes find the database locked
     try:
         deadline = time.monotonic() + 20
         while not executions(counter) and time.monotonic() < deadline:
@@ -179,7 +182,8 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         time.sleep(0.3)
     finally:
         worker.send_signal(signal.SIGINT)
-        out, err = worker.communicate(timeout=20)
+        out, _ = worker.communicate(timeout=20)
+    err = errors.read_text()
     assert worker.returncode == 0, err
     assert "database is locked" in err and "retrying" in err
     assert f"dispatched {run_id}: completed" in out
