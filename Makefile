@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 PORT ?= 5000
 
-.PHONY: demo test test-adoption test-runtime-to-handoff lint typecheck docs bench browser clean
+.PHONY: demo test test-adoption test-runtime-to-handoff lint typecheck docs bench browser services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ browser:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
 	fi
+
+# Redis and RabbitMQ for the Celery tests, started unless they already answer.
+ANSWERS = $(PYTHON) -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)"
+services:
+	@if ! $(ANSWERS) 6379 2>/dev/null; then \
+		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+			--dir /var/lib/redis --logfile /var/log/redis/ci.log; \
+	fi
+	@if ! $(ANSWERS) 5672 2>/dev/null; then \
+		rabbitmq-server -detached; \
+		rabbitmqctl await_startup --timeout 120 >/dev/null; \
+	fi
+	@$(ANSWERS) 6379 && $(ANSWERS) 5672 && echo "services: Redis and RabbitMQ answer"
 
 demo: $(DEMO_STAMP)
 	PORT=$(PORT) $(BIN)/python -m examples.assistant.demo
@@ -52,6 +65,7 @@ typecheck: $(STAMP)
 # By hand, never in CI: figures are ratios measured in one run (see bench/README.md).
 bench: $(STAMP)
 	$(BIN)/python bench/approval_roundtrip.py
+	$(BIN)/python bench/background.py
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W -b html docs docs/_build/html

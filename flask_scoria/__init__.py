@@ -31,6 +31,7 @@ from .outcomes import Handoff as Handoff
 from .outcomes import Next as Next
 from .outcomes import Succeed as Succeed
 from .outcomes import WaitForApproval as WaitForApproval
+from .policy import Retry as Retry
 from .readback import Approval as Approval
 from .readback import DelegatedHandoff as DelegatedHandoff
 from .readback import Event as Event

@@ -340,33 +340,47 @@ def dispatch_command(run_id: str, as_json: bool) -> None:
 
 @scoria_cli.command("worker")
 @click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Steps executed at once, each in a thread of its own.",
+)
+@click.option(
     "--interval",
     type=click.FloatRange(min=0.05),
     default=1.0,
     show_default=True,
-    help="Seconds to wait after a pass that found nothing to run.",
+    help="Seconds between polls on SQLite, and between sweeps of expired leases and timeouts.",
 )
 @click.option(
-    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="Runs per pass."
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="Steps executed by --once.",
 )
-@click.option("--once", is_flag=True, help="Make one pass, then exit.")
+@click.option("--once", is_flag=True, help="Execute the due steps one after another, then exit.")
 @scoria_errors
-def worker(interval: float, limit: int, once: bool) -> None:
-    """Run queued steps with the app's registered handlers until interrupted.
+def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
+    """Execute queued steps with the app's registered handlers until stopped.
 
-    Each pass first fails steps whose lease expired (as 'recover' does).
-    Several workers may share a database: each step still runs once. When
-    the database is unavailable the pass is retried after INTERVAL seconds.
+    Claims due steps oldest first; on PostgreSQL it is woken as soon as a
+    step is queued, on SQLite it polls every INTERVAL seconds. It also
+    retries or fails steps whose lease expired or whose timeout passed.
+    Several workers may share a database: each step still runs once.
+    SIGTERM or SIGINT stops it after its running handlers finish. When the
+    database is unavailable the pass is retried after INTERVAL seconds.
     """
-    try:
-        run_worker(
-            interval=interval,
-            limit=limit,
-            once=once,
-            on_dispatched=lambda run: click.echo(f"dispatched {run.run_id}: {run.status}"),
-            on_error=lambda exc: click.echo(f"{exc.message} [{exc.code}]; retrying", err=True),
-        )
-    except KeyboardInterrupt:
+    run_worker(
+        concurrency=concurrency,
+        interval=interval,
+        limit=limit,
+        once=once,
+        on_dispatched=lambda run: click.echo(f"dispatched {run.run_id}: {run.status}"),
+        on_error=lambda exc: click.echo(f"{exc.message} [{exc.code}]; retrying", err=True),
+    )
+    if not once:
         click.echo("worker stopped")
 
 

@@ -12,6 +12,7 @@ from flask import Flask
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .policy import EXECUTORS
 from .redaction import normalize_key
 
 #: Every configuration key flask-scoria reads, with its default.
@@ -31,6 +32,8 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_STATEMENT_TIMEOUT": 30.0,
     "SCORIA_RECONNECT_ATTEMPTS": 3,
     "SCORIA_MAX_METADATA_BYTES": 256 * 1024,
+    "SCORIA_EXECUTOR": "inline",
+    "SCORIA_INLINE_RETRY_WAIT": 5.0,
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -63,6 +66,8 @@ class Settings:
     statement_timeout: float
     reconnect_attempts: int
     max_metadata_bytes: int
+    executor: str
+    inline_retry_wait: float
 
 
 def read_settings(app: Flask) -> Settings:
@@ -89,6 +94,10 @@ def read_settings(app: Flask) -> Settings:
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
     max_steps = _number(config, "SCORIA_MAX_STEPS", int)
     busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
+    executor = config["SCORIA_EXECUTOR"]
+    if executor not in EXECUTORS:
+        raise ValueError(f"SCORIA_EXECUTOR must be one of {EXECUTORS}, not {executor!r}.")
+    retry_wait = _number(config, "SCORIA_INLINE_RETRY_WAIT", float, allow_zero=True)
     engine_options = config["SCORIA_ENGINE_OPTIONS"]
     if not isinstance(engine_options, Mapping):
         raise ValueError(
@@ -110,6 +119,8 @@ def read_settings(app: Flask) -> Settings:
         statement_timeout=_number(config, "SCORIA_STATEMENT_TIMEOUT", float, allow_zero=True),
         reconnect_attempts=_number(config, "SCORIA_RECONNECT_ATTEMPTS", int, allow_zero=True),
         max_metadata_bytes=_number(config, "SCORIA_MAX_METADATA_BYTES", int),
+        executor=executor,
+        inline_retry_wait=retry_wait,
     )
 
 

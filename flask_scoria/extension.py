@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import DEFAULTS, OWN_ENGINE_KEYS, Settings, read_settings
+from .policy import HandlerPolicy, Retry
 from .runtime import Handler, LeaseKeeper, load_handler
 from .state import AppState, OperatorScopeResolver, Registry, app_state, register
 from .storage import Storage, create_standalone_engine
@@ -70,6 +71,8 @@ class Scoria:
 
         app.cli.add_command(scoria_cli)
         app.register_blueprint(operator_bp, url_prefix=settings.url_prefix)
+        if settings.executor == "celery":
+            from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
 
     @staticmethod
     def _own_engine(settings: Settings) -> Engine:
@@ -88,17 +91,32 @@ class Scoria:
                 f" {type(exc).__name__}: {exc}"
             ) from exc
 
-    def handler(self, kind: str) -> Callable[[F], F]:
+    def handler(
+        self,
+        kind: str,
+        *,
+        executor: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]:
         """Register the handler for steps of ``kind``.
 
         A handler is ``fn(step, run)`` returning an outcome; per-call
-        ``handlers=`` take precedence over this registry.
+        ``handlers=`` take precedence over this registry. ``executor``
+        (``"inline"``, ``"worker"`` or ``"celery"``) overrides
+        ``SCORIA_EXECUTOR`` for this kind; ``retry`` is its :class:`Retry`
+        policy; ``timeout`` fails an attempt still running after that many
+        seconds.
         """
         if not isinstance(kind, str) or not kind.strip():
             raise ValueError("A handler kind must be a non-empty string.")
+        policy = HandlerPolicy(executor, Retry() if retry is None else retry, timeout)
+        if executor == "celery":
+            from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
 
         def decorator(fn: F) -> F:
             self.registry.handlers[kind] = load_handler(fn, kind)
+            self.registry.policies[kind] = policy
             return fn
 
         return decorator

@@ -16,6 +16,7 @@ from flask import Flask, current_app
 from sqlalchemy import Engine
 
 from .config import Settings
+from .policy import HandlerPolicy
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class Registry:
     """What one ``Scoria`` instance has registered, shared by every app it is on."""
 
     handlers: dict[str, Handler] = field(default_factory=dict)
+    policies: dict[str, HandlerPolicy] = field(default_factory=dict)
     operator_scope: OperatorScopeResolver | None = None
 
 
@@ -75,6 +77,11 @@ _states: WeakKeyDictionary[Flask, AppState] = WeakKeyDictionary()
 def register(app: Flask, state: AppState) -> None:
     """Record ``state`` as the flask-scoria state of ``app``."""
     _states[app] = state
+
+
+def registered_apps() -> list[Flask]:
+    """The apps flask-scoria is initialized on, in this process."""
+    return list(_states)
 
 
 def app_state(app: Flask | None = None) -> AppState:

@@ -4,13 +4,16 @@ PostgreSQL comes from ``SCORIA_TEST_POSTGRES_URL`` (default: the local
 server, database ``test``); each test session creates and drops its own
 throwaway database there. Where PostgreSQL cannot be reached its tests are
 skipped with the reason, unless ``SCORIA_REQUIRE_POSTGRES=1`` (set by CI),
-which turns the skip into a failure.
+which turns the skip into a failure. Redis (``SCORIA_TEST_REDIS_URL``) and
+RabbitMQ (``SCORIA_TEST_AMQP_URL``) work the same way with
+``SCORIA_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,9 @@ POSTGRES_URL = os.environ.get(
     "SCORIA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_POSTGRES = os.environ.get("SCORIA_REQUIRE_POSTGRES") == "1"
+REDIS_URL = os.environ.get("SCORIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("SCORIA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REQUIRE_SERVICES = os.environ.get("SCORIA_REQUIRE_SERVICES") == "1"
 BACKENDS = ("sqlite", "postgresql")
 TABLES = ("scoria_handoffs", "scoria_events", "scoria_approvals", "scoria_steps", "scoria_runs")
 
@@ -54,6 +60,19 @@ def throwaway_postgres_database(prefix: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def require_service(url: str) -> str:
+    """``url`` if its server answers on its port; else skip loudly (fail under CI)."""
+    parsed = sa.make_url(url.replace("amqp://", "amqp+x://"))
+    try:
+        socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 0), timeout=2).close()
+    except OSError as exc:
+        message = f"SERVICE UNREACHABLE: {url.split('@')[-1]} ({exc}); start it to run this test"
+        if REQUIRE_SERVICES:
+            pytest.fail(message + " (SCORIA_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -148,8 +148,12 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         run_id = queued_run(counter)
     engine.dispose()
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
-    with write_locked(database):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), str(TESTS.parent)]),
+    }
+    errors = tmp_path / "worker.err"
+    with write_locked(database), errors.open("w") as err_file:
         worker = subprocess.Popen(
             [
                 sys.executable,
@@ -165,17 +169,12 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=err_file,
             text=True,
         )
-        assert worker.stderr is not None
-        errors: list[str] = []
-        reader = threading.Thread(target=lambda: errors.extend(worker.stderr), daemon=True)
-        reader.start()
-        # Hold the lock until the worker has found it locked and said it retries.
         deadline = time.monotonic() + 30
-        while not any("retrying" in line for line in errors) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while "retrying" not in errors.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # passes find the database locked
     try:
         deadline = time.monotonic() + 20
         while not executions(counter) and time.monotonic() < deadline:
@@ -183,11 +182,8 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
         time.sleep(0.3)
     finally:
         worker.send_signal(signal.SIGINT)
-        worker.wait(timeout=20)
-        reader.join(timeout=5)
-    assert worker.stdout is not None
-    with worker.stdout, worker.stderr:
-        out, err = worker.stdout.read(), "".join(errors)
+        out, _ = worker.communicate(timeout=20)
+    err = errors.read_text()
     assert worker.returncode == 0, err
     assert "database is locked" in err and "retrying" in err
     assert f"dispatched {run_id}: completed" in out

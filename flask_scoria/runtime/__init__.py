@@ -6,8 +6,8 @@ never from the modules below it. The public verbs are re-exported on the
 package top level.
 """
 
-from .context import UNSET as UNSET
-from .context import TenantGuard as TenantGuard
+from .arguments import UNSET as UNSET
+from .arguments import TenantGuard as TenantGuard
 from .handlers import Handler as Handler
 from .handlers import load_handler as load_handler
 from .leases import LeaseKeeper as LeaseKeeper
@@ -34,4 +34,6 @@ from .transitions import dispatch as dispatch
 from .transitions import reject_run as reject_run
 from .transitions import resume_run as resume_run
 from .worker import dispatch_queued as dispatch_queued
+from .worker import execute_step as execute_step
+from .worker import resend_due_celery_steps as resend_due_celery_steps
 from .worker import run_worker as run_worker

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 from .._ids import parse_uuid
 from .._json import ErrorFactory, check_text, json_object, serialized_size
@@ -12,9 +13,24 @@ from ..errors import InvalidRunOptions, RunNotFound
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
 from ..statuses import StepStatus
-from .context import UNSET, TenantGuard
 
 MAX_TEXT = 10_000
+
+
+class Unset(Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "Not given": a verb called without ``tenant_id=`` applies no tenant guard.
+UNSET: Final = Unset.UNSET
+
+#: The tenant a run must belong to (``None``: runs without a tenant), or :data:`UNSET`.
+TenantGuard = str | None | Unset
 
 
 def run_uuid(run_id: object) -> uuid.UUID:

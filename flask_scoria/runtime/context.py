@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Final
 
 from flask import Flask, current_app
 
 from ..state import app_state
 from ..storage import Storage
+from .handlers import HandlerRegistry
 from .leases import LeaseKeeper
-
-if TYPE_CHECKING:
-    from .handlers import Handler
-
-
-class Unset(Enum):
-    """The type of :data:`UNSET`."""
-
-    UNSET = "UNSET"
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-#: "Not given": a verb called without ``tenant_id=`` applies no tenant guard.
-UNSET: Final = Unset.UNSET
-
-#: The tenant a run must belong to (``None``: runs without a tenant), or :data:`UNSET`.
-TenantGuard = str | None | Unset
 
 
 @dataclass(frozen=True)
@@ -39,7 +18,7 @@ class RuntimeContext:
 
     app: Flask
     storage: Storage
-    registry: Mapping[str, Handler]
+    registry: HandlerRegistry
     keeper: LeaseKeeper
     handoff_max_bytes: int
     handoff_max_depth: int
@@ -47,6 +26,7 @@ class RuntimeContext:
     #: Whether operator pages are set up; they show only runs of the operator's tenant.
     has_operators: bool
     max_metadata_bytes: int
+    inline_retry_wait: float
 
 
 def context() -> RuntimeContext:
@@ -56,11 +36,14 @@ def context() -> RuntimeContext:
     return RuntimeContext(
         app=app,
         storage=state.storage,
-        registry=state.registry.handlers,
+        registry=HandlerRegistry(
+            state.registry.handlers, state.registry.policies, state.settings.executor
+        ),
         keeper=state.keeper,
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
         max_steps=state.settings.max_steps,
         has_operators=state.registry.operator_scope is not None,
         max_metadata_bytes=state.settings.max_metadata_bytes,
+        inline_retry_wait=state.settings.inline_retry_wait,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +15,7 @@ from werkzeug.utils import import_string
 from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
 from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
+from ..policy import DEFAULT_POLICY, HandlerPolicy
 from ..readback import RunSummary, StepView
 from .arguments import require_name
 
@@ -22,6 +25,9 @@ log = logging.getLogger("flask_scoria")
 _MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 Handler = Callable[[StepView, RunSummary], Any]
+
+#: The most of a traceback an error envelope keeps, in bytes (its last frames).
+TRACEBACK_BYTES = 8 * 1024
 
 
 def load_handler(value: object, kind: str) -> Handler:
@@ -41,10 +47,57 @@ def load_handler(value: object, kind: str) -> Handler:
     return value
 
 
-class Handlers:
-    """Resolves a step kind: per-call handlers first, then the registry."""
+class HandlerRegistry(Mapping[str, Handler]):
+    """An app's registered handlers with their policies and its default executor."""
 
-    def __init__(self, per_call: object, registry: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        policies: Mapping[str, HandlerPolicy],
+        executor: str,
+    ) -> None:
+        self._handlers = handlers
+        self._policies = policies
+        self.executor = executor
+
+    def __getitem__(self, kind: str) -> Handler:
+        return self._handlers[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handlers)
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    def policy(self, kind: str) -> HandlerPolicy:
+        """The policy of ``kind``, its executor resolved to the app's default if unset."""
+        policy = self._policies.get(kind, DEFAULT_POLICY)
+        return policy if policy.executor else replace(policy, executor=self.executor)
+
+    def timeouts(self) -> dict[str, float]:
+        """The timeout of every registered kind that has one."""
+        return {
+            kind: policy.timeout
+            for kind, policy in self._policies.items()
+            if policy.timeout is not None and kind in self._handlers
+        }
+
+
+#: Per-call handlers run in the call that passes them: no other process can import them.
+_PER_CALL = HandlerPolicy(executor="inline")
+
+
+class Handlers:
+    """Resolves a step kind: per-call handlers first, then the registry.
+
+    ``local``: run every step here, whatever its executor (a worker or a
+    Celery task executing queued steps).
+    """
+
+    def __init__(
+        self, per_call: object, registry: Mapping[str, Handler], *, local: bool = False
+    ) -> None:
+        self.local = local
         if per_call is None:
             per_call = {}
         if not isinstance(per_call, Mapping):
@@ -63,6 +116,31 @@ class Handlers:
         """The handler for ``kind``, or ``None`` when none is known."""
         return self._per_call.get(kind) or self._registry.get(kind)
 
+    def policy(self, kind: str) -> HandlerPolicy:
+        """Where and how steps of ``kind`` run (per-call handlers: inline, one attempt)."""
+        if kind in self._per_call:
+            return _PER_CALL
+        if isinstance(self._registry, HandlerRegistry):
+            return self._registry.policy(kind)
+        return _PER_CALL
+
+    def runs_here(self, kind: str) -> bool:
+        """Whether a step of ``kind`` is executed by this process once claimed."""
+        return self.local or self.policy(kind).executor == "inline"
+
+
+@dataclass(frozen=True)
+class Raised(Fail):
+    """A handler raised: unlike a deliberate :class:`Fail`, retried per its policy."""
+
+
+def _traceback(exc: BaseException) -> str:
+    text = storable_text("".join(traceback.format_exception(exc, limit=-8)))
+    data = text.encode("utf-8")
+    if len(data) <= TRACEBACK_BYTES:
+        return text
+    return "..." + data[-(TRACEBACK_BYTES - 3) :].decode("utf-8", "ignore")
+
 
 def _invalid(message: str) -> Fail:
     return Fail({"type": "invalid_handler_result", "message": message})
@@ -78,7 +156,13 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         value = handler(step, run)
     except Exception as exc:
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
-        return Fail({"type": type(exc).__name__, "message": storable_text(safe_str(exc, 2000))})
+        return Raised(
+            {
+                "type": type(exc).__name__,
+                "message": storable_text(safe_str(exc, 2000)),
+                "traceback": _traceback(exc),
+            }
+        )
     try:
         return _normalize(value)
     except _BadResult as exc:

@@ -24,13 +24,14 @@ class LeaseKeeper:
     """Renews the leases of running steps from one background thread.
 
     A step claimed by this process keeps its lease while its handler runs;
-    only a dead process lets the lease expire.
+    only a dead process lets the lease expire. A step with a timeout is not
+    renewed past its deadline.
     """
 
     def __init__(self, lease_seconds: float) -> None:
         self.lease = timedelta(seconds=lease_seconds)
         self._interval = max(lease_seconds / 3, 0.05)
-        self._held: dict[str, tuple[Storage, uuid.UUID]] = {}
+        self._held: dict[str, tuple[Storage, uuid.UUID, datetime | None]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -40,10 +41,12 @@ class LeaseKeeper:
         return now + self.lease
 
     @contextmanager
-    def hold(self, storage: Storage, step_id: uuid.UUID, token: str) -> Iterator[None]:
-        """Keep the lease of ``step_id`` alive for the duration of the block."""
+    def hold(
+        self, storage: Storage, step_id: uuid.UUID, token: str, deadline: datetime | None = None
+    ) -> Iterator[None]:
+        """Keep the lease of ``step_id`` alive for the block, or until ``deadline``."""
         with self._lock:
-            self._held[token] = (storage, step_id)
+            self._held[token] = (storage, step_id, deadline)
             self._ensure_thread()
         try:
             yield
@@ -63,8 +66,10 @@ class LeaseKeeper:
             time.sleep(self._interval)
             with self._lock:
                 held = list(self._held.items())
-            for token, (storage, step_id) in held:
-                self._renew(storage, step_id, token)
+            now = datetime.now(UTC)
+            for token, (storage, step_id, deadline) in held:
+                if deadline is None or now < deadline:
+                    self._renew(storage, step_id, token)
 
     def _renew(self, storage: Storage, step_id: uuid.UUID, token: str) -> None:
         try:

@@ -7,6 +7,7 @@ Each outcome type has one recorder here; a new outcome needs its class in
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,23 +21,66 @@ from ..errors import InvalidHandoff
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
-from .context import UNSET, RuntimeContext
-from .handlers import Handlers, run_handler
+from . import tracing
+from .arguments import UNSET
+from .context import RuntimeContext
+from .handlers import Handlers, Raised, run_handler
 from .handoffs import record_handoff, serialized_size, validate_handoff
 from .rows import step_view_from_row, summary_from_row
-from .steps import claim_next, claim_step, fail_run, new_step_row
-from .transaction import Claim, Row, Tx, transact
+from .steps import (
+    claim_next,
+    claim_step,
+    dispatch_next,
+    fail_run,
+    new_step_row,
+    retry_or_fail,
+    stale_error,
+)
+from .transaction import Claim, Row, Tx, transact, utcnow
 
 
 def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row) -> Row:
-    """Execute claimed steps one after another until none is left to claim."""
+    """Execute claimed steps one after another until none is left to claim.
+
+    A retry of a step executed here that falls due within
+    ``SCORIA_INLINE_RETRY_WAIT`` seconds is waited for and executed too.
+    """
     while claim is not None:
-        view = step_view_from_row(claim.step, claim.approval)
-        with ctx.keeper.hold(ctx.storage, claim.step["id"], claim.token):
+        recorded, row, claim = _execute(ctx, handlers, claim, row)
+        if claim is None and recorded is not None and recorded.due is not None:
+            wait = (recorded.due - utcnow()).total_seconds()
+            if not handlers.local and wait <= ctx.inline_retry_wait:
+                time.sleep(max(wait, 0))
+                next_due = partial(dispatch_next, handlers=handlers)
+                _, row, claim = transact(ctx, row["id"], UNSET, next_due)
+    return row
+
+
+def _execute(
+    ctx: RuntimeContext, handlers: Handlers, claim: Claim, row: Row
+) -> tuple[Recorded | None, Row, Claim | None]:
+    """Run the handler of ``claim`` in its span, then record its outcome."""
+    step = claim.step
+    timeout = handlers.policy(step["kind"]).timeout
+    deadline = None if timeout is None else step["started_at"] + timedelta(seconds=timeout)
+    view = step_view_from_row(step, claim.approval)
+    with tracing.step_span(
+        step["trace_context"], str(row["id"]), step["kind"], step["attempt"]
+    ) as span:
+        with ctx.keeper.hold(ctx.storage, step["id"], claim.token, deadline):
             outcome = run_handler(claim.handler, view, summary_from_row(row))
         record = partial(record_outcome, ctx=ctx, handlers=handlers, claim=claim, outcome=outcome)
-        _, row, claim = transact(ctx, row["id"], UNSET, record, known=row)
-    return row
+        recorded, row, next_claim = transact(ctx, row["id"], UNSET, record, known=row)
+        span.status("discarded" if recorded is None else recorded.status)
+    return recorded, row, next_claim
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an outcome did to its step: the new status, and when a retry is due."""
+
+    status: str
+    due: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -53,24 +97,51 @@ class Finished:
         step_id: uuid.UUID = self.claim.step["id"]
         return step_id
 
-    def finish(self, status: StepStatus, **values: object) -> None:
+    def finish(self, status: StepStatus, **values: object) -> Recorded:
         """Write the step's new status, unless the step is no longer held by this claim."""
+        self.write(self.step_id, status=status, lease_token=None, lease_expires_at=None, **values)
+        return Recorded(status)
+
+    def write(self, step_id: uuid.UUID, **values: object) -> None:
+        """Update the step while this claim still holds it; else :class:`StepLost`."""
         held = {"status": StepStatus.RUNNING, "lease_token": self.claim.token}
-        self.tx.finish_step(
-            self.step_id, held, status=status, lease_token=None, lease_expires_at=None, **values
-        )
+        self.tx.finish_step(step_id, held, **values)
+
+    def retry_or_fail(self, error: Row, event_type: str) -> Recorded:
+        """A failed attempt: queue the step again while attempts remain, else fail it."""
+        policy = self.handlers.policy(self.claim.step["kind"])
+        due = retry_or_fail(self.tx, self.claim.step, self.write, policy, error, event_type)
+        return Recorded(StepStatus.FAILED if due is None else StepStatus.QUEUED, due)
+
+    def timed_out(self) -> float | None:
+        """The step's timeout if it passed before this outcome arrived."""
+        timeout = self.handlers.policy(self.claim.step["kind"]).timeout
+        started: datetime = self.claim.step["started_at"]
+        if timeout is not None and started + timedelta(seconds=timeout) <= self.tx.now:
+            return timeout
+        return None
 
 
 def record_outcome(
     tx: Tx, *, ctx: RuntimeContext, handlers: Handlers, claim: Claim, outcome: Outcome
-) -> None:
-    """Write a handler's ``outcome`` for the step of ``claim`` in the transaction ``tx``."""
-    RECORDERS[type(outcome)](Finished(tx, ctx, handlers, claim), outcome)
+) -> Recorded:
+    """Write a handler's ``outcome`` for the step of ``claim`` in the transaction ``tx``.
+
+    An outcome that arrives after the step's timeout is discarded: the step
+    timed out.
+    """
+    done = Finished(tx, ctx, handlers, claim)
+    timeout = done.timed_out()
+    if timeout is not None:
+        return done.retry_or_fail(stale_error("step_timeout", timeout), "step_timeout")
+    return RECORDERS[type(outcome)](done, outcome)
 
 
-def _succeed(done: Finished, outcome: Succeed) -> None:
+def _succeed(done: Finished, outcome: Succeed) -> Recorded:
     tx = done.tx
-    done.finish(StepStatus.COMPLETED, result_envelope=outcome.result, completed_at=tx.now)
+    recorded = done.finish(
+        StepStatus.COMPLETED, result_envelope=outcome.result, completed_at=tx.now
+    )
     tx.event("step_completed", done.step_id)
     if _no_open_steps(tx):
         tx.set(status=RunStatus.COMPLETED, completed_at=tx.now)
@@ -78,11 +149,12 @@ def _succeed(done: Finished, outcome: Succeed) -> None:
         tx.signal(signals.run_completed)
     else:
         claim_next(tx, done.handlers)
+    return recorded
 
 
-def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> None:
+def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
     tx = done.tx
-    done.finish(StepStatus.WAITING_FOR_APPROVAL)
+    recorded = done.finish(StepStatus.WAITING_FOR_APPROVAL)
     approval = {
         "id": uuid7(),
         "run_id": tx.run_id,
@@ -103,37 +175,34 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> None:
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)
     tx.event("waiting_for_approval", done.step_id, {"tool_name": outcome.tool_name})
     tx.signal(signals.run_paused)
+    return recorded
 
 
-def _fail(done: Finished, outcome: Fail) -> None:
-    done.finish(StepStatus.FAILED, error_envelope=outcome.error, completed_at=done.tx.now)
+def _fail(done: Finished, outcome: Fail) -> Recorded:
+    recorded = done.finish(
+        StepStatus.FAILED, error_envelope=outcome.error, completed_at=done.tx.now
+    )
     fail_run(done.tx, done.step_id, "step_failed", outcome.error)
+    return recorded
 
 
-def _next(done: Finished, outcome: Next) -> None:
+def _next(done: Finished, outcome: Next) -> Recorded:
     tx = done.tx
     sequence = tx.step_sequence() + 1
     limit = done.ctx.max_steps
     if sequence > limit:
         message = f"Next({outcome.kind!r}) would give the run step {sequence}; the limit is {limit}"
-        _fail(
-            done, Fail({"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."})
-        )
-        return
+        error = {"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."}
+        return _fail(done, Fail(error))
     given = dict(outcome.input or {})
     size, cap = serialized_size(given), done.ctx.handoff_max_bytes
     if size > cap:
         message = f"Next input is {size} bytes serialized; the limit is {cap}"
-        _fail(
-            done,
-            Fail(
-                {
-                    "type": "invalid_handler_result",
-                    "message": message + " (SCORIA_HANDOFF_MAX_BYTES).",
-                }
-            ),
-        )
-        return
+        error = {
+            "type": "invalid_handler_result",
+            "message": message + " (SCORIA_HANDOFF_MAX_BYTES).",
+        }
+        return _fail(done, Fail(error))
     step = new_step_row(
         tx.run_id,
         sequence=sequence,
@@ -144,13 +213,12 @@ def _next(done: Finished, outcome: Next) -> None:
     step["not_before"] = _after(tx.now, outcome.delay)
     tx.add_step(step)
     result = {"next_step_id": str(step["id"]), "next_kind": outcome.kind}
-    done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
+    recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
     tx.event("step_completed", done.step_id)
-    if step["not_before"] is None:
-        claim_step(tx, step, done.handlers, None)
-    else:
-        tx.set(current_step_id=step["id"])
+    tx.set(current_step_id=step["id"])
+    if not claim_step(tx, step, done.handlers, None) and step["not_before"] is not None:
         tx.event("step_queued", step["id"], {"not_before": step["not_before"].isoformat()})
+    return recorded
 
 
 def _after(now: datetime, seconds: float | timedelta | None) -> datetime | None:
@@ -160,7 +228,11 @@ def _after(now: datetime, seconds: float | timedelta | None) -> datetime | None:
     return now + (seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds))
 
 
-def _handoff(done: Finished, outcome: Handoff) -> None:
+def _raised(done: Finished, outcome: Raised) -> Recorded:
+    return done.retry_or_fail(outcome.error, "step_failed")
+
+
+def _handoff(done: Finished, outcome: Handoff) -> Recorded:
     try:
         spec = validate_handoff(
             delegated_role_id=outcome.delegated_role_id,
@@ -174,18 +246,20 @@ def _handoff(done: Finished, outcome: Handoff) -> None:
             max_depth=done.ctx.handoff_max_depth,
         )
     except InvalidHandoff as exc:
-        _fail(done, Fail({"type": "invalid_handoff", "code": exc.code, "message": exc.message}))
-        return
+        error = {"type": "invalid_handoff", "code": exc.code, "message": exc.message}
+        return _fail(done, Fail(error))
     _, result = record_handoff(done.tx, done.step_id, spec)
-    done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=done.tx.now)
+    recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=done.tx.now)
     claim_next(done.tx, done.handlers)
+    return recorded
 
 
 #: The recorder of each outcome type.
-RECORDERS: dict[type, Callable[[Finished, Any], None]] = {
+RECORDERS: dict[type, Callable[[Finished, Any], Recorded]] = {
     Succeed: _succeed,
     WaitForApproval: _wait_for_approval,
     Fail: _fail,
+    Raised: _raised,
     Handoff: _handoff,
     Next: _next,
 }

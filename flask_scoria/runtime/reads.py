@@ -31,12 +31,13 @@ from .._json import is_storable_text
 from ..errors import RunNotFound
 from ..identity import normalize_id
 from ..readback import Approval, RunDetail, RunSummary
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, RunStatus
 from . import statements as sql
-from .arguments import int_in_range, run_uuid, tenant_guard
-from .context import UNSET, RuntimeContext, TenantGuard, context
+from .arguments import UNSET, TenantGuard, int_in_range, run_uuid, tenant_guard
+from .context import RuntimeContext, context
+from .handlers import HandlerRegistry
 from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
-from .steps import notice_expiry
+from .steps import notice_expiry, stale_condition, stale_step
 from .tables import approvals, runs, steps
 from .transaction import Row, load_run, transact, utcnow
 
@@ -112,13 +113,6 @@ class PendingApproval:
     run: RunSummary
 
 
-#: What can expire unnoticed in a run of each status.
-_EXPIRING = {
-    RunStatus.RUNNING: sql.EXPIRED_STEP_OF_RUN,
-    RunStatus.WAITING_FOR_APPROVAL: sql.EXPIRED_APPROVAL_OF_RUN,
-}
-
-
 def _read_run(
     ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard, *, metadata: bool = True
 ) -> Row:
@@ -132,8 +126,14 @@ def _read_run(
             if found is None or (guard is not UNSET and found.tenant_id != guard):
                 raise RunNotFound(str(key))
             row = dict(found._mapping)
-        expiring = _EXPIRING.get(row["status"])
-        stale = expiring and expiring.first(conn, {"b_run_id": key, "b_now": utcnow()})
+        now = utcnow()
+        if row["status"] == RunStatus.RUNNING:
+            stale = stale_step(conn, key, now, ctx.registry) is not None
+        elif row["status"] == RunStatus.WAITING_FOR_APPROVAL:
+            expired = sql.EXPIRED_APPROVAL_OF_RUN.first(conn, {"b_run_id": key, "b_now": now})
+            stale = expired is not None
+        else:
+            stale = False
     if stale:
         _, row, _ = transact(ctx, key, guard, notice_expiry)
     return row
@@ -297,11 +297,9 @@ def _page(
     return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
 
 
-def _expired_leases(now: datetime) -> Select[Any]:
-    """The runs with a running step whose lease expired before ``now``."""
-    return select(steps.c.run_id).where(
-        steps.c.status == StepStatus.RUNNING, steps.c.lease_expires_at < now
-    )
+def _stale_steps(now: datetime, registry: HandlerRegistry) -> Select[Any]:
+    """The runs with a running step past its lease or its kind's timeout at ``now``."""
+    return select(steps.c.run_id).where(stale_condition(now, registry))
 
 
 def _expired_approvals(now: datetime) -> Select[Any]:
@@ -318,22 +316,24 @@ def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UU
     if not run_ids:
         return set()
     now = utcnow()
-    leases = _expired_leases(now).where(steps.c.run_id.in_(run_ids))
+    leases = _stale_steps(now, ctx.registry).where(steps.c.run_id.in_(run_ids))
     decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
     with ctx.storage.read() as conn:
         return set(conn.execute(leases.union(decisions)).scalars())
 
 
 def recover_expired_leases() -> list[str]:
-    """Fail every run whose running step outlived its lease, or whose approval expired.
-
-    Returns the ids of the runs it failed.
-    """
+    """Retry or fail every running step past its lease or timeout, and fail every run whose
+    approval expired; return the ids of those runs."""
     ctx = context()
     now = utcnow()
     with ctx.storage.read() as conn:
         run_ids = sorted(
-            set(conn.execute(_expired_leases(now).union(_expired_approvals(now))).scalars())
+            set(
+                conn.execute(
+                    _stale_steps(now, ctx.registry).union(_expired_approvals(now))
+                ).scalars()
+            )
         )
     recovered = []
     for key in run_ids:

@@ -246,14 +246,10 @@ OPEN_STEP_COUNT = Prepared(
         steps.c.status != StepStatus.CANCELLED,
     )
 )
-EXPIRED_STEP_OF_RUN = Prepared(
-    select(steps.c.id, steps.c.lease_token, steps.c.lease_expires_at)
-    .where(
-        steps.c.run_id == bindparam("b_run_id"),
-        steps.c.status == StepStatus.RUNNING,
-        steps.c.lease_expires_at < bindparam("b_now"),
+RUNNING_STEPS_OF_RUN = Prepared(
+    select(steps).where(
+        steps.c.run_id == bindparam("b_run_id"), steps.c.status == StepStatus.RUNNING
     )
-    .limit(1)
 )
 
 #: The run's pending approval that expired before ``b_now``, if any.

@@ -10,16 +10,24 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, or_
 
 from .. import signals
 from .._ids import uuid7
+from ..policy import DEFAULT_POLICY, HandlerPolicy
 from ..readback import Approval
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
-from .handlers import Handlers
+from . import tracing
+from .executors import QueuedStep
+from .handlers import HandlerRegistry, Handlers
 from .rows import approval_from_row
+from .tables import steps
 from .transaction import Claim, Conflict, Row, RunChange, Tx
 
 log = logging.getLogger("flask_scoria")
@@ -69,25 +77,27 @@ def claim_step(
     from_status: StepStatus = StepStatus.QUEUED,
     **changes: object,
 ) -> bool:
-    """Move a step to ``queued``, or straight to ``running`` when its handler is known.
+    """Move a step to ``queued``, or straight to ``running`` when this process executes it.
 
-    One change claims at most one step. ``changes`` are further column values
-    to write with the move. Returns whether the step was claimed.
+    A step stays ``queued`` while no handler for its kind is known, before its
+    ``not_before``, and when its executor is another process (which is told
+    on commit). One change claims at most one step. ``changes`` are further
+    column values to write with the move. Returns whether the step was claimed.
     """
-    handler = handlers.get(step["kind"])
+    kind = step["kind"]
+    handler = handlers.get(kind)
     if handler is None:
         log.info(
             "Step %s of run %s stays queued: no handler for kind %r is known;"
             " dispatch() or 'flask scoria worker' runs it once one is registered.",
             step["id"],
             change.run_id,
-            step["kind"],
+            kind,
         )
-    if handler is None or change.claim is not None:
-        if from_status != StepStatus.QUEUED or changes:
-            change.update_step(
-                step["id"], {"status": from_status}, status=StepStatus.QUEUED, **changes
-            )
+    not_before: datetime | None = changes.get("not_before", step["not_before"])  # type: ignore[assignment]
+    due = not_before is None or not_before <= change.now
+    if handler is None or change.claim is not None or not due or not handlers.runs_here(kind):
+        _leave_queued(change, step, handlers, from_status, handler is not None, changes)
         return False
     token = secrets.token_hex(16)
     values = {
@@ -102,6 +112,96 @@ def claim_step(
     change.event("step_started", step["id"], {"attempt": values.get("attempt", step["attempt"])})
     change.claim = Claim({**step, **values}, token, handler, approval)
     return True
+
+
+def _leave_queued(
+    change: RunChange,
+    step: Mapping[str, Any],
+    handlers: Handlers,
+    from_status: StepStatus,
+    known: bool,
+    changes: dict[str, object],
+) -> None:
+    """Write the step as ``queued``, due now unless later, and tell its executor."""
+    not_before: datetime | None = changes.get("not_before", step["not_before"])  # type: ignore[assignment]
+    if not_before is None:
+        changes["not_before"] = not_before = change.now
+    policy = handlers.policy(step["kind"])
+    # A kind unknown here still goes to the app's default executor, if that is another process.
+    ours = known or policy.executor != "inline"
+    elsewhere = ours and (not_before > change.now or not handlers.runs_here(step["kind"]))
+    if elsewhere:
+        headers = tracing.carrier()
+        if headers is not None:
+            changes["trace_context"] = headers
+    if from_status != StepStatus.QUEUED or changes:
+        change.update_step(step["id"], {"status": from_status}, status=StepStatus.QUEUED, **changes)
+        if elsewhere:
+            payload = {"executor": policy.executor, "not_before": _iso(not_before)}
+            change.event("step_queued", step["id"], payload)
+    if elsewhere:
+        change.queue(
+            QueuedStep(change.run_id, step["id"], str(policy.executor), not_before, policy.timeout)
+        )
+
+
+def _iso(moment: object) -> str:
+    return moment.isoformat() if isinstance(moment, datetime) else str(moment)
+
+
+def retry_or_fail(
+    change: RunChange,
+    step: Mapping[str, Any],
+    write: Callable[..., None],
+    policy: HandlerPolicy,
+    error: Row,
+    event_type: str,
+) -> datetime | None:
+    """After a failed attempt, queue the step again while attempts remain, else fail it.
+
+    ``write(step_id, expect, **values)`` updates the step only while it is
+    still held as it was read. ``event_type`` names the failure
+    (``step_failed``, ``step_timeout``, ``lease_expired``). Returns when the
+    next attempt falls due, or ``None`` when step and run failed.
+    """
+    step_id = step["id"]
+    attempt = step["attempt"]
+    released = {"lease_token": None, "lease_expires_at": None}
+    if attempt >= policy.retry.attempts:
+        write(
+            step_id,
+            status=StepStatus.FAILED,
+            error_envelope=error,
+            completed_at=change.now,
+            **released,
+        )
+        fail_run(change, step_id, event_type, error)
+        return None
+    not_before = change.now + policy.retry.delay_after(attempt)
+    values: dict[str, object] = {
+        "status": StepStatus.QUEUED,
+        "attempt": attempt + 1,
+        "not_before": not_before,
+        "error_envelope": None,
+        "completed_at": None,
+        **released,
+    }
+    headers = tracing.carrier()
+    if headers is not None:
+        values["trace_context"] = headers
+    write(step_id, **values)
+    if event_type != "step_failed":
+        change.event(event_type, step_id, error)
+    payload = {
+        "attempt": attempt + 1,
+        "attempts": policy.retry.attempts,
+        "not_before": _iso(not_before),
+        "error": error,
+    }
+    change.event("retry_scheduled", step_id, payload)
+    executor = str(policy.executor)
+    change.queue(QueuedStep(change.run_id, step_id, executor, not_before, policy.timeout))
+    return not_before
 
 
 def claim_next(tx: Tx, handlers: Handlers) -> None:
@@ -127,35 +227,62 @@ def fail_run(change: RunChange, step_id: uuid.UUID, event_type: str, error: Row)
     change.signal(signals.run_failed)
 
 
-def expire_leases(tx: Tx) -> bool:
-    """Fail the run if one of its running steps outlived its lease."""
-    if tx.status() != RunStatus.RUNNING:
-        return False
-    params = {"b_run_id": tx.run_id, "b_now": tx.now}
-    expired = sql.EXPIRED_STEP_OF_RUN.first(tx.conn, params)
-    if expired is None:
-        return False
-    error = {
+def stale_step(
+    conn: Connection, run_id: uuid.UUID, now: datetime, registry: HandlerRegistry | None
+) -> tuple[Row, str] | None:
+    """A running step of the run past its timeout or its lease, and which of the two."""
+    timeouts = {} if registry is None else registry.timeouts()
+    for step in sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id}):
+        timeout = timeouts.get(step["kind"])
+        if timeout is not None and step["started_at"] + timedelta(seconds=timeout) <= now:
+            return step, "step_timeout"
+        if step["lease_expires_at"] is not None and step["lease_expires_at"] < now:
+            return step, "lease_expired"
+    return None
+
+
+def stale_condition(now: datetime, registry: HandlerRegistry) -> ColumnElement[bool]:
+    """Which running steps (of any run) are past their lease or their kind's timeout."""
+    late = [
+        and_(steps.c.kind == kind, steps.c.started_at <= now - timedelta(seconds=timeout))
+        for kind, timeout in sorted(registry.timeouts().items())
+    ]
+    return and_(steps.c.status == StepStatus.RUNNING, or_(steps.c.lease_expires_at < now, *late))
+
+
+def stale_error(reason: str, timeout: float | None) -> Row:
+    """The error envelope of a step that timed out or lost its lease."""
+    if reason == "step_timeout":
+        return {
+            "type": "step_timeout",
+            "message": f"The step was still running {timeout:g} seconds after it started;"
+            " its late outcome is discarded.",
+            "timeout": timeout,
+        }
+    return {
         "type": "lease_expired",
         "message": "The process executing this step stopped before it finished;"
         " resume_run retries the step.",
     }
+
+
+def expire_leases(tx: Tx) -> bool:
+    """Retry or fail a running step of the run that outlived its lease or its timeout."""
+    if tx.status() != RunStatus.RUNNING:
+        return False
+    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry)
+    if found is None:
+        return False
+    step, reason = found
+    policy = DEFAULT_POLICY if tx.registry is None else tx.registry.policy(step["kind"])
     # Only the lease that was read: a renewal committed since then keeps the step alive.
     held = {
         "status": StepStatus.RUNNING,
-        "lease_token": expired["lease_token"],
-        "lease_expires_at": expired["lease_expires_at"],
+        "lease_token": step["lease_token"],
+        "lease_expires_at": step["lease_expires_at"],
     }
-    tx.update_step(
-        expired["id"],
-        held,
-        status=StepStatus.FAILED,
-        error_envelope=error,
-        lease_token=None,
-        lease_expires_at=None,
-        completed_at=tx.now,
-    )
-    fail_run(tx, expired["id"], "lease_expired", error)
+    error = stale_error(reason, policy.timeout)
+    retry_or_fail(tx, step, partial(_write_held, tx, held), policy, error, reason)
     return True
 
 
@@ -193,3 +320,13 @@ def expire_approval(tx: Tx) -> bool:
 def notice_expiry(tx: Tx) -> bool:
     """Fail the run if a lease or an approval of it expired; whether one did."""
     return expire_leases(tx) or expire_approval(tx)
+
+
+def _write_held(tx: Tx, held: Mapping[str, object], step_id: uuid.UUID, **values: object) -> None:
+    tx.update_step(step_id, held, **values)
+
+
+def dispatch_next(tx: Tx, handlers: Handlers) -> None:
+    """Claim the run's next due step, unless a stale step ended or the run is not running."""
+    if not expire_leases(tx) and tx.status() == RunStatus.RUNNING:
+        claim_next(tx, handlers)

@@ -26,8 +26,10 @@ from ..readback import Approval
 from ..statuses import RunStatus
 from ..storage import Storage
 from . import statements as sql
-from .context import UNSET, RuntimeContext, TenantGuard
-from .handlers import Handler
+from .arguments import UNSET, TenantGuard
+from .context import RuntimeContext
+from .executors import QueuedStep, announce, notify
+from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
 
 T = TypeVar("T")
@@ -75,6 +77,7 @@ class RunChange(ABC):
         self.new_events: list[Row] = []
         self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
         self.claim: Claim | None = None
+        self.queued: list[QueuedStep] = []
 
     @property
     def run_id(self) -> uuid.UUID:
@@ -108,6 +111,10 @@ class RunChange(ABC):
         """Send ``signal`` once the change is committed."""
         self.signals.append((signal, extra))
 
+    def queue(self, step: QueuedStep) -> None:
+        """Announce ``step`` to the process that executes it, on commit."""
+        self.queued.append(step)
+
     def add_step(self, step: Row) -> None:
         """Add a new step to the run."""
         self.set(last_step_sequence=max(self.step_sequence(), step["sequence"]))
@@ -140,7 +147,8 @@ class RunChange(ABC):
             raise StepLost from None
 
     def send(self, app: Flask, row: Row) -> None:
-        """Send the collected signals for the committed ``row``."""
+        """Announce the queued steps and send the collected signals for the committed ``row``."""
+        announce(app, self.queued)
         if not any(signal.receivers for signal, _ in self.signals):
             return
         summary = summary_from_row(row)
@@ -196,6 +204,8 @@ class NewRun(RunChange):
                     raise
 
     def _insert_all(self, conn: Connection, row: Row) -> None:
+        if self.queued:
+            notify(conn)
         keyed = row["idempotency_key"] is not None
         # A keyed run goes first, on its own, so that a start that lost the race writes nothing.
         if keyed and sql.INSERT_RUN_IF_NEW[conn.dialect.name].rowcount(conn, row) != 1:
@@ -213,9 +223,18 @@ class NewRun(RunChange):
 class Tx(RunChange):
     """A change to a stored run, applied by :meth:`commit` as a compare-and-set."""
 
-    def __init__(self, conn: Connection, run: Row, now: datetime, lease_until: datetime) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        run: Row,
+        now: datetime,
+        lease_until: datetime,
+        registry: HandlerRegistry | None = None,
+    ) -> None:
         super().__init__(run, now, lease_until)
         self.conn = conn
+        #: The app's handlers and policies, for retrying a step whose lease or time ran out.
+        self.registry = registry
 
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
         statement.execute_many(self.conn, [row])
@@ -228,6 +247,8 @@ class Tx(RunChange):
 
     def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
+        if self.queued:
+            notify(self.conn)
         if not self.changes and not self.new_events:
             return self.run
         values = dict(self.changes)
@@ -276,7 +297,7 @@ def transact(
                 row = known or load_run(conn, run_id, guard, lock=True)
                 known = None
                 now = utcnow()
-                tx = Tx(conn, row, now, ctx.keeper.expiry(now))
+                tx = Tx(conn, row, now, ctx.keeper.expiry(now), ctx.registry)
                 outcome = decide(tx)
                 new_row = tx.commit()
         except Conflict:

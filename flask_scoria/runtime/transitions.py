@@ -20,8 +20,8 @@ from ..errors import (
 from ..readback import Approval, RunSummary
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
-from .arguments import approval_key, decider, optional_text, run_uuid, tenant_guard
-from .context import UNSET, context
+from .arguments import UNSET, approval_key, decider, optional_text, run_uuid, tenant_guard
+from .context import context
 from .handlers import Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row

@@ -1,95 +1,376 @@
-"""Running queued steps outside the request that created them.
+"""Executing queued steps outside the call that queued them.
 
-A step whose handler was not known when its run was created or resumed
-stays ``queued``. :func:`dispatch_queued` finds the running runs with such
-steps and dispatches them with the app's registered handlers;
-:func:`run_worker` (``flask scoria worker``) calls it in a loop, and a
-host's own scheduler can call it too. Dispatch is a compare-and-set, so any
-number of workers (and requests) can share a database: each step still runs
-once. Each run is dispatched in an app context of its own, so handlers see a
-fresh ``g`` and the host's ``db.session`` is torn down after each, as after
-a request.
+A step stays ``queued`` when its executor is another process, when it is
+not due yet, or when no handler for its kind was known. :func:`claim_due`
+claims the oldest due one (on PostgreSQL with ``FOR UPDATE SKIP LOCKED``, so
+that workers never wait for each other); :func:`dispatch_queued` executes
+them one after another, :func:`run_worker` (``flask scoria worker``) in
+threads, woken on PostgreSQL by the ``NOTIFY`` of the commit that queued a
+step, and :func:`execute_step` executes one named step (the Celery task).
+Every path claims with the same compare-and-set, so each step runs once.
+Each step is executed in an app context of its own, so handlers see a fresh
+``g`` and the host's ``db.session`` is torn down after each, as after a
+request.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, func, or_, select
 
 from ..errors import StorageError
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
-from .arguments import int_in_range
-from .context import context
+from .arguments import UNSET, int_in_range
+from .context import RuntimeContext, context
+from .executors import CHANNEL, send_to_celery
+from .handlers import Handlers
+from .outcomes import drive
 from .reads import recover_expired_leases
+from .rows import split_prefixed, summary_from_row
+from .steps import claim_step, decided_approval, expire_leases
 from .tables import runs, steps
-from .transitions import dispatch
+from .transaction import Claim, Conflict, Row, Tx, transact, utcnow
+
+log = logging.getLogger("flask_scoria")
+
+_RUN_COLUMNS = [column.label(f"runs_{column.key}") for column in runs.c]
+#: The oldest due queued step of a running run, with its run's columns; on
+#: PostgreSQL the run is locked, skipping runs another worker holds.
+_DUE_STEP = (
+    select(steps, *_RUN_COLUMNS)
+    .join(runs, runs.c.id == steps.c.run_id)
+    .where(
+        steps.c.status == StepStatus.QUEUED,
+        or_(steps.c.not_before <= bindparam("now"), steps.c.not_before.is_(None)),
+        steps.c.kind.in_(bindparam("kinds", expanding=True)),
+        runs.c.status == RunStatus.RUNNING,
+    )
+    .order_by(steps.c.not_before)
+    .limit(1)
+    .with_for_update(of=runs, skip_locked=True)
+)
+_NEXT_DUE = select(func.min(steps.c.not_before)).where(
+    steps.c.status == StepStatus.QUEUED,
+    steps.c.not_before > bindparam("now"),
+    steps.c.kind.in_(bindparam("kinds", expanding=True)),
+)
+
+
+def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | None:
+    """Claim the oldest due queued step with a registered handler, or ``None``."""
+    kinds = sorted(ctx.registry)
+    if not kinds:
+        return None
+    try:
+        with ctx.storage.write() as conn:
+            now = utcnow()
+            picked = conn.execute(_DUE_STEP, {"now": now, "kinds": kinds}).mappings().first()
+            if picked is None:
+                return None
+            found = dict(picked)
+            run = split_prefixed(found, "runs_")
+            tx = Tx(conn, run, now, ctx.keeper.expiry(now), ctx.registry)
+            step = {key: value for key, value in found.items() if not key.startswith("runs_")}
+            if not expire_leases(tx):
+                claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
+            row = tx.commit()
+    except Conflict:  # the run changed under the claim (SQLite only): look again later
+        return None
+    tx.send(ctx.app, row)
+    return None if tx.claim is None else (row, tx.claim)
+
+
+def next_due(ctx: RuntimeContext) -> datetime | None:
+    """When the next queued step with a registered handler falls due, if one is waiting."""
+    kinds = sorted(ctx.registry)
+    if not kinds:
+        return None
+    with ctx.storage.read() as conn:
+        due: datetime | None = conn.execute(_NEXT_DUE, {"now": utcnow(), "kinds": kinds}).scalar()
+    return due
+
+
+def _execute_claimed(app: Flask, handlers: Handlers, row: Row, claim: Claim) -> RunSummary:
+    """Execute a claimed step (and what it claims next) in a fresh app context."""
+    with app.app_context():
+        return summary_from_row(drive(context(), handlers, claim, row))
 
 
 def dispatch_queued(*, limit: int = 100) -> list[RunSummary]:
-    """Dispatch up to ``limit`` running runs that have queued steps with a registered handler.
+    """Execute up to ``limit`` due queued steps that have a registered handler, oldest first.
 
-    Expired leases are failed first, as ``flask scoria recover`` does.
-    Returns the summaries of the runs dispatched, oldest first. Runs whose queued
-    steps have no registered handler are left as they are.
+    Steps whose executor is ``"worker"`` or ``"celery"`` are executed here
+    too. Expired leases and timeouts are handled first, as ``flask scoria
+    recover`` does. Returns the summary of each step's run after it, in
+    order. Steps whose kind has no registered handler are left as they are.
     """
     int_in_range(limit, "limit")
     ctx = context()
     recover_expired_leases()
-    kinds = sorted(ctx.registry)
+    handlers = Handlers(None, ctx.registry, local=True)
+    dispatched = []
+    for _ in range(limit):
+        claimed = claim_due(ctx, handlers)
+        if claimed is None:
+            break
+        dispatched.append(_execute_claimed(ctx.app, handlers, *claimed))
+    return dispatched
+
+
+def execute_step(run_id: str, step_id: str) -> RunSummary | None:
+    """Claim and execute one queued step if it is due; ``None`` if it was not claimed.
+
+    A step already claimed, finished or cancelled is left alone, so a
+    repeated request executes the step once.
+    """
+    ctx = context()
+    handlers = Handlers(None, ctx.registry, local=True)
+    run_key, step_key = uuid.UUID(run_id), uuid.UUID(step_id)
+
+    def decide(tx: Tx) -> None:
+        if expire_leases(tx) or tx.status() != RunStatus.RUNNING:
+            return
+        step = (
+            tx.conn.execute(select(steps).where(steps.c.id == step_key, steps.c.run_id == run_key))
+            .mappings()
+            .first()
+        )
+        if step is not None and step["status"] == StepStatus.QUEUED:
+            claim_step(tx, dict(step), handlers, decided_approval(tx, step_key))
+
+    _, row, claim = transact(ctx, run_key, UNSET, decide)
+    if claim is None:
+        return None
+    return _execute_claimed(ctx.app, handlers, row, claim)
+
+
+#: Due steps of running runs, oldest first, whose kinds are in ``kinds``.
+_OVERDUE = (
+    select(steps.c.run_id, steps.c.id, steps.c.kind, steps.c.not_before)
+    .join(runs, runs.c.id == steps.c.run_id)
+    .where(
+        steps.c.status == StepStatus.QUEUED,
+        steps.c.not_before <= bindparam("before"),
+        steps.c.kind.in_(bindparam("kinds", expanding=True)),
+        runs.c.status == RunStatus.RUNNING,
+    )
+    .order_by(steps.c.not_before)
+    .limit(bindparam("limit"))
+)
+
+
+def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[str]:
+    """Send the Celery task again for steps due more than ``resend_after`` seconds ago.
+
+    Only steps of kinds whose executor is ``"celery"``, at most ``limit``,
+    oldest first. Returns their ids.
+    """
+    ctx = context()
+    kinds = [
+        kind for kind in sorted(ctx.registry) if ctx.registry.policy(kind).executor == "celery"
+    ]
     if not kinds:
         return []
-    waiting = (
-        select(runs.c.id, runs.c.created_at)
-        .join(steps, steps.c.run_id == runs.c.id)
-        .where(
-            steps.c.status == StepStatus.QUEUED,
-            steps.c.kind.in_(kinds),
-            runs.c.status == RunStatus.RUNNING,
-        )
-        .distinct()
-        .order_by(runs.c.created_at, runs.c.id)
-        .limit(limit)
-    )
+    before = utcnow() - timedelta(seconds=resend_after)
     with ctx.storage.read() as conn:
-        run_ids = [str(row.id) for row in conn.execute(waiting)]
-    dispatched = []
-    for run_id in run_ids:
-        with ctx.app.app_context():
-            dispatched.append(dispatch(run_id))
-    return dispatched
+        rows = conn.execute(_OVERDUE, {"before": before, "kinds": kinds, "limit": limit}).all()
+    return [
+        str(row.id)
+        for row in rows
+        if send_to_celery(ctx.app, row.run_id, row.id, None, ctx.registry.policy(row.kind).timeout)
+    ]
+
+
+class _Listener:
+    """A PostgreSQL connection that ``LISTEN``\\ s for queued steps."""
+
+    def __init__(self, ctx: RuntimeContext) -> None:
+        self._conn: Connection = ctx.storage.engine.connect().execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
+        self._conn.exec_driver_sql(f"LISTEN {CHANNEL}")
+
+    def wait(self, timeout: float) -> None:
+        """Return on a notification, or after ``timeout`` seconds."""
+        driver: Any = self._conn.connection.driver_connection
+        for _ in driver.notifies(timeout=timeout, stop_after=1):
+            pass
+
+    def close(self) -> None:
+        self._conn.invalidate()
+        self._conn.close()
+
+
+class Worker:
+    """``flask scoria worker``: claims due steps and executes them in ``concurrency`` threads.
+
+    The main thread claims and the threads execute, each step in a fresh app
+    context. :meth:`stop` (or SIGTERM / SIGINT) stops claiming; the running
+    handlers finish and their outcomes are written before :meth:`run` returns.
+    """
+
+    def __init__(
+        self,
+        app: Flask,
+        *,
+        concurrency: int,
+        interval: float,
+        on_dispatched: Callable[[RunSummary], None],
+        on_error: Callable[[StorageError], None],
+    ) -> None:
+        self.app = app
+        self.interval = interval
+        self.on_dispatched = on_dispatched
+        self.on_error = on_error
+        self._stopping = threading.Event()
+        self._slots = threading.Semaphore(concurrency)
+        self._freed = threading.Event()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="scoria-worker")
+        self._listener: _Listener | None = None
+        self._swept = 0.0
+
+    def stop(self, *_: object) -> None:
+        """Stop claiming steps; a second call while stopping exits at once."""
+        if self._stopping.is_set():
+            os._exit(1)  # the leases of the steps still running expire and they are retried
+        self._stopping.set()
+        self._freed.set()
+
+    def run(self) -> None:
+        """Claim and execute due steps until stopped."""
+        previous = _handle_signals(self.stop)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    with self.app.app_context():
+                        wake = self._pass(context())
+                except StorageError as exc:
+                    self.on_error(exc)
+                    self._close_listener()
+                    wake = self.interval
+                self._wait(wake)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._close_listener()
+            _restore_signals(previous)
+
+    def _pass(self, ctx: RuntimeContext) -> float:
+        """Sweep stale steps now and then, claim what is due; return how long to wait."""
+        if time.monotonic() - self._swept >= self.interval:
+            recover_expired_leases()
+            self._swept = time.monotonic()
+        if self._listener is None and not ctx.storage.is_sqlite:
+            self._listener = _Listener(ctx)
+        handlers = Handlers(None, ctx.registry, local=True)
+        while not self._stopping.is_set() and self._slots.acquire(blocking=False):
+            try:
+                claimed = claim_due(ctx, handlers)
+            except BaseException:
+                self._slots.release()
+                raise
+            if claimed is None:
+                self._slots.release()
+                break
+            self._pool.submit(self._execute, handlers, *claimed)
+        due = next_due(ctx)
+        if due is None:
+            return self.interval
+        return min(self.interval, max((due - utcnow()).total_seconds(), 0.0))
+
+    def _execute(self, handlers: Handlers, row: Row, claim: Claim) -> None:
+        try:
+            self.on_dispatched(_execute_claimed(self.app, handlers, row, claim))
+        except StorageError as exc:
+            self.on_error(exc)
+        except Exception:
+            log.exception("The worker could not execute step %s.", claim.step["id"])
+        finally:
+            self._slots.release()
+            self._freed.set()
+
+    def _wait(self, timeout: float) -> None:
+        """Wait for a queued step (NOTIFY), a freed thread, a due time or a stop."""
+        if self._stopping.is_set():
+            return
+        if self._listener is None or not self._has_free_slot():
+            self._freed.wait(timeout)
+            self._freed.clear()
+            return
+        try:
+            self._listener.wait(timeout)
+        except Exception as exc:
+            log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
+            self._close_listener()
+
+    def _has_free_slot(self) -> bool:
+        if self._slots.acquire(blocking=False):
+            self._slots.release()
+            return True
+        return False
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                listener.close()
+            except Exception:
+                log.debug("Closing the LISTEN connection failed.", exc_info=True)
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _handle_signals(stop: Callable[..., None]) -> dict[int, _Handler]:
+    """Let SIGTERM and SIGINT stop the worker (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, _Handler]) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 def run_worker(
     *,
+    concurrency: int = 1,
     interval: float,
     limit: int,
     once: bool,
     on_dispatched: Callable[[RunSummary], None],
     on_error: Callable[[StorageError], None],
 ) -> None:
-    """Dispatch queued steps of the current app until interrupted (or once).
+    """Execute due queued steps of the current app until SIGTERM or SIGINT (or one pass).
 
-    Each pass runs in an app context of its own. When the database is
-    unavailable ``on_error`` is told and the pass is retried after
-    ``interval`` seconds.
+    With ``once``, up to ``limit`` due steps are executed one after another
+    and the call returns. When the database is unavailable ``on_error`` is
+    told and the pass is retried after ``interval`` seconds.
     """
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    while True:
-        try:
-            with app.app_context():
-                found = dispatch_queued(limit=limit)
-        except StorageError as exc:
-            if once:
-                raise
-            on_error(exc)
-            found = []
-        for run in found:
-            on_dispatched(run)
-        if once:
-            return
-        if not found:
-            time.sleep(interval)
+    if once:
+        with app.app_context():
+            for run in dispatch_queued(limit=limit):
+                on_dispatched(run)
+        return
+    worker = Worker(
+        app,
+        concurrency=concurrency,
+        interval=interval,
+        on_dispatched=on_dispatched,
+        on_error=on_error,
+    )
+    worker.run()

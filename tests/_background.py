@@ -1,0 +1,99 @@
+"""The app that the worker and Celery processes of the background tests run.
+
+Configured from the environment, so that ``flask --app _background`` and
+``celery -A _celeryapp`` build the same app as the test that starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from _helpers import blocking_handler, counting_handler
+from conftest import create_test_app
+from flask import Flask
+
+from flask_scoria import Retry, RunSummary, StepView
+
+
+def noop(step: StepView, run: RunSummary) -> None:
+    return None
+
+
+def export_spans_to(path: str) -> None:
+    """Record this process's spans as JSON lines in ``path`` (OpenTelemetry's SDK)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class JSONLines(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            with open(path, "a") as out:
+                for span in spans:
+                    out.write(json.dumps(_span_record(span)) + "\n")
+            return SpanExportResult.SUCCESS
+
+    def _span_record(span: ReadableSpan) -> dict[str, Any]:
+        context, parent = span.get_span_context(), span.parent
+        return {
+            "name": span.name,
+            "trace_id": f"{context.trace_id:032x}",
+            "parent_id": None if parent is None else f"{parent.span_id:016x}",
+            "attributes": dict(span.attributes or {}),
+            "pid": os.getpid(),
+        }
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(JSONLines()))
+    trace.set_tracer_provider(provider)
+
+
+def celery_init_app(app: Flask) -> Any:
+    """Flask's documented way to build a Celery app for a Flask app."""
+    from celery import Celery, Task
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def create_app(database_uri: str | None = None, **config: Any) -> Flask:
+    """The test app: handlers ``count``, ``block`` (retried once) and ``noop``."""
+    env = os.environ
+    broker = config.pop("broker", env.get("SCORIA_TEST_BROKER"))
+    settings = {
+        "SCORIA_EXECUTOR": env.get("SCORIA_TEST_EXECUTOR", "worker"),
+        "SCORIA_STEP_LEASE_SECONDS": float(env.get("SCORIA_TEST_LEASE", "300")),
+        **config,
+    }
+    if broker:
+        settings["CELERY"] = {
+            "broker_url": broker,
+            "task_ignore_result": True,
+            "worker_prefetch_multiplier": 1,
+            "broker_connection_retry_on_startup": True,
+            "task_default_queue": env.get("SCORIA_TEST_QUEUE", "celery"),
+        }
+    app = create_test_app(
+        database_uri or env["SCORIA_TEST_DATABASE"],
+        Path(env.get("SCORIA_TEST_INSTANCE", "instance")).resolve(),
+        **settings,
+    )
+    runtime = app.extensions["scoria"]
+    runtime.handler("count")(counting_handler)
+    runtime.handler("block", retry=Retry(attempts=2, delay=0))(blocking_handler)
+    runtime.handler("noop")(noop)
+    if broker:
+        celery_init_app(app)
+    if env.get("SCORIA_TEST_SPANS"):
+        export_spans_to(env["SCORIA_TEST_SPANS"])
+    return app

@@ -1,0 +1,189 @@
+"""The ``worker`` executor with real ``flask scoria worker`` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _background import create_app
+from _helpers import executions
+from flask import Flask
+
+import flask_scoria as scoria
+
+TESTS = Path(__file__).resolve().parent
+WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
+
+
+def process_env(database_uri: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child process that builds the test app on ``database_uri``."""
+    return {
+        **os.environ,
+        # The worktree's package and the tests' modules, whatever is installed.
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+        "SCORIA_TEST_DATABASE": database_uri,
+        "SCORIA_TEST_INSTANCE": str(tmp_path / "instance"),
+        **extra,
+    }
+
+
+class Processes:
+    """Child processes of one test, stopped (and their output kept) when it ends."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"process-{len(self.started)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, cwd=self.tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.started.append((process, log))
+        return process
+
+    def worker(self, env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "flask", "--app", "_background:create_app"]
+        return self.start([*command, "scoria", "worker", *options], env)
+
+    def output(self, process: subprocess.Popen[bytes]) -> str:
+        return next(log for started, log in self.started if started is process).read_text()
+
+    def stop_all(self) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    yield started
+    started.stop_all()
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def statuses(app: Flask, run_ids: list[str]) -> list[str]:
+    with app.app_context():
+        return [scoria.get_run(run_id).status for run_id in run_ids]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("backend", "runs", "workers"), [("postgresql", 200, 3), ("sqlite", 40, 2)]
+)
+def test_worker_processes_execute_every_step_once(
+    backend: str, runs: int, workers: int, database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    app = create_app(database_uri)
+    counter = tmp_path / "executions"
+    env = process_env(database_uri, tmp_path)
+    started = [
+        processes.worker(env, "--concurrency", "4", "--interval", "0.2") for _ in range(workers)
+    ]
+    with app.app_context():
+        run_ids = []
+        for _ in range(runs):
+            run = scoria.start_run(
+                WHO, initial_step={"kind": "count"}, runtime={"metadata": {"counter": str(counter)}}
+            )
+            # the call only queued the step
+            assert run.status == "running"
+            run_ids.append(run.run_id)
+        first = scoria.get_run_detail(run_ids[0])
+    assert [event.event_type for event in first.events][:2] == ["run_started", "step_queued"]
+
+    wait_for(lambda: set(statuses(app, run_ids)) == {"completed"}, 90, "every run to complete")
+    for process in started:
+        stop(process)
+    lines = [line.split() for line in executions(counter)]
+    assert len(lines) == runs
+    assert len({step_id for _, step_id, _ in lines}) == runs
+    assert len({pid for pid, _, _ in lines}) >= 2, "the work was not shared"
+    for process in started:
+        assert processes.output(process).rstrip().endswith("worker stopped")
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_a_killed_workers_step_is_retried_after_its_lease_expires(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    app = create_app(database_uri)
+    env = process_env(database_uri, tmp_path, SCORIA_TEST_LEASE="1")
+    files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
+    first = processes.worker(env, "--interval", "0.2")
+    with app.app_context():
+        done = scoria.start_run(
+            WHO, initial_step={"kind": "count"}, runtime={"metadata": {"counter": files["counter"]}}
+        ).run_id
+        wait_for(lambda: scoria.get_run(done).status == "completed", 60, "the first run")
+        blocked = scoria.start_run(
+            WHO, initial_step={"kind": "block"}, runtime={"metadata": files}
+        ).run_id
+    wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
+    first.kill()
+    first.wait(timeout=30)
+    Path(files["release"]).touch()
+
+    second = processes.worker(env, "--interval", "0.2")
+    wait_for(lambda: statuses(app, [blocked]) == ["completed"], 60, "the retried step")
+    stop(second)
+    with app.app_context():
+        detail = scoria.get_run_detail(blocked)
+    lines = [line.split() for line in executions(Path(files["counter"]))]
+    # the completed run ran once; the killed step twice, attempt 1 in the killed process
+    assert [(pid == str(first.pid), attempt) for pid, _, attempt in lines] == [
+        (True, "1"),
+        (True, "1"),
+        (False, "2"),
+    ]
+    assert [event.event_type for event in detail.events] == [
+        "run_started",
+        "step_queued",
+        "step_started",
+        "lease_expired",
+        "retry_scheduled",
+        "step_started",
+        "step_completed",
+        "run_completed",
+    ]
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_sigterm_lets_the_running_handler_finish(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    app = create_app(database_uri)
+    env = process_env(database_uri, tmp_path)
+    files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
+    worker = processes.worker(env, "--interval", "0.2")
+    with app.app_context():
+        run_id = scoria.start_run(
+            WHO, initial_step={"kind": "block"}, runtime={"metadata": files}
+        ).run_id
+    wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.poll() is None, "the worker left before its handler finished"
+    Path(files["release"]).touch()
+    assert worker.wait(timeout=30) == 0
+    assert statuses(app, [run_id]) == ["completed"]
+    app.extensions["scoria"].storage(app).engine.dispose()

@@ -1,0 +1,300 @@
+"""Retries, timeouts and due times of steps, with the inline executor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+import flask_scoria as scoria
+from flask_scoria import Fail, Retry, Scoria, Succeed
+from flask_scoria.runtime.tables import steps
+
+WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
+QUICK = Retry(attempts=3, delay=0.05, backoff=2.0, jitter=False)
+
+
+class Flaky:
+    """Raises ``failures`` times, then succeeds; remembers each attempt it saw."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts: list[int] = []
+
+    def __call__(self, step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        self.attempts.append(step.attempt)
+        if len(self.attempts) <= self.failures:
+            raise ConnectionError(f"model unavailable ({len(self.attempts)})")
+        return Succeed({"attempt": step.attempt})
+
+
+def start(kind: str) -> scoria.RunSummary:
+    return scoria.start_run(WHO, initial_step={"kind": kind})
+
+
+def events(run_id: str) -> list[scoria.Event]:
+    return list(scoria.get_run_detail(run_id).events)
+
+
+def only_step(run_id: str) -> scoria.Step:
+    (step,) = scoria.get_run_detail(run_id).steps
+    return step
+
+
+def test_a_step_that_raises_twice_completes_at_its_third_attempt(
+    app: Flask, runtime: Scoria
+) -> None:
+    flaky = Flaky(failures=2)
+    runtime.handler("draft", retry=QUICK)(flaky)
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "completed"
+        assert flaky.attempts == [1, 2, 3]
+        step = only_step(run.run_id)
+        assert (step.status, step.attempt, step.result_envelope) == ("completed", 3, {"attempt": 3})
+        timeline = events(run.run_id)
+    assert [event.event_type for event in timeline] == [
+        "run_started",
+        "step_started",
+        "retry_scheduled",
+        "step_started",
+        "retry_scheduled",
+        "step_started",
+        "step_completed",
+        "run_completed",
+    ]
+    retries = [event for event in timeline if event.event_type == "retry_scheduled"]
+    for retry, (attempt, delay) in zip(retries, [(2, 0.05), (3, 0.1)], strict=True):
+        payload = retry.payload or {}
+        assert payload["attempt"] == attempt
+        assert payload["error"]["type"] == "ConnectionError"
+        assert "model unavailable" in payload["error"]["traceback"]
+        waited = datetime.fromisoformat(payload["not_before"]) - retry.created_at
+        assert waited == pytest.approx(timedelta(seconds=delay), abs=timedelta(milliseconds=5))
+
+
+def test_the_last_attempt_fails_step_and_run(app: Flask, runtime: Scoria) -> None:
+    flaky = Flaky(failures=5)
+    runtime.handler("draft", retry=Retry(attempts=2, delay=0.01))(flaky)
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "failed"
+        assert flaky.attempts == [1, 2]
+        step = only_step(run.run_id)
+        assert (step.status, step.attempt) == ("failed", 2)
+        assert step.error_envelope["message"] == "model unavailable (2)"  # type: ignore[index]
+        assert [event.event_type for event in events(run.run_id)][-4:] == [
+            "retry_scheduled",
+            "step_started",
+            "step_failed",
+            "run_failed",
+        ]
+        # and a person can still retry by hand
+        flaky.failures = 0
+        assert scoria.resume_run(run.run_id).status == "completed"
+        assert flaky.attempts == [1, 2, 3]
+
+
+def test_fail_is_never_retried(app: Flask, runtime: Scoria) -> None:
+    seen: list[int] = []
+
+    @runtime.handler("draft", retry=QUICK)
+    def refuse(step: scoria.StepView, run: scoria.RunSummary) -> Fail:
+        seen.append(step.attempt)
+        return Fail("not allowed")
+
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "failed"
+        assert "retry_scheduled" not in [event.event_type for event in events(run.run_id)]
+    assert seen == [1]
+
+
+def test_a_late_outcome_is_discarded_and_the_step_times_out(app: Flask, runtime: Scoria) -> None:
+    @runtime.handler("draft", timeout=0.2)
+    def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        time.sleep(0.5)
+        return Succeed({"late": True})
+
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "failed"
+        step = only_step(run.run_id)
+        assert step.result_envelope is None
+        assert step.error_envelope["type"] == "step_timeout"  # type: ignore[index]
+        assert step.error_envelope["timeout"] == 0.2  # type: ignore[index]
+        assert [event.event_type for event in events(run.run_id)][-2:] == [
+            "step_timeout",
+            "run_failed",
+        ]
+
+
+def test_a_timed_out_attempt_is_retried(app: Flask, runtime: Scoria) -> None:
+    calls: list[int] = []
+
+    @runtime.handler("draft", timeout=0.2, retry=Retry(attempts=2, delay=0.01))
+    def slow_once(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        calls.append(step.attempt)
+        if step.attempt == 1:
+            time.sleep(0.4)
+        return Succeed({"attempt": step.attempt})
+
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "completed"
+        assert only_step(run.run_id).result_envelope == {"attempt": 2}
+        types = [event.event_type for event in events(run.run_id)]
+    assert calls == [1, 2]
+    assert types[2:4] == ["step_timeout", "retry_scheduled"]
+
+
+def test_a_read_notices_a_timeout_while_the_handler_still_runs(app: Flask, runtime: Scoria) -> None:
+    started, release = threading.Event(), threading.Event()
+    results: list[scoria.RunSummary] = []
+
+    @runtime.handler("draft", timeout=0.2)
+    def stuck(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        started.set()
+        release.wait(timeout=30)
+        return Succeed({"late": True})
+
+    def call() -> None:
+        with app.app_context():
+            results.append(start("draft"))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert started.wait(timeout=30)
+        time.sleep(0.3)
+        with app.app_context():
+            (run,) = scoria.list_runs_for_session(WHO["session_id"])
+            assert scoria.get_run(run.run_id).status == "failed"
+            assert only_step(run.run_id).error_envelope["type"] == "step_timeout"  # type: ignore[index]
+    finally:
+        release.set()
+        caller.join(timeout=30)
+    assert results[0].status == "failed"
+    with app.app_context():
+        assert only_step(run.run_id).result_envelope is None
+        assert [event.event_type for event in events(run.run_id)].count("step_timeout") == 1
+
+
+def test_a_retry_due_later_waits_for_a_worker_and_never_runs_early(
+    app: Flask, runtime: Scoria
+) -> None:
+    flaky = Flaky(failures=1)
+    runtime.handler("draft", retry=Retry(attempts=2, delay=30, jitter=False))(flaky)
+    with app.app_context():
+        run = start("draft")
+        assert run.status == "running"
+        step = only_step(run.run_id)
+        assert (step.status, step.attempt) == ("queued", 2)
+        assert step.not_before is not None
+        assert step.not_before - datetime.now(UTC) > timedelta(seconds=25)
+        assert scoria.dispatch_queued() == []
+        assert scoria.dispatch(run.run_id).status == "running"
+        assert flaky.attempts == [1]
+        # once due, a worker pass (or dispatch) runs it
+        engine = runtime.storage().engine
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(steps).values(not_before=datetime.now(UTC) - timedelta(seconds=1))
+            )
+        (done,) = scoria.dispatch_queued()
+        assert done.status == "completed"
+    assert flaky.attempts == [1, 2]
+
+
+def test_an_expired_lease_is_retried_per_policy(app: Flask, runtime: Scoria) -> None:
+    runtime.handler("draft", retry=Retry(attempts=2, delay=0, jitter=False))(Flaky(failures=0))
+    with app.app_context():
+        run = scoria.start_run(WHO, initial_step={"kind": "other"})
+        engine = runtime.storage().engine
+        past = datetime.now(UTC) - timedelta(seconds=5)
+        with engine.begin() as conn:  # as if a process claimed the step and died
+            conn.execute(
+                sa.update(steps).values(
+                    kind="draft",
+                    status="running",
+                    lease_token="dead",
+                    lease_expires_at=past,
+                    started_at=past,
+                )
+            )
+        assert scoria.get_run(run.run_id).status == "running"
+        step = only_step(run.run_id)
+        assert (step.status, step.attempt) == ("queued", 2)
+        assert [event.event_type for event in events(run.run_id)][-2:] == [
+            "lease_expired",
+            "retry_scheduled",
+        ]
+        assert scoria.dispatch(run.run_id).status == "completed"
+
+
+def test_a_traceback_keeps_the_last_8_kib(app: Flask) -> None:
+    def deep(depth: int) -> Any:
+        if depth == 0:
+            raise RuntimeError("x" * 20000)
+        return deep(depth - 1)
+
+    with app.app_context():
+        run = scoria.start_run(
+            WHO, initial_step={"kind": "deep"}, handlers={"deep": lambda s, r: deep(50)}
+        )
+        error = only_step(run.run_id).error_envelope or {}
+    assert len(error["traceback"].encode()) <= 8 * 1024
+    assert error["traceback"].rstrip().endswith("x")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attempts": 0},
+        {"attempts": 1.5},
+        {"delay": -1},
+        {"backoff": 0.5},
+        {"max_delay": float("nan")},
+    ],
+)
+def test_retry_refuses_bad_values(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Retry(**options)
+
+
+def test_handler_refuses_a_bad_executor_or_timeout(runtime: Scoria) -> None:
+    with pytest.raises(ValueError, match="executor"):
+        runtime.handler("x", executor="threads")
+    with pytest.raises(ValueError, match="timeout"):
+        runtime.handler("x", timeout=0)
+
+
+def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
+    app: Flask, runtime: Scoria
+) -> None:
+    runtime.operator_scope(lambda: {"tenant_id": WHO["tenant_id"], "actor_id": "ops"})
+    runtime.handler("draft", retry=Retry(attempts=5, delay=60, jitter=False))(Flaky(failures=9))
+
+    @runtime.handler("gate", timeout=0.1)
+    def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        time.sleep(0.3)
+        return Succeed()
+
+    with app.app_context():
+        waiting = start("draft").run_id
+        timed_out = start("gate").run_id
+        not_before = only_step(waiting).not_before
+    assert not_before is not None
+    client = app.test_client()
+    html = client.get(f"/scoria/workflows/{waiting}").text
+    assert f"Retry 2 of 5 at {not_before:%H:%M:%S} UTC" in html
+    assert 'data-attempt-event="retry_scheduled"' in html
+    assert "ConnectionError" in html and "model unavailable (1)" in html
+    html = client.get(f"/scoria/workflows/{timed_out}").text
+    assert "timed out after 0.1 s" in html
+    assert 'data-attempt-event="step_timeout"' in html
