@@ -30,9 +30,12 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
 	fi
 
-# Redis and RabbitMQ for the Celery tests, started unless they already answer.
+# PostgreSQL, and Redis and RabbitMQ for the Celery tests, started unless they already answer.
 ANSWERS = $(PYTHON) -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)"
 services:
+	@if ! $(ANSWERS) 5432 2>/dev/null; then \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
+	fi
 	@if ! $(ANSWERS) 6379 2>/dev/null; then \
 		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
 			--dir /var/lib/redis --logfile /var/log/redis/ci.log; \
@@ -41,7 +44,7 @@ services:
 		rabbitmq-server -detached; \
 		rabbitmqctl await_startup --timeout 120 >/dev/null; \
 	fi
-	@$(ANSWERS) 6379 && $(ANSWERS) 5672 && echo "services: Redis and RabbitMQ answer"
+	@$(ANSWERS) 5432 && $(ANSWERS) 6379 && $(ANSWERS) 5672 && echo "services: PostgreSQL, Redis and RabbitMQ answer"
 
 demo: $(DEMO_STAMP)
 	PORT=$(PORT) $(BIN)/python -m examples.assistant.demo
