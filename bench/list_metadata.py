@@ -4,7 +4,8 @@ Starts N runs through the facade twice, in two fresh databases: once with a
 small metadata, once with a large one (10 MB by default, under a raised
 ``SCORIA_MAX_METADATA_BYTES``). Then times GET of the runs list, a session
 page, the approvals inbox and one run's status poll with the Flask test
-client, and prints the medians and the large/small ratio. Run by hand:
+client (as ``operator_pages.py`` does: the median of 30, after 3 warm-ups),
+and prints the medians and the large/small ratio. Run by hand:
 
     .venv/bin/python bench/list_metadata.py                    # both backends
     .venv/bin/python bench/list_metadata.py --runs 20 --megabytes 10 --backends sqlite
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,11 +29,13 @@ from flask import Flask
 import flask_scoria as scoria
 from flask_scoria import Scoria, WaitForApproval, schema
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from operator_pages import timed
+
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 IDENTITY = {"actor_id": "bench", "tenant_id": "bench", "session_id": "bench-session"}
-REPEAT = 15
 
 
 def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
@@ -77,18 +78,6 @@ def make_app(uri: str, workdir: Path, max_bytes: int) -> Flask:
     return app
 
 
-def median_ms(client: Any, url: str) -> float:
-    for _ in range(2):
-        assert client.get(url).status_code == 200, url
-    times = []
-    for _ in range(REPEAT):
-        began = time.perf_counter()
-        response = client.get(url)
-        times.append(time.perf_counter() - began)
-        assert response.status_code == 200, url
-    return statistics.median(times) * 1000
-
-
 def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, float]:
     """Medians (ms) of the pages with ``runs`` runs of ``size`` bytes of metadata each."""
     payload = "m" * size
@@ -112,7 +101,7 @@ def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, floa
             "status poll": f"/scoria/workflows/{run_ids[0]}/status.json",
         }
         try:
-            return {name: median_ms(client, url) for name, url in pages.items()}
+            return {name: timed(client, url) for name, url in pages.items()}
         finally:
             app.extensions["scoria"].storage(app).engine.dispose()
 
