@@ -5,7 +5,8 @@ small metadata, once with a large one (10 MB by default, under a raised
 ``SCORIA_MAX_METADATA_BYTES``). Then times GET of the runs list, a session
 page, the approvals inbox and one run's status poll with the Flask test
 client (as ``operator_pages.py`` does: the median of 30, after 3 warm-ups),
-and prints the medians and the large/small ratio. Run by hand:
+in 5 rounds that alternate the two databases, and prints the median of the
+rounds and the large/small ratio. Run by hand:
 
     .venv/bin/python bench/list_metadata.py                    # both backends
     .venv/bin/python bench/list_metadata.py --runs 20 --megabytes 10 --backends sqlite
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import uuid
@@ -78,8 +80,12 @@ def make_app(uri: str, workdir: Path, max_bytes: int) -> Flask:
     return app
 
 
-def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, float]:
-    """Medians (ms) of the pages with ``runs`` runs of ``size`` bytes of metadata each."""
+@contextmanager
+def loaded(
+    backend: str, runs: int, size: int, workdir: Path
+) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A client of an app with ``runs`` paused runs of ``size`` bytes of metadata each,
+    and the pages to time."""
     payload = "m" * size
     with database(backend, workdir) as uri:
         app = make_app(uri, workdir, size + 1024)
@@ -93,7 +99,9 @@ def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, floa
                 ).run_id
                 for _ in range(runs)
             ]
-        client = app.test_client()
+        engine = app.extensions["scoria"].storage(app).engine
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM" if backend == "sqlite" else "VACUUM ANALYZE")
         pages = {
             "runs list": "/scoria/workflows",
             "session page": f"/scoria/sessions/{IDENTITY['session_id']}",
@@ -101,9 +109,9 @@ def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, floa
             "status poll": f"/scoria/workflows/{run_ids[0]}/status.json",
         }
         try:
-            return {name: timed(client, url) for name, url in pages.items()}
+            yield app.test_client(), pages
         finally:
-            app.extensions["scoria"].storage(app).engine.dispose()
+            engine.dispose()
 
 
 def main(argv: list[str]) -> None:
@@ -111,16 +119,31 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--megabytes", type=float, default=10.0)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     large = int(args.megabytes * 1024 * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
-            small_ms = measure(backend, args.runs, 100, Path(tmp))
-            large_ms = measure(backend, args.runs, large, Path(tmp))
+            with (
+                loaded(backend, args.runs, 100, Path(tmp)) as (small, pages),
+                loaded(backend, args.runs, large, Path(tmp)) as (big, big_pages),
+            ):
+                # Interleaved rounds, so that both sizes see the same minutes of a noisy machine.
+                samples: dict[str, tuple[list[float], list[float]]] = {
+                    page: ([], []) for page in pages
+                }
+                for _ in range(args.rounds):
+                    for page, (small_ms, large_ms) in samples.items():
+                        small_ms.append(timed(small, pages[page]))
+                        large_ms.append(timed(big, big_pages[page]))
             print(f"{backend}: {args.runs} runs, 100 B vs {args.megabytes:g} MB of metadata each")
-            for page, small in small_ms.items():
-                ratio = large_ms[page] / small
-                print(f"  {page:16} {small:7.2f} ms  {large_ms[page]:7.2f} ms  x{ratio:.2f}")
+            for page, (small_ms, large_ms) in samples.items():
+                small_median = statistics.median(small_ms)
+                large_median = statistics.median(large_ms)
+                print(
+                    f"  {page:16} {small_median:7.2f} ms  {large_median:7.2f} ms"
+                    f"  x{large_median / small_median:.2f}"
+                )
 
 
 if __name__ == "__main__":
