@@ -4,7 +4,9 @@ Starts N runs through the facade twice, in two fresh databases: once with a
 small metadata, once with a large one (10 MB by default, under a raised
 ``SCORIA_MAX_METADATA_BYTES``). Then times GET of the runs list, a session
 page, the approvals inbox and one run's status poll with the Flask test
-client, and prints the medians and the large/small ratio. Run by hand:
+client (as ``operator_pages.py`` does: the median of 30, after 3 warm-ups),
+in 5 rounds that alternate the two databases, and prints the median of the
+rounds and the large/small ratio. Run by hand:
 
     .venv/bin/python bench/list_metadata.py                    # both backends
     .venv/bin/python bench/list_metadata.py --runs 20 --megabytes 10 --backends sqlite
@@ -17,7 +19,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,11 +31,13 @@ from flask import Flask
 import flask_scoria as scoria
 from flask_scoria import Scoria, WaitForApproval, schema
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from operator_pages import timed
+
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 IDENTITY = {"actor_id": "bench", "tenant_id": "bench", "session_id": "bench-session"}
-REPEAT = 15
 
 
 def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
@@ -77,20 +80,12 @@ def make_app(uri: str, workdir: Path, max_bytes: int) -> Flask:
     return app
 
 
-def median_ms(client: Any, url: str) -> float:
-    for _ in range(2):
-        assert client.get(url).status_code == 200, url
-    times = []
-    for _ in range(REPEAT):
-        began = time.perf_counter()
-        response = client.get(url)
-        times.append(time.perf_counter() - began)
-        assert response.status_code == 200, url
-    return statistics.median(times) * 1000
-
-
-def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, float]:
-    """Medians (ms) of the pages with ``runs`` runs of ``size`` bytes of metadata each."""
+@contextmanager
+def loaded(
+    backend: str, runs: int, size: int, workdir: Path
+) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A client of an app with ``runs`` paused runs of ``size`` bytes of metadata each,
+    and the pages to time."""
     payload = "m" * size
     with database(backend, workdir) as uri:
         app = make_app(uri, workdir, size + 1024)
@@ -104,7 +99,9 @@ def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, floa
                 ).run_id
                 for _ in range(runs)
             ]
-        client = app.test_client()
+        engine = app.extensions["scoria"].storage(app).engine
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM" if backend == "sqlite" else "VACUUM ANALYZE")
         pages = {
             "runs list": "/scoria/workflows",
             "session page": f"/scoria/sessions/{IDENTITY['session_id']}",
@@ -112,9 +109,9 @@ def measure(backend: str, runs: int, size: int, workdir: Path) -> dict[str, floa
             "status poll": f"/scoria/workflows/{run_ids[0]}/status.json",
         }
         try:
-            return {name: median_ms(client, url) for name, url in pages.items()}
+            yield app.test_client(), pages
         finally:
-            app.extensions["scoria"].storage(app).engine.dispose()
+            engine.dispose()
 
 
 def main(argv: list[str]) -> None:
@@ -122,16 +119,31 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--megabytes", type=float, default=10.0)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     large = int(args.megabytes * 1024 * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
-            small_ms = measure(backend, args.runs, 100, Path(tmp))
-            large_ms = measure(backend, args.runs, large, Path(tmp))
+            with (
+                loaded(backend, args.runs, 100, Path(tmp)) as (small, pages),
+                loaded(backend, args.runs, large, Path(tmp)) as (big, big_pages),
+            ):
+                # Interleaved rounds, so that both sizes see the same minutes of a noisy machine.
+                samples: dict[str, tuple[list[float], list[float]]] = {
+                    page: ([], []) for page in pages
+                }
+                for _ in range(args.rounds):
+                    for page, (small_ms, large_ms) in samples.items():
+                        small_ms.append(timed(small, pages[page]))
+                        large_ms.append(timed(big, big_pages[page]))
             print(f"{backend}: {args.runs} runs, 100 B vs {args.megabytes:g} MB of metadata each")
-            for page, small in small_ms.items():
-                ratio = large_ms[page] / small
-                print(f"  {page:16} {small:7.2f} ms  {large_ms[page]:7.2f} ms  x{ratio:.2f}")
+            for page, (small_ms, large_ms) in samples.items():
+                small_median = statistics.median(small_ms)
+                large_median = statistics.median(large_ms)
+                print(
+                    f"  {page:16} {small_median:7.2f} ms  {large_median:7.2f} ms"
+                    f"  x{large_median / small_median:.2f}"
+                )
 
 
 if __name__ == "__main__":

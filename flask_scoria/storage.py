@@ -64,7 +64,13 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            except engine.dialect.loaded_dbapi.OperationalError as exc:
+                # A file this process may only read can still be read, in its own mode;
+                # a write then fails with the hint of _hint().
+                if "readonly" not in str(exc):
+                    raise
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -148,6 +154,12 @@ def _hint(reason: str) -> str | None:
     """What to do about the common causes of ``reason``."""
     if "scoria_" in reason and ("no such table" in reason or "does not exist" in reason):
         return "The scoria_* tables are missing: run `flask scoria db upgrade`."
+    if "readonly database" in reason or "unable to open database file" in reason:
+        return (
+            "The SQLite file, or its folder, is read-only for this process (or opened with"
+            " mode=ro): flask-scoria writes the file and creates its -wal and -shm files next"
+            " to it."
+        )
     if "database is locked" in reason:
         return (
             "Another connection held SQLite's write lock past the busy timeout; with"

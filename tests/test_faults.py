@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import runtime as scoria_runtime
+from flask_scoria import schema
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -371,3 +373,21 @@ def test_security_headers_on_every_response_under_the_prefix(app: Flask) -> None
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Cache-Control"] == "no-store"
     assert "Content-Security-Policy" not in ops.get("/scoria-elsewhere").headers
+
+
+def test_a_read_only_sqlite_file_can_be_read_and_says_why_writes_fail(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    with configured_app(f"sqlite:///{path}", tmp_path / "writer") as writer:
+        schema.upgrade(writer.extensions["scoria"].storage(writer).engine)
+        with writer.app_context():
+            run = scoria.start_run(IDENTITY)
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    uri = f"sqlite:///file:{path}?mode=ro&uri=true"
+    with configured_app(uri, tmp_path / "reader") as reader, reader.app_context():
+        assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+        assert [found.run_id for found in scoria.list_runs_for_session("session-1")] == [run.run_id]
+        with pytest.raises(scoria.StorageError, match="read-only for this process"):
+            scoria.start_run(IDENTITY)

@@ -391,7 +391,7 @@ def test_operator_routes_answer_unstorable_text_without_a_server_error(
         f"/scoria/approvals?after={quoted(text)}",
     ]
     for url in gets:
-        # 308: Werkzeug merges the double slash an encoded "/" can make in a path.
+        # A redirect is fine too (an encoded ``/`` can make a path that routing tidies).
         assert operator_client.get(url).status_code in (200, 308, 400, 404), url
 
     def post(path: str, **form: str) -> int:
