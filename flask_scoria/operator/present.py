@@ -17,6 +17,8 @@ from ..redaction import is_unsafe_key, normalize_key
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
+#: The longest JSON value or traceback a page shows in full.
+VALUE_CHARS = 16_384
 
 
 # Refused in a handoff, but how every error envelope names its text: an operator needs it.
@@ -49,8 +51,59 @@ def redact(value: Any, extra: Collection[str] = ()) -> Any:
 
 
 def pretty(value: Any, extra: Collection[str] = ()) -> str:
-    """Indented JSON of a redacted value."""
-    return json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+    """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
+    text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+    if len(text) <= VALUE_CHARS:
+        return text
+    return f"{text[:VALUE_CHARS]}\n… cut: {len(text):,} characters in all"
+
+
+def split_traceback(
+    envelope: Mapping[str, Any], extra: Collection[str] = ()
+) -> tuple[dict[str, Any], str | None]:
+    """A redacted error envelope without its ``traceback``, and that text if it is one."""
+    shown = redact(envelope, extra)
+    trace = shown.pop("traceback", None)
+    if isinstance(trace, str):
+        return shown, trace[:VALUE_CHARS]
+    if trace is not None:
+        shown["traceback"] = trace
+    return shown, None
+
+
+class ArgumentsError(ValueError):
+    """Edited approval arguments that are not a JSON object; the message says why."""
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """The JSON object an operator typed as an approval's arguments."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ArgumentsError(f"This is not valid JSON: {exc}.") from None
+    if not isinstance(value, dict):
+        raise ArgumentsError('The arguments must be a JSON object, {"name": value, ...}.')
+    return value
+
+
+def unredact(edited: Any, requested: Any, extra: Collection[str] = ()) -> Any:
+    """``edited`` with each ``[REDACTED]`` left under a secret key back to its requested value.
+
+    The form shows secrets redacted; an operator who does not touch one keeps it.
+    """
+    if isinstance(edited, list) and isinstance(requested, list | tuple):
+        if len(edited) == len(requested):
+            return [unredact(a, b, extra) for a, b in zip(edited, requested, strict=True)]
+        return edited
+    if not (isinstance(edited, dict) and isinstance(requested, Mapping)):
+        return edited
+    restored = {}
+    for key, value in edited.items():
+        if value == REDACTED and key in requested and is_secret_key(key, extra):
+            restored[key] = requested[key]
+        else:
+            restored[key] = unredact(value, requested.get(key), extra)
+    return restored
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
