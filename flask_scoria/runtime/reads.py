@@ -180,6 +180,7 @@ def get_run_window(
     tenant_id: object = UNSET,
     identity: object = None,
     limit: int = WINDOW,
+    handoff_limit: int | None = None,
     steps_before: int | None = None,
     events_before: int | None = None,
     handoffs_after: Cursor | None = None,
@@ -187,9 +188,11 @@ def get_run_window(
     """One run with a bounded part of its steps, timeline, approvals and handoffs.
 
     Its cost does not grow with the run: a fixed number of queries, each
-    reading at most ``limit`` rows (plus two counts).
+    reading at most ``limit`` rows (``handoff_limit`` handoffs, default
+    ``limit``), plus two counts.
     """
     int_in_range(limit, "limit", 500)
+    handoff_limit = int_in_range(handoff_limit or limit, "handoff_limit", 500)
     for name, value in (("steps_before", steps_before), ("events_before", events_before)):
         if value is not None:
             int_in_range(value, name)
@@ -206,7 +209,7 @@ def get_run_window(
             delegated_handoffs_query(key),
             (handoffs.c.created_at, handoffs.c.id),
             handoffs_after,
-            limit,
+            handoff_limit,
             _evidence_page_row,
             conn,
         )
