@@ -293,19 +293,19 @@ def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient)
     html = run_page(ops, run_id)
     assert len(html.encode()) < 250_000, len(html.encode())
     assert len(html.encode()) < small_size + 220_000
-    assert "50 of 401" in html and "50 of 5003" in html and "10 of 300" in html
-    assert html.count('class="event"') == 50
+    assert "25 of 401" in html and "25 of 5003" in html and "10 of 300" in html
+    assert html.count('class="event"') == 25
     assert 'data-event-type="progress"' in html and "Waiting for approval" in html
 
     older = re.search(r'href="([^"]*events_before=(\d+)#timeline)"', html)
-    assert older and older.group(2) == "4954"
+    assert older and older.group(2) == "4979"
     back = page(ops, older.group(1).replace("&amp;", "&"))
     sequences = [int(seq) for seq in re.findall(r'<span class="seq">(\d+)</span>', back)]
-    assert sequences[-50:] == list(range(4904, 4954))
+    assert sequences[-25:] == list(range(4954, 4979))
     assert "Newest events" in back
 
     older_steps = re.search(r'href="([^"]*steps_before=(\d+)#steps)"', html)
-    assert older_steps and older_steps.group(2) == "352"
+    assert older_steps and older_steps.group(2) == "377"
     handoffs = re.search(r'href="([^"]*handoffs_after=[^"#]+#delegated-evidence)"', html)
     assert handoffs
     second = page(ops, handoffs.group(1).replace("&amp;", "&"))

@@ -6,9 +6,10 @@ Pure functions, no HTTP and no SQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from ..readback import Step
@@ -25,7 +26,8 @@ VALUE_CHARS = 16_384
 _EVIDENCE_KEYS = frozenset({"message"})
 
 
-def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
+@lru_cache(maxsize=4096)
+def is_secret_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
     """Whether the value under ``key`` is hidden.
 
     Hidden are the keys a handoff refuses (credentials, transcripts, raw
@@ -38,7 +40,7 @@ def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
     return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 
-def redact(value: Any, extra: Collection[str] = ()) -> Any:
+def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     """A copy of a JSON value with secret-looking keys' values replaced, at any depth."""
     if isinstance(value, Mapping):
         return {
@@ -50,7 +52,7 @@ def redact(value: Any, extra: Collection[str] = ()) -> Any:
     return value
 
 
-def pretty(value: Any, extra: Collection[str] = ()) -> str:
+def pretty(value: Any, extra: frozenset[str] = frozenset()) -> str:
     """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
     text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
     if len(text) <= VALUE_CHARS:
@@ -59,7 +61,7 @@ def pretty(value: Any, extra: Collection[str] = ()) -> str:
 
 
 def split_traceback(
-    envelope: Mapping[str, Any], extra: Collection[str] = ()
+    envelope: Mapping[str, Any], extra: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], str | None]:
     """A redacted error envelope without its ``traceback``, and that text if it is one."""
     shown = redact(envelope, extra)
@@ -86,7 +88,7 @@ def parse_arguments(text: str) -> dict[str, Any]:
     return value
 
 
-def unredact(edited: Any, requested: Any, extra: Collection[str] = ()) -> Any:
+def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:
     """``edited`` with each ``[REDACTED]`` left under a secret key back to its requested value.
 
     The form shows secrets redacted; an operator who does not touch one keeps it.
@@ -115,7 +117,7 @@ def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
 
 
 def preview(
-    context: Mapping[str, Any] | None, extra: Collection[str] = ()
+    context: Mapping[str, Any] | None, extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """The first keys of a projected context, sorted, with short values."""
     shown = redact(context or {}, extra)

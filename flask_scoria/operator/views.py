@@ -53,7 +53,9 @@ bp.after_request(security_headers)
 _NOTE_LIMIT = 2000
 #: The navigation counts pending approvals up to this many, then shows ``99+``.
 _NAV_COUNT_LIMIT = 99
-#: Delegated Evidence shows this many handoffs a page: each is a card of its own.
+#: The run page shows this many of a run's latest steps, events and approvals...
+_SHOWN = 25
+#: ... and this many handoffs: each is a card of its own.
 _HANDOFFS_SHOWN = 10
 #: What a decision form sends as ``return_to`` to come back to the inbox.
 _INBOX = "approvals"
@@ -185,6 +187,7 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
     window = runtime.get_run_window(
         run_id,
         tenant_id=scope.tenant_id,
+        limit=_SHOWN,
         handoff_limit=_HANDOFFS_SHOWN,
         steps_before=_sequence("steps_before"),
         events_before=_sequence("events_before"),

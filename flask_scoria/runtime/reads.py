@@ -205,9 +205,16 @@ def get_run_window(
         step_rows = latest_rows(conn, steps, key, limit, steps_before)
         event_rows = latest_rows(conn, events, key, limit, events_before)
         approval_list = latest_approvals(conn, key, limit)
+        order = (handoffs.c.created_at, handoffs.c.id)
+        chosen = _keyset(
+            select(handoffs.c.id).where(handoffs.c.run_id == key),
+            order,
+            handoffs_after,
+            handoff_limit,
+        )
         evidence = _page(
-            delegated_handoffs_query(key),
-            (handoffs.c.created_at, handoffs.c.id),
+            delegated_handoffs_query(key, chosen),
+            order,
             handoffs_after,
             handoff_limit,
             _evidence_page_row,
@@ -379,12 +386,7 @@ def _page(
     project: Callable[[Row], tuple[T, Cursor]],
     conn: Connection | None = None,
 ) -> Page[T]:
-    if after is not None:
-        position = tuple_(
-            literal(after.created_at, order[0].type), literal(after.id, order[1].type)
-        )
-        query = query.where(tuple_(*order) < position)
-    query = query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
+    query = _keyset(query, order, after, limit)
     if conn is None:
         with context().storage.read() as own:
             projected = [project(dict(row)) for row in own.execute(query).mappings()]
@@ -393,6 +395,21 @@ def _page(
     shown = projected[:limit]
     more = len(projected) > limit
     return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
+
+
+def _keyset(
+    query: Select[Any],
+    order: tuple[ColumnElement[Any], ColumnElement[Any]],
+    after: Cursor | None,
+    limit: int,
+) -> Select[Any]:
+    """``query``'s page after ``after`` in descending ``order``, with one row more."""
+    if after is not None:
+        position = tuple_(
+            literal(after.created_at, order[0].type), literal(after.id, order[1].type)
+        )
+        query = query.where(tuple_(*order) < position)
+    return query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
 
 
 def _expired_leases(now: datetime) -> Select[Any]:

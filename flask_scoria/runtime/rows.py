@@ -239,8 +239,12 @@ _PARENT = steps.alias("parent_step")
 _CHILD = steps.alias("child_step")
 
 
-def delegated_handoffs_query(run_id: uuid.UUID) -> Select[Any]:
-    """The run's handoffs joined with their parent and child steps, unordered."""
+def delegated_handoffs_query(run_id: uuid.UUID, page: Select[Any]) -> Select[Any]:
+    """The run's handoffs of ``page`` (a query of their ids) with their parent and child steps.
+
+    The page is chosen on the handoffs alone, so that only its rows are joined.
+    """
+    chosen = page.subquery()
     return (
         select(
             handoffs,
@@ -258,6 +262,7 @@ def delegated_handoffs_query(run_id: uuid.UUID) -> Select[Any]:
                 _CHILD, _CHILD.c.id == handoffs.c.child_step_id
             )
         )
+        .join(chosen, chosen.c.id == handoffs.c.id)
         .where(handoffs.c.run_id == run_id)
     )
 
