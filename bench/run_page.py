@@ -4,7 +4,7 @@ Builds, on a fresh database, a one-step run through the facade, then grows
 copies of it with plain INSERTs: 1,000 steps and 10,000 events; 100,000
 events; a chain of 10,000 delegated steps (each handing off to the next, with
 a 1 KiB projected context). Times GET of each run's page with the Flask test
-client (median of the requests) and prints its bytes and the ratio to the
+client (median of the requests, the runs taking turns) and prints its bytes and the ratio to the
 one-step run, measured in the same process minutes apart. For comparison it
 also times ``get_run_detail`` (which reads everything), what the page read
 before it was bounded. Run by hand:
@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +123,16 @@ def grow(engine: sa.Engine, run_id: str, steps: int, events: int, chain: bool) -
         conn.exec_driver_sql("ANALYZE")
 
 
-def median_ms(call: Callable[[], Any], repeat: int) -> float:
-    call()
-    samples = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples) * 1000
+def median_ms(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """The median time of each call, taking turns so that all see the same minutes."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for turn in range(repeat + 1):
+        for name, call in calls.items():
+            began = time.perf_counter()
+            call()
+            if turn:  # the first turn warms up
+                samples[name].append(time.perf_counter() - began)
+    return {name: statistics.median(times) * 1000 for name, times in samples.items()}
 
 
 def measure(uri: str, workdir: Path, repeat: int) -> dict[str, tuple[float, int, float]]:
@@ -151,15 +154,19 @@ def measure(uri: str, workdir: Path, repeat: int) -> dict[str, tuple[float, int,
         grow(engine, run_ids[shape], steps, events, chain)
         print(f"  {shape}: loaded in {time.perf_counter() - began:.1f} s", file=sys.stderr)
     client = app.test_client()
-    figures = {}
-    for shape, run_id in run_ids.items():
-        url = f"/scoria/workflows/{run_id}"
+    urls = {shape: f"/scoria/workflows/{run_id}" for shape, run_id in run_ids.items()}
+    sizes = {}
+    for shape, url in urls.items():
         response = client.get(url)
         assert response.status_code == 200, url
-        with app.app_context():
-            detail_ms = median_ms(lambda run_id=run_id: scoria.get_run_detail(run_id), 3)
-        page_ms = median_ms(lambda url=url: client.get(url), repeat)
-        figures[shape] = (page_ms, len(response.data), detail_ms)
+        sizes[shape] = len(response.data)
+    pages = median_ms({shape: partial(client.get, url) for shape, url in urls.items()}, repeat)
+    with app.app_context():
+        reads = median_ms(
+            {shape: partial(scoria.get_run_detail, run_id) for shape, run_id in run_ids.items()},
+            3,
+        )
+    figures = {shape: (pages[shape], sizes[shape], reads[shape]) for shape in run_ids}
     runtime.storage(app).engine.dispose()
     engine.dispose()
     return figures
