@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import create_test_app
 from flask import Flask
+from test_operator_run_page import flaky, grow, review
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Succeed, WaitForApproval, schema
@@ -82,6 +83,8 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops-oncall"})
     runtime.handler("send")(review_then_send)
     runtime.handler("delegate")(delegate)
+    runtime.handler("review")(review)
+    runtime.handler("flaky")(flaky)
     yield app
     runtime.storage(app).engine.dispose()
 
@@ -321,3 +324,97 @@ def test_handoff_evidence_in_the_browser(
     page.goto(f"{base}/scoria/sessions/chat-91b2")
     fits(page)
     shoot(page, "session")
+
+
+def test_edit_the_arguments_and_approve(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    run_id = start(app, "review")
+    page = open_page(failed_loads=True)  # the refused form answers 422
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    field = page.locator("#pending-approval textarea[name=arguments]")
+    assert '"smtp_password": "[REDACTED]"' in field.input_value()
+    assert "EXPIRES\nin " in page.locator("#pending-approval .facts").inner_text()
+    field.fill('{"to": "ceo@example.com", "subject": "Q3"')
+    page.click("text=Approve and resume")
+    error = page.locator("#pending-approval .field-error")
+    assert "not valid JSON" in error.inner_text()
+    assert field.input_value() == '{"to": "ceo@example.com", "subject": "Q3"'
+    shoot(page, "run-arguments-refused")
+    field.fill('{"to": "ceo@example.com", "subject": "Q3", "smtp_password": "[REDACTED]"}')
+    page.click("text=Approve and resume")
+    page.wait_for_selector('#run-status [data-status="completed"]')
+    compare = page.locator("#decisions .compare").inner_text()
+    assert "team@example.com" in compare and "ceo@example.com" in compare
+    shoot(page, "run-arguments-edited")
+    with app.app_context():
+        edited = scoria.get_run_detail(run_id).approvals[0].edited_arguments
+    assert edited is not None and edited["smtp_password"] == "hunter2"
+    narrow = open_page(WIDTHS["phone"])
+    narrow.goto(f"{base}/scoria/workflows/{run_id}")
+    fits(narrow)
+    shoot(narrow, "run-arguments-edited-phone")
+
+
+def test_cancel_a_running_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
+    run_id = start(app, "not-registered-here")
+    page = open_page()
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    assert page.locator("#run-status [data-status]").get_attribute("data-status") == "running"
+    page.fill("#run-actions input[name=reason]", "started by mistake")
+    shoot(page, "run-running")
+    page.click("text=Cancel run")
+    page.wait_for_selector('#run-status [data-status="cancelled"]')
+    assert "Cancelled. The run is now cancelled." in page.inner_text("main")
+    assert page.locator("#run-actions").count() == 0
+    with app.app_context():
+        last = scoria.get_run_detail(run_id).events[-1]
+    assert (last.event_type, last.payload) == (
+        "run_cancelled",
+        {"cancelled_by": "ops-oncall", "reason": "started by mistake"},
+    )
+    shoot(page, "run-cancelled")
+
+
+def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
+    run_id = start(app, "flaky")
+    for width, name in ((WIDTHS["phone"], "phone"), (WIDTHS["desktop"], "desktop")):
+        page = open_page(width)
+        page.goto(f"{base}/scoria/workflows/{run_id}")
+        fits(page)
+        shoot(page, f"run-failed-{name}")
+    error = page.locator("#steps details", has_text="Error").first
+    trace = error.locator("details.traceback")
+    assert not trace.locator("pre").is_visible()
+    trace.locator("summary").click()
+    assert "RuntimeError(<boom>)" in trace.locator("pre").inner_text()
+    assert "sk-live-1" not in page.content()
+    shoot(page, "run-failed-traceback")
+    page.click("text=Retry failed step")
+    page.wait_for_selector('#run-status [data-status="completed"]')
+    assert "Retried. The run is now completed." in page.inner_text("main")
+    shoot(page, "run-retried")
+
+
+@pytest.mark.parametrize("size", list(WIDTHS))
+def test_a_long_run_stays_readable(
+    app: Flask, base: str, open_page: Callable[..., Any], size: str
+) -> None:
+    run_id = start(app, "delegate")
+    grow(app, run_id, steps=300, events=3000, handoffs=120)
+    page = open_page(WIDTHS[size])
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    fits(page)
+    assert page.locator("#workflow-timeline .event").count() == 25
+    assert page.locator("#delegated-evidence .handoff").count() == 10
+    shoot(page, f"run-long-{size}")
+    for section in ("steps", "delegated-evidence", "timeline"):
+        page.locator(f"#{section}").scroll_into_view_if_needed()
+        page.evaluate(f"document.getElementById('{section}').scrollIntoView()")
+        page.screenshot(path=str(SHOTS / f"run-long-{size}-{section}.png"))
+    newest = int(page.locator("#workflow-timeline .event .seq").last.inner_text())
+    page.click("text=older events")
+    shown = page.locator("#workflow-timeline .event .seq").all_inner_texts()
+    assert [int(seq) for seq in shown] == list(range(newest - 49, newest - 24))
+    assert page.locator("text=Newest events").is_visible()
+    fits(page)

@@ -6,9 +6,10 @@ Pure functions, no HTTP and no SQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from ..readback import Step
@@ -17,13 +18,16 @@ from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normal
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
+#: The longest JSON value or traceback a page shows in full.
+VALUE_CHARS = 16_384
 
 
 # Refused in a handoff, but how every error envelope names its text: an operator needs it.
 _EVIDENCE_KEYS = frozenset({"message"})
 
 
-def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
+@lru_cache(maxsize=4096)
+def is_secret_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
     """Whether the value under ``key`` is hidden.
 
     Hidden are the keys a handoff refuses (credentials, transcripts, raw
@@ -40,7 +44,7 @@ def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
     return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 
-def redact(value: Any, extra: Collection[str] = ()) -> Any:
+def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     """A copy of a JSON value with secret-looking keys' values replaced, at any depth,
     and the passwords of URLs and connection strings in its texts masked."""
     if isinstance(value, Mapping):
@@ -55,9 +59,60 @@ def redact(value: Any, extra: Collection[str] = ()) -> Any:
     return value
 
 
-def pretty(value: Any, extra: Collection[str] = ()) -> str:
-    """Indented JSON of a redacted value."""
-    return json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+def pretty(value: Any, extra: frozenset[str] = frozenset()) -> str:
+    """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
+    text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+    if len(text) <= VALUE_CHARS:
+        return text
+    return f"{text[:VALUE_CHARS]}\n… cut: {len(text):,} characters in all"
+
+
+def split_traceback(
+    envelope: Mapping[str, Any], extra: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], str | None]:
+    """A redacted error envelope without its ``traceback``, and that text if it is one."""
+    shown = redact(envelope, extra)
+    trace = shown.pop("traceback", None)
+    if isinstance(trace, str):
+        return shown, trace[:VALUE_CHARS]
+    if trace is not None:
+        shown["traceback"] = trace
+    return shown, None
+
+
+class ArgumentsError(ValueError):
+    """Edited approval arguments that are not a JSON object; the message says why."""
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """The JSON object an operator typed as an approval's arguments."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ArgumentsError(f"This is not valid JSON: {exc}.") from None
+    if not isinstance(value, dict):
+        raise ArgumentsError('The arguments must be a JSON object, {"name": value, ...}.')
+    return value
+
+
+def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:
+    """``edited`` with each ``[REDACTED]`` left under a secret key back to its requested value.
+
+    The form shows secrets redacted; an operator who does not touch one keeps it.
+    """
+    if isinstance(edited, list) and isinstance(requested, list | tuple):
+        if len(edited) == len(requested):
+            return [unredact(a, b, extra) for a, b in zip(edited, requested, strict=True)]
+        return edited
+    if not (isinstance(edited, dict) and isinstance(requested, Mapping)):
+        return edited
+    restored = {}
+    for key, value in edited.items():
+        if value == REDACTED and key in requested and is_secret_key(key, extra):
+            restored[key] = requested[key]
+        else:
+            restored[key] = unredact(value, requested.get(key), extra)
+    return restored
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
@@ -69,7 +124,7 @@ def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
 
 
 def preview(
-    context: Mapping[str, Any] | None, extra: Collection[str] = ()
+    context: Mapping[str, Any] | None, extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """The first keys of a projected context, sorted, with short values."""
     shown = redact(context or {}, extra)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -29,7 +31,14 @@ from ..readback import RunSummary
 from ..state import app_state
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import actions, present
-from .access import check_csrf, csrf_token, current_scope, require_scope, security_headers
+from .access import (
+    OperatorScope,
+    check_csrf,
+    csrf_token,
+    current_scope,
+    require_scope,
+    security_headers,
+)
 
 bp = Blueprint(
     "scoria",
@@ -44,20 +53,30 @@ bp.after_app_request(security_headers)
 _NOTE_LIMIT = 2000
 #: The navigation counts pending approvals up to this many, then shows ``99+``.
 _NAV_COUNT_LIMIT = 99
+#: The run page shows this many of a run's latest steps, events and approvals...
+_SHOWN = 25
+#: ... and this many handoffs: each is a card of its own.
+_HANDOFFS_SHOWN = 10
 #: What a decision form sends as ``return_to`` to come back to the inbox.
 _INBOX = "approvals"
+
+
+def _redact_keys() -> frozenset[str]:
+    return frozenset(app_state().settings.redact_keys)
 
 
 @bp.context_processor
 def _page_helpers() -> dict[str, Any]:
     state = app_state()
-    extra = frozenset(state.settings.redact_keys)
+    extra = _redact_keys()
     now = datetime.now(UTC)
     return {
         "csrf_token": csrf_token,
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
         "preview": partial(present.preview, extra=extra),
+        "split_traceback": partial(present.split_traceback, extra=extra),
+        "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
         "absolute_time": present.absolute_time,
         "iso_time": present.iso_time,
         "relative_time": partial(present.relative_time, now=now),
@@ -159,16 +178,40 @@ def approvals() -> str:
 
 @bp.get("/workflows/<run_id>")
 def run(run_id: str) -> str:
-    """Everything recorded for one run."""
-    detail = runtime.get_run_detail(run_id, tenant_id=current_scope().tenant_id)
+    """One run: its latest steps, events and handoffs, older ones a page at a time."""
+    return _run_page(run_id)
+
+
+@dataclass(frozen=True)
+class ArgumentsForm:
+    """Edited approval arguments that were refused, shown again next to the field."""
+
+    approval_id: str
+    text: str
+    error: str
+
+
+def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
+    scope = current_scope()
+    window = runtime.get_run_window(
+        run_id,
+        tenant_id=scope.tenant_id,
+        limit=_SHOWN,
+        handoff_limit=_HANDOFFS_SHOWN,
+        steps_before=_sequence("steps_before"),
+        events_before=_sequence("events_before"),
+        handoffs_after=_cursor("handoffs_after"),
+    )
+    pending = [item for item in window.approvals if item.status == ApprovalStatus.PENDING]
     return render_template(
         "scoria/run.html",
-        detail=detail,
-        run=detail.summary,
-        tree=present.step_tree(detail.steps),
-        pending=[item for item in detail.approvals if item.status == ApprovalStatus.PENDING],
-        decided=[item for item in detail.approvals if item.status != ApprovalStatus.PENDING],
-        kinds={step.id: step.kind for step in detail.steps},
+        window=window,
+        run=window.summary,
+        tree=present.step_tree(window.steps),
+        pending=pending,
+        decided=[item for item in window.approvals if item.status != ApprovalStatus.PENDING],
+        kinds={item.step_id: runtime.step_kind(run_id, item.step_id) for item in pending},
+        refused=refused,
     )
 
 
@@ -185,10 +228,26 @@ def run_status(run_id: str) -> Response:
 
 
 @bp.post("/workflows/<run_id>/approve")
-def approve(run_id: str) -> BaseResponse:
-    """Approve the pending approval as the operator (and resume when possible)."""
+def approve(run_id: str) -> ResponseReturnValue:
+    """Approve the pending approval as the operator (and resume when possible).
+
+    An editable approval's form sends its arguments as JSON: a refused text
+    is shown again in the form, and nothing is decided.
+    """
     check_csrf()
-    return _decide(run_id, actions.approve, "approved", "Approved.")
+    text = request.form.get("arguments")
+    if text is None:
+        return _decide(run_id, actions.approve, "approved", "Approved.")
+    approval_id = request.form.get("approval_id", "").strip()
+    try:
+        edited = present.parse_arguments(text)
+    except present.ArgumentsError as exc:
+        return _run_page(run_id, ArgumentsForm(approval_id, text, str(exc))), 422
+    shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
+    requested = shown.arguments if shown else None
+    edited = present.unredact(edited, requested, _redact_keys())
+    arguments = None if edited == (requested or {}) else edited
+    return _decide(run_id, partial(actions.approve, arguments=arguments), "approved", "Approved.")
 
 
 @bp.post("/workflows/<run_id>/reject")
@@ -196,6 +255,36 @@ def reject(run_id: str) -> BaseResponse:
     """Reject the pending approval as the operator."""
     check_csrf()
     return _decide(run_id, actions.reject, "rejected", "Rejected.")
+
+
+@bp.post("/workflows/<run_id>/cancel")
+def cancel(run_id: str) -> BaseResponse:
+    """Cancel, as the operator, a run that has not ended."""
+    check_csrf()
+    reason = request.form.get("reason", "").strip()[:_NOTE_LIMIT] or None
+    return _act(run_id, partial(actions.cancel, reason=reason), "Cancelled.")
+
+
+@bp.post("/workflows/<run_id>/retry")
+def retry(run_id: str) -> BaseResponse:
+    """Retry, as the operator, the failed step of a ``failed`` run."""
+    check_csrf()
+    return _act(run_id, actions.retry, "Retried.")
+
+
+def _act(
+    run_id: str, action: Callable[[str, OperatorScope], RunSummary], done: str
+) -> BaseResponse:
+    """Run an operator action on the run, then go back to its page with the outcome."""
+    try:
+        summary = action(run_id, current_scope())
+    except RunNotFound:
+        raise
+    except ScoriaError as exc:
+        flash(exc.message, "error")
+    else:
+        flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
+    return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
 def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
@@ -230,9 +319,11 @@ def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
     if summary.status != RunStatus.WAITING_FOR_APPROVAL:
         text = f"{done} The run is now {summary.status.replace('_', ' ')}."
     else:
-        detail = runtime.get_run_detail(summary.run_id, tenant_id=current_scope().tenant_id)
+        window = runtime.get_run_window(
+            summary.run_id, tenant_id=current_scope().tenant_id, limit=1
+        )
         pending = ApprovalStatus.PENDING
-        asked = [item.tool_name for item in detail.approvals if item.status == pending]
+        asked = [item.tool_name for item in window.approvals if item.status == pending]
         if asked:
             text = f"{done} The run now waits for another approval: {asked[-1]}."
         else:
@@ -291,11 +382,21 @@ def _arg(name: str) -> str | None:
     return request.args.get(name, "").strip() or None
 
 
-def _cursor() -> runtime.Cursor | None:
-    text = request.args.get("after")
+def _cursor(name: str = "after") -> runtime.Cursor | None:
+    text = request.args.get(name)
     if not text:
         return None
     cursor = runtime.Cursor.decode(text)
     if cursor is None:
         abort(400, description="The page link is malformed; start again from the first page.")
     return cursor
+
+
+def _sequence(name: str) -> int | None:
+    """A ``?steps_before=`` / ``?events_before=`` position: a positive sequence number."""
+    text = request.args.get(name)
+    if not text:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        abort(400, description="The page link is malformed; start again from the newest.")
+    return int(text)

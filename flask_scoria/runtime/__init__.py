@@ -15,9 +15,12 @@ from .reads import Cursor as Cursor
 from .reads import Page as Page
 from .reads import PendingApproval as PendingApproval
 from .reads import RunFilters as RunFilters
+from .reads import RunWindow as RunWindow
 from .reads import count_pending_approvals as count_pending_approvals
+from .reads import get_approval as get_approval
 from .reads import get_run as get_run
 from .reads import get_run_detail as get_run_detail
+from .reads import get_run_window as get_run_window
 from .reads import list_runs as list_runs
 from .reads import list_runs_for_session as list_runs_for_session
 from .reads import pending_approvals as pending_approvals

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Select,
+    Table,
     exists,
     func,
     literal,
@@ -30,15 +32,27 @@ from .._ids import parse_uuid
 from .._json import is_storable_text
 from ..errors import RunNotFound
 from ..identity import normalize_id
-from ..readback import Approval, RunDetail, RunSummary
+from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
 from ..statuses import ApprovalStatus, RunStatus
 from . import statements as sql
 from .arguments import UNSET, TenantGuard, int_in_range, run_uuid, tenant_guard
 from .context import RuntimeContext, context
 from .handlers import HandlerRegistry
-from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
+from .rows import (
+    approval_from_row,
+    delegated_handoff_from_row,
+    delegated_handoffs_query,
+    evidence_order,
+    latest_approvals,
+    latest_rows,
+    load_detail,
+    split_prefixed,
+    summary_from_row,
+    window_events,
+    window_steps,
+)
 from .steps import notice_expiry, stale_condition, stale_step
-from .tables import approvals, runs, steps
+from .tables import approvals, events, handoffs, runs, steps
 from .transaction import Row, load_run, transact, utcnow
 
 T = TypeVar("T")
@@ -162,6 +176,116 @@ def get_run_detail(run_id: str, *, tenant_id: object = UNSET, identity: object =
         return load_detail(conn, load_run(conn, key, guard, lock=False))
 
 
+#: How many steps, events, approvals and handoffs a run window shows by default.
+WINDOW = 50
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """One run with the latest part of each of its lists, and how long each list is.
+
+    ``steps`` and ``events`` are the latest ``limit`` before the asked
+    sequence, oldest first; ``older_steps`` / ``older_events`` are the
+    ``before`` sequence of the next older part, ``None`` at the start.
+    ``delegated_handoffs`` is one keyset page (``older_handoffs`` its cursor).
+    """
+
+    summary: RunSummary
+    steps: Sequence[Step]
+    step_count: int
+    older_steps: int | None
+    events: Sequence[Event]
+    event_count: int
+    older_events: int | None
+    approvals: Sequence[Approval]
+    approval_count: int
+    delegated_handoffs: Sequence[DelegatedHandoff]
+    handoff_count: int
+    older_handoffs: str | None
+
+
+def get_run_window(
+    run_id: str,
+    *,
+    tenant_id: object = UNSET,
+    identity: object = None,
+    limit: int = WINDOW,
+    handoff_limit: int | None = None,
+    steps_before: int | None = None,
+    events_before: int | None = None,
+    handoffs_after: Cursor | None = None,
+) -> RunWindow:
+    """One run with a bounded part of its steps, timeline, approvals and handoffs.
+
+    Its cost does not grow with the run: a fixed number of queries, each
+    reading at most ``limit`` rows (``handoff_limit`` handoffs, default
+    ``limit``), plus two counts.
+    """
+    int_in_range(limit, "limit", 500)
+    handoff_limit = int_in_range(handoff_limit or limit, "handoff_limit", 500)
+    for name, value in (("steps_before", steps_before), ("events_before", events_before)):
+        if value is not None:
+            int_in_range(value, name)
+    ctx = context()
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    _read_run(ctx, key, guard)
+    with ctx.storage.snapshot() as conn:
+        row = load_run(conn, key, guard, lock=False)
+        step_rows = latest_rows(conn, steps, key, limit, steps_before)
+        event_rows = latest_rows(conn, events, key, limit, events_before)
+        approval_list = latest_approvals(conn, key, limit)
+        order = (handoffs.c.created_at, handoffs.c.id)
+        chosen = _keyset(
+            select(handoffs.c.id).where(handoffs.c.run_id == key),
+            order,
+            handoffs_after,
+            handoff_limit,
+        )
+        evidence = _page(
+            delegated_handoffs_query(key, chosen),
+            order,
+            handoffs_after,
+            handoff_limit,
+            _evidence_page_row,
+            conn,
+        )
+        approval_count = _count_of_run(conn, approvals, key)
+        handoff_count = _count_of_run(conn, handoffs, key)
+    return RunWindow(
+        summary=summary_from_row(row),
+        steps=window_steps(step_rows, approval_list),
+        step_count=row["last_step_sequence"],
+        older_steps=_older(step_rows, limit),
+        events=window_events(event_rows),
+        event_count=row["last_event_sequence"],
+        older_events=_older(event_rows, limit),
+        approvals=approval_list,
+        approval_count=approval_count,
+        delegated_handoffs=sorted(evidence.rows, key=evidence_order),
+        handoff_count=handoff_count,
+        older_handoffs=evidence.next_cursor,
+    )
+
+
+def _older(rows: Sequence[Mapping[Any, Any]], limit: int) -> int | None:
+    """The ``before`` of the part older than newest-first ``rows``, if there is one."""
+    if len(rows) < limit or rows[-1]["sequence"] <= 1:
+        return None
+    first: int = rows[-1]["sequence"]
+    return first
+
+
+def _count_of_run(conn: Connection, table: Table, run_id: uuid.UUID) -> int:
+    query = select(func.count()).select_from(table).where(table.c.run_id == run_id)
+    count: int = conn.execute(query).scalar_one()
+    return count
+
+
+def _evidence_page_row(row: Row) -> tuple[DelegatedHandoff, Cursor]:
+    return delegated_handoff_from_row(row), Cursor(row["created_at"], row["id"])
+
+
 def list_runs(
     filters: RunFilters = RunFilters(),
     *,
@@ -256,6 +380,21 @@ def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
         return conn.execute(select(func.count()).select_from(waiting)).scalar_one()
 
 
+def get_approval(
+    run_id: str, approval_id: str, *, tenant_id: object = UNSET, identity: object = None
+) -> Approval | None:
+    """One approval of one run, or ``None`` if the run has no such approval."""
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    approval_key = parse_uuid(approval_id)
+    with context().storage.read() as conn:
+        load_run(conn, key, guard, lock=False)
+        if approval_key is None:
+            return None
+        row = sql.APPROVAL_OF_RUN.first(conn, {"b_run_id": key, "b_approval_id": approval_key})
+    return None if row is None else approval_from_row(row)
+
+
 def step_kind(run_id: str, step_id: str | None) -> str | None:
     """The kind of one step of a run whose tenant the caller already checked."""
     run_key, step_key = parse_uuid(run_id), parse_uuid(step_id)
@@ -283,18 +422,32 @@ def _page(
     after: Cursor | None,
     limit: int,
     project: Callable[[Row], tuple[T, Cursor]],
+    conn: Connection | None = None,
 ) -> Page[T]:
+    query = _keyset(query, order, after, limit)
+    if conn is None:
+        with context().storage.read() as own:
+            projected = [project(dict(row)) for row in own.execute(query).mappings()]
+    else:
+        projected = [project(dict(row)) for row in conn.execute(query).mappings()]
+    shown = projected[:limit]
+    more = len(projected) > limit
+    return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
+
+
+def _keyset(
+    query: Select[Any],
+    order: tuple[ColumnElement[Any], ColumnElement[Any]],
+    after: Cursor | None,
+    limit: int,
+) -> Select[Any]:
+    """``query``'s page after ``after`` in descending ``order``, with one row more."""
     if after is not None:
         position = tuple_(
             literal(after.created_at, order[0].type), literal(after.id, order[1].type)
         )
         query = query.where(tuple_(*order) < position)
-    query = query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
-    with context().storage.read() as conn:
-        projected = [project(dict(row)) for row in conn.execute(query).mappings()]
-    shown = projected[:limit]
-    more = len(projected) > limit
-    return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
+    return query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
 
 
 def _stale_steps(now: datetime, registry: HandlerRegistry) -> Select[Any]:
