@@ -124,6 +124,7 @@ def measure(uri: str, size: int, workdir: Path) -> dict[str, float]:
         run_id = scoria.start_run(who, initial_step={"kind": "x"}, handlers={"x": ask}).run_id
     client = app.test_client()
     after = next_page(client, "")
+    day = (datetime.now(UTC) - timedelta(days=30)).date()
     figures = {
         "run page": timed(client, f"/scoria/workflows/{run_id}"),
         "runs list": timed(client, "/scoria/workflows"),
@@ -133,6 +134,9 @@ def measure(uri: str, size: int, workdir: Path) -> dict[str, float]:
         "runs list, by role": timed(client, "/scoria/workflows?role=reviewer"),
         "by status, page 2": timed(client, next_page(client, "?status=failed")),
         "by actor and session": timed(client, "/scoria/workflows?actor=user-7&session=s-7"),
+        "search: prompt": timed(client, "/scoria/workflows?prompt=question+77"),
+        "search: run id prefix": timed(client, f"/scoria/workflows?id={run_id[:6]}"),
+        "search: one day": timed(client, f"/scoria/workflows?from={day}&until={day}"),
         "session page": timed(client, "/scoria/sessions/s-1"),
         "approvals inbox": timed(client, "/scoria/approvals"),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -123,7 +123,7 @@ def _home_url() -> str | None:
 
 
 #: The query arguments a page link carries over: the runs list's filters.
-_FILTER_ARGS = ("status", "session", "actor", "role")
+_FILTER_ARGS = ("status", "session", "actor", "role", "id", "from", "until", "prompt")
 
 
 def _page_url(after: str | None) -> str:
@@ -154,6 +154,10 @@ def runs() -> str:
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
         awaiting_resume=awaiting_resume,
+        run_id_prefix=_arg("id"),
+        created_from=_day("from"),
+        created_until=_day("until", after=True),
+        prompt_contains=_arg("prompt"),
     )
     tenant = current_scope().tenant_id
     page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
@@ -380,6 +384,18 @@ def _json_error(status: int, exc: HTTPException) -> ResponseReturnValue:
 
 def _arg(name: str) -> str | None:
     return request.args.get(name, "").strip() or None
+
+
+def _day(name: str, *, after: bool = False) -> datetime | None:
+    """A ``YYYY-MM-DD`` argument as the start of that UTC day (of the next one ``after``)."""
+    text = _arg(name)
+    if text is None:
+        return None
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        abort(400, description=f"{name!r} must be a date such as 2026-12-01.")
+    return day + timedelta(days=1) if after else day
 
 
 def _cursor(name: str = "after") -> runtime.Cursor | None:

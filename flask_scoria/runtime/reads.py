@@ -20,6 +20,7 @@ from sqlalchemy import (
     Select,
     Table,
     exists,
+    false,
     func,
     literal,
     literal_column,
@@ -117,6 +118,15 @@ class RunFilters:
     actor_id: str | None = None
     root_role_id: str | None = None
     awaiting_resume: bool = False
+    #: The start of a run id in hex (dashes left out), read as a range of the primary key.
+    run_id_prefix: str | None = None
+    #: Created at or after this moment.
+    created_from: datetime | None = None
+    #: Created before this moment.
+    created_until: datetime | None = None
+    #: Text the run's ``metadata["payload"]["prompt"]`` contains, ignoring case; searched in
+    #: the newest :data:`PROMPT_SCAN` runs that match the other filters, not in all.
+    prompt_contains: str | None = None
 
 
 @dataclass(frozen=True)
@@ -314,10 +324,46 @@ def list_runs(
             return Page([], None)
         if value is not None:
             query = query.where(column == value)
+    query = _searched(query, filters)
     if filters.awaiting_resume:
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
         query = query.where(runs.c.status == RunStatus.WAITING_FOR_APPROVAL, ~pending)
     return _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
+
+
+#: How many of the newest matching runs a prompt search reads.
+PROMPT_SCAN = 2000
+_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+
+
+def _searched(query: Select[Any], filters: RunFilters) -> Select[Any]:
+    """``query`` narrowed by the runs list's search fields."""
+    prefix = filters.run_id_prefix
+    if prefix is not None:
+        prefix = prefix.replace("-", "").lower()
+        if not _HEX.match(prefix):
+            return query.where(false())
+        low = uuid.UUID(prefix.ljust(32, "0"))
+        high = uuid.UUID(prefix.ljust(32, "f"))
+        query = query.where(runs.c.id >= low, runs.c.id <= high)
+    if filters.created_from is not None:
+        query = query.where(runs.c.created_at >= filters.created_from)
+    if filters.created_until is not None:
+        query = query.where(runs.c.created_at < filters.created_until)
+    text = filters.prompt_contains
+    if text is not None:
+        if not is_storable_text(text):
+            return query.where(false())
+        newest = (
+            query.with_only_columns(runs.c.id)
+            .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+            .limit(PROMPT_SCAN)
+        )
+        prompt = func.lower(runs.c.metadata["payload"]["prompt"].as_string())
+        query = query.where(
+            runs.c.id.in_(newest.scalar_subquery()), prompt.contains(text.lower(), autoescape=True)
+        )
+    return query
 
 
 def list_runs_for_session(
