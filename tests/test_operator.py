@@ -653,6 +653,24 @@ def test_an_approval_without_a_handler_here_says_the_app_resumes(
     assert "continues when your app calls resume_run" in html
     assert 'id="awaiting-resume"' in html and f"flask scoria resume {run_id}" in html
     assert 'name="approval_id"' not in html
+    # Without a registered handler the operator cannot resume it here: the app does.
+    assert f"/scoria/workflows/{run_id}/resume" not in html
+
+
+def test_an_approved_run_left_waiting_can_be_resumed_from_its_page(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(operator_app)
+    with operator_app.app_context():
+        scoria.approve_run(run_id, decided_by="ops")  # approved, never resumed
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    assert f'action="/scoria/workflows/{run_id}/resume"' in html
+    forged = ops.post(f"/scoria/workflows/{run_id}/resume", data={"csrf_token": "forged"})
+    assert forged.status_code in (400, 403) and run_status(operator_app, run_id) != "completed"
+    response = ops.post(f"/scoria/workflows/{run_id}/resume", data={"csrf_token": csrf(html)})
+    assert response.status_code == 303
+    assert run_status(operator_app, run_id) == "completed"
+    assert "Resumed. The run is now completed." in page(ops, response.location)
 
 
 def test_missing_tables_are_named_on_the_page(tmp_path: Path) -> None:

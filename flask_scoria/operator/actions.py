@@ -57,7 +57,8 @@ def cancel(run_id: str, scope: OperatorScope, reason: str | None) -> RunSummary:
 
 
 def retry(run_id: str, scope: OperatorScope) -> RunSummary:
-    """Retry the failed step of a ``failed`` run with the registered handlers."""
+    """Resume the run with the registered handlers: retry the failed step of a ``failed`` run,
+    or continue an approved one that waits for ``resume_run``."""
     _decider(scope)
     return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
 

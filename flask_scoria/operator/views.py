@@ -276,6 +276,13 @@ def retry(run_id: str) -> BaseResponse:
     return _act(run_id, actions.retry, "Retried.")
 
 
+@bp.post("/workflows/<run_id>/resume")
+def resume(run_id: str) -> BaseResponse:
+    """Resume, as the operator, a run whose approval was granted but never resumed."""
+    check_csrf()
+    return _act(run_id, actions.retry, "Resumed.")
+
+
 def _act(
     run_id: str, action: Callable[[str, OperatorScope], RunSummary], done: str
 ) -> BaseResponse:
