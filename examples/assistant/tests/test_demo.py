@@ -82,6 +82,7 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     alice.post("/assistant/runs", prompt="What does the travel policy say about trains?")
     run_id = alice.url.rsplit("/", 1)[1]
     assert 'data-status="waiting_for_approval"' in alice.page
+    assert 'id="expires-at"' in alice.page
     assert "/scoria/workflows/" not in alice.page
     assert 'data-poll-url="/assistant/runs/' in alice.page
 
@@ -98,6 +99,10 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     assert 'data-status="completed"' in alice.page
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
     assert answer and "[stand-in assistant]" in answer.group(1)
+    assert "Sent to <code>alice</code> as message <code>msg-" in alice.page
+    steps = re.findall(r"<td>(\d)</td><td>([^<]+)</td>", alice.page)
+    assert [number for number, _ in steps] == ["1", "2", "3"]
+    assert alice.page.count('<span class="status" data-status="completed">') == 3
 
     alice.get("/")
     alice.post("/assistant/runs", prompt="And buses?")
