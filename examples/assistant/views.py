@@ -6,6 +6,7 @@ Each view follows the guide: identity from the session, then the
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping
@@ -40,6 +41,8 @@ PROMPT_LIMIT = 2000
 DRAFT_LIMIT = 5000
 #: Run statuses that never change again: the run page stops polling there.
 FINAL_STATUSES = ("completed", "failed", "rejected", "cancelled")
+#: The longest ask-form key accepted; the form gets a shorter one when it is shown.
+FORM_KEY_LIMIT = 64
 #: What the member's run page calls each kind of step.
 STEP_NAMES = {
     "draft": "The assistant drafts the answer",
@@ -181,6 +184,7 @@ def conversation() -> str:
         conversation=db.session.get(Conversation, who.session_id),
         runs=runs,
         last_run_id=session.get("last_scoria_run_id"),
+        form_key=secrets.token_urlsafe(16),
     )
 
 
@@ -195,7 +199,11 @@ def new_conversation() -> Response:
 @bp.post("/assistant/runs")
 @login_required
 def create_run() -> Response:
-    """Controller-triggered start: the answer is drafted, then waits for approval."""
+    """Controller-triggered start: the answer is drafted, then waits for approval.
+
+    A second submit of the same form (a double click, a reload) gets the first
+    run back instead of starting another.
+    """
     prompt = request.form.get("prompt", "").strip()
     if not prompt:
         flash("Type a question first.")
@@ -211,10 +219,26 @@ def create_run() -> Response:
         root_role_id="executor",
         initial_step={"sequence": 1, "kind": ANSWER_STEPS[0], "role_id": "executor"},
         runtime={"metadata": {"payload": {"prompt": prompt}}},
+        idempotency_key=_start_key(prompt),
     )
     _remember_turn(started.run_id, title=prompt)
     session["last_scoria_run_id"] = started.run_id
     return redirect(url_for("assistant.show_run", run_id=started.run_id))
+
+
+def _start_key(prompt: str) -> str:
+    """The start's idempotency key: this member, this form, this question.
+
+    The form's hidden ``form_key`` is made when the form is shown, so a double
+    submit carries the same one. The question's digest is part of the key, so
+    that a form shown again by the Back button starts a new run for a new
+    question.
+    """
+    form_key = request.form.get("form_key", "")
+    if not 0 < len(form_key) <= FORM_KEY_LIMIT:
+        raise BadRequest("The form has no valid key. Reload the page and ask again.")
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+    return f"ask:{session['actor_id']}:{form_key}:{digest}"
 
 
 #: How much of a question titles and lists show.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,28 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     assert handoff not in (run_id, second)
     assert "Delegated to <code>critic</code> (review), child step completed" in alice.page
     assert "cite the policy section" in alice.page
+
+
+def test_a_double_submit_over_http_starts_one_run(demo: str) -> None:
+    alice = Browser(demo)
+    alice.get("/login")
+    alice.post("/login", user_id="alice")
+    assert 'type="hidden" name="form_key"' in alice.page
+    clicks = [alice, alice.fork(), alice.fork()]
+    with ThreadPoolExecutor(len(clicks)) as pool:
+        landed = set(pool.map(lambda tab: ask_from(tab, "Book the big room"), clicks[:2]))
+    (run_url,) = landed
+    assert ask_from(clicks[2], "Book the big room") == run_url  # later: a reload that posts
+    alice.get("/")
+    assert len(re.findall(r"<tr>\s*<td>[^<]*</td>\s*<td>Book the big room</td>", alice.page)) == 1
+    assert ask_from(alice.fork(), "Book the small room") != run_url  # a new form: a new run
+
+
+def ask_from(tab: Browser, prompt: str) -> str:
+    """Submit the ask form on ``tab``'s page; the run page it lands on."""
+    tab.post("/assistant/runs", prompt=prompt)
+    assert "/assistant/runs/" in tab.url, tab.url
+    return tab.url
 
 
 def approve_as_operator(ops: Browser, run_id: str) -> None:

@@ -28,8 +28,10 @@ def sign_in(client: FlaskClient, user_id: str) -> None:
     assert post(client, "/login", user_id=user_id).status_code == 302
 
 
-def ask(client: FlaskClient, prompt: str) -> str:
-    response = post(client, "/assistant/runs", prompt=prompt)
+def ask(client: FlaskClient, prompt: str, form_key: str | None = None) -> str:
+    """Submit the ask form, shown afresh unless ``form_key`` names the form shown before."""
+    form_key = form_key or uuid.uuid4().hex
+    response = post(client, "/assistant/runs", prompt=prompt, form_key=form_key)
     assert response.status_code == 302
     match = re.fullmatch(r"/assistant/runs/([0-9a-f-]{36})", response.location)
     assert match, response.location
@@ -162,6 +164,30 @@ def test_the_stand_in_sender_sends_once_per_key() -> None:
     first = mailer.send(to="alice", text="Hello", idempotency_key=key)
     assert mailer.send(to="alice", text="Hello", idempotency_key=key) == first
     assert mailer.send(to="alice", text="Hello", idempotency_key=key + "x") != first
+
+
+def test_a_double_submit_starts_one_run(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    form_key = uuid.uuid4().hex
+    first = ask(client, "Order 40 chairs", form_key)
+    assert ask(client, "Order 40 chairs", form_key) == first
+    with app.app_context():
+        (run,) = scoria.list_runs_for_session(session_value(client, "assistant_session_id"))
+    assert run.run_id == first and run.idempotency_key and form_key in run.idempotency_key
+    # The same form with another question (shown again by Back), or a new form: new runs.
+    assert ask(client, "Order 41 chairs", form_key) != first
+    assert ask(client, "Order 40 chairs") != first
+    sign_in(client, "bob")
+    assert ask(client, "Order 40 chairs", form_key) != first
+
+
+@pytest.mark.parametrize("form_key", [None, "", "k" * (views.FORM_KEY_LIMIT + 1)])
+def test_the_ask_form_needs_its_key(client: FlaskClient, form_key: str | None) -> None:
+    sign_in(client, "alice")
+    form = {"prompt": "Keyless"} if form_key is None else {"prompt": "x", "form_key": form_key}
+    response = post(client, "/assistant/runs", **form)
+    assert response.status_code == 400
+    assert "Reload the page and ask again" in response.get_data(as_text=True)
 
 
 def test_an_expired_approval_is_asked_for_again(app: Flask, client: FlaskClient) -> None:
