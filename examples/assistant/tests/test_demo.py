@@ -101,8 +101,7 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
     assert answer and "[stand-in assistant]" in answer.group(1)
     assert "Sent to <code>alice</code> as message <code>msg-" in alice.page
-    steps = re.findall(r"<td>(\d)</td><td>([^<]+)</td>", alice.page)
-    assert [number for number, _ in steps] == ["1", "2", "3"]
+    assert re.findall(r"<tr><td>(\d)</td>", alice.page) == ["1", "2", "3"]
     assert alice.page.count('<span class="status" data-status="completed">') == 3
 
     alice.get("/")

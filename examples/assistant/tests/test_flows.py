@@ -195,6 +195,8 @@ def test_an_expired_approval_is_asked_for_again(app: Flask, client: FlaskClient)
     sign_in(client, "alice")
     run_id = ask(client, "Quick, please")
     time.sleep(0.3)
+    polled = client.get(f"/assistant/runs/{run_id}/status.json").json  # the live page reloads
+    assert polled is not None and (polled["status"], polled["final"]) == ("failed", True)
     page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
     with app.app_context():
         detail = scoria.get_run_detail(run_id)
