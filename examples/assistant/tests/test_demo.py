@@ -92,15 +92,17 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     ops.post("/login", user_id="ops")
     ops.get(f"/assistant/runs/{run_id}")
     assert f'href="/scoria/workflows/{run_id}"' in ops.page
-    approve_as_operator(ops, run_id)
+    edited = {"to": "alice", "answer": "Per the travel policy, trains are <second> class."}
+    approve_as_operator(ops, run_id, edited)
 
     polled = json.loads(alice.get(f"/assistant/runs/{run_id}/status.json"))
     assert (polled["status"], polled["final"]) == ("completed", True)
     alice.get(f"/assistant/runs/{run_id}")
     assert 'data-status="completed"' in alice.page
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
-    assert answer and "[stand-in assistant]" in answer.group(1)
+    assert answer and html.unescape(answer.group(1)) == edited["answer"]
     assert "Sent to <code>alice</code> as message <code>msg-" in alice.page
+    assert "an operator edited the draft before approving it" in alice.page
     assert re.findall(r"<tr><td>(\d)</td>", alice.page) == ["1", "2", "3"]
     assert alice.page.count('<span class="status" data-status="completed">') == 3
 
@@ -143,11 +145,12 @@ def ask_from(tab: Browser, prompt: str) -> str:
     return tab.url
 
 
-def approve_as_operator(ops: Browser, run_id: str) -> None:
-    """Approve on the operator page, which also resumes the run."""
+def approve_as_operator(ops: Browser, run_id: str, arguments: dict[str, str] | None = None) -> None:
+    """Approve on the operator page, with edited ``arguments``; that also resumes the run."""
     ops.get(f"/scoria/workflows/{run_id}")
     assert run_id in ops.page
     action = re.search(r'<form[^>]+action="([^"]*approve[^"]*)"', ops.page)
     assert action, "no Approve form on the operator page"
-    ops.post(html.unescape(action.group(1)))
+    edits = {"arguments": json.dumps(arguments)} if arguments else {}
+    ops.post(html.unescape(action.group(1)), **edits)
     assert 'data-status="completed"' in ops.page
