@@ -27,7 +27,10 @@ def test_the_member_sees_the_approval_arrive(
     status = page.locator("#run-status")
     assert status.get_attribute("data-status") == "waiting_for_approval"
     assert page.locator("#operator-link").count() == 0
+    assert page.locator("#expires-at").is_visible()
     run_id = page.locator("#run-id").inner_text()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "example-run-waiting.png"), full_page=True)
 
     ops = Browser(demo)
     ops.get("/login")
@@ -37,5 +40,5 @@ def test_the_member_sees_the_approval_arrive(
     page.wait_for_selector('#run-status[data-status="completed"]', timeout=10_000)
     assert "[stand-in assistant]" in page.locator("#answer").inner_text()
     assert page.locator("#live").count() == 0
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    assert page.locator('#steps .status[data-status="completed"]').count() == 3
     page.screenshot(path=str(SHOTS / "example-run-completed.png"), full_page=True)

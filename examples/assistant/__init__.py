@@ -22,6 +22,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(
         SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "assistant.sqlite3"),
+        # Seconds an operator has to approve an answer before the approval expires.
+        APPROVAL_EXPIRES_IN=3600,
     )
     app.config.from_prefixed_env("ASSISTANT")
     if config:

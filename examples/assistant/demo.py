@@ -45,7 +45,10 @@ def main() -> None:
         "  sign in as alice (member, asks questions) and, in another browser, as ops\n"
         f"  (operator, approves at {url}{prefix}/approvals); zoe and gus are the same pair\n"
         "  in tenant globex. No passwords.\n"
-        "  The assistant's model is a deterministic stand-in: examples/assistant/model_client.py\n"
+        f"  An approval expires after {app.config['APPROVAL_EXPIRES_IN']} s"
+        " (set ASSISTANT_APPROVAL_EXPIRES_IN).\n"
+        "  The assistant's model and mail sender are deterministic stand-ins:\n"
+        "  examples/assistant/model_client.py and mailer.py\n"
         "  Stop with Ctrl+C.",
         flush=True,
     )

@@ -6,11 +6,13 @@ Each view follows the guide: identity from the session, then the
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from functools import wraps
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import (
     Blueprint,
@@ -29,6 +31,7 @@ from werkzeug.wrappers import Response
 import flask_scoria as scoria
 
 from .extensions import db, runtime
+from .handlers import ANSWER_STEPS
 from .models import Conversation, User
 
 bp = Blueprint("assistant", __name__)
@@ -38,6 +41,15 @@ PROMPT_LIMIT = 2000
 DRAFT_LIMIT = 5000
 #: Run statuses that never change again: the run page stops polling there.
 FINAL_STATUSES = ("completed", "failed", "rejected", "cancelled")
+#: The longest ask-form key accepted; the form gets a shorter one when it is shown.
+FORM_KEY_LIMIT = 64
+#: What the member's run page calls each kind of step.
+STEP_NAMES = {
+    "draft": "The assistant drafts the answer",
+    "approval": "An operator approves it",
+    "send": "The answer is sent to you",
+    "review": "The critic reviews the draft",
+}
 
 
 # -- who is signed in ------------------------------------------------------------
@@ -172,6 +184,7 @@ def conversation() -> str:
         conversation=db.session.get(Conversation, who.session_id),
         runs=runs,
         last_run_id=session.get("last_scoria_run_id"),
+        form_key=secrets.token_urlsafe(16),
     )
 
 
@@ -186,7 +199,11 @@ def new_conversation() -> Response:
 @bp.post("/assistant/runs")
 @login_required
 def create_run() -> Response:
-    """Controller-triggered start: a run that pauses for approval before answering."""
+    """Controller-triggered start: the answer is drafted, then waits for approval.
+
+    A second submit of the same form (a double click, a reload) gets the first
+    run back instead of starting another.
+    """
     prompt = request.form.get("prompt", "").strip()
     if not prompt:
         flash("Type a question first.")
@@ -200,12 +217,28 @@ def create_run() -> Response:
     started = scoria.start_run(
         current_identity(),
         root_role_id="executor",
-        initial_step={"sequence": 1, "kind": "approval", "role_id": "executor"},
+        initial_step={"sequence": 1, "kind": ANSWER_STEPS[0], "role_id": "executor"},
         runtime={"metadata": {"payload": {"prompt": prompt}}},
+        idempotency_key=_start_key(prompt),
     )
     _remember_turn(started.run_id, title=prompt)
     session["last_scoria_run_id"] = started.run_id
     return redirect(url_for("assistant.show_run", run_id=started.run_id))
+
+
+def _start_key(prompt: str) -> str:
+    """The start's idempotency key: this member, this form, this question.
+
+    The form's hidden ``form_key`` is made when the form is shown, so a double
+    submit carries the same one. The question's digest is part of the key, so
+    that a form shown again by the Back button starts a new run for a new
+    question.
+    """
+    form_key = request.form.get("form_key", "")
+    if not 0 < len(form_key) <= FORM_KEY_LIMIT:
+        raise BadRequest("The form has no valid key. Reload the page and ask again.")
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+    return f"ask:{session['actor_id']}:{form_key}:{digest}"
 
 
 #: How much of a question titles and lists show.
@@ -233,18 +266,21 @@ def _remember_turn(run_id: str, *, title: str) -> None:
 def show_run(run_id: str) -> str:
     """One run, read back through the facade with the user's tenant as guard."""
     detail = scoria.get_run_detail(run_id, tenant_id=session["tenant_id"])
-    answer = _result_of(detail, "answer")
+    sent = _result_with(detail, "answer")
     return render_template(
         "assistant/run.html",
         detail=detail,
         run=detail.summary,
         prompt=detail.summary.metadata.get("payload", {}).get("prompt"),
-        answer=answer,
-        review=_result_of(detail, "review"),
+        progress=_progress(detail),
+        sent=sent,
+        edited=any(a.status == "approved" and a.edited_arguments for a in detail.approvals),
+        review=_result_with(detail, "review").get("review"),
         pending=[a for a in detail.approvals if a.status == "pending"],
         rejected=[a for a in detail.approvals if a.status == "rejected"],
+        expired=_expired(detail),
         resumable=_resumable(detail),
-        needs_review=answer is not None and needs_bounded_review(answer),
+        needs_review="answer" in sent and needs_bounded_review(str(sent["answer"])),
         final=detail.summary.status in FINAL_STATUSES,
     )
 
@@ -262,12 +298,57 @@ def run_status(run_id: str) -> dict[str, Any]:
     }
 
 
-def _result_of(detail: scoria.RunDetail, key: str) -> str | None:
+def _result_with(detail: scoria.RunDetail, key: str) -> Mapping[str, Any]:
+    """The result of the run's first step whose result has ``key``; empty if none has."""
     for step in detail.steps:
-        value = (step.result_envelope or {}).get(key)
-        if value is not None:
-            return str(value)
+        result = step.result_envelope or {}
+        if result.get(key) is not None:
+            return result
+    return {}
+
+
+class Progress(NamedTuple):
+    """One row of the run page's steps: a step of the run, or one still to come."""
+
+    sequence: int | None
+    name: str
+    role_id: str
+    status: str
+    attempt: int
+
+
+def _progress(detail: scoria.RunDetail) -> list[Progress]:
+    """The run's steps and, while a question is on its way, the steps still to come."""
+    rows = [
+        Progress(
+            step.sequence,
+            STEP_NAMES.get(step.kind, step.kind),
+            step.role_id,
+            step.status,
+            step.attempt,
+        )
+        for step in detail.steps
+    ]
+    kinds = tuple(step.kind for step in detail.steps)
+    if detail.summary.status not in FINAL_STATUSES and kinds == ANSWER_STEPS[: len(kinds)]:
+        rows += [
+            Progress(None, STEP_NAMES[kind], "", "to do", 0) for kind in ANSWER_STEPS[len(kinds) :]
+        ]
+    return rows
+
+
+def _expired(detail: scoria.RunDetail) -> scoria.Approval | None:
+    """The approval whose expiry failed the run, if that is why it failed."""
+    last = detail.approvals[-1] if detail.approvals else None
+    if detail.summary.status == "failed" and last is not None and last.status == "expired":
+        return last
     return None
+
+
+@bp.app_template_filter("utc")
+def utc(moment: datetime) -> str:
+    """A moment as the run page shows it, in UTC."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _resumable(detail: scoria.RunDetail) -> bool:

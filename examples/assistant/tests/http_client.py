@@ -19,6 +19,12 @@ class Browser:
         self.page = ""
         self.url = ""
 
+    def fork(self) -> Browser:
+        """Another client with the same cookies on the same page: a second tab or click."""
+        twin = Browser(self.base)
+        twin.opener, twin.page, twin.url = self.opener, self.page, self.url
+        return twin
+
     def get(self, path: str) -> str:
         return self._open(urllib.request.Request(self.base + path))
 

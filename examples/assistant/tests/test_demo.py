@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     alice.post("/assistant/runs", prompt="What does the travel policy say about trains?")
     run_id = alice.url.rsplit("/", 1)[1]
     assert 'data-status="waiting_for_approval"' in alice.page
+    assert 'id="expires-at"' in alice.page
     assert "/scoria/workflows/" not in alice.page
     assert 'data-poll-url="/assistant/runs/' in alice.page
 
@@ -90,14 +92,19 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     ops.post("/login", user_id="ops")
     ops.get(f"/assistant/runs/{run_id}")
     assert f'href="/scoria/workflows/{run_id}"' in ops.page
-    approve_as_operator(ops, run_id)
+    edited = {"to": "alice", "answer": "Per the travel policy, trains are <second> class."}
+    approve_as_operator(ops, run_id, edited)
 
     polled = json.loads(alice.get(f"/assistant/runs/{run_id}/status.json"))
     assert (polled["status"], polled["final"]) == ("completed", True)
     alice.get(f"/assistant/runs/{run_id}")
     assert 'data-status="completed"' in alice.page
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)
-    assert answer and "[stand-in assistant]" in answer.group(1)
+    assert answer and html.unescape(answer.group(1)) == edited["answer"]
+    assert "Sent to <code>alice</code> as message <code>msg-" in alice.page
+    assert "an operator edited the draft before approving it" in alice.page
+    assert re.findall(r"<tr><td>(\d)</td>", alice.page) == ["1", "2", "3"]
+    assert alice.page.count('<span class="status" data-status="completed">') == 3
 
     alice.get("/")
     alice.post("/assistant/runs", prompt="And buses?")
@@ -116,11 +123,34 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     assert "cite the policy section" in alice.page
 
 
-def approve_as_operator(ops: Browser, run_id: str) -> None:
-    """Approve on the operator page, which also resumes the run."""
+def test_a_double_submit_over_http_starts_one_run(demo: str) -> None:
+    alice = Browser(demo)
+    alice.get("/login")
+    alice.post("/login", user_id="alice")
+    assert 'type="hidden" name="form_key"' in alice.page
+    clicks = [alice, alice.fork(), alice.fork()]
+    with ThreadPoolExecutor(len(clicks)) as pool:
+        landed = set(pool.map(lambda tab: ask_from(tab, "Book the big room"), clicks[:2]))
+    (run_url,) = landed
+    assert ask_from(clicks[2], "Book the big room") == run_url  # later: a reload that posts
+    alice.get("/")
+    assert len(re.findall(r"<tr>\s*<td>[^<]*</td>\s*<td>Book the big room</td>", alice.page)) == 1
+    assert ask_from(alice.fork(), "Book the small room") != run_url  # a new form: a new run
+
+
+def ask_from(tab: Browser, prompt: str) -> str:
+    """Submit the ask form on ``tab``'s page; the run page it lands on."""
+    tab.post("/assistant/runs", prompt=prompt)
+    assert "/assistant/runs/" in tab.url, tab.url
+    return tab.url
+
+
+def approve_as_operator(ops: Browser, run_id: str, arguments: dict[str, str] | None = None) -> None:
+    """Approve on the operator page, with edited ``arguments``; that also resumes the run."""
     ops.get(f"/scoria/workflows/{run_id}")
     assert run_id in ops.page
     action = re.search(r'<form[^>]+action="([^"]*approve[^"]*)"', ops.page)
     assert action, "no Approve form on the operator page"
-    ops.post(html.unescape(action.group(1)))
+    edits = {"arguments": json.dumps(arguments)} if arguments else {}
+    ops.post(html.unescape(action.group(1)), **edits)
     assert 'data-status="completed"' in ops.page

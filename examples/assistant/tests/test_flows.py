@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -12,7 +14,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 import flask_scoria as scoria
-from examples.assistant import views
+from examples.assistant import mailer, views
 from examples.assistant.extensions import db
 
 
@@ -26,8 +28,10 @@ def sign_in(client: FlaskClient, user_id: str) -> None:
     assert post(client, "/login", user_id=user_id).status_code == 302
 
 
-def ask(client: FlaskClient, prompt: str) -> str:
-    response = post(client, "/assistant/runs", prompt=prompt)
+def ask(client: FlaskClient, prompt: str, form_key: str | None = None) -> str:
+    """Submit the ask form, shown afresh unless ``form_key`` names the form shown before."""
+    form_key = form_key or uuid.uuid4().hex
+    response = post(client, "/assistant/runs", prompt=prompt, form_key=form_key)
     assert response.status_code == 302
     match = re.fullmatch(r"/assistant/runs/([0-9a-f-]{36})", response.location)
     assert match, response.location
@@ -61,23 +65,38 @@ def test_forms_need_the_csrf_token(client: FlaskClient) -> None:
     assert client.post("/assistant/runs", data={"prompt": "hi"}).status_code == 400
 
 
-def test_start_pauses_for_approval_with_the_prompt_in_metadata(
-    app: Flask, client: FlaskClient
-) -> None:
+def test_the_draft_waits_for_an_editable_expiring_approval(app: Flask, client: FlaskClient) -> None:
     sign_in(client, "alice")
     run_id = ask(client, "How do I rotate the <b>keys</b>?")
     assert session_value(client, "last_scoria_run_id") == run_id
     with app.app_context():
         run = scoria.get_run(run_id)
+        detail = scoria.get_run_detail(run_id)
     assert run.status == "waiting_for_approval"
     assert (run.actor_id, run.tenant_id) == ("alice", "acme")
     assert run.session_id == session_value(client, "assistant_session_id")
     assert run.metadata["payload"] == {"prompt": "How do I rotate the <b>keys</b>?"}
+    assert [(s.kind, s.status) for s in detail.steps] == [
+        ("draft", "completed"),
+        ("approval", "waiting_for_approval"),
+    ]
+    (approval,) = detail.approvals
+    assert (approval.tool_name, approval.editable) == ("send_answer", True)
+    assert approval.arguments == detail.steps[1].input
+    assert approval.arguments is not None and approval.arguments["to"] == "alice"
+    assert approval.arguments["answer"].startswith("[stand-in assistant] Draft answer to:")
+    assert approval.expires_at is not None
+    expires_in = (approval.expires_at - approval.requested_at).total_seconds()
+    assert expires_in == app.config["APPROVAL_EXPIRES_IN"] == 3600
     page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
     assert 'data-status="waiting_for_approval"' in page
-    assert "Waiting for an operator to approve <code>draft_answer</code>" in page
+    assert "Waiting for an operator to approve <code>send_answer</code>" in page
+    assert f'<time id="expires-at" datetime="{approval.expires_at.isoformat()}">' in page
     assert "/scoria/workflows/" not in page  # members are no operators
     assert "&lt;b&gt;keys&lt;/b&gt;" in page and "<b>keys</b>" not in page
+    assert approval.arguments["answer"][:20] not in page  # not sent yet: not shown
+    steps = re.findall(r'data-status="([^"]+)">', page.split('id="steps"')[1])
+    assert steps == ["completed", "waiting_for_approval", "to do"]
 
 
 def test_resume_after_approval_keeps_the_run_id(app: Flask, client: FlaskClient) -> None:
@@ -95,11 +114,113 @@ def test_resume_after_approval_keeps_the_run_id(app: Flask, client: FlaskClient)
         run = scoria.get_run(run_id)
         detail = scoria.get_run_detail(run_id)
     assert run.status == "completed"
-    assert [step.status for step in detail.steps] == ["completed"]
+    assert [(s.kind, s.status) for s in detail.steps] == [
+        ("draft", "completed"),
+        ("approval", "completed"),
+        ("send", "completed"),
+    ]
     page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
     assert "[stand-in assistant] Draft answer to: &#39;Summarise the launch plan&#39;" in page
+    assert "Sent to <code>alice</code> as message <code>msg-" in page
+    assert "edited the draft" not in page
     post(client, f"/assistant/runs/{run_id}/resume")
     assert "Nothing to resume: the run is completed" in client.get("/").get_data(as_text=True)
+
+
+def test_the_operator_edits_the_answer_that_is_sent(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    run_id = ask(client, "When is the launch?")
+    edited = {"to": "alice", "answer": "Launch is on <Monday>."}
+    with app.app_context():
+        done = scoria.approve_run(run_id, decided_by="ops", arguments=edited, resume=True)
+        detail = scoria.get_run_detail(run_id)
+    assert done.status == "completed"
+    (approval,) = detail.approvals
+    assert approval.edited_arguments == edited and approval.arguments != edited
+    send = detail.steps[-1]
+    assert (send.kind, send.input) == ("send", edited)
+    message_id = (send.result_envelope or {})["message_id"]
+    assert mailer.outbox[send.idempotency_key] == mailer.Message(
+        message_id, "alice", edited["answer"]
+    )
+    page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
+    assert '<blockquote id="answer">Launch is on &lt;Monday&gt;.</blockquote>' in page
+    assert "an operator edited the draft before approving it" in page
+
+
+def test_an_edit_without_an_answer_sends_nothing(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    run_id = ask(client, "Anything?")
+    with app.app_context():
+        done = scoria.approve_run(run_id, decided_by="ops", arguments={"to": "alice"}, resume=True)
+        detail = scoria.get_run_detail(run_id)
+    assert done.status == "failed"
+    assert (detail.steps[-1].error_envelope or {})["type"] == "invalid_answer"
+    assert detail.steps[-1].idempotency_key not in mailer.outbox
+
+
+def test_the_stand_in_sender_sends_once_per_key() -> None:
+    key = uuid.uuid4().hex
+    first = mailer.send(to="alice", text="Hello", idempotency_key=key)
+    assert mailer.send(to="alice", text="Hello", idempotency_key=key) == first
+    assert mailer.send(to="alice", text="Hello", idempotency_key=key + "x") != first
+
+
+def test_a_double_submit_starts_one_run(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    form_key = uuid.uuid4().hex
+    first = ask(client, "Order 40 chairs", form_key)
+    assert ask(client, "Order 40 chairs", form_key) == first
+    with app.app_context():
+        (run,) = scoria.list_runs_for_session(session_value(client, "assistant_session_id"))
+    assert run.run_id == first and run.idempotency_key and form_key in run.idempotency_key
+    # The same form with another question (shown again by Back), or a new form: new runs.
+    assert ask(client, "Order 41 chairs", form_key) != first
+    assert ask(client, "Order 40 chairs") != first
+    sign_in(client, "bob")
+    assert ask(client, "Order 40 chairs", form_key) != first
+
+
+@pytest.mark.parametrize("form_key", [None, "", "k" * (views.FORM_KEY_LIMIT + 1)])
+def test_the_ask_form_needs_its_key(client: FlaskClient, form_key: str | None) -> None:
+    sign_in(client, "alice")
+    form = {"prompt": "Keyless"} if form_key is None else {"prompt": "x", "form_key": form_key}
+    response = post(client, "/assistant/runs", **form)
+    assert response.status_code == 400
+    assert "Reload the page and ask again" in response.get_data(as_text=True)
+
+
+def test_an_expired_approval_is_asked_for_again(app: Flask, client: FlaskClient) -> None:
+    app.config["APPROVAL_EXPIRES_IN"] = 0.2
+    sign_in(client, "alice")
+    run_id = ask(client, "Quick, please")
+    time.sleep(0.3)
+    polled = client.get(f"/assistant/runs/{run_id}/status.json").json  # the live page reloads
+    assert polled is not None and (polled["status"], polled["final"]) == ("failed", True)
+    page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
+    with app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert detail.summary.status == "failed"
+    assert (detail.steps[1].error_envelope or {})["type"] == "approval_expired"
+    (expired,) = detail.approvals
+    assert expired.status == "expired" and expired.expires_at
+    assert 'data-status="failed"' in page and "data-poll-url" not in page
+    assert f'<time datetime="{expired.expires_at.isoformat()}">' in page
+    assert "Nobody approved the answer by" in page and "so it was not sent" in page
+    assert "Ask for approval again" in page
+    with app.app_context(), pytest.raises(scoria.NoPendingApproval):
+        scoria.approve_run(run_id, decided_by="ops")
+
+    app.config["APPROVAL_EXPIRES_IN"] = 3600
+    post(client, f"/assistant/runs/{run_id}/resume")
+    page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
+    assert 'data-status="waiting_for_approval"' in page and "(attempt 2)" in page
+    with app.app_context():
+        done = scoria.approve_run(run_id, decided_by="ops", resume=True)
+        detail = scoria.get_run_detail(run_id)
+    assert (done.run_id, done.status) == (run_id, "completed")
+    assert [a.status for a in detail.approvals] == ["expired", "approved"]
+    assert [s.kind for s in detail.steps] == ["draft", "approval", "send"]
 
 
 def test_same_session_fresh_run_and_the_session_timeline(app: Flask, client: FlaskClient) -> None:

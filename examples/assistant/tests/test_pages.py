@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import html5lib
 import pytest
@@ -107,7 +108,7 @@ def test_the_member_sees_why_an_operator_rejected(app: Flask, client: FlaskClien
     other = ask(client, "Another one")
     with app.app_context():
         scoria.reject_run(other, decided_by="ops")
-    assert "rejected this question without giving a reason" in page(
+    assert "rejected the drafted answer without giving a reason" in page(
         client, f"/assistant/runs/{other}"
     )
 
@@ -173,14 +174,26 @@ def test_every_page_is_valid_html(app: Flask, client: FlaskClient, user_id: str)
     sign_in(client, user_id)
     waiting = ask(client, "What does the travel policy say?")
     answered = ask(client, "And the expense policy?")
+    edited = ask(client, "And the <hotel> policy?")
+    app.config["APPROVAL_EXPIRES_IN"] = 0.1
+    expired = ask(client, "Too late?")
     with app.app_context():
         scoria.approve_run(answered, decided_by="ops")
         scoria.resume_run(answered)
+        arguments = {"to": user_id, "answer": "Hotels: <see> the policy & ask."}
+        scoria.approve_run(edited, decided_by="ops", arguments=arguments, resume=True)
+    time.sleep(0.2)
     post(client, "/assistant/drafts", draft_answer="Refunds follow the travel policy.")
     review = str(client.get("/").get_data(as_text=True).count("bounded review"))
     assert review == "1"
-    for url in ("/", f"/assistant/runs/{waiting}", f"/assistant/runs/{answered}"):
-        assert_valid_html(page(client, url))
+    shown = {
+        run_id: page(client, f"/assistant/runs/{run_id}")
+        for run_id in (waiting, answered, edited, expired)
+    }
+    for text in shown.values():
+        assert_valid_html(text)
+    assert 'id="expired"' in shown[expired] and "edited the draft" in shown[edited]
+    assert_valid_html(page(client, "/"))
     with client.session_transaction() as session:
         handoff = session["last_scoria_handoff_run_id"]
     assert_valid_html(page(client, f"/assistant/runs/{handoff}"))
