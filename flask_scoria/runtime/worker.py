@@ -249,9 +249,10 @@ class Worker:
         self._stopping.set()
         self._freed.set()
 
-    def run(self) -> None:
-        """Claim and execute due steps until stopped."""
+    def run(self, on_started: Callable[[], None] = lambda: None) -> None:
+        """Claim and execute due steps until stopped; ``on_started`` once signals stop it."""
         previous = _handle_signals(self.stop)
+        on_started()
         try:
             while not self._stopping.is_set():
                 try:
@@ -353,6 +354,7 @@ def run_worker(
     once: bool,
     on_dispatched: Callable[[RunSummary], None],
     on_error: Callable[[StorageError], None],
+    on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Execute due queued steps of the current app until SIGTERM or SIGINT (or one pass).
 
@@ -373,4 +375,4 @@ def run_worker(
         on_dispatched=on_dispatched,
         on_error=on_error,
     )
-    worker.run()
+    worker.run(on_started)
