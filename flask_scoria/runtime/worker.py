@@ -292,8 +292,15 @@ class Worker:
         return min(self.interval, max((due - utcnow()).total_seconds(), 0.0))
 
     def _execute(self, handlers: Handlers, row: Row, claim: Claim) -> None:
+        """Execute a claimed step, then claim the next due one here while there is one."""
+        claimed: tuple[Row, Claim] | None = (row, claim)
         try:
-            self.on_dispatched(_execute_claimed(self.app, handlers, row, claim))
+            while claimed is not None:
+                self.on_dispatched(_execute_claimed(self.app, handlers, *claimed))
+                claimed = None
+                if not self._stopping.is_set():
+                    with self.app.app_context():
+                        claimed = claim_due(context(), handlers)
         except StorageError as exc:
             self.on_error(exc)
         except Exception:
