@@ -1,10 +1,12 @@
 # The two commands of the README work on a fresh machine:
-#   make demo   runs the example assistant app on embedded SQLite
+#   make demo   runs the example assistant app on embedded SQLite (PORT=5000 by default)
 #   make test   runs the whole test suite (SQLite, PostgreSQL, a real Chromium)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+PORT ?= 5000
 
 .PHONY: demo test test-adoption test-runtime-to-handoff lint typecheck docs bench browser services clean
 
@@ -14,6 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[postgres]" --group dev
 	touch $(STAMP)
 
+# The demo needs only the package and the example's own dependencies, not the dev toolchain.
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e . --group demo
+	touch $(DEMO_STAMP)
+
 # Debian's Chromium for the browser tests (Playwright drives it; no browser download).
 browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -21,9 +30,12 @@ browser:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
 	fi
 
-# Redis and RabbitMQ for the Celery tests, started unless they already answer.
+# PostgreSQL, and Redis and RabbitMQ for the Celery tests, started unless they already answer.
 ANSWERS = $(PYTHON) -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2)"
 services:
+	@if ! $(ANSWERS) 5432 2>/dev/null; then \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
+	fi
 	@if ! $(ANSWERS) 6379 2>/dev/null; then \
 		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
 			--dir /var/lib/redis --logfile /var/log/redis/ci.log; \
@@ -32,10 +44,10 @@ services:
 		rabbitmq-server -detached; \
 		rabbitmqctl await_startup --timeout 120 >/dev/null; \
 	fi
-	@$(ANSWERS) 6379 && $(ANSWERS) 5672 && echo "services: Redis and RabbitMQ answer"
+	@$(ANSWERS) 5432 && $(ANSWERS) 6379 && $(ANSWERS) 5672 && echo "services: PostgreSQL, Redis and RabbitMQ answer"
 
-demo: $(STAMP)
-	$(BIN)/python -m examples.assistant.demo
+demo: $(DEMO_STAMP)
+	PORT=$(PORT) $(BIN)/python -m examples.assistant.demo
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

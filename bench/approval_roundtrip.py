@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ def approval_step(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return scoria.WaitForApproval("publish", {"env": "prod"}, reason="bench")
 
 
-def make_app(uri: str) -> Flask:
+def make_app(uri: str, engine_options: dict[str, Any] | None = None) -> Flask:
     app = Flask("bench", instance_path=tempfile.mkdtemp())
     app.config.update(SCORIA_DATABASE_URI=uri, SCORIA_SQLITE_SYNCHRONOUS="FULL")
+    if engine_options:
+        app.config["SCORIA_ENGINE_OPTIONS"] = engine_options
     runtime = Scoria(app)
     runtime.handler("approval")(approval_step)
     return app
@@ -66,10 +69,17 @@ class Timings:
 
 
 class ScoriaFlow:
-    """Round-trips through the facade on one app, in as many batches as asked."""
+    """Round-trips through the facade on one app, in as many batches as asked.
 
-    def __init__(self, uri: str) -> None:
-        self.app = make_app(uri)
+    ``fused`` approves with ``approve_run(resume=True)`` instead of approving,
+    then calling ``resume_run``.
+    """
+
+    def __init__(
+        self, uri: str, engine_options: dict[str, Any] | None = None, *, fused: bool = False
+    ) -> None:
+        self.fused = fused
+        self.app = make_app(uri, engine_options)
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
         self.timings = Timings([], [], 0.0, 0)
@@ -77,6 +87,10 @@ class ScoriaFlow:
 
     def _count(self, _conn: Any) -> None:
         self.timings.commits += 1
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.seconds
 
     def run(self, runs: int) -> None:
         timings = self.timings
@@ -86,9 +100,13 @@ class ScoriaFlow:
                 t0 = time.perf_counter()
                 run = scoria.start_run(self.who, initial_step={"kind": "approval"})
                 t1 = time.perf_counter()
-                scoria.approve_run(run.run_id, decided_by="operator")
-                t2 = time.perf_counter()
-                done = scoria.resume_run(run.run_id)
+                if self.fused:
+                    t2 = t1
+                    done = scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+                else:
+                    scoria.approve_run(run.run_id, decided_by="operator")
+                    t2 = time.perf_counter()
+                    done = scoria.resume_run(run.run_id)
                 t3 = time.perf_counter()
                 assert done.status == "completed", done.status
                 timings.start.append(t1 - t0)
@@ -177,19 +195,23 @@ class RawFlow:
         if not self.sqlite:
             self.conn.commit()
 
-    def close(self) -> None:
-        self.conn.execute("DROP TABLE raw_steps")
-        self.conn.execute("DROP TABLE raw_runs")
-        self._commit()
+    def close(self, drop: bool = True) -> None:
+        """Close the connection; ``drop=False`` leaves the tables to another flow's close."""
+        if drop:
+            self.conn.execute("DROP TABLE raw_steps")
+            self.conn.execute("DROP TABLE raw_runs")
+            self._commit()
         self.conn.close()
 
 
 class CrudFlow:
     """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
         self.app = Flask("crud", instance_path=tempfile.mkdtemp())
         self.app.config["SQLALCHEMY_DATABASE_URI"] = uri
+        if engine_options:
+            self.app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
         self.db = db = SQLAlchemy(self.app)
 
         class CrudRun(db.Model):  # type: ignore[name-defined,misc]
@@ -224,6 +246,22 @@ class CrudFlow:
         with self.app.app_context():
             self.db.drop_all()
             self.db.engine.dispose()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` cut into ``parts`` near-equal whole numbers (the first ones one larger)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def interleave(flows: Sequence[Any], runs: int, batches: int = BATCHES) -> None:
+    """Do ``runs`` round-trips with each flow, in interleaved batches.
+
+    Each flow has ``run(n)``; batching them in turn lets every flow see the same
+    minutes of a noisy machine, so the ratios of one call are comparable.
+    """
+    for batch in split(runs, batches):
+        for flow in flows:
+            flow.run(batch)
 
 
 def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
@@ -293,22 +331,18 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         # On SQLite the baselines get a file of their own next to it, so that the tables
         # they drop leave no free pages in the file whose size is measured.
         baseline = uri.replace(".sqlite3", "-baseline.sqlite3")
-        flow, raw, crud = ScoriaFlow(uri), RawFlow(baseline), CrudFlow(baseline)
+        flow, fused = ScoriaFlow(uri), ScoriaFlow(uri, fused=True)
+        raw, crud = RawFlow(baseline), CrudFlow(baseline)
         try:
-            # Interleaved batches, so that all three see the same minutes of a noisy machine.
-            batches = [runs // BATCHES + (i < runs % BATCHES) for i in range(BATCHES)]
-            for batch in batches:
-                flow.run(batch)
-                raw.run(batch)
-                crud.run(batch)
+            interleave((flow, fused, raw, crud), runs)
         finally:
-            flow.close()
-            raw.close()
-            crud.close()
+            for each in (flow, fused, raw, crud):
+                each.close()
         timings = flow.timings
         after = size(uri)
-        per_run_bytes = (after[0] - warm[0]) / runs
-        at_rest_bytes = (after[1] - warm[1]) / runs
+        # Both flows leave the same rows behind for each round-trip.
+        per_run_bytes = (after[0] - warm[0]) / (2 * runs)
+        at_rest_bytes = (after[1] - warm[1]) / (2 * runs)
         raw_seconds, crud_seconds = raw.seconds, crud.seconds
 
         # Two processes share the round-trips; the clock starts once both are warm.
@@ -334,11 +368,13 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         cleanup()
     return {
         "roundtrips_per_s": runs / timings.seconds,
+        "fused_roundtrips_per_s": runs / fused.timings.seconds,
         "raw_floor_per_s": runs / raw_seconds,
         "crud_per_s": runs / crud_seconds,
         "two_process_per_s": (2 * half) / two_process_seconds if two_process_seconds else 0.0,
         "two_process_failures": failures,
         "commits_per_roundtrip": timings.commits / runs,
+        "fused_commits_per_roundtrip": fused.timings.commits / runs,
         "start_p50_ms": statistics.median(timings.start) * 1000,
         "start_p99_ms": _p99(timings.start) * 1000,
         "resume_p50_ms": statistics.median(timings.resume) * 1000,
@@ -367,6 +403,8 @@ def main() -> None:
             ratios = {
                 "ratio to raw floor": result["roundtrips_per_s"] / result["raw_floor_per_s"],
                 "ratio to CRUD": result["roundtrips_per_s"] / result["crud_per_s"],
+                "fused to raw floor": result["fused_roundtrips_per_s"] / result["raw_floor_per_s"],
+                "fused to CRUD": result["fused_roundtrips_per_s"] / result["crud_per_s"],
                 "CRUD to raw floor": result["crud_per_s"] / result["raw_floor_per_s"],
                 "2 processes / 1": result["two_process_per_s"] / result["roundtrips_per_s"],
             }

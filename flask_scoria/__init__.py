@@ -12,6 +12,7 @@ Adopt in the order ``identity -> start -> inspect -> resume``::
 
 from .errors import ApprovalAlreadyDecided as ApprovalAlreadyDecided
 from .errors import ApprovalPending as ApprovalPending
+from .errors import InvalidDecision as InvalidDecision
 from .errors import InvalidHandoff as InvalidHandoff
 from .errors import InvalidIdentity as InvalidIdentity
 from .errors import InvalidRunOptions as InvalidRunOptions
@@ -23,8 +24,11 @@ from .errors import StorageError as StorageError
 from .extension import Scoria as Scoria
 from .identity import Identity as Identity
 from .identity import identity as identity
+from .identity import identity_from_g as identity_from_g
+from .identity import identity_from_session as identity_from_session
 from .outcomes import Fail as Fail
 from .outcomes import Handoff as Handoff
+from .outcomes import Next as Next
 from .outcomes import Succeed as Succeed
 from .outcomes import WaitForApproval as WaitForApproval
 from .policy import Retry as Retry

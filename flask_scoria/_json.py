@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import ScoriaError
+from .errors import ScoriaError, short_repr
 
 ErrorFactory = Callable[[str], ScoriaError]
 
@@ -14,15 +15,20 @@ ErrorFactory = Callable[[str], ScoriaError]
 MAX_DEPTH = 64
 #: From here on ``repr`` writes floats in exponent form and every float is an integer.
 INTEGRAL_FLOATS = 1e16
+#: The most digits of a stored integer: Python's default limit for turning an int
+#: into text and back, which every process that reads the payload must manage.
+MAX_INT_DIGITS = 4300
+_INT_BOUND = 10**MAX_INT_DIGITS
 
 
 def json_copy(value: Any, *, what: str, error: ErrorFactory) -> Any:
     """Return a plain-JSON deep copy of ``value`` or raise ``error``.
 
-    Accepted: ``dict`` with ``str`` keys, ``list``/``tuple``, ``str``, ``int``,
-    finite ``float``, ``bool`` and ``None``. Strings may not contain NUL or
-    lone surrogates, which PostgreSQL cannot store. Floats of 1e16 and more
-    become the ``int`` they equal, which reads back alike on every backend.
+    Accepted: ``dict`` with ``str`` keys, ``list``/``tuple``, ``str``, ``int``
+    of at most :data:`MAX_INT_DIGITS` digits, finite ``float``, ``bool`` and
+    ``None``. Strings may not contain NUL or lone surrogates, which
+    PostgreSQL cannot store. Floats of 1e16 and more become the ``int`` they
+    equal, which reads back alike on every backend.
     """
     return _copy(value, what, error, 0)
 
@@ -38,7 +44,11 @@ def json_object(value: Any, *, what: str, error: ErrorFactory) -> dict[str, Any]
 def _copy(value: Any, what: str, error: ErrorFactory, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise error(f"{what} is nested deeper than {MAX_DEPTH} levels.")
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -_INT_BOUND < value < _INT_BOUND:
+            raise error(f"{what} contains an integer of more than {MAX_INT_DIGITS} digits.")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -54,7 +64,7 @@ def _copy(value: Any, what: str, error: ErrorFactory, depth: int) -> Any:
         copied: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise error(f"{what} has a non-string key {key!r}.")
+                raise error(f"{what} has a non-string key {short_repr(key)}.")
             copied[_check_text(key, what, error)] = _copy(item, what, error, depth + 1)
         return copied
     if isinstance(value, list | tuple):
@@ -65,11 +75,27 @@ def _copy(value: Any, what: str, error: ErrorFactory, depth: int) -> Any:
 def _check_text(text: str, what: str, error: ErrorFactory) -> str:
     if "\x00" in text:
         raise error(f"{what} contains a NUL character.")
+    if not _encodes(text):
+        raise error(f"{what} contains a lone surrogate character.")
+    return text
+
+
+def _encodes(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise error(f"{what} contains a lone surrogate character.") from None
-    return text
+        return False
+    return True
+
+
+def is_storable_text(text: str) -> bool:
+    """Whether every backend can store ``text``: no NUL, no lone surrogate."""
+    return "\x00" not in text and _encodes(text)
+
+
+def serialized_size(value: Any) -> int:
+    """The bytes of ``value`` as compact JSON, the measure of every size cap."""
+    return len(json.dumps(value, separators=(",", ":")).encode())
 
 
 def storable_text(text: str) -> str:

@@ -27,6 +27,7 @@ from .runtime import (
     UNSET,
     RunFilters,
     approve_run,
+    cancel_run,
     dispatch,
     get_run_detail,
     list_runs,
@@ -38,7 +39,7 @@ from .runtime import (
 )
 from .state import app_state
 from .statuses import RunStatus
-from .verify import LANES, run_lane
+from .verify import LANES, parse_payload, run_lane
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -308,6 +309,17 @@ def reject(
     _echo_run(run, as_json)
 
 
+@scoria_cli.command("cancel")
+@click.argument("run_id")
+@click.option("--by", "cancelled_by", required=True, help="Who cancels (recorded).")
+@click.option("--reason", help="Why, kept with the cancellation.")
+@json_option
+@scoria_errors
+def cancel(run_id: str, cancelled_by: str, reason: str | None, as_json: bool) -> None:
+    """Cancel RUN_ID with its open steps and approvals; a running handler's outcome is dropped."""
+    _echo_run(cancel_run(run_id, cancelled_by=cancelled_by, reason=reason), as_json)
+
+
 @scoria_cli.command("resume")
 @click.argument("run_id")
 @json_option
@@ -412,14 +424,25 @@ def recover() -> None:
 @click.option(
     "--kind", help="Step kind to exercise (default: 'approval', or 'review' for the handoff)."
 )
+@click.option(
+    "--payload",
+    "payload_json",
+    metavar="JSON",
+    help='The runs\' payload, a JSON object (default {"prompt": ...}).',
+)
 @json_option
-def verify(lane: str, kind: str | None, as_json: bool) -> None:
+def verify(lane: str, kind: str | None, payload_json: str | None, as_json: bool) -> None:
     """Run the adoption checklist with this app's handlers in a throwaway database.
 
     LANE is 'adoption' (default) or 'runtime-to-handoff'. The app's own
     database must be migrated; nothing is written to it.
     """
-    report = run_lane(current_app._get_current_object(), lane, kind)  # type: ignore[attr-defined]
+    try:
+        payload = None if payload_json is None else parse_payload(payload_json)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--payload") from None
+    host = current_app._get_current_object()  # type: ignore[attr-defined]
+    report = run_lane(host, lane, kind, payload)
     if as_json:
         checks = [dataclasses.asdict(check) for check in report.checks]
         echo_json({"lane": lane, "passed": not report.failures, "checks": checks})

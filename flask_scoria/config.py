@@ -22,10 +22,16 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_SQLITE_SYNCHRONOUS": "FULL",
     "SCORIA_SQLITE_BUSY_TIMEOUT": 30.0,
     "SCORIA_URL_PREFIX": "/scoria",
+    "SCORIA_HOME_URL": None,
     "SCORIA_STEP_LEASE_SECONDS": 300.0,
     "SCORIA_HANDOFF_MAX_BYTES": 64 * 1024,
     "SCORIA_HANDOFF_MAX_DEPTH": 16,
+    "SCORIA_MAX_STEPS": 1000,
     "SCORIA_REDACT_KEYS": (),
+    "SCORIA_CONNECT_TIMEOUT": 10.0,
+    "SCORIA_STATEMENT_TIMEOUT": 30.0,
+    "SCORIA_RECONNECT_ATTEMPTS": 3,
+    "SCORIA_MAX_METADATA_BYTES": 256 * 1024,
     "SCORIA_EXECUTOR": "inline",
     "SCORIA_INLINE_RETRY_WAIT": 5.0,
 }
@@ -37,6 +43,8 @@ OWN_ENGINE_KEYS = (
     "SCORIA_ENGINE_OPTIONS",
     "SCORIA_SQLITE_SYNCHRONOUS",
     "SCORIA_SQLITE_BUSY_TIMEOUT",
+    "SCORIA_CONNECT_TIMEOUT",
+    "SCORIA_STATEMENT_TIMEOUT",
 )
 
 
@@ -52,7 +60,12 @@ class Settings:
     step_lease_seconds: float
     handoff_max_bytes: int
     handoff_max_depth: int
+    max_steps: int
     redact_keys: tuple[str, ...]
+    connect_timeout: float
+    statement_timeout: float
+    reconnect_attempts: int
+    max_metadata_bytes: int
     executor: str
     inline_retry_wait: float
 
@@ -79,6 +92,7 @@ def read_settings(app: Flask) -> Settings:
     lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
+    max_steps = _number(config, "SCORIA_MAX_STEPS", int)
     busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
     executor = config["SCORIA_EXECUTOR"]
     if executor not in EXECUTORS:
@@ -99,7 +113,12 @@ def read_settings(app: Flask) -> Settings:
         step_lease_seconds=lease,
         handoff_max_bytes=max_bytes,
         handoff_max_depth=max_depth,
+        max_steps=max_steps,
         redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
+        connect_timeout=_number(config, "SCORIA_CONNECT_TIMEOUT", float),
+        statement_timeout=_number(config, "SCORIA_STATEMENT_TIMEOUT", float, allow_zero=True),
+        reconnect_attempts=_number(config, "SCORIA_RECONNECT_ATTEMPTS", int, allow_zero=True),
+        max_metadata_bytes=_number(config, "SCORIA_MAX_METADATA_BYTES", int),
         executor=executor,
         inline_retry_wait=retry_wait,
     )

@@ -23,7 +23,7 @@ class RunNotFound(ScoriaError):
     code = "run_not_found"
 
     def __init__(self, run_id: object) -> None:
-        super().__init__(f"No run found for run_id {_short_repr(run_id)}.")
+        super().__init__(f"No run found for run_id {short_repr(run_id)}.")
         self.run_id = run_id
 
 
@@ -109,12 +109,46 @@ class InvalidHandoff(ScoriaError):
         self.path = path
 
 
+class InvalidDecision(ScoriaError):
+    """A decision that does not fit its approval; nothing is written.
+
+    For example, ``arguments=`` for an approval that is not ``editable``.
+    """
+
+    code = "invalid_decision"
+
+
 class StorageError(ScoriaError):
-    """The database could not be reached or stayed locked past its timeout."""
+    """The database could not be reached or stayed locked past its timeout.
+
+    ``run_id`` names the run when it was already committed before the
+    failure (``start_run`` wrote the run, then could not record its first
+    step's outcome): look it up with ``get_run`` instead of starting another.
+    ``hint`` says what to do about a known cause, without the connection's
+    details (host, port, user, database) that ``message`` may hold.
+    """
 
     code = "storage_unavailable"
 
+    def __init__(self, message: str, *, run_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.hint = hint
 
-def _short_repr(value: object, limit: int = 80) -> str:
-    text = repr(value)
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters; never raises."""
+    try:
+        text = repr(value)
+    except Exception:  # an int too long for text, or a repr that raises
+        text = f"<{type(value).__name__} that cannot be shown>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_str(value: object, limit: int) -> str:
+    """``str(value)``, cut to ``limit`` characters; never raises."""
+    try:
+        text = str(value)
+    except Exception:
+        text = short_repr(value, limit)
+    return text[:limit]

@@ -82,6 +82,8 @@ class Scoria:
                 busy_timeout=settings.sqlite_busy_timeout,
                 synchronous=settings.sqlite_synchronous,
                 engine_options=dict(settings.engine_options),
+                connect_timeout=settings.connect_timeout,
+                statement_timeout=settings.statement_timeout,
             )
         except (SQLAlchemyError, TypeError) as exc:
             raise ValueError(

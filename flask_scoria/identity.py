@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import flask
+
 from ._json import json_object
 from .errors import InvalidIdentity
 
@@ -66,6 +68,38 @@ class Identity:
         }
 
 
+def identity_from_session(session: object = None) -> Identity:
+    """The identity in a session's ``actor_id``, ``tenant_id`` and ``session_id`` keys.
+
+    ``session`` defaults to the current request's :data:`flask.session`, so a
+    view can call ``identity_from_session()``. The same as
+    :meth:`Identity.from_session`.
+    """
+    if session is None:
+        if not flask.has_request_context():
+            raise RuntimeError(
+                "identity_from_session() reads flask.session, which needs a request context;"
+                " call it in a view or pass the session: identity_from_session(session)."
+            )
+        session = flask.session
+    return Identity.from_session(session)
+
+
+def identity_from_g(g: object = None) -> Identity:
+    """The identity a request stored on ``g`` (see :meth:`Identity.from_g`).
+
+    ``g`` defaults to the current app context's :data:`flask.g`.
+    """
+    if g is None:
+        if not flask.has_app_context():
+            raise RuntimeError(
+                "identity_from_g() reads flask.g, which needs an application context;"
+                " call it in a view or pass the object: identity_from_g(g)."
+            )
+        g = flask.g
+    return Identity.from_g(g)
+
+
 def identity(value: object = None) -> Identity:
     """Normalize ``value`` into an :class:`Identity`.
 
@@ -115,6 +149,8 @@ def normalize_id(value: object, name: str) -> str | None:
         return None
     if isinstance(value, bool):
         raise InvalidIdentity(f"{name} must be a string or an int, not a bool.")
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_ID_LENGTH:
+        raise InvalidIdentity(f"{name} is longer than {MAX_ID_LENGTH} characters.")
     if isinstance(value, int | uuid.UUID):
         value = str(value)
     if not isinstance(value, str):

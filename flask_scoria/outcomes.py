@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 
@@ -16,11 +17,20 @@ class Succeed:
 
 @dataclass(frozen=True)
 class WaitForApproval:
-    """Pause the step and its run until an operator decides on ``tool_name``."""
+    """Pause the step and its run until an operator decides on ``tool_name``.
+
+    With ``editable`` the approver may replace ``arguments`` (the handler reads
+    them as ``step.approval.edited_arguments``). With ``expires_in`` (seconds
+    or a ``timedelta``) an approval still pending that long after it was
+    requested expires, failing the step; ``resume_run`` asks again.
+    """
 
     tool_name: str
     arguments: Mapping[str, Any] | None = None
     reason: str | None = None
+    _: KW_ONLY
+    editable: bool = False
+    expires_in: float | timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -41,4 +51,20 @@ class Handoff:
     capability_tags: Sequence[str] = field(default_factory=tuple)
 
 
-Outcome = Succeed | WaitForApproval | Fail | Handoff
+@dataclass(frozen=True)
+class Next:
+    """The step is done; the run goes on with a new step of ``kind``.
+
+    The next step's handler sees ``input`` as ``step.input``. It runs as
+    ``role_id`` (default: this step's role), not before ``delay`` (seconds or
+    a ``timedelta``) has passed.
+    """
+
+    kind: str
+    input: Mapping[str, Any] | None = None
+    _: KW_ONLY
+    role_id: str | None = None
+    delay: float | timedelta | None = None
+
+
+Outcome = Succeed | WaitForApproval | Fail | Handoff | Next

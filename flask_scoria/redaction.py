@@ -2,7 +2,9 @@
 
 A key is compared in its normalized form (``requestHeaders`` and
 ``Request-Headers`` are both ``request_headers``): as a whole name, or by a
-suffix or prefix.
+suffix or prefix. The pages hide more than a handoff refuses: the names and
+suffixes of :data:`DISPLAY_SECRET_NAMES` and :data:`DISPLAY_SECRET_SUFFIXES`
+are credentials too, but a handoff may carry them, as its contract says.
 """
 
 from __future__ import annotations
@@ -65,6 +67,44 @@ UNSAFE_SUFFIXES = (
 )
 UNSAFE_PREFIXES = ("provider_session_", "socket_")
 
+#: Whole names whose values the pages hide, besides those a handoff refuses.
+DISPLAY_SECRET_NAMES = frozenset(
+    {
+        "auth",
+        "bearer",
+        "credential",
+        "jwt",
+        "passphrase",
+        "passwords",
+        "pwd",
+        "tokens",
+        "api_keys",
+        "access_key",
+        "secret_key",
+        "signing_key",
+        "encryption_key",
+        "private_keys",
+    }
+)
+#: Suffixes whose values the pages hide, besides those a handoff refuses. Not
+#: ``_tokens``: ``max_tokens`` and ``prompt_tokens`` are counts.
+DISPLAY_SECRET_SUFFIXES = (
+    "_auth",
+    "_authorization",
+    "_bearer",
+    "_credential",
+    "_jwt",
+    "_passphrase",
+    "_passwords",
+    "_pwd",
+    "_api_keys",
+    "_access_key",
+    "_secret_key",
+    "_signing_key",
+    "_encryption_key",
+    "_private_key",
+)
+
 _ACRONYM_BOUNDARY = re.compile(r"([A-Z]+)([A-Z][a-z])")
 _CAMEL_BOUNDARY = re.compile(r"([a-z0-9])([A-Z])")
 _NON_ALNUM = re.compile(r"[^0-9A-Za-z]+")
@@ -83,3 +123,20 @@ def is_unsafe_key(key: str) -> bool:
     return (
         name in UNSAFE_NAMES or name.endswith(UNSAFE_SUFFIXES) or name.startswith(UNSAFE_PREFIXES)
     )
+
+
+def is_display_secret(key: str) -> bool:
+    """Whether a key names a credential that a handoff may carry but no page shows."""
+    name = normalize_key(key)
+    return name in DISPLAY_SECRET_NAMES or name.endswith(DISPLAY_SECRET_SUFFIXES)
+
+
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(@)", re.IGNORECASE)
+_DSN_PASSWORD = re.compile(r"(\b(?:password|pwd)\s*=\s*)('[^']*'|[^\s;&]+)", re.IGNORECASE)
+
+
+def mask_passwords(text: str, mask: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it, and
+    of every ``password=...`` of a connection string, replaced by ``mask``."""
+    text = _URL_PASSWORD.sub(rf"\g<1>{mask}\g<2>", text)
+    return _DSN_PASSWORD.sub(rf"\g<1>{mask}", text)

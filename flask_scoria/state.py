@@ -65,7 +65,9 @@ class AppState:
     def storage(self) -> Storage:
         """The app's storage, created on first use (a host ``db`` needs an app context)."""
         if self._storage is None:
-            self._storage = Storage(self._engine())
+            self._storage = Storage(
+                self._engine(), reconnect_attempts=self.settings.reconnect_attempts
+            )
         return self._storage
 
 

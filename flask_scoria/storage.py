@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .errors import StorageError
 
+#: Seconds before the first try again after a dropped connection; doubled each time.
+RECONNECT_DELAY = 0.05
+RECONNECT_MAX_DELAY = 2.0
+
 
 def create_standalone_engine(
-    uri: str, *, busy_timeout: float, synchronous: str, engine_options: dict[str, Any]
+    uri: str,
+    *,
+    busy_timeout: float,
+    synchronous: str,
+    engine_options: dict[str, Any],
+    connect_timeout: float,
+    statement_timeout: float,
 ) -> Engine:
     """Create flask-scoria's own engine for ``SCORIA_DATABASE_URI``.
 
-    SQLite files get WAL journaling, the configured ``synchronous`` level and a
-    busy timeout; nothing connects until the first query.
+    Pooled connections to a server are pinged before use. SQLite files get WAL
+    journaling, the configured ``synchronous`` level and a busy timeout;
+    PostgreSQL connections get a connect timeout and a statement timeout
+    (``0``: none). ``engine_options`` win over all of these. Nothing
+    connects until the first query.
     """
     options = dict(engine_options)
-    if uri.startswith("sqlite"):
-        connect_args = dict(options.pop("connect_args", {}))
+    connect_args = dict(options.pop("connect_args", {}))
+    backend = make_url(uri).get_backend_name()
+    if backend != "sqlite":
+        # A file has no server to close its connections.
+        options.setdefault("pool_pre_ping", True)
+    if backend == "sqlite":
         connect_args.setdefault("timeout", busy_timeout)
         connect_args.setdefault("check_same_thread", False)
-        options["connect_args"] = connect_args
+    elif backend == "postgresql":
+        # libpq takes whole seconds, and treats less than 2 as 2.
+        connect_args.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+        milliseconds = math.ceil(statement_timeout * 1000)
+        connect_args.setdefault("options", f"-c statement_timeout={milliseconds}")
+    options["connect_args"] = connect_args
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous)
@@ -39,7 +64,13 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            except engine.dialect.loaded_dbapi.OperationalError as exc:
+                # A file this process may only read can still be read, in its own mode;
+                # a write then fails with the hint of _hint().
+                if "readonly" not in str(exc):
+                    raise
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -52,11 +83,31 @@ class Storage:
     writers never deadlock on a lock upgrade; on PostgreSQL they run at the
     engine's isolation level, since every transition is a compare-and-set.
     Database errors leave as :class:`StorageError`.
+
+    A write whose connection dropped may be tried again on a fresh one, up
+    to ``reconnect_attempts`` more times (:meth:`retry_after`).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, reconnect_attempts: int = 3) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        self.reconnect_attempts = reconnect_attempts
+
+    def retry_after(self, exc: StorageError, tries: int) -> bool:
+        """Whether to try a write again after its ``tries``-th failure ``exc``.
+
+        Only a dropped connection is worth another try, and only a bounded
+        number of times; this waits (exponential backoff, with jitter) before
+        saying yes. A dropped commit may have been applied: the retried write
+        must find out, as a compare-and-set does.
+        """
+        cause = exc.__cause__
+        dropped = isinstance(cause, DBAPIError) and cause.connection_invalidated
+        if not dropped or tries > self.reconnect_attempts:
+            return False
+        delay = min(RECONNECT_MAX_DELAY, RECONNECT_DELAY * 2 ** (tries - 1))
+        time.sleep(random.uniform(delay / 2, delay))
+        return True
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -65,9 +116,11 @@ class Storage:
             yield
         except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
             reason = _first_line(exc)
+            hint = _hint(reason)
             raise StorageError(
-                "The flask-scoria database is unavailable:"
-                f" {type(exc).__name__}: {reason}{_hint(reason)}"
+                f"The flask-scoria database is unavailable: {type(exc).__name__}: {reason}"
+                + (f". {hint}" if hint else ""),
+                hint=hint,
             ) from exc
 
     @contextmanager
@@ -97,16 +150,22 @@ class Storage:
             yield conn
 
 
-def _hint(reason: str) -> str:
+def _hint(reason: str) -> str | None:
     """What to do about the common causes of ``reason``."""
     if "scoria_" in reason and ("no such table" in reason or "does not exist" in reason):
-        return ". The scoria_* tables are missing: run `flask scoria db upgrade`."
+        return "The scoria_* tables are missing: run `flask scoria db upgrade`."
+    if "readonly database" in reason or "unable to open database file" in reason:
+        return (
+            "The SQLite file, or its folder, is read-only for this process (or opened with"
+            " mode=ro): flask-scoria writes the file and creates its -wal and -shm files next"
+            " to it."
+        )
     if "database is locked" in reason:
         return (
-            ". Another connection held SQLite's write lock past the busy timeout; with"
+            "Another connection held SQLite's write lock past the busy timeout; with"
             " Scoria(app, db=db), commit or roll back db.session before calling flask-scoria."
         )
-    return ""
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

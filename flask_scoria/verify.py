@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import tempfile
@@ -26,6 +27,7 @@ from .runtime import (
     approve_run,
     get_run,
     get_run_detail,
+    list_runs,
     list_runs_for_session,
     resume_run,
     start_handoff_run,
@@ -62,10 +64,14 @@ class Checklist:
     def failures(self) -> int:
         return sum(check.outcome == "FAIL" for check in self.checks)
 
+    def record(self, name: str, ok: bool, detail: str) -> bool:
+        """Record ``name`` as PASS or FAIL and go on; return ``ok``."""
+        self.checks.append(Check(name, "PASS" if ok else "FAIL", detail))
+        return ok
+
     def expect(self, name: str, ok: bool, detail: str) -> None:
         """Record ``name`` as PASS, or as FAIL and stop the lane."""
-        self.checks.append(Check(name, "PASS" if ok else "FAIL", detail))
-        if not ok:
+        if not self.record(name, ok, detail):
             raise CheckFailed(name)
 
     def skip(self, name: str, detail: str) -> None:
@@ -120,26 +126,44 @@ def _operator_page(app: Flask, run_id: str) -> tuple[str, int, str]:
     return path, response.status_code, response.get_data(as_text=True)
 
 
-def _require_handler(app: Flask, kind: str, out: Checklist) -> None:
+def _require_handler(app: Flask, kind: str, out: Checklist) -> bool:
     registered = sorted(app_state(app).registry.handlers)
     hint = (
         ""
         if kind in registered
         else f"; register one with @runtime.handler({kind!r}), or name yours with --kind"
     )
-    out.expect(f"handler for {kind!r} registered", kind in registered, f"found {registered}{hint}")
+    return out.record(
+        f"handler for {kind!r} registered", kind in registered, f"found {registered}{hint}"
+    )
+
+
+def _require_migrated(host: Flask, out: Checklist) -> bool:
+    """The host's database carries the newest ``scoria_*`` revision."""
+    try:
+        revision = schema.current_revision(app_state(host).storage.engine)
+    except SQLAlchemyError as exc:
+        detail = str(exc).splitlines()[0]
+        return out.record("0. app database migrated", False, f"{type(exc).__name__}: {detail}")
+    head = schema.head_revision()
+    return out.record(
+        "0. app database migrated",
+        revision == head,
+        f"scoria tables at {revision or 'no revision'}, newest {head}"
+        + ("" if revision == head else "; run: flask scoria db upgrade"),
+    )
 
 
 def _require_operator_setup(host: Flask, out: Checklist) -> None:
     """The host's operator pages can work: sessions have a key, someone is an operator."""
-    out.expect(
+    out.record(
         "0a. SECRET_KEY set",
         bool(host.secret_key),
         "the operator pages keep sign-in and form tokens in the session"
         + ("" if host.secret_key else "; set SECRET_KEY in the app's config"),
     )
     resolver = app_state(host).registry.operator_scope
-    out.expect(
+    out.record(
         "0b. operator scope registered",
         resolver is not None,
         "who may open the operator pages, for which tenant"
@@ -147,15 +171,46 @@ def _require_operator_setup(host: Flask, out: Checklist) -> None:
     )
 
 
-def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
-    """The seed guide's checklist: identity -> start -> inspect -> resume -> fresh run."""
-    _require_handler(app, kind, out)
+#: How many of the app's newest runs the tenant check reads.
+TENANT_SAMPLE = 100
+
+
+def _require_tenants(host: Flask, out: Checklist) -> None:
+    """The app's newest runs carry a tenant; without one no operator ever sees a run."""
+    name = "0c. runs carry a tenant"
+    try:
+        with host.app_context():
+            tenants = [run.tenant_id for run in list_runs(limit=TENANT_SAMPLE).rows]
+    except ScoriaError:
+        out.skip(name, "the app's database cannot be read yet")
+        return
+    missing = sum(tenant is None for tenant in tenants)
+    if not tenants:
+        detail = "no runs in the app's database yet"
+    elif missing:
+        detail = (
+            f"{missing} of the newest {len(tenants)} run(s) have no tenant_id, so no operator"
+            " can see them; give the identity a tenant (session['tenant_id'], g.tenant, ...)"
+        )
+    else:
+        detail = f"the newest {len(tenants)} run(s) all have a tenant_id"
+    out.record(name, not missing, detail)
+
+
+def verify_adoption(app: Flask, kind: str, out: Checklist, payload: Any = None) -> None:
+    """The seed guide's checklist: identity -> start -> inspect -> resume -> fresh run.
+
+    ``payload`` is the run's ``runtime["metadata"]["payload"]``; by default
+    ``{"prompt": ...}``.
+    """
+    if payload is None:
+        payload = {"prompt": VERIFY_PROMPT}
     who = _verify_identity()
     started = start_run(
         who,
         root_role_id="executor",
         initial_step={"sequence": 1, "kind": kind, "role_id": "executor"},
-        runtime={"metadata": {"payload": {"prompt": VERIFY_PROMPT}}},
+        runtime={"metadata": {"payload": payload}},
     )
     out.expect(
         "1. start_run", started.status != "failed", f"run {started.run_id} is {started.status}"
@@ -169,8 +224,8 @@ def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
     )
     out.expect(
         "3. get_run reads it back",
-        summary.metadata.get("payload") == {"prompt": VERIFY_PROMPT},
-        f"status {summary.status}, prompt kept in runtime metadata",
+        summary.metadata.get("payload") == payload,
+        f"status {summary.status}, payload kept in runtime metadata",
     )
     path, status, body = _operator_page(app, run_id)
     out.expect(
@@ -203,8 +258,11 @@ def verify_adoption(app: Flask, kind: str, out: Checklist) -> None:
     )
 
 
-def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
-    """The bounded review branch: same identity, a new run, curated delegated evidence."""
+def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist, payload: Any = None) -> None:
+    """The bounded review branch: same identity, a new run, curated delegated evidence.
+
+    ``payload``, if given, is the handoff run's ``runtime["metadata"]["payload"]``.
+    """
     who = _verify_identity()
     root = start_run(who, root_role_id="executor")
     out.expect("1. root run in the session", root.status == "completed", f"run {root.run_id}")
@@ -213,6 +271,8 @@ def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
         "delegated_kind": kind,
         "handoff_input": {"brief": "Review the draft answer for policy and accuracy"},
     }
+    if payload is not None:
+        options["runtime"] = {"metadata": {"payload": payload}}
     try:
         start_handoff_run(
             who, "critic", projected_context={"chat_history": [VERIFY_DRAFT]}, **options
@@ -252,28 +312,44 @@ def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist) -> None:
     )
 
 
-LANES: dict[str, tuple[str, Callable[[Flask, str, Checklist], None]]] = {
-    "adoption": ("approval", verify_adoption),
-    "runtime-to-handoff": ("review", verify_runtime_to_handoff),
+Lane = Callable[[Flask, str, Checklist, Any], None]
+
+#: Each lane's default step kind, its steps, and whether they need that kind's handler.
+LANES: dict[str, tuple[str, Lane, bool]] = {
+    "adoption": ("approval", verify_adoption, True),
+    "runtime-to-handoff": ("review", verify_runtime_to_handoff, False),
 }
 
 
-def run_lane(host: Flask, lane: str, kind: str | None) -> Checklist:
-    """Check ``host``'s database is migrated, then run ``lane`` in a throwaway copy."""
-    default_kind, steps = LANES[lane]
-    out = Checklist()
+def parse_payload(text: str) -> dict[str, Any]:
+    """The ``--payload`` option: a JSON object, or a ValueError that says what is wrong."""
     try:
-        revision = schema.current_revision(app_state(host).storage.engine)
-        head = schema.head_revision()
-        out.expect(
-            "0. app database migrated",
-            revision == head,
-            f"scoria tables at {revision or 'no revision'}, newest {head}"
-            + ("" if revision == head else "; run: flask scoria db upgrade"),
-        )
-        _require_operator_setup(host, out)
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"--payload must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def run_lane(host: Flask, lane: str, kind: str | None, payload: Any = None) -> Checklist:
+    """Check ``host``'s prerequisites, then run ``lane`` in a throwaway copy.
+
+    Every prerequisite is checked and reported, failing or not; the lane runs
+    unless the handler it needs is missing. ``payload`` replaces the lane's
+    default run payload.
+    """
+    default_kind, steps, needs_handler = LANES[lane]
+    kind = kind or default_kind
+    out = Checklist()
+    if _require_migrated(host, out):
+        _require_tenants(host, out)
+    _require_operator_setup(host, out)
+    if needs_handler and not _require_handler(host, kind, out):
+        return out
+    try:
         with throwaway_app(host) as app, app.app_context():
-            steps(app, kind or default_kind, out)
+            steps(app, kind, out, payload)
     except CheckFailed:
         pass
     except (ScoriaError, SQLAlchemyError) as exc:

@@ -81,6 +81,19 @@ def call_verb(verb: str, run_id: str, who: str) -> Any:
         return scoria.dispatch(run_id, handlers={"work": counting_handler})
     if verb == "approve":
         return scoria.approve_run(run_id, decided_by=who)
+    if verb == "approve_and_resume":
+        return scoria.approve_run(
+            run_id, decided_by=who, resume=True, handlers={"work": counting_handler}
+        )
+    if verb == "start_keyed":
+        # ``run_id`` is the idempotency key, and the file that counts executions.
+        return scoria.start_run(
+            scoria.identity(IDENTITY),
+            initial_step={"kind": "work"},
+            runtime={"metadata": {"counter": run_id}},
+            handlers={"work": counting_handler},
+            idempotency_key=run_id,
+        )
     if verb == "reject":
         return scoria.reject_run(run_id, decided_by=who)
     raise AssertionError(verb)
@@ -96,7 +109,7 @@ def outcome_of(verb: str, run_id: str, who: str) -> tuple[str, str, str]:
         return who, exc.code, exc.message
     except Exception as exc:
         return who, "unexpected", f"{type(exc).__name__}: {exc}"
-    return who, "ok", summary.status
+    return who, "ok", f"{summary.status} {summary.run_id}"
 
 
 def race_in_process(

@@ -19,7 +19,17 @@ def succeed(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
     return Succeed({"step_id": step.id, "status": "ok"})
 
 
+def operator_page(app: Flask, run_id: str) -> str:
+    """The run's operator evidence page, as an operator of the run's tenant sees it."""
+    response = app.test_client().get(f"/scoria/workflows/{run_id}")
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
 def test_identity_start_inspect_resume(app: Flask) -> None:
+    app.extensions["scoria"].operator_scope(
+        lambda: {"tenant_id": "public-tenant", "actor_id": "decision-maker"}
+    )
     with app.app_context():
         identity = scoria.identity(
             {
@@ -46,6 +56,12 @@ def test_identity_start_inspect_resume(app: Flask) -> None:
         assert summary.status == "waiting_for_approval"
         assert summary.awaiting_approval is True
         assert summary.metadata["payload"] == {"prompt": "Draft the release note"}
+        # 4. the operator evidence page shows the same run
+        page = operator_page(app, run_id)
+        assert run_id in page
+        assert 'data-status="waiting_for_approval"' in page
+        assert 'href="/scoria/sessions/shared-session"' in page
+        assert "publish" in page and "Need approval" in page
         # 5. approve, then resume the same run
         with pytest.raises(scoria.ApprovalPending):
             scoria.resume_run(run_id, handlers={"approval": succeed})
@@ -53,6 +69,7 @@ def test_identity_start_inspect_resume(app: Flask) -> None:
         resumed = scoria.resume_run(run_id, handlers={"approval": succeed})
         assert resumed.run_id == run_id
         assert resumed.status == "completed"
+        assert 'data-status="completed"' in operator_page(app, run_id)
         detail = scoria.get_run_detail(run_id)
         assert [event.event_type for event in detail.events] == [
             "run_started",

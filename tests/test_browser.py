@@ -1,14 +1,16 @@
 """The operator pages in a real Chromium: what an operator sees and clicks.
 
-Screenshots land in ``test-artifacts/screenshots/``. Without Chromium these
-tests skip, unless ``SCORIA_REQUIRE_BROWSER=1`` (set by CI) makes that a failure.
+The app is served by pytest-flask's ``live_server`` (a child process) from a
+SQLite file that the test writes to as well. Screenshots land in
+``test-artifacts/screenshots/``. Without Chromium these tests skip, unless
+``SCORIA_REQUIRE_BROWSER=1`` (set by CI) makes that a failure.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import create_test_app
 from flask import Flask
-from werkzeug.serving import make_server
+from test_operator_run_page import flaky, grow, review
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Succeed, WaitForApproval, schema
@@ -34,13 +36,20 @@ CHROMIUM_ARGS = [
 ]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 TENANT = "acme"
+WIDTHS = {"desktop": 1280, "phone": 390}
+LONG_NOTE = "checked-with-finance-" * 12
 
 
 def review_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     if step.approval is None:
         return WaitForApproval(
             "send_email",
-            {"to": "finance@example.com", "subject": "Q3 travel summary", "smtp_password": "x"},
+            {
+                "to": "finance@example.com",
+                "subject": "Q3 travel summary",
+                "smtp_password": "x",
+                "body": "Dear finance team, please find the Q3 travel summary attached. " * 3,
+            },
             reason="Outbound email leaves the company; a person confirms the recipient.",
         )
     return Succeed({"message_id": "<20240601.1@example.com>", "delivered": True})
@@ -62,7 +71,32 @@ def delegate(step: scoria.StepView, run: scoria.RunSummary) -> Any:
 
 
 @pytest.fixture
-def browser_page() -> Iterator[Any]:
+def app(tmp_path: Path) -> Iterator[Flask]:
+    """An operator app on a SQLite file, for ``live_server`` to serve."""
+    uri = f"sqlite:///{tmp_path / 'scoria.sqlite3'}"
+    engine = sa.create_engine(uri)
+    schema.upgrade(engine)
+    engine.dispose()
+    app = create_test_app(uri, tmp_path / "instance")
+    app.config["SCORIA_HOME_URL"] = "/"
+    runtime = app.extensions["scoria"]
+    runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops-oncall"})
+    runtime.handler("send")(review_then_send)
+    runtime.handler("delegate")(delegate)
+    runtime.handler("review")(review)
+    runtime.handler("flaky")(flaky)
+    yield app
+    runtime.storage(app).engine.dispose()
+
+
+@pytest.fixture
+def base(live_server: Any) -> str:
+    """The URL the live server answers on."""
+    return str(live_server.url())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
     reason = ""
     try:
         from playwright.sync_api import sync_playwright
@@ -78,77 +112,175 @@ def browser_page() -> Iterator[Any]:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        yield page
+        yield browser
         browser.close()
 
 
 @pytest.fixture
-def live_app(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
-    uri = f"sqlite:///{tmp_path / 'scoria.sqlite3'}"
-    engine = sa.create_engine(uri)
-    schema.upgrade(engine)
-    engine.dispose()
-    app = create_test_app(uri, tmp_path / "instance")
-    runtime = app.extensions["scoria"]
-    runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops-oncall"})
-    runtime.handler("send")(review_then_send)
-    runtime.handler("delegate")(delegate)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield app, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
-    runtime.storage(app).engine.dispose()
+def open_page(browser: Any) -> Iterator[Callable[..., Any]]:
+    """Open a tab of a given width, colour scheme and time zone; console errors fail."""
+    contexts: list[Any] = []
+    errors: list[str] = []
+
+    def open_(
+        width: int = 1280,
+        scheme: str = "light",
+        timezone: str = "UTC",
+        *,
+        javascript: bool = True,
+        failed_loads: bool = False,
+    ) -> Any:
+        context = browser.new_context(
+            viewport={"width": width, "height": 860},
+            color_scheme=scheme,
+            timezone_id=timezone,
+            java_script_enabled=javascript,
+        )
+        contexts.append(context)
+        page = context.new_page()
+
+        def console(message: Any) -> None:
+            expected = failed_loads and message.text.startswith("Failed to load resource")
+            if message.type == "error" and not expected:
+                errors.append(message.text)
+
+        page.on("console", console)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert errors == []
 
 
-def start(app: Flask, kind: str | None, session_id: str = "chat-7f3a", **kw: Any) -> str:
-    who = scoria.identity({"actor_id": "alice", "tenant_id": TENANT, "session_id": session_id})
+def start(
+    app: Flask, kind: str | None, session_id: str = "chat-7f3a", actor: str = "alice", **kw: Any
+) -> str:
+    who = scoria.identity({"actor_id": actor, "tenant_id": TENANT, "session_id": session_id})
     with app.app_context():
         step = None if kind is None else {"kind": kind}
         return scoria.start_run(who, initial_step=step, **kw).run_id
 
 
-def test_approve_in_the_browser(browser_page: Any, live_app: tuple[Flask, str]) -> None:
-    app, base = live_app
+def shoot(page: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def fits(page: Any) -> None:
+    """Nothing is wider than the window: no sideways scrolling."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= page.evaluate("window.innerWidth"), page.url
+
+
+def test_approve_in_the_browser(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
     start(app, None)
-    run_id = start(
-        app, "send", runtime={"metadata": {"payload": {"prompt": "Send the Q3 summary"}}}
-    )
-    page = browser_page
-    errors: list[str] = []
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    run_id = start(app, "send")
+    page = open_page()
 
     page.goto(f"{base}/scoria/approvals")
-    page.screenshot(path=str(SHOTS / "approvals-inbox.png"), full_page=True)
+    assert page.locator("#pending-count").inner_text() == "1"
     page.click("text=Review")
     badge = page.locator("#run-status [data-status]")
     assert badge.get_attribute("data-status") == "waiting_for_approval"
     assert page.locator("#pending-approval").is_visible()
     assert "[REDACTED]" in page.locator("#pending-approval pre").inner_text()
-    page.screenshot(path=str(SHOTS / "run-waiting.png"), full_page=True)
+    shoot(page, "run-waiting")
 
-    page.fill("#pending-approval form:first-of-type input[name=note]", "Recipient checked")
+    page.fill("#pending-approval form:first-of-type input[name=note]", LONG_NOTE)
     page.click("text=Approve and resume")
     page.wait_for_selector('#run-status [data-status="completed"]')
     assert "step_completed" in page.locator("#timeline").inner_text()
-    assert "Recipient checked" in page.locator("#decisions").inner_text()
-    page.screenshot(path=str(SHOTS / "run-completed.png"), full_page=True)
+    assert LONG_NOTE[:40] in page.locator("#decisions").inner_text()
+    assert page.locator("#pending-count").inner_text() == "0"
+    shoot(page, "run-completed")
 
     page.goto(f"{base}/scoria/workflows")
-    assert page.locator(f'a[href="/scoria/workflows/{run_id}"]').count() == 1
-    page.screenshot(path=str(SHOTS / "runs-list.png"), full_page=True)
-    assert errors == []
+    link = page.locator(f'a[href="/scoria/workflows/{run_id}"]')
+    assert link.inner_text() == f"…{run_id[-8:]}"
+    assert link.locator("[title]").get_attribute("title") == run_id
+    assert page.locator("a.home").get_attribute("href") == "/"
+
+
+def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
+    first, second = start(app, "send"), start(app, "send")
+    page = open_page()
+    page.goto(f"{base}/scoria/approvals")
+    assert page.locator("#pending-count").inner_text() == "2"
+    row = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{first}"]'))
+    assert "[REDACTED]" in row.inner_text() and "Q3 travel summary" in row.inner_text()
+    row.locator("button", has_text="Approve").click()
+    page.wait_for_url(f"{base}/scoria/approvals")
+    assert f"Run …{first[-8:]}: Approved. The run is now completed." in page.inner_text("main")
+    assert page.locator("#pending-count").inner_text() == "1"
+    page.locator("tr", has_text=second[-8:]).locator("button", has_text="Reject").click()
+    page.wait_for_url(f"{base}/scoria/approvals")
+    assert "Rejected. The run is now rejected." in page.inner_text("main")
+    assert "Nothing is waiting for a decision." in page.inner_text("main")
+    with app.app_context():
+        assert scoria.get_run(first).status == "completed"
+        assert scoria.get_run(second).status == "rejected"
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("size", list(WIDTHS))
+def test_pages_fit_the_screen_in_both_schemes(
+    app: Flask, base: str, open_page: Callable[..., Any], size: str, scheme: str
+) -> None:
+    waiting = start(
+        app,
+        "send",
+        session_id="chat-with-a-rather-long-session-identifier-0042",
+        actor="serviceaccount" + "x" * 60,
+    )
+    handed = start(app, "delegate", session_id="chat-91b2")
+    done = start(app, "send")
+    with app.app_context():
+        scoria.approve_run(done, decided_by="ops-oncall", note=LONG_NOTE)
+        scoria.resume_run(done)
+    page = open_page(WIDTHS[size], scheme, "Asia/Kolkata")
+    background = "rgb(15, 18, 25)" if scheme == "dark" else "rgb(245, 246, 248)"
+    for name, path in [
+        ("runs", "/scoria/workflows"),
+        ("inbox", "/scoria/approvals"),
+        ("run-waiting", f"/scoria/workflows/{waiting}"),
+        ("run-completed", f"/scoria/workflows/{done}"),
+        ("run-handoff", f"/scoria/workflows/{handed}"),
+    ]:
+        page.goto(base + path)
+        assert page.evaluate("getComputedStyle(document.body).backgroundColor") == background
+        fits(page)
+        shoot(page, f"{name}-{size}-{scheme}")
+
+
+def test_times_are_shown_in_the_viewers_time_zone(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    run_id = start(app, "send")
+    with app.app_context():
+        created = scoria.get_run(run_id).created_at
+    kolkata = created + timedelta(hours=5, minutes=30)
+    page = open_page(timezone="Asia/Kolkata")
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    shown = page.locator(".facts time").first
+    assert shown.locator("[data-local]").inner_text() == (
+        kolkata.strftime("%Y-%m-%d %H:%M:%S") + " +05:30"
+    )
+    assert shown.get_attribute("title") == created.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert shown.locator("[data-relative]").inner_text().endswith(" ago")
+
+    plain = open_page(timezone="Asia/Kolkata", javascript=False)
+    plain.goto(f"{base}/scoria/workflows/{run_id}")
+    text = plain.locator(".facts time [data-local]").first.inner_text()
+    assert text == created.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def test_the_page_refreshes_when_the_run_moves(
-    browser_page: Any, live_app: tuple[Flask, str]
+    app: Flask, base: str, open_page: Callable[..., Any]
 ) -> None:
-    app, base = live_app
     run_id = start(app, "send")
-    page = browser_page
+    page = open_page()
     page.goto(f"{base}/scoria/workflows/{run_id}")
     with app.app_context():
         scoria.approve_run(run_id, decided_by="someone-on-the-cli")
@@ -157,17 +289,132 @@ def test_the_page_refreshes_when_the_run_moves(
     assert page.locator("button.copy").first.is_visible()
 
 
-def test_handoff_evidence_in_the_browser(browser_page: Any, live_app: tuple[Flask, str]) -> None:
-    app, base = live_app
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def test_the_poller_stops_when_the_run_is_gone(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    run_id = start(app, "send")
+    page = open_page(failed_loads=True)
+    polls: list[int] = []
+    page.on(
+        "response", lambda response: "status.json" in response.url and polls.append(response.status)
+    )
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    engine = app.extensions["scoria"].storage(app).engine
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE scoria_runs SET tenant_id = 'globex'"))
+    live = page.locator("[data-live]")
+    live.filter(has_text="stopped refreshing").wait_for(timeout=10_000)
+    assert "no longer available" in live.inner_text()
+    page.wait_for_timeout(5_000)
+    assert polls == [404]
+
+
+def test_handoff_evidence_in_the_browser(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
     run_id = start(app, "delegate", session_id="chat-91b2")
-    page = browser_page
+    page = open_page()
     page.goto(f"{base}/scoria/workflows/{run_id}#delegated-evidence")
     section = page.locator("#delegated-evidence")
     assert "critic" in section.inner_text()
     assert not section.locator("details pre").first.is_visible()
     section.locator("summary", has_text="View full context").click()
     assert section.locator("details pre").first.is_visible()
-    page.screenshot(path=str(SHOTS / "run-handoff.png"), full_page=True)
+    shoot(page, "run-handoff-open")
     page.goto(f"{base}/scoria/sessions/chat-91b2")
-    page.screenshot(path=str(SHOTS / "session.png"), full_page=True)
+    fits(page)
+    shoot(page, "session")
+
+
+def test_edit_the_arguments_and_approve(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    run_id = start(app, "review")
+    page = open_page(failed_loads=True)  # the refused form answers 422
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    field = page.locator("#pending-approval textarea[name=arguments]")
+    assert '"smtp_password": "[REDACTED]"' in field.input_value()
+    assert "EXPIRES\nin " in page.locator("#pending-approval .facts").inner_text()
+    field.fill('{"to": "ceo@example.com", "subject": "Q3"')
+    page.click("text=Approve and resume")
+    error = page.locator("#pending-approval .field-error")
+    assert "not valid JSON" in error.inner_text()
+    assert field.input_value() == '{"to": "ceo@example.com", "subject": "Q3"'
+    shoot(page, "run-arguments-refused")
+    field.fill('{"to": "ceo@example.com", "subject": "Q3", "smtp_password": "[REDACTED]"}')
+    page.click("text=Approve and resume")
+    page.wait_for_selector('#run-status [data-status="completed"]')
+    compare = page.locator("#decisions .compare").inner_text()
+    assert "team@example.com" in compare and "ceo@example.com" in compare
+    shoot(page, "run-arguments-edited")
+    with app.app_context():
+        edited = scoria.get_run_detail(run_id).approvals[0].edited_arguments
+    assert edited is not None and edited["smtp_password"] == "hunter2"
+    narrow = open_page(WIDTHS["phone"])
+    narrow.goto(f"{base}/scoria/workflows/{run_id}")
+    fits(narrow)
+    shoot(narrow, "run-arguments-edited-phone")
+
+
+def test_cancel_a_running_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
+    run_id = start(app, "not-registered-here")
+    page = open_page()
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    assert page.locator("#run-status [data-status]").get_attribute("data-status") == "running"
+    page.fill("#run-actions input[name=reason]", "started by mistake")
+    shoot(page, "run-running")
+    page.click("text=Cancel run")
+    page.wait_for_selector('#run-status [data-status="cancelled"]')
+    assert "Cancelled. The run is now cancelled." in page.inner_text("main")
+    assert page.locator("#run-actions").count() == 0
+    with app.app_context():
+        last = scoria.get_run_detail(run_id).events[-1]
+    assert (last.event_type, last.payload) == (
+        "run_cancelled",
+        {"cancelled_by": "ops-oncall", "reason": "started by mistake"},
+    )
+    shoot(page, "run-cancelled")
+
+
+def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
+    run_id = start(app, "flaky")
+    for width, name in ((WIDTHS["phone"], "phone"), (WIDTHS["desktop"], "desktop")):
+        page = open_page(width)
+        page.goto(f"{base}/scoria/workflows/{run_id}")
+        fits(page)
+        shoot(page, f"run-failed-{name}")
+    error = page.locator("#steps details", has_text="Error").first
+    trace = error.locator("details.traceback")
+    assert not trace.locator("pre").is_visible()
+    trace.locator("summary").click()
+    assert "RuntimeError(<boom>)" in trace.locator("pre").inner_text()
+    assert "sk-live-1" not in page.content()
+    shoot(page, "run-failed-traceback")
+    page.click("text=Retry failed step")
+    page.wait_for_selector('#run-status [data-status="completed"]')
+    assert "Retried. The run is now completed." in page.inner_text("main")
+    shoot(page, "run-retried")
+
+
+@pytest.mark.parametrize("size", list(WIDTHS))
+def test_a_long_run_stays_readable(
+    app: Flask, base: str, open_page: Callable[..., Any], size: str
+) -> None:
+    run_id = start(app, "delegate")
+    grow(app, run_id, steps=300, events=3000, handoffs=120)
+    page = open_page(WIDTHS[size])
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    fits(page)
+    assert page.locator("#workflow-timeline .event").count() == 25
+    assert page.locator("#delegated-evidence .handoff").count() == 10
+    shoot(page, f"run-long-{size}")
+    for section in ("steps", "delegated-evidence", "timeline"):
+        page.locator(f"#{section}").scroll_into_view_if_needed()
+        page.evaluate(f"document.getElementById('{section}').scrollIntoView()")
+        page.screenshot(path=str(SHOTS / f"run-long-{size}-{section}.png"))
+    newest = int(page.locator("#workflow-timeline .event .seq").last.inner_text())
+    page.click("text=older events")
+    shown = page.locator("#workflow-timeline .event .seq").all_inner_texts()
+    assert [int(seq) for seq in shown] == list(range(newest - 49, newest - 24))
+    assert page.locator("text=Newest events").is_visible()
+    fits(page)

@@ -61,6 +61,32 @@ def race_threads(
     return results
 
 
+def race_across_processes(
+    database_uri: str, tmp_path: Path, races: list[tuple[str, str]]
+) -> dict[int, list[tuple[str, str, str]]]:
+    """Run each ``(verb, run_id)`` race in PROCESSES processes; the outcomes by race."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(PROCESSES)
+    queue = spawn.Queue()
+    processes = [
+        spawn.Process(
+            target=race_in_process,
+            args=(database_uri, str(tmp_path / f"instance-{i}"), i, races, barrier, queue),
+        )
+        for i in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    collected = [queue.get(timeout=120) for _ in range(PROCESSES * len(races))]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    by_race: dict[int, list[tuple[str, str, str]]] = {}
+    for race, *outcome in collected:
+        by_race.setdefault(race, []).append(tuple(outcome))  # type: ignore[arg-type]
+    return by_race
+
+
 def codes(results: list[tuple[str, str, str]]) -> Counter[str]:
     return Counter(code for _, code, _ in results)
 
@@ -134,25 +160,7 @@ def test_races_across_processes(app: Flask, database_uri: str, tmp_path: Path) -
         ("approve_or_reject", paused_run(app, tmp_path / "unused")),
         ("dispatch", start_run(app, dispatch_counter)),
     ]
-    spawn = multiprocessing.get_context("spawn")
-    barrier = spawn.Barrier(PROCESSES)
-    queue = spawn.Queue()
-    processes = [
-        spawn.Process(
-            target=race_in_process,
-            args=(database_uri, str(tmp_path / f"instance-{i}"), i, races, barrier, queue),
-        )
-        for i in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    collected = [queue.get(timeout=120) for _ in range(PROCESSES * len(races))]
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    by_race: dict[int, list[tuple[str, str, str]]] = {}
-    for race, *outcome in collected:
-        by_race.setdefault(race, []).append(tuple(outcome))  # type: ignore[arg-type]
+    by_race = race_across_processes(database_uri, tmp_path, races)
     assert_single_resume(app, races[0][1], resume_counter, by_race[0])
     assert assert_single_decision(app, races[1][1], by_race[1]) == "approved"
     assert_single_decision(app, races[2][1], by_race[2])

@@ -93,6 +93,30 @@ def test_seed_handoff_example_with_review_handler() -> None:
     assert [run.run_id for run in listed] == [handoff_run.run_id, started.run_id]
 
 
+def delegated_evidence(app: Flask, run_id: str) -> str:
+    """The Delegated Evidence section of the run's operator page, for the run's tenant."""
+    app.extensions["scoria"].operator_scope(
+        lambda: {"tenant_id": IDENTITY["tenant_id"], "actor_id": "ops"}
+    )
+    page = app.test_client().get(f"/scoria/workflows/{run_id}")
+    assert page.status_code == 200
+    section = page.get_data(as_text=True).split('id="delegated-evidence"')[1]
+    return section.split("</section>")[0]
+
+
+@pytest.mark.runtime_to_handoff
+def test_operator_page_shows_the_same_runs_delegated_evidence(app: Flask) -> None:
+    started = scoria.start_run(scoria.identity(IDENTITY), root_role_id="executor")
+    handoff_run = handoff(handlers={"review": review})
+    section = delegated_evidence(app, handoff_run.run_id)
+    assert "Delegated Evidence" in section
+    assert "planner" in section and "critic" in section and "review" in section
+    assert 'data-status="completed"' in section
+    for value in (*CONTEXT.values(), HANDOFF_INPUT["brief"]):
+        assert value in section
+    assert "No Delegated Handoffs Recorded" in delegated_evidence(app, started.run_id)
+
+
 @pytest.mark.runtime_to_handoff
 def test_seed_handoff_example_without_handler_queues_the_child() -> None:
     handoff_run = handoff()
@@ -150,6 +174,7 @@ UNSAFE_KEYS = [
 ]
 
 
+@pytest.mark.runtime_to_handoff
 @pytest.mark.parametrize(
     ("overrides", "code"),
     [

@@ -3,6 +3,7 @@ handoff contexts are refused exactly when an unsafe key hides in them."""
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -133,15 +134,21 @@ def test_identity_of_anything(value: Any) -> None:
 def test_verbs_raise_only_scoria_errors_and_write_nothing_when_rejecting(
     app: Flask, verb: str, a: Any, b: Any, c: Any, d: Any
 ) -> None:
+    call_on_a_paused_run(app, verb, a, b, c, d)
+
+
+def call_on_a_paused_run(app: Flask, verb: str, *arguments: Any) -> None:
+    """Call ``verb`` next to a paused run: it raises only ScoriaError, and writes nothing
+    when it does; the run still reads back whole."""
     engine = app.extensions["scoria"].storage(app).engine
     with app.app_context():
         run_id = paused_run_id()
         before = row_counts(engine)
         try:
-            VERBS[verb](run_id, a, b, c, d)
+            VERBS[verb](run_id, *arguments)
         except scoria.ScoriaError:
             assert row_counts(engine) == before
-        assert scoria.get_run(run_id).run_id == run_id
+        assert scoria.get_run_detail(run_id).summary.run_id == run_id
 
 
 SAFE_WORD = st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True)
@@ -243,3 +250,161 @@ def test_safe_contexts_are_stored_unchanged(app: Flask, context: dict[str, Any])
         detail = scoria.get_run_detail(run.run_id)
     assert detail.delegated_handoffs[0].projected_context == context
     assert detail.steps[1].projected_context == context
+
+
+#: What no backend stores unchanged: integers past JSON's 4,300 digits, NUL, lone surrogates.
+plain_texts = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+
+
+def huge_int(digits: int, negative: bool, low: int) -> int:
+    value = 10 ** (digits - 1) + low
+    return -value if negative else value
+
+
+# Built from a digit count: Python cannot even repr these (nor, so, Hypothesis).
+huge_ints = st.builds(huge_int, st.integers(4301, 5000), st.booleans(), st.integers(0, 10**6))
+nul_texts = st.builds(lambda a, b: f"{a}\x00{b}", plain_texts, plain_texts)
+surrogate_texts = st.builds(
+    lambda a, s, b: a + s + b,
+    plain_texts,
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+    plain_texts,
+)
+unstorable_texts = st.one_of(nul_texts, surrogate_texts)
+unstorable_leaves = st.one_of(huge_ints, unstorable_texts)
+#: A JSON-like tree with at least one unstorable leaf (or key) in it.
+unstorable_trees = st.recursive(
+    unstorable_leaves,
+    lambda children: st.one_of(
+        st.lists(children, min_size=1, max_size=2).flatmap(
+            lambda items: st.permutations([*items, "ok", 1])
+        ),
+        st.dictionaries(
+            st.sampled_from(["metadata", "kind", "payload", "actor_id", "note", "x"]),
+            children,
+            min_size=1,
+            max_size=2,
+        ),
+        st.builds(lambda key, value: {key: value}, unstorable_texts, json_leaves),
+    ),
+    max_leaves=4,
+)
+#: Arguments that a verb might take, each holding something unstorable somewhere.
+unstorable_arguments = st.one_of(
+    unstorable_trees,
+    unstorable_trees.map(lambda value: {**IDENTITY, "metadata": {"payload": value}}),
+    unstorable_trees.map(lambda value: {"metadata": value}),
+    unstorable_leaves.map(lambda value: {**IDENTITY, "actor_id": value}),
+    unstorable_leaves.map(lambda value: {"kind": "work", "role_id": value}),
+)
+UNSTORABLE_SETTINGS = settings(SETTINGS, max_examples=25)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+@UNSTORABLE_SETTINGS
+@given(
+    a=st.one_of(st.just(REAL_RUN), unstorable_arguments),
+    b=st.one_of(unstorable_arguments, junk),
+    c=unstorable_arguments,
+    d=st.one_of(unstorable_arguments, st.none()),
+)
+def test_verbs_refuse_what_a_backend_cannot_store(
+    app: Flask, verb: str, a: Any, b: Any, c: Any, d: Any
+) -> None:
+    call_on_a_paused_run(app, verb, a, b, c, d)
+
+
+@pytest.mark.parametrize(
+    "run_id", [10**5000, -(10**4301), 2**128, 0], ids=["5001-digits", "4302-digits", "2**128", "0"]
+)
+def test_integer_run_ids_are_not_found(app: Flask, run_id: int) -> None:
+    with app.app_context():
+        for call in (scoria.get_run, scoria.get_run_detail, scoria.dispatch, scoria.resume_run):
+            with pytest.raises(scoria.RunNotFound):
+                call(run_id)  # type: ignore[operator]
+
+
+@SETTINGS
+@given(value=unstorable_trees, shape=st.sampled_from(["dict", "succeed", "wait", "fail", "raise"]))
+def test_handler_results_a_backend_cannot_store_fail_the_step(
+    app: Flask, value: Any, shape: str
+) -> None:
+    def work(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if shape == "dict":
+            return {"answer": value}
+        if shape == "succeed":
+            return scoria.Succeed(value)
+        if shape == "wait":
+            return scoria.WaitForApproval("publish", {"arguments": value})
+        if shape == "fail":
+            return scoria.Fail({"error": value})
+        raise RuntimeError(value)
+
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "work"}, handlers={"work": work})
+        detail = scoria.get_run_detail(run.run_id)
+    assert run.status == scoria.RunStatus.FAILED
+    assert [step.status for step in detail.steps] == [scoria.StepStatus.FAILED]
+    expected = "RuntimeError" if shape == "raise" else "invalid_handler_result"
+    assert detail.steps[0].error_envelope["type"] == expected
+
+
+def quoted(text: str) -> str:
+    """``text`` percent-encoded as UTF-8, lone surrogates and all."""
+    return urllib.parse.quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+@pytest.fixture
+def operator_client(app: Flask) -> Any:
+    app.extensions["scoria"].operator_scope(
+        lambda: {"tenant_id": IDENTITY["tenant_id"], "actor_id": "ops"}
+    )
+    return app.test_client()
+
+
+route_texts = st.one_of(
+    unstorable_texts, st.integers(4301, 5000).map(lambda digits: "9" * digits), st.just(REAL_RUN)
+)
+
+
+@SETTINGS
+@given(text=route_texts, name=st.sampled_from(["status", "session", "actor", "role", "after"]))
+def test_operator_routes_answer_unstorable_text_without_a_server_error(
+    app: Flask, operator_client: Any, text: str, name: str
+) -> None:
+    engine = app.extensions["scoria"].storage(app).engine
+    with app.app_context():
+        run_id = paused_run_id()
+    text = real(text, run_id)
+    before = row_counts(engine)
+    with operator_client.session_transaction() as session:
+        session["_scoria_csrf"] = "token"
+    with app.test_request_context():
+        from flask_scoria.operator.access import _serializer
+
+        token = _serializer().dumps("token")
+    gets = [
+        f"/scoria/workflows?{name}={quoted(text)}",
+        f"/scoria/sessions/{quoted(text)}",
+        f"/scoria/workflows/{quoted(text)}",
+        f"/scoria/workflows/{quoted(text)}/status.json",
+        f"/scoria/approvals?after={quoted(text)}",
+    ]
+    for url in gets:
+        # A redirect is fine too (an encoded ``/`` can make a path that routing tidies).
+        assert operator_client.get(url).status_code in (200, 308, 400, 404), url
+
+    def post(path: str, **form: str) -> int:
+        body = "&".join(f"{key}={quoted(value)}" for key, value in form.items())
+        response = operator_client.post(
+            path, data=body, content_type="application/x-www-form-urlencoded"
+        )
+        return response.status_code  # type: ignore[no-any-return]
+
+    for action in ("approve", "reject"):
+        path = f"/scoria/workflows/{run_id}/{action}"
+        assert post(path, csrf_token=token, approval_id=text) in (303, 400), action
+        assert post(path, csrf_token=token, approval_id="x", note=text) in (303, 400), action
+        path = f"/scoria/workflows/{quoted(text)}/{action}"
+        assert post(path, csrf_token=token, approval_id="x") in (303, 308, 400, 404), action
+    assert row_counts(engine) == before

@@ -595,3 +595,17 @@ def test_listing_a_session_notices_an_expired_lease(app: Flask) -> None:
     (listed,) = scoria.list_runs_for_session("session-1")
     assert (listed.run_id, listed.status) == (run_id, "failed")
     assert "lease_expired" in event_types(run_id)
+
+
+def test_a_run_no_operator_could_see_is_logged(
+    app: Flask, runtime: Scoria, caplog: pytest.LogCaptureFixture
+) -> None:
+    with app.app_context():
+        scoria.start_run({"actor_id": "a"})
+        assert "without a tenant_id" not in caplog.text  # no operator pages set up
+        runtime.operator_scope(lambda: {"tenant_id": "acme", "actor_id": "ops"})
+        untenanted = scoria.start_run({"actor_id": "a"})
+        scoria.start_run({"actor_id": "a", "tenant_id": "acme"})
+    warnings = [r for r in caplog.records if "without a tenant_id" in r.getMessage()]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+    assert untenanted.run_id in warnings[0].getMessage()

@@ -1,33 +1,60 @@
 """``make demo``: the assistant on embedded SQLite, migrated, on 127.0.0.1.
 
-The port comes from ``PORT`` (default 5000).
+The port comes from ``PORT`` (default 5000). The address is printed once the
+server listens, so it can be opened at once; a port in use is reported with
+the way out.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import sys
+
+from werkzeug.serving import make_server
 
 from . import create_app
 from .database import prepare
 from .extensions import runtime
 
+HOST = "127.0.0.1"
+
 
 def main() -> None:
+    port = int(os.environ.get("PORT", "5000"))
     app = create_app()
     with app.app_context():
         prepare()
-    port = int(os.environ.get("PORT", "5000"))
-    url = f"http://127.0.0.1:{port}/"
+    try:
+        listening = socket.create_server((HOST, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        sys.exit(
+            f"Port {port} on {HOST} is already in use (another demo, or another server).\n"
+            f"Stop that one, or pick another port: make demo PORT={port + 1}"
+        )
+    with listening:
+        server = make_server(HOST, port, app, threaded=True, fd=listening.fileno())
+    url = f"http://{HOST}:{server.port}/"
     prefix = runtime.settings(app).url_prefix.lstrip("/")
     print(
         f"flask-scoria example assistant: {url}\n"
         f"  database: {app.config['SQLALCHEMY_DATABASE_URI']} (both migration histories applied)\n"
         "  sign in as alice (member, asks questions) and, in another browser, as ops\n"
-        f"  (operator, approves at {url}{prefix}/approvals); no passwords.\n"
-        "  The assistant's model is a deterministic stand-in: examples/assistant/model_client.py",
+        f"  (operator, approves at {url}{prefix}/approvals); zoe and gus are the same pair\n"
+        "  in tenant globex. No passwords.\n"
+        "  The assistant's model is a deterministic stand-in: examples/assistant/model_client.py\n"
+        "  Stop with Ctrl+C.",
         flush=True,
     )
-    app.run(host="127.0.0.1", port=port, debug=False, use_reloader=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ DEMO_USERS = (
     ("bob", "Bob", "acme", "member"),
     ("ops", "Olga (operator)", "acme", "operator"),
     ("zoe", "Zoe", "globex", "member"),
+    ("gus", "Gus (operator)", "globex", "operator"),
 )
 
 

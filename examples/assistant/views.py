@@ -23,6 +23,7 @@ from flask import (
     session,
     url_for,
 )
+from werkzeug.exceptions import BadRequest
 from werkzeug.wrappers import Response
 
 import flask_scoria as scoria
@@ -31,6 +32,12 @@ from .extensions import db, runtime
 from .models import Conversation, User
 
 bp = Blueprint("assistant", __name__)
+
+#: The longest question a member can ask, and the longest draft answer, in characters.
+PROMPT_LIMIT = 2000
+DRAFT_LIMIT = 5000
+#: Run statuses that never change again: the run page stops polling there.
+FINAL_STATUSES = ("completed", "failed", "rejected", "cancelled")
 
 
 # -- who is signed in ------------------------------------------------------------
@@ -42,13 +49,18 @@ def load_user() -> None:
     g.current_user = db.session.get(User, actor_id) if actor_id else None
 
 
+def is_operator() -> bool:
+    """Whether the signed-in user may open the operator pages."""
+    user: User | None = g.get("current_user")
+    return user is not None and user.role == "operator"
+
+
 @runtime.operator_scope
 def operator_scope() -> dict[str, str] | None:
     """Operator pages are open to signed-in users with the operator role, in their tenant."""
-    user: User | None = g.get("current_user")
-    if user is None or user.role != "operator":
+    if not is_operator():
         return None
-    return {"tenant_id": user.tenant_id, "actor_id": user.id}
+    return {"tenant_id": g.current_user.tenant_id, "actor_id": g.current_user.id}
 
 
 def login_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,7 +90,12 @@ def current_identity() -> scoria.Identity:
 
 @bp.app_context_processor
 def template_helpers() -> dict[str, Any]:
-    return {"csrf_token": csrf_token, "operator_url": operator_url}
+    return {
+        "csrf_token": csrf_token,
+        "operator_url": operator_url,
+        "is_operator": is_operator,
+        "prompt_limit": PROMPT_LIMIT,
+    }
 
 
 def csrf_token() -> str:
@@ -92,7 +109,16 @@ def check_csrf() -> None:
     if request.method == "POST":
         sent = request.form.get("csrf_token", "")
         if not hmac.compare_digest(sent, session.get("csrf", "")) or not sent:
-            abort(400, "The form expired; reload the page and try again.")
+            raise FormExpired()
+
+
+class FormExpired(BadRequest):
+    """A form came without this session's CSRF token: stale, or from another site."""
+
+    description = (
+        "This form was opened before you signed in or out, or on another site, so it was not"
+        " sent. Go back, reload the page and submit it again."
+    )
 
 
 def operator_url(run_id: str) -> str:
@@ -165,6 +191,12 @@ def create_run() -> Response:
     if not prompt:
         flash("Type a question first.")
         return redirect(url_for("assistant.conversation"))
+    if len(prompt) > PROMPT_LIMIT:
+        flash(
+            f"Your question is {len(prompt)} characters long; the limit is {PROMPT_LIMIT}."
+            " Shorten it and ask again."
+        )
+        return redirect(url_for("assistant.conversation"))
     started = scoria.start_run(
         current_identity(),
         root_role_id="executor",
@@ -176,11 +208,22 @@ def create_run() -> Response:
     return redirect(url_for("assistant.show_run", run_id=started.run_id))
 
 
+#: How much of a question titles and lists show.
+TITLE_LENGTH = 80
+
+
+@bp.app_template_filter("shorten")
+def shorten(text: str, length: int = TITLE_LENGTH) -> str:
+    """``text`` on one line, cut to ``length`` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= length else line[: length - 1].rstrip() + "…"
+
+
 def _remember_turn(run_id: str, *, title: str) -> None:
     conversation = db.session.get(Conversation, session["assistant_session_id"])
     if conversation is not None:
         if conversation.last_run_id is None:
-            conversation.title = title[:200]
+            conversation.title = shorten(title, TITLE_LENGTH)
         conversation.last_run_id = run_id
         db.session.commit()
 
@@ -199,9 +242,24 @@ def show_run(run_id: str) -> str:
         answer=answer,
         review=_result_of(detail, "review"),
         pending=[a for a in detail.approvals if a.status == "pending"],
+        rejected=[a for a in detail.approvals if a.status == "rejected"],
         resumable=_resumable(detail),
         needs_review=answer is not None and needs_bounded_review(answer),
+        final=detail.summary.status in FINAL_STATUSES,
     )
+
+
+@bp.get("/assistant/runs/<run_id>/status.json")
+@login_required
+def run_status(run_id: str) -> dict[str, Any]:
+    """What the run page polls: it reloads when ``updated_at`` moves."""
+    run = scoria.get_run(run_id, tenant_id=session["tenant_id"])
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "updated_at": run.updated_at.isoformat(),
+        "final": run.status in FINAL_STATUSES,
+    }
 
 
 def _result_of(detail: scoria.RunDetail, key: str) -> str | None:
@@ -247,6 +305,9 @@ def submit_draft() -> Response:
     draft_answer = request.form.get("draft_answer", "").strip()
     if not draft_answer:
         abort(400, "The draft answer is empty.")
+    if len(draft_answer) > DRAFT_LIMIT:
+        # Checked before the turn is recorded, so a refused draft leaves no run behind.
+        abort(400, f"The draft answer is longer than {DRAFT_LIMIT} characters.")
     identity = current_identity()
     started = scoria.start_run(identity, root_role_id="executor")
     session["last_scoria_run_id"] = started.run_id
@@ -268,11 +329,23 @@ def submit_draft() -> Response:
 # -- errors --------------------------------------------------------------------------
 
 
+@bp.errorhandler(BadRequest)
+def bad_request(exc: BadRequest) -> tuple[str, int]:
+    title = "The form expired" if isinstance(exc, FormExpired) else "That did not work"
+    return render_template("assistant/error.html", title=title, message=exc.description), 400
+
+
 @bp.errorhandler(scoria.RunNotFound)
 def run_not_found(exc: scoria.RunNotFound) -> tuple[str, int]:
-    return render_template("assistant/error.html", error=exc), 404
+    page = render_template(
+        "assistant/error.html", title="Run not found", message=exc.message, code=exc.code
+    )
+    return page, 404
 
 
 @bp.errorhandler(scoria.ScoriaError)
 def scoria_error(exc: scoria.ScoriaError) -> tuple[str, int]:
-    return render_template("assistant/error.html", error=exc), 409
+    page = render_template(
+        "assistant/error.html", title="That did not work", message=exc.message, code=exc.code
+    )
+    return page, 409

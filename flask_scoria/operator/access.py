@@ -96,7 +96,14 @@ def check_csrf() -> None:
 
 
 def security_headers(response: Response) -> Response:
-    """``after_request``: a strict CSP, no framing, no caching of evidence."""
+    """``after_app_request``: a strict CSP, no framing, no caching of evidence.
+
+    On every response under the pages' prefix, also those no view answered
+    (an unknown path's 404, a wrong method's 405).
+    """
+    prefix = app_state().settings.url_prefix
+    if request.path != prefix and not request.path.startswith(prefix + "/"):
+        return response
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     headers.setdefault("X-Frame-Options", "DENY")

@@ -1,6 +1,8 @@
-"""What the operator's Approve and Reject buttons do, through the facade."""
+"""What the operator's buttons do, through the runtime: decide, cancel, retry."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from .. import runtime
 from ..errors import InvalidRunOptions
@@ -9,23 +11,31 @@ from ..state import app_state
 from .access import OperatorScope
 
 
-def approve(run_id: str, scope: OperatorScope, approval_id: str, note: str | None) -> RunSummary:
-    """Approve, as the operator, the approval the page showed.
+def approve(
+    run_id: str,
+    scope: OperatorScope,
+    approval_id: str,
+    note: str | None,
+    arguments: Mapping[str, object] | None = None,
+) -> RunSummary:
+    """Approve, as the operator, the approval the page showed (with edited ``arguments``).
 
-    Resumes at once when the step's kind has a registered handler; without
-    one the run stays approved and waiting, for the host's own ``resume_run``
-    with its per-call handlers.
+    When the step's kind has a registered handler, the decision and the
+    step's claim are one transaction (``resume=True``); without one the run
+    stays approved and waiting, for the host's own ``resume_run`` with its
+    per-call handlers.
     """
-    decided = runtime.approve_run(
+    paused = runtime.get_run(run_id, tenant_id=scope.tenant_id)
+    kind = runtime.step_kind(run_id, paused.current_step_id)
+    return runtime.approve_run(
         run_id,
         decided_by=_decider(scope),
         note=note,
+        arguments=arguments,
         approval_id=approval_id,
+        resume=kind in app_state().registry.handlers,
         tenant_id=scope.tenant_id,
     )
-    if runtime.step_kind(run_id, decided.current_step_id) in app_state().registry.handlers:
-        return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
-    return decided
 
 
 def reject(run_id: str, scope: OperatorScope, approval_id: str, reason: str | None) -> RunSummary:
@@ -37,6 +47,19 @@ def reject(run_id: str, scope: OperatorScope, approval_id: str, reason: str | No
         approval_id=approval_id,
         tenant_id=scope.tenant_id,
     )
+
+
+def cancel(run_id: str, scope: OperatorScope, reason: str | None) -> RunSummary:
+    """Cancel, as the operator, a run that has not ended."""
+    return runtime.cancel_run(
+        run_id, cancelled_by=_decider(scope), reason=reason, tenant_id=scope.tenant_id
+    )
+
+
+def retry(run_id: str, scope: OperatorScope) -> RunSummary:
+    """Retry the failed step of a ``failed`` run with the registered handlers."""
+    _decider(scope)
+    return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
 
 
 def _decider(scope: OperatorScope) -> str:

@@ -6,38 +6,47 @@ Pure functions, no HTTP and no SQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from ..readback import Step
-from ..redaction import is_unsafe_key, normalize_key
+from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
 
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
+#: The longest JSON value or traceback a page shows in full.
+VALUE_CHARS = 16_384
 
 
 # Refused in a handoff, but how every error envelope names its text: an operator needs it.
 _EVIDENCE_KEYS = frozenset({"message"})
 
 
-def is_secret_key(key: str, extra: Collection[str] = ()) -> bool:
+@lru_cache(maxsize=4096)
+def is_secret_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
     """Whether the value under ``key`` is hidden.
 
     Hidden are the keys a handoff refuses (credentials, transcripts, raw
-    session state) except ``message``, the text of every error envelope, and
-    ``extra`` names, normalized, matched as a whole name or as a ``_name`` suffix.
+    session state) except ``message``, the text of every error envelope, more
+    credential names a handoff may carry (``pwd``, ``secret_key``,
+    ``proxy_authorization``, ...), and ``extra`` names, normalized, matched as
+    a whole name or as a ``_name`` suffix.
     """
     name = normalize_key(key)
     if is_unsafe_key(key) and name not in _EVIDENCE_KEYS:
         return True
+    if is_display_secret(key):
+        return True
     return any(name == word or name.endswith(f"_{word}") for word in extra)
 
 
-def redact(value: Any, extra: Collection[str] = ()) -> Any:
-    """A copy of a JSON value with secret-looking keys' values replaced, at any depth."""
+def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
+    """A copy of a JSON value with secret-looking keys' values replaced, at any depth,
+    and the passwords of URLs and connection strings in its texts masked."""
     if isinstance(value, Mapping):
         return {
             key: REDACTED if is_secret_key(str(key), extra) else redact(item, extra)
@@ -45,12 +54,65 @@ def redact(value: Any, extra: Collection[str] = ()) -> Any:
         }
     if isinstance(value, list | tuple):
         return [redact(item, extra) for item in value]
+    if isinstance(value, str):
+        return mask_passwords(value, REDACTED)
     return value
 
 
-def pretty(value: Any, extra: Collection[str] = ()) -> str:
-    """Indented JSON of a redacted value."""
-    return json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+def pretty(value: Any, extra: frozenset[str] = frozenset()) -> str:
+    """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
+    text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+    if len(text) <= VALUE_CHARS:
+        return text
+    return f"{text[:VALUE_CHARS]}\n… cut: {len(text):,} characters in all"
+
+
+def split_traceback(
+    envelope: Mapping[str, Any], extra: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], str | None]:
+    """A redacted error envelope without its ``traceback``, and that text if it is one."""
+    shown = redact(envelope, extra)
+    trace = shown.pop("traceback", None)
+    if isinstance(trace, str):
+        return shown, trace[:VALUE_CHARS]
+    if trace is not None:
+        shown["traceback"] = trace
+    return shown, None
+
+
+class ArgumentsError(ValueError):
+    """Edited approval arguments that are not a JSON object; the message says why."""
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """The JSON object an operator typed as an approval's arguments."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ArgumentsError(f"This is not valid JSON: {exc}.") from None
+    if not isinstance(value, dict):
+        raise ArgumentsError('The arguments must be a JSON object, {"name": value, ...}.')
+    return value
+
+
+def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:
+    """``edited`` with each ``[REDACTED]`` left under a secret key back to its requested value.
+
+    The form shows secrets redacted; an operator who does not touch one keeps it.
+    """
+    if isinstance(edited, list) and isinstance(requested, list | tuple):
+        if len(edited) == len(requested):
+            return [unredact(a, b, extra) for a, b in zip(edited, requested, strict=True)]
+        return edited
+    if not (isinstance(edited, dict) and isinstance(requested, Mapping)):
+        return edited
+    restored = {}
+    for key, value in edited.items():
+        if value == REDACTED and key in requested and is_secret_key(key, extra):
+            restored[key] = requested[key]
+        else:
+            restored[key] = unredact(value, requested.get(key), extra)
+    return restored
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
@@ -62,7 +124,7 @@ def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
 
 
 def preview(
-    context: Mapping[str, Any] | None, extra: Collection[str] = ()
+    context: Mapping[str, Any] | None, extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """The first keys of a projected context, sorted, with short values."""
     shown = redact(context or {}, extra)
@@ -96,16 +158,32 @@ def step_tree(steps: Sequence[Step]) -> list[StepNode]:
     return ordered
 
 
+def utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive time is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def iso_time(moment: datetime) -> str:
+    """``2024-06-01T12:00:03.250Z``: the machine-readable UTC time of a ``<time>``."""
+    return utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def absolute_time(moment: datetime | None) -> str:
     """``2024-06-01 12:00:03 UTC``, or an em dash for no time."""
-    return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "—" if moment is None else utc(moment).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def relative_time(moment: datetime | None, now: datetime) -> str:
-    """``3 min ago``: how long before ``now`` a moment was."""
+    """``3 min ago`` for a moment before ``now``, ``in 3 min`` for one after it.
+
+    Less than a second ahead counts as now: clocks of app and database differ a little.
+    """
     if moment is None:
         return ""
-    return span((now - moment).total_seconds()) + " ago"
+    seconds = (now - utc(moment)).total_seconds()
+    return f"in {span(-seconds)}" if seconds <= -1 else f"{span(seconds)} ago"
 
 
 def span(seconds: float) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -10,6 +12,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    current_app,
     flash,
     g,
     jsonify,
@@ -18,15 +21,24 @@ from flask import (
     request,
     url_for,
 )
-from werkzeug.exceptions import HTTPException, ServiceUnavailable
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, NotFound, ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
-from ..errors import RunNotFound, ScoriaError, StorageError
+from ..errors import ApprovalAlreadyDecided, RunNotFound, ScoriaError, StorageError
+from ..readback import RunSummary
 from ..state import app_state
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import actions, present
-from .access import check_csrf, csrf_token, current_scope, require_scope, security_headers
+from .access import (
+    OperatorScope,
+    check_csrf,
+    csrf_token,
+    current_scope,
+    require_scope,
+    security_headers,
+)
 
 bp = Blueprint(
     "scoria",
@@ -36,22 +48,37 @@ bp = Blueprint(
     static_url_path="/static",
 )
 bp.before_request(require_scope)
-bp.after_request(security_headers)
+bp.after_app_request(security_headers)
 
 _NOTE_LIMIT = 2000
+#: The navigation counts pending approvals up to this many, then shows ``99+``.
+_NAV_COUNT_LIMIT = 99
+#: The run page shows this many of a run's latest steps, events and approvals...
+_SHOWN = 25
+#: ... and this many handoffs: each is a card of its own.
+_HANDOFFS_SHOWN = 10
+#: What a decision form sends as ``return_to`` to come back to the inbox.
+_INBOX = "approvals"
+
+
+def _redact_keys() -> frozenset[str]:
+    return frozenset(app_state().settings.redact_keys)
 
 
 @bp.context_processor
 def _page_helpers() -> dict[str, Any]:
     state = app_state()
-    extra = frozenset(state.settings.redact_keys)
+    extra = _redact_keys()
     now = datetime.now(UTC)
     return {
         "csrf_token": csrf_token,
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
         "preview": partial(present.preview, extra=extra),
+        "split_traceback": partial(present.split_traceback, extra=extra),
+        "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
         "absolute_time": present.absolute_time,
+        "iso_time": present.iso_time,
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(state.registry.handlers),
@@ -59,7 +86,40 @@ def _page_helpers() -> dict[str, Any]:
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
         "page_url": _page_url,
+        "pending_count": _pending_count,
+        "home_url": _home_url(),
+        "AWAITING_RESUME": AWAITING_RESUME,
     }
+
+
+#: The runs list's ``status`` filter for approved runs waiting for ``resume_run``.
+AWAITING_RESUME = "awaiting_resume"
+
+
+def _pending_count() -> str | None:
+    """How many approvals wait for the operator's tenant, as the navigation shows it."""
+    scope = g.get("_scoria_scope")
+    if scope is None:
+        return None
+    try:
+        waiting = runtime.count_pending_approvals(scope.tenant_id, up_to=_NAV_COUNT_LIMIT + 1)
+    except StorageError:
+        # The page that explains the storage error must still render.
+        return None
+    return f"{_NAV_COUNT_LIMIT}+" if waiting > _NAV_COUNT_LIMIT else str(waiting)
+
+
+def _home_url() -> str | None:
+    """``SCORIA_HOME_URL``, the host app's page the navigation links back to, if usable.
+
+    Only a path or an http(s) URL is linked, never another scheme.
+    """
+    url = current_app.config.get("SCORIA_HOME_URL")
+    if not isinstance(url, str):
+        return None
+    if url.startswith(("https://", "http://")) or (url[:1] == "/" and url[1:2] not in ("/", "\\")):
+        return url
+    return None
 
 
 #: The query arguments a page link carries over: the runs list's filters.
@@ -85,15 +145,18 @@ def index() -> BaseResponse:
 def runs() -> str:
     """The tenant's runs, newest first, filtered and paginated."""
     status = _arg("status")
-    if status is not None and status not in tuple(RunStatus):
+    awaiting_resume = status == AWAITING_RESUME
+    if status is not None and status not in tuple(RunStatus) and not awaiting_resume:
         abort(400, description=f"There is no run status {status!r}; pick one from the list.")
     filters = runtime.RunFilters(
-        status=status,
+        status=None if awaiting_resume else status,
         session_id=_arg("session"),
         actor_id=_arg("actor"),
         root_role_id=_arg("role"),
+        awaiting_resume=awaiting_resume,
     )
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
@@ -101,7 +164,8 @@ def runs() -> str:
 def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
-    page = runtime.list_runs(filters, tenant=current_scope().tenant_id, after=_cursor())
+    tenant = current_scope().tenant_id
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
     return render_template("scoria/session.html", page=page, session_id=session_id)
 
 
@@ -114,23 +178,47 @@ def approvals() -> str:
 
 @bp.get("/workflows/<run_id>")
 def run(run_id: str) -> str:
-    """Everything recorded for one run."""
-    detail = runtime.get_run_detail(run_id, tenant_id=current_scope().tenant_id)
+    """One run: its latest steps, events and handoffs, older ones a page at a time."""
+    return _run_page(run_id)
+
+
+@dataclass(frozen=True)
+class ArgumentsForm:
+    """Edited approval arguments that were refused, shown again next to the field."""
+
+    approval_id: str
+    text: str
+    error: str
+
+
+def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
+    scope = current_scope()
+    window = runtime.get_run_window(
+        run_id,
+        tenant_id=scope.tenant_id,
+        limit=_SHOWN,
+        handoff_limit=_HANDOFFS_SHOWN,
+        steps_before=_sequence("steps_before"),
+        events_before=_sequence("events_before"),
+        handoffs_after=_cursor("handoffs_after"),
+    )
+    pending = [item for item in window.approvals if item.status == ApprovalStatus.PENDING]
     return render_template(
         "scoria/run.html",
-        detail=detail,
-        run=detail.summary,
-        tree=present.step_tree(detail.steps),
-        pending=[item for item in detail.approvals if item.status == ApprovalStatus.PENDING],
-        decided=[item for item in detail.approvals if item.status != ApprovalStatus.PENDING],
-        kinds={step.id: step.kind for step in detail.steps},
+        window=window,
+        run=window.summary,
+        tree=present.step_tree(window.steps),
+        pending=pending,
+        decided=[item for item in window.approvals if item.status != ApprovalStatus.PENDING],
+        kinds={item.step_id: runtime.step_kind(run_id, item.step_id) for item in pending},
+        refused=refused,
     )
 
 
 @bp.get("/workflows/<run_id>/status.json")
 def run_status(run_id: str) -> Response:
     """What the run page polls to know when to reload."""
-    summary = runtime.get_run(run_id, tenant_id=current_scope().tenant_id)
+    summary = runtime.run_status(run_id, tenant_id=current_scope().tenant_id)
     return jsonify(
         run_id=summary.run_id,
         status=summary.status,
@@ -140,67 +228,175 @@ def run_status(run_id: str) -> Response:
 
 
 @bp.post("/workflows/<run_id>/approve")
-def approve(run_id: str) -> BaseResponse:
-    """Approve the pending approval as the operator (and resume when possible)."""
+def approve(run_id: str) -> ResponseReturnValue:
+    """Approve the pending approval as the operator (and resume when possible).
+
+    An editable approval's form sends its arguments as JSON: a refused text
+    is shown again in the form, and nothing is decided.
+    """
     check_csrf()
-    return _decide(run_id, actions.approve, "Approved.")
+    text = request.form.get("arguments")
+    if text is None:
+        return _decide(run_id, actions.approve, "approved", "Approved.")
+    approval_id = request.form.get("approval_id", "").strip()
+    try:
+        edited = present.parse_arguments(text)
+    except present.ArgumentsError as exc:
+        return _run_page(run_id, ArgumentsForm(approval_id, text, str(exc))), 422
+    shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
+    requested = shown.arguments if shown else None
+    edited = present.unredact(edited, requested, _redact_keys())
+    arguments = None if edited == (requested or {}) else edited
+    return _decide(run_id, partial(actions.approve, arguments=arguments), "approved", "Approved.")
 
 
 @bp.post("/workflows/<run_id>/reject")
 def reject(run_id: str) -> BaseResponse:
     """Reject the pending approval as the operator."""
     check_csrf()
-    return _decide(run_id, actions.reject, "Rejected.")
+    return _decide(run_id, actions.reject, "rejected", "Rejected.")
 
 
-def _decide(run_id: str, action: Any, done: str) -> BaseResponse:
-    approval_id = request.form.get("approval_id", "").strip()
-    if not approval_id:
-        abort(400, description="The form names no approval. Reload the page and decide again.")
-    text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
+@bp.post("/workflows/<run_id>/cancel")
+def cancel(run_id: str) -> BaseResponse:
+    """Cancel, as the operator, a run that has not ended."""
+    check_csrf()
+    reason = request.form.get("reason", "").strip()[:_NOTE_LIMIT] or None
+    return _act(run_id, partial(actions.cancel, reason=reason), "Cancelled.")
+
+
+@bp.post("/workflows/<run_id>/retry")
+def retry(run_id: str) -> BaseResponse:
+    """Retry, as the operator, the failed step of a ``failed`` run."""
+    check_csrf()
+    return _act(run_id, actions.retry, "Retried.")
+
+
+def _act(
+    run_id: str, action: Callable[[str, OperatorScope], RunSummary], done: str
+) -> BaseResponse:
+    """Run an operator action on the run, then go back to its page with the outcome."""
     try:
-        summary = action(run_id, current_scope(), approval_id, text)
+        summary = action(run_id, current_scope())
     except RunNotFound:
         raise
     except ScoriaError as exc:
         flash(exc.message, "error")
     else:
-        if summary.status == RunStatus.WAITING_FOR_APPROVAL:
-            flash(f"{done} The run continues when your app calls resume_run.", "ok")
-        else:
-            flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
+        flash(f"{done} The run is now {summary.status.replace('_', ' ')}.", "ok")
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
+def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
+    approval_id = request.form.get("approval_id", "").strip()
+    if not approval_id:
+        abort(400, description="The form names no approval. Reload the page and decide again.")
+    text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
+    scope = current_scope()
+    inbox = request.form.get("return_to") == _INBOX
+    back = redirect(
+        url_for("scoria.approvals") if inbox else url_for("scoria.run", run_id=run_id), code=303
+    )
+    try:
+        summary = action(run_id, scope, approval_id, text)
+    except ApprovalAlreadyDecided as exc:
+        if exc.decided_by != scope.actor_id or exc.decision != decision:
+            flash(exc.message, "error")
+            return back
+        # The same operator sent the same decision again (a double click, a second tab).
+        summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
+    except RunNotFound:
+        raise
+    except ScoriaError as exc:
+        flash(exc.message, "error")
+        return back
+    flash(_outcome(done, summary, inbox), "ok")
+    return back
+
+
+def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
+    """What the operator is told after deciding; the inbox also names the run."""
+    if summary.status != RunStatus.WAITING_FOR_APPROVAL:
+        text = f"{done} The run is now {summary.status.replace('_', ' ')}."
+    else:
+        window = runtime.get_run_window(
+            summary.run_id, tenant_id=current_scope().tenant_id, limit=1
+        )
+        pending = ApprovalStatus.PENDING
+        asked = [item.tool_name for item in window.approvals if item.status == pending]
+        if asked:
+            text = f"{done} The run now waits for another approval: {asked[-1]}."
+        else:
+            text = f"{done} The run continues when your app calls resume_run."
+    return f"Run …{summary.run_id[-8:]}: {text}" if inbox else text
+
+
 @bp.errorhandler(RunNotFound)
-def _run_not_found(_exc: RunNotFound) -> tuple[str, int]:
-    return render_template("scoria/not_found.html"), 404
+def _run_not_found(_exc: RunNotFound) -> ResponseReturnValue:
+    return _error_page(NotFound())
 
 
 @bp.errorhandler(StorageError)
-def _storage_error(exc: StorageError) -> tuple[str, int]:
-    return render_template("scoria/error.html", error=ServiceUnavailable(exc.message)), 503
+def _storage_error(exc: StorageError) -> ResponseReturnValue:
+    # The message may name the database's host, port, user and name: the log has it.
+    current_app.logger.error("flask-scoria operator page: %s", exc.message)
+    description = "The flask-scoria database is unavailable. " + (
+        exc.hint or "The app's log has the details."
+    )
+    return _error_page(ServiceUnavailable(description))
 
 
 @bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> tuple[str, int]:
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
+    return _error_page(exc)
+
+
+def _error_page(exc: HTTPException) -> ResponseReturnValue:
+    """The error as a page, or as JSON for ``status.json``, whose poller reads no HTML.
+
+    A 404 says the same whatever the reason, so that another tenant's run
+    cannot be told apart from an unknown one.
+    """
     status = exc.code or 500
+    if request.endpoint == "scoria.run_status":
+        return _json_error(status, exc)
     if status == 404:
         return render_template("scoria/not_found.html"), 404
     if status == 403:
+        g.pop("_scoria_scope", None)  # a refused request shows no tenant, nor its counts
         return render_template("scoria/forbidden.html"), 403
     return render_template("scoria/error.html", error=exc), status
+
+
+def _json_error(status: int, exc: HTTPException) -> ResponseReturnValue:
+    if status == 404:
+        message = "No such run for your tenant."
+    elif status == 403:
+        message = "Operator access required: the app's @runtime.operator_scope granted none."
+    else:
+        message = exc.description or exc.name
+    return jsonify(error=exc.name, status=status, message=message), status
 
 
 def _arg(name: str) -> str | None:
     return request.args.get(name, "").strip() or None
 
 
-def _cursor() -> runtime.Cursor | None:
-    text = request.args.get("after")
+def _cursor(name: str = "after") -> runtime.Cursor | None:
+    text = request.args.get(name)
     if not text:
         return None
     cursor = runtime.Cursor.decode(text)
     if cursor is None:
         abort(400, description="The page link is malformed; start again from the first page.")
     return cursor
+
+
+def _sequence(name: str) -> int | None:
+    """A ``?steps_before=`` / ``?events_before=`` position: a positive sequence number."""
+    text = request.args.get(name)
+    if not text:
+        return None
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        abort(400, description="The page link is malformed; start again from the newest.")
+    return int(text)

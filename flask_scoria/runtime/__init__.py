@@ -6,8 +6,8 @@ never from the modules below it. The public verbs are re-exported on the
 package top level.
 """
 
-from .context import UNSET as UNSET
-from .context import TenantGuard as TenantGuard
+from .arguments import UNSET as UNSET
+from .arguments import TenantGuard as TenantGuard
 from .handlers import Handler as Handler
 from .handlers import load_handler as load_handler
 from .leases import LeaseKeeper as LeaseKeeper
@@ -15,12 +15,17 @@ from .reads import Cursor as Cursor
 from .reads import Page as Page
 from .reads import PendingApproval as PendingApproval
 from .reads import RunFilters as RunFilters
+from .reads import RunWindow as RunWindow
+from .reads import count_pending_approvals as count_pending_approvals
+from .reads import get_approval as get_approval
 from .reads import get_run as get_run
 from .reads import get_run_detail as get_run_detail
+from .reads import get_run_window as get_run_window
 from .reads import list_runs as list_runs
 from .reads import list_runs_for_session as list_runs_for_session
 from .reads import pending_approvals as pending_approvals
 from .reads import recover_expired_leases as recover_expired_leases
+from .reads import run_status as run_status
 from .reads import step_kind as step_kind
 from .retention import prune_runs as prune_runs
 from .start import start_handoff_run as start_handoff_run

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 from .._ids import parse_uuid
-from .._json import ErrorFactory, json_object
+from .._json import ErrorFactory, check_text, json_object, serialized_size
 from ..errors import InvalidRunOptions, RunNotFound
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
 from ..statuses import StepStatus
-from .context import UNSET, TenantGuard
 
 MAX_TEXT = 10_000
+
+
+class Unset(Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "Not given": a verb called without ``tenant_id=`` applies no tenant guard.
+UNSET: Final = Unset.UNSET
+
+#: The tenant a run must belong to (``None``: runs without a tenant), or :data:`UNSET`.
+TenantGuard = str | None | Unset
 
 
 def run_uuid(run_id: object) -> uuid.UUID:
@@ -61,9 +77,9 @@ def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
 def optional_text(value: object, name: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise InvalidRunOptions(f"{name} must be a string of at most {MAX_TEXT} characters.")
-    return value
+    return check_text(value, what=name, error=InvalidRunOptions)
 
 
 def decider(value: object, name: str) -> str:
@@ -89,6 +105,15 @@ def require_name(value: object, what: str, *, error: ErrorFactory, limit: int = 
     return text
 
 
+def idempotency_name(value: object, error: ErrorFactory) -> str | None:
+    """An idempotency key: ``None``, or a printable string of 1 to 255 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not value.isprintable():
+        raise error("idempotency_key must be a printable string of 1 to 255 characters.")
+    return value
+
+
 def role_name(value: object, name: str) -> str:
     return require_name(value, name, error=InvalidRunOptions)
 
@@ -98,7 +123,7 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
         return None
     if not isinstance(value, Mapping):
         raise InvalidRunOptions("initial_step must be a dict with at least a 'kind'.")
-    unknown = set(value) - {"kind", "role_id", "sequence", "status"}
+    unknown = set(value) - {"kind", "role_id", "sequence", "status", "input"}
     if unknown:
         raise InvalidRunOptions(f"initial_step has unknown keys: {sorted(map(str, unknown))}.")
     if "kind" not in value:
@@ -108,10 +133,18 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
     sequence = int_in_range(value.get("sequence", 1), "initial_step sequence", MAX_SEQUENCE)
     if value.get("status", StepStatus.QUEUED) != StepStatus.QUEUED:
         raise InvalidRunOptions("initial_step status can only be 'queued'.")
-    return {"kind": kind, "role_id": role_id, "sequence": sequence}
+    given = value.get("input")
+    step_input = None
+    if given is not None:
+        step_input = json_object(given, what="initial_step input", error=InvalidRunOptions)
+    return {"kind": kind, "role_id": role_id, "sequence": sequence, "input": step_input}
 
 
-def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:
+def run_metadata(runtime: object, ident: Identity, max_bytes: int) -> dict[str, Any]:
+    """The metadata to store on a new run: ``runtime["metadata"]`` and the identity's.
+
+    Larger than ``max_bytes`` serialized, it is refused.
+    """
     if runtime is None:
         runtime = {}
     if not isinstance(runtime, Mapping):
@@ -125,4 +158,10 @@ def run_metadata(runtime: object, ident: Identity) -> dict[str, Any]:
     )
     if ident.metadata:
         metadata.setdefault("identity", dict(ident.metadata))
+    size = serialized_size(metadata)
+    if size > max_bytes:
+        raise InvalidRunOptions(
+            f"runtime metadata is {size} bytes serialized; the limit is {max_bytes}"
+            " (SCORIA_MAX_METADATA_BYTES). Store large payloads elsewhere and keep a reference."
+        )
     return metadata

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-from typing import Final
 
 from flask import Flask, current_app
 
@@ -12,22 +10,6 @@ from ..state import app_state
 from ..storage import Storage
 from .handlers import HandlerRegistry
 from .leases import LeaseKeeper
-
-
-class Unset(Enum):
-    """The type of :data:`UNSET`."""
-
-    UNSET = "UNSET"
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-#: "Not given": a verb called without ``tenant_id=`` applies no tenant guard.
-UNSET: Final = Unset.UNSET
-
-#: The tenant a run must belong to (``None``: runs without a tenant), or :data:`UNSET`.
-TenantGuard = str | None | Unset
 
 
 @dataclass(frozen=True)
@@ -40,6 +22,10 @@ class RuntimeContext:
     keeper: LeaseKeeper
     handoff_max_bytes: int
     handoff_max_depth: int
+    max_steps: int
+    #: Whether operator pages are set up; they show only runs of the operator's tenant.
+    has_operators: bool
+    max_metadata_bytes: int
     inline_retry_wait: float
 
 
@@ -56,5 +42,8 @@ def context() -> RuntimeContext:
         keeper=state.keeper,
         handoff_max_bytes=state.settings.handoff_max_bytes,
         handoff_max_depth=state.settings.handoff_max_depth,
+        max_steps=state.settings.max_steps,
+        has_operators=state.registry.operator_scope is not None,
+        max_metadata_bytes=state.settings.max_metadata_bytes,
         inline_retry_wait=state.settings.inline_retry_wait,
     )

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 from werkzeug.utils import import_string
 
-from .._json import check_text, json_copy, json_object, storable_text
-from ..errors import InvalidRunOptions, ScoriaError
-from ..outcomes import Fail, Handoff, Outcome, Succeed, WaitForApproval
+from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
+from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
+from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..policy import DEFAULT_POLICY, HandlerPolicy
 from ..readback import RunSummary, StepView
+from .arguments import require_name
 
 log = logging.getLogger("flask_scoria")
+
+#: The longest delay or expiry a handler may ask for: ten years.
+_MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 Handler = Callable[[StepView, RunSummary], Any]
 
@@ -102,7 +108,7 @@ class Handlers:
         self._per_call: dict[str, Handler] = {}
         for kind, handler in per_call.items():
             if not isinstance(kind, str) or not kind:
-                raise InvalidRunOptions(f"handler kinds must be strings, not {kind!r}.")
+                raise InvalidRunOptions(f"handler kinds must be strings, not {short_repr(kind)}.")
             self._per_call[kind] = load_handler(handler, kind)
         self._registry = registry
 
@@ -153,7 +159,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         return Raised(
             {
                 "type": type(exc).__name__,
-                "message": storable_text(str(exc)[:2000]),
+                "message": storable_text(safe_str(exc, 2000)),
                 "traceback": _traceback(exc),
             }
         )
@@ -185,15 +191,48 @@ def _normalize(value: object) -> Outcome:
             if value.arguments is None
             else json_object(value.arguments, what="approval arguments", error=_BadResult)
         )
-        return WaitForApproval(tool.strip(), arguments, value.reason)
+        if not isinstance(value.editable, bool):
+            raise _BadResult("WaitForApproval editable must be True or False.")
+        return WaitForApproval(
+            tool.strip(),
+            arguments,
+            value.reason,
+            editable=value.editable,
+            expires_in=seconds(value.expires_in, "WaitForApproval expires_in", _BadResult),
+        )
     if isinstance(value, Fail):
         error = value.error
         if not isinstance(error, Mapping):
-            error = {"message": error if isinstance(error, str) else repr(error)}
+            error = {"message": error if isinstance(error, str) else short_repr(error, 2000)}
         return Fail(json_object(error, what="handler error", error=_BadResult))
     if isinstance(value, Handoff):
         return value
+    if isinstance(value, Next):
+        kind = require_name(value.kind, "Next kind", error=_BadResult, limit=64)
+        role = None
+        if value.role_id is not None:
+            role = require_name(value.role_id, "Next role_id", error=_BadResult)
+        given = {} if value.input is None else value.input
+        return Next(
+            kind,
+            json_object(given, what="Next input", error=_BadResult),
+            role_id=role,
+            delay=seconds(value.delay, "Next delay", _BadResult),
+        )
     raise _BadResult(
         f"Handler returned a {type(value).__name__}; return Succeed, WaitForApproval,"
-        " Fail, Handoff, a dict or None."
+        " Fail, Handoff, Next, a dict or None."
     )
+
+
+def seconds(value: object, what: str, error: ErrorFactory) -> float | None:
+    """``value`` (seconds, or a ``timedelta``) as a number of seconds, zero or more."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error(f"{what} must be a number of seconds or a timedelta.")
+    if not math.isfinite(value) or value < 0 or value > _MAX_SECONDS:
+        raise error(f"{what} must be from 0 to {_MAX_SECONDS:.0f} seconds.")
+    return float(value)

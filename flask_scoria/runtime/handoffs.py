@@ -75,8 +75,13 @@ def _payload(value: object, what: str, code: str) -> dict[str, Any]:
     return copied
 
 
+def serialized_size(value: object) -> int:
+    """The size of ``value`` as compact JSON, in bytes."""
+    return len(json.dumps(value, separators=(",", ":")).encode())
+
+
 def _cap_size(value: dict[str, Any], what: str, max_bytes: int) -> None:
-    size = len(json.dumps(value, separators=(",", ":")).encode())
+    size = serialized_size(value)
     if size > max_bytes:
         raise InvalidHandoff(
             f"{what}_too_large",

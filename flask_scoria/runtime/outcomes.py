@@ -18,15 +18,24 @@ from typing import Any
 from .. import signals
 from .._ids import uuid7
 from ..errors import InvalidHandoff
-from ..outcomes import Fail, Handoff, Outcome, Succeed, WaitForApproval
+from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
 from . import tracing
-from .context import UNSET, RuntimeContext
+from .arguments import UNSET
+from .context import RuntimeContext
 from .handlers import Handlers, Raised, run_handler
-from .handoffs import record_handoff, validate_handoff
+from .handoffs import record_handoff, serialized_size, validate_handoff
 from .rows import step_view_from_row, summary_from_row
-from .steps import claim_next, dispatch_next, fail_run, retry_or_fail, stale_error
+from .steps import (
+    claim_next,
+    claim_step,
+    dispatch_next,
+    fail_run,
+    new_step_row,
+    retry_or_fail,
+    stale_error,
+)
 from .transaction import Claim, Row, Tx, transact, utcnow
 
 
@@ -158,9 +167,9 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
         "decided_by": None,
         "decided_at": None,
         "note": None,
-        "editable": False,
+        "editable": outcome.editable,
         "edited_arguments": None,
-        "expires_at": None,
+        "expires_at": _after(tx.now, outcome.expires_in),
     }
     sql.INSERT_APPROVAL.execute_many(tx.conn, [approval])
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)
@@ -175,6 +184,48 @@ def _fail(done: Finished, outcome: Fail) -> Recorded:
     )
     fail_run(done.tx, done.step_id, "step_failed", outcome.error)
     return recorded
+
+
+def _next(done: Finished, outcome: Next) -> Recorded:
+    tx = done.tx
+    sequence = tx.step_sequence() + 1
+    limit = done.ctx.max_steps
+    if sequence > limit:
+        message = f"Next({outcome.kind!r}) would give the run step {sequence}; the limit is {limit}"
+        error = {"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."}
+        return _fail(done, Fail(error))
+    given = dict(outcome.input or {})
+    size, cap = serialized_size(given), done.ctx.handoff_max_bytes
+    if size > cap:
+        message = f"Next input is {size} bytes serialized; the limit is {cap}"
+        error = {
+            "type": "invalid_handler_result",
+            "message": message + " (SCORIA_HANDOFF_MAX_BYTES).",
+        }
+        return _fail(done, Fail(error))
+    step = new_step_row(
+        tx.run_id,
+        sequence=sequence,
+        kind=outcome.kind,
+        role_id=outcome.role_id or done.claim.step["role_id"],
+        input=given,
+    )
+    step["not_before"] = _after(tx.now, outcome.delay)
+    tx.add_step(step)
+    result = {"next_step_id": str(step["id"]), "next_kind": outcome.kind}
+    recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
+    tx.event("step_completed", done.step_id)
+    tx.set(current_step_id=step["id"])
+    if not claim_step(tx, step, done.handlers, None) and step["not_before"] is not None:
+        tx.event("step_queued", step["id"], {"not_before": step["not_before"].isoformat()})
+    return recorded
+
+
+def _after(now: datetime, seconds: float | timedelta | None) -> datetime | None:
+    """``now`` plus ``seconds``; ``None`` for no time at all."""
+    if not seconds:
+        return None
+    return now + (seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds))
 
 
 def _raised(done: Finished, outcome: Raised) -> Recorded:
@@ -210,6 +261,7 @@ RECORDERS: dict[type, Callable[[Finished, Any], Recorded]] = {
     Fail: _fail,
     Raised: _raised,
     Handoff: _handoff,
+    Next: _next,
 }
 
 

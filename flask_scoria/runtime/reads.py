@@ -9,22 +9,50 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, literal, literal_column, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    exists,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+    tuple_,
+)
 
 from .._ids import parse_uuid
+from .._json import is_storable_text
+from ..errors import RunNotFound
 from ..identity import normalize_id
-from ..readback import Approval, RunDetail, RunSummary
+from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
 from ..statuses import ApprovalStatus, RunStatus
-from .arguments import int_in_range, run_uuid, tenant_guard
-from .context import UNSET, RuntimeContext, TenantGuard, context
-from .rows import approval_from_row, load_detail, split_prefixed, summary_from_row
-from .steps import expire_leases, stale_condition, stale_step
-from .tables import approvals, runs, steps
+from . import statements as sql
+from .arguments import UNSET, TenantGuard, int_in_range, run_uuid, tenant_guard
+from .context import RuntimeContext, context
+from .handlers import HandlerRegistry
+from .rows import (
+    approval_from_row,
+    delegated_handoff_from_row,
+    delegated_handoffs_query,
+    evidence_order,
+    latest_approvals,
+    latest_rows,
+    load_detail,
+    split_prefixed,
+    summary_from_row,
+    window_events,
+    window_steps,
+)
+from .steps import notice_expiry, stale_condition, stale_step
+from .tables import approvals, events, handoffs, runs, steps
 from .transaction import Row, load_run, transact, utcnow
 
 T = TypeVar("T")
@@ -36,6 +64,11 @@ _CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
 # Inline, so that the planner matches the partial index of pending approvals
 # even with a generic plan.
 _PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
+#: A run's columns with its metadata left out (read as ``None``), for what does not show it.
+_WITHOUT_METADATA = (
+    *(column for column in runs.c if column.key != "metadata"),
+    null().label("metadata"),
+)
 
 
 @dataclass(frozen=True)
@@ -73,12 +106,17 @@ class Page(Generic[T]):
 
 @dataclass(frozen=True)
 class RunFilters:
-    """Exact-match filters of a list of runs; ``None`` matches anything."""
+    """Exact-match filters of a list of runs; ``None`` matches anything.
+
+    ``awaiting_resume`` keeps only runs whose approval was granted and that
+    wait for ``resume_run``.
+    """
 
     status: str | None = None
     session_id: str | None = None
     actor_id: str | None = None
     root_role_id: str | None = None
+    awaiting_resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,13 +127,29 @@ class PendingApproval:
     run: RunSummary
 
 
-def _read_run(ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard) -> Row:
-    """Read a run, first failing it if a step's lease expired."""
+def _read_run(
+    ctx: RuntimeContext, key: uuid.UUID, guard: TenantGuard, *, metadata: bool = True
+) -> Row:
+    """Read a run (without its metadata if not ``metadata``), first failing it if a step's
+    lease or its approval expired."""
     with ctx.storage.read() as conn:
-        row = load_run(conn, key, guard, lock=False)
-        stale = row["status"] == RunStatus.RUNNING and stale_step(conn, key, utcnow(), ctx.registry)
+        if metadata:
+            row = load_run(conn, key, guard, lock=False)
+        else:
+            found = conn.execute(select(*_WITHOUT_METADATA).where(runs.c.id == key)).first()
+            if found is None or (guard is not UNSET and found.tenant_id != guard):
+                raise RunNotFound(str(key))
+            row = dict(found._mapping)
+        now = utcnow()
+        if row["status"] == RunStatus.RUNNING:
+            stale = stale_step(conn, key, now, ctx.registry) is not None
+        elif row["status"] == RunStatus.WAITING_FOR_APPROVAL:
+            expired = sql.EXPIRED_APPROVAL_OF_RUN.first(conn, {"b_run_id": key, "b_now": now})
+            stale = expired is not None
+        else:
+            stale = False
     if stale:
-        _, row, _ = transact(ctx, key, guard, expire_leases)
+        _, row, _ = transact(ctx, key, guard, notice_expiry)
     return row
 
 
@@ -103,6 +157,13 @@ def get_run(run_id: str, *, tenant_id: object = UNSET, identity: object = None) 
     """The current summary of one exact run; :class:`RunNotFound` if none is visible."""
     ctx = context()
     return summary_from_row(_read_run(ctx, run_uuid(run_id), tenant_guard(tenant_id, identity)))
+
+
+def run_status(run_id: str, *, tenant_id: object = UNSET) -> RunSummary:
+    """:func:`get_run` with the run's metadata left out (``{}``), for status polls."""
+    ctx = context()
+    key = run_uuid(run_id)
+    return summary_from_row(_read_run(ctx, key, tenant_guard(tenant_id, None), metadata=False))
 
 
 def get_run_detail(run_id: str, *, tenant_id: object = UNSET, identity: object = None) -> RunDetail:
@@ -115,19 +176,132 @@ def get_run_detail(run_id: str, *, tenant_id: object = UNSET, identity: object =
         return load_detail(conn, load_run(conn, key, guard, lock=False))
 
 
+#: How many steps, events, approvals and handoffs a run window shows by default.
+WINDOW = 50
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """One run with the latest part of each of its lists, and how long each list is.
+
+    ``steps`` and ``events`` are the latest ``limit`` before the asked
+    sequence, oldest first; ``older_steps`` / ``older_events`` are the
+    ``before`` sequence of the next older part, ``None`` at the start.
+    ``delegated_handoffs`` is one keyset page (``older_handoffs`` its cursor).
+    """
+
+    summary: RunSummary
+    steps: Sequence[Step]
+    step_count: int
+    older_steps: int | None
+    events: Sequence[Event]
+    event_count: int
+    older_events: int | None
+    approvals: Sequence[Approval]
+    approval_count: int
+    delegated_handoffs: Sequence[DelegatedHandoff]
+    handoff_count: int
+    older_handoffs: str | None
+
+
+def get_run_window(
+    run_id: str,
+    *,
+    tenant_id: object = UNSET,
+    identity: object = None,
+    limit: int = WINDOW,
+    handoff_limit: int | None = None,
+    steps_before: int | None = None,
+    events_before: int | None = None,
+    handoffs_after: Cursor | None = None,
+) -> RunWindow:
+    """One run with a bounded part of its steps, timeline, approvals and handoffs.
+
+    Its cost does not grow with the run: a fixed number of queries, each
+    reading at most ``limit`` rows (``handoff_limit`` handoffs, default
+    ``limit``), plus two counts.
+    """
+    int_in_range(limit, "limit", 500)
+    handoff_limit = int_in_range(handoff_limit or limit, "handoff_limit", 500)
+    for name, value in (("steps_before", steps_before), ("events_before", events_before)):
+        if value is not None:
+            int_in_range(value, name)
+    ctx = context()
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    _read_run(ctx, key, guard)
+    with ctx.storage.snapshot() as conn:
+        row = load_run(conn, key, guard, lock=False)
+        step_rows = latest_rows(conn, steps, key, limit, steps_before)
+        event_rows = latest_rows(conn, events, key, limit, events_before)
+        approval_list = latest_approvals(conn, key, limit)
+        order = (handoffs.c.created_at, handoffs.c.id)
+        chosen = _keyset(
+            select(handoffs.c.id).where(handoffs.c.run_id == key),
+            order,
+            handoffs_after,
+            handoff_limit,
+        )
+        evidence = _page(
+            delegated_handoffs_query(key, chosen),
+            order,
+            handoffs_after,
+            handoff_limit,
+            _evidence_page_row,
+            conn,
+        )
+        approval_count = _count_of_run(conn, approvals, key)
+        handoff_count = _count_of_run(conn, handoffs, key)
+    return RunWindow(
+        summary=summary_from_row(row),
+        steps=window_steps(step_rows, approval_list),
+        step_count=row["last_step_sequence"],
+        older_steps=_older(step_rows, limit),
+        events=window_events(event_rows),
+        event_count=row["last_event_sequence"],
+        older_events=_older(event_rows, limit),
+        approvals=approval_list,
+        approval_count=approval_count,
+        delegated_handoffs=sorted(evidence.rows, key=evidence_order),
+        handoff_count=handoff_count,
+        older_handoffs=evidence.next_cursor,
+    )
+
+
+def _older(rows: Sequence[Mapping[Any, Any]], limit: int) -> int | None:
+    """The ``before`` of the part older than newest-first ``rows``, if there is one."""
+    if len(rows) < limit or rows[-1]["sequence"] <= 1:
+        return None
+    first: int = rows[-1]["sequence"]
+    return first
+
+
+def _count_of_run(conn: Connection, table: Table, run_id: uuid.UUID) -> int:
+    query = select(func.count()).select_from(table).where(table.c.run_id == run_id)
+    count: int = conn.execute(query).scalar_one()
+    return count
+
+
+def _evidence_page_row(row: Row) -> tuple[DelegatedHandoff, Cursor]:
+    return delegated_handoff_from_row(row), Cursor(row["created_at"], row["id"])
+
+
 def list_runs(
     filters: RunFilters = RunFilters(),
     *,
     tenant: TenantGuard = UNSET,
     after: Cursor | None = None,
     limit: int = PAGE_SIZE,
+    metadata: bool = True,
 ) -> Page[RunSummary]:
     """Runs matching ``filters`` (of ``tenant``, unless :data:`UNSET`), newest first.
 
     The page starts after ``after``; ties in creation time are broken by
-    ``run_id``, descending.
+    ``run_id``, descending. Without ``metadata`` the runs' metadata is not
+    read (each summary's is ``{}``). A filter no run can match, such as text
+    with a NUL character, gives an empty page.
     """
-    query = select(runs)
+    query = select(runs) if metadata else select(*_WITHOUT_METADATA)
     if tenant is not UNSET:
         query = query.where(runs.c.tenant_id == tenant)
     for column, value in (
@@ -136,8 +310,13 @@ def list_runs(
         (runs.c.actor_id, filters.actor_id),
         (runs.c.root_role_id, filters.root_role_id),
     ):
+        if value is not None and not is_storable_text(value):
+            return Page([], None)
         if value is not None:
             query = query.where(column == value)
+    if filters.awaiting_resume:
+        pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
+        query = query.where(runs.c.status == RunStatus.WAITING_FOR_APPROVAL, ~pending)
     return _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
 
 
@@ -165,10 +344,10 @@ def list_runs_for_session(
             last = load_run(conn, run_uuid(before), guard, lock=False)
         after = Cursor(last["created_at"], last["id"])
     found = list_runs(RunFilters(session_id=session), tenant=guard, after=after, limit=limit)
-    running = [uuid.UUID(run.run_id) for run in found.rows if run.status == RunStatus.RUNNING]
-    stale = _with_expired_leases(ctx, running)
+    open_runs = [uuid.UUID(run.run_id) for run in found.rows if not run.status.finished]
+    stale = _with_expiries(ctx, open_runs)
     return [
-        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, expire_leases)[1])
+        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, notice_expiry)[1])
         if uuid.UUID(run.run_id) in stale
         else run
         for run in found.rows
@@ -178,14 +357,42 @@ def list_runs_for_session(
 def pending_approvals(
     tenant_id: str, after: Cursor | None = None, limit: int = PAGE_SIZE
 ) -> Page[PendingApproval]:
-    """The tenant's undecided approvals, newest request first."""
+    """The tenant's undecided approvals, newest request first (the runs without metadata)."""
     approval_columns = [column.label(f"a_{column.name}") for column in approvals.c]
     query = (
-        select(runs, *approval_columns)
+        select(*_WITHOUT_METADATA, *approval_columns)
         .join(approvals, approvals.c.run_id == runs.c.id)
         .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
     )
     return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
+
+
+def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
+    """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
+    waiting = (
+        select(approvals.c.id)
+        .join(runs, approvals.c.run_id == runs.c.id)
+        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+        .limit(up_to)
+        .subquery()
+    )
+    with context().storage.read() as conn:
+        return conn.execute(select(func.count()).select_from(waiting)).scalar_one()
+
+
+def get_approval(
+    run_id: str, approval_id: str, *, tenant_id: object = UNSET, identity: object = None
+) -> Approval | None:
+    """One approval of one run, or ``None`` if the run has no such approval."""
+    key = run_uuid(run_id)
+    guard = tenant_guard(tenant_id, identity)
+    approval_key = parse_uuid(approval_id)
+    with context().storage.read() as conn:
+        load_run(conn, key, guard, lock=False)
+        if approval_key is None:
+            return None
+        row = sql.APPROVAL_OF_RUN.first(conn, {"b_run_id": key, "b_approval_id": approval_key})
+    return None if row is None else approval_from_row(row)
 
 
 def step_kind(run_id: str, step_id: str | None) -> str | None:
@@ -215,43 +422,75 @@ def _page(
     after: Cursor | None,
     limit: int,
     project: Callable[[Row], tuple[T, Cursor]],
+    conn: Connection | None = None,
 ) -> Page[T]:
-    if after is not None:
-        position = tuple_(
-            literal(after.created_at, order[0].type), literal(after.id, order[1].type)
-        )
-        query = query.where(tuple_(*order) < position)
-    query = query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
-    with context().storage.read() as conn:
+    query = _keyset(query, order, after, limit)
+    if conn is None:
+        with context().storage.read() as own:
+            projected = [project(dict(row)) for row in own.execute(query).mappings()]
+    else:
         projected = [project(dict(row)) for row in conn.execute(query).mappings()]
     shown = projected[:limit]
     more = len(projected) > limit
     return Page([item for item, _ in shown], shown[-1][1].encode() if more else None)
 
 
-def _with_expired_leases(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    """Which of ``run_ids`` have a running step whose lease expired."""
+def _keyset(
+    query: Select[Any],
+    order: tuple[ColumnElement[Any], ColumnElement[Any]],
+    after: Cursor | None,
+    limit: int,
+) -> Select[Any]:
+    """``query``'s page after ``after`` in descending ``order``, with one row more."""
+    if after is not None:
+        position = tuple_(
+            literal(after.created_at, order[0].type), literal(after.id, order[1].type)
+        )
+        query = query.where(tuple_(*order) < position)
+    return query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1)
+
+
+def _stale_steps(now: datetime, registry: HandlerRegistry) -> Select[Any]:
+    """The runs with a running step past its lease or its kind's timeout at ``now``."""
+    return select(steps.c.run_id).where(stale_condition(now, registry))
+
+
+def _expired_approvals(now: datetime) -> Select[Any]:
+    """The runs with a pending approval that expired before ``now``."""
+    return select(approvals.c.run_id).where(
+        approvals.c.status == _PENDING,
+        approvals.c.expires_at.is_not(None),
+        approvals.c.expires_at < now,
+    )
+
+
+def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``run_ids`` have a lease or an approval that expired."""
     if not run_ids:
         return set()
-    expired = select(steps.c.run_id).where(
-        steps.c.run_id.in_(run_ids), stale_condition(utcnow(), ctx.registry)
-    )
+    now = utcnow()
+    leases = _stale_steps(now, ctx.registry).where(steps.c.run_id.in_(run_ids))
+    decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
     with ctx.storage.read() as conn:
-        return set(conn.execute(expired).scalars())
+        return set(conn.execute(leases.union(decisions)).scalars())
 
 
 def recover_expired_leases() -> list[str]:
-    """Retry or fail every running step past its lease or timeout; return their runs' ids."""
+    """Retry or fail every running step past its lease or timeout, and fail every run whose
+    approval expired; return the ids of those runs."""
     ctx = context()
+    now = utcnow()
     with ctx.storage.read() as conn:
-        run_ids = list(
-            conn.execute(
-                select(steps.c.run_id).where(stale_condition(utcnow(), ctx.registry)).distinct()
-            ).scalars()
+        run_ids = sorted(
+            set(
+                conn.execute(
+                    _stale_steps(now, ctx.registry).union(_expired_approvals(now))
+                ).scalars()
+            )
         )
     recovered = []
     for key in run_ids:
-        expired, _, _ = transact(ctx, key, UNSET, expire_leases)
+        expired, _, _ = transact(ctx, key, UNSET, notice_expiry)
         if expired:
             recovered.append(str(key))
     return recovered

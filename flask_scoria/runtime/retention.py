@@ -8,8 +8,8 @@ from sqlalchemy import ColumnElement, delete, func, select
 
 from ..errors import InvalidRunOptions
 from ..statuses import RunStatus
-from .arguments import int_in_range, tenant_guard
-from .context import UNSET, TenantGuard, context
+from .arguments import UNSET, TenantGuard, int_in_range, tenant_guard
+from .context import context
 from .tables import approvals, events, handoffs, runs, steps
 from .transaction import utcnow
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, RowMapping, Table, select
+from sqlalchemy import ColumnElement, Connection, RowMapping, Select, Table, select
 
 from ..readback import (
     Approval,
@@ -106,7 +107,7 @@ def _step_from_row(row: RowMapping, approval: Approval | None) -> Step:
     )
 
 
-def _handoff_from_row(row: RowMapping) -> HandoffRecord:
+def _handoff_from_row(row: Mapping[Any, Any]) -> HandoffRecord:
     return HandoffRecord(
         id=str(row["id"]),
         parent_step_id=str(row["parent_step_id"]),
@@ -140,17 +141,7 @@ def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
         _step_from_row(row, latest_decided.get(str(row["id"])))
         for row in rows_of_run(steps, steps.c.sequence)
     ]
-    event_list = [
-        Event(
-            id=f"{row['run_id']}/{row['sequence']}",
-            sequence=row["sequence"],
-            event_type=row["event_type"],
-            step_id=_sid(row["step_id"]),
-            payload=row["payload"],
-            created_at=row["created_at"],
-        )
-        for row in rows_of_run(events, events.c.sequence)
-    ]
+    event_list = [_event_from_row(row) for row in rows_of_run(events, events.c.sequence)]
     handoff_list = [
         _handoff_from_row(row)
         for row in rows_of_run(handoffs, handoffs.c.created_at, handoffs.c.id)
@@ -194,10 +185,112 @@ def delegated_handoffs(
                 created_at=handoff.created_at,
             )
         )
-    entries.sort(
-        key=lambda entry: (
-            entry.parent_step_sequence or entry.child_step_sequence or 0,
-            entry.created_at,
-        )
-    )
+    entries.sort(key=evidence_order)
     return entries
+
+
+def _event_from_row(row: RowMapping) -> Event:
+    return Event(
+        id=f"{row['run_id']}/{row['sequence']}",
+        sequence=row["sequence"],
+        event_type=row["event_type"],
+        step_id=_sid(row["step_id"]),
+        payload=row["payload"],
+        created_at=row["created_at"],
+    )
+
+
+def latest_rows(
+    conn: Connection, table: Table, run_id: uuid.UUID, limit: int, before: int | None
+) -> list[RowMapping]:
+    """Up to ``limit`` rows of one run by ``sequence``, newest first, before ``before``."""
+    query = select(table).where(table.c.run_id == run_id)
+    if before is not None:
+        query = query.where(table.c.sequence < before)
+    query = query.order_by(table.c.sequence.desc()).limit(limit)
+    return list(conn.execute(query).mappings())
+
+
+def latest_approvals(conn: Connection, run_id: uuid.UUID, limit: int) -> list[Approval]:
+    """The run's ``limit`` latest approvals, oldest first."""
+    query = (
+        select(approvals)
+        .where(approvals.c.run_id == run_id)
+        .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
+        .limit(limit)
+    )
+    return [approval_from_row(row) for row in reversed(list(conn.execute(query).mappings()))]
+
+
+def window_steps(rows: Sequence[RowMapping], approval_list: Sequence[Approval]) -> list[Step]:
+    """Steps of newest-first ``rows``, oldest first, each with its latest decided approval."""
+    latest_decided = {
+        approval.step_id: approval for approval in approval_list if approval.status in _DECIDED
+    }
+    return [_step_from_row(row, latest_decided.get(str(row["id"]))) for row in reversed(rows)]
+
+
+def window_events(rows: Sequence[RowMapping]) -> list[Event]:
+    """Events of newest-first ``rows``, oldest first."""
+    return [_event_from_row(row) for row in reversed(rows)]
+
+
+_PARENT = steps.alias("parent_step")
+_CHILD = steps.alias("child_step")
+
+
+def delegated_handoffs_query(run_id: uuid.UUID, page: Select[Any]) -> Select[Any]:
+    """The run's handoffs of ``page`` (a query of their ids) with their parent and child steps.
+
+    The page is chosen on the handoffs alone, so that only its rows are joined.
+    """
+    chosen = page.subquery()
+    return (
+        select(
+            handoffs,
+            _PARENT.c.sequence.label("p_sequence"),
+            _PARENT.c.kind.label("p_kind"),
+            _PARENT.c.role_id.label("p_role_id"),
+            _CHILD.c.id.label("c_id"),
+            _CHILD.c.sequence.label("c_sequence"),
+            _CHILD.c.kind.label("c_kind"),
+            _CHILD.c.role_id.label("c_role_id"),
+            _CHILD.c.status.label("c_status"),
+        )
+        .select_from(
+            handoffs.outerjoin(_PARENT, _PARENT.c.id == handoffs.c.parent_step_id).outerjoin(
+                _CHILD, _CHILD.c.id == handoffs.c.child_step_id
+            )
+        )
+        .join(chosen, chosen.c.id == handoffs.c.id)
+        .where(handoffs.c.run_id == run_id)
+    )
+
+
+def delegated_handoff_from_row(row: Mapping[str, Any]) -> DelegatedHandoff:
+    """Project a row of :func:`delegated_handoffs_query`."""
+    record = _handoff_from_row(row)
+    child = row["c_id"] is not None
+    return DelegatedHandoff(
+        handoff_id=record.id,
+        parent_step_id=record.parent_step_id,
+        parent_step_sequence=row["p_sequence"],
+        parent_step_kind=row["p_kind"],
+        parent_role_id=row["p_role_id"],
+        delegated_role_id=record.delegated_role_id,
+        delegated_kind=record.delegated_kind,
+        child_step_id=_sid(row["c_id"]),
+        child_step_sequence=row["c_sequence"],
+        child_step_kind=row["c_kind"],
+        child_role_id=row["c_role_id"],
+        child_status=StepStatus(row["c_status"]) if child else "child_step_pending",
+        handoff_input=record.handoff_input,
+        projected_context=record.projected_context,
+        capability_tags=record.capability_tags,
+        created_at=record.created_at,
+    )
+
+
+def evidence_order(entry: DelegatedHandoff) -> tuple[int, datetime]:
+    """How Delegated Evidence is ordered: by the parent step's sequence, then creation."""
+    return (entry.parent_step_sequence or entry.child_step_sequence or 0, entry.created_at)

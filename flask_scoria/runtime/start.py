@@ -7,22 +7,29 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from ..errors import InvalidHandoff
+from ..errors import InvalidHandoff, InvalidRunOptions, StorageError
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
-from .arguments import initial_step_spec, require_name, role_name, run_metadata
+from . import statements as sql
+from .arguments import idempotency_name, initial_step_spec, require_name, role_name, run_metadata
 from .context import RuntimeContext, context
 from .handlers import Handlers
 from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
-from .steps import claim_step, new_step_row
-from .transaction import NewRun, Row, utcnow
+from .steps import claim_step, log, new_step_row
+from .transaction import DuplicateStart, NewRun, Row, utcnow
 
 
-def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: Row) -> NewRun:
+def _new_run(
+    ctx: RuntimeContext,
+    ident: Identity,
+    root_role_id: str,
+    metadata: Row,
+    idempotency_key: str | None,
+) -> NewRun:
     now = utcnow()
     row = {
         "id": uuid7(),
@@ -40,19 +47,55 @@ def _new_run(ctx: RuntimeContext, ident: Identity, root_role_id: str, metadata: 
         "started_at": now,
         "completed_at": None,
         "updated_at": now,
-        "idempotency_key": None,
+        "idempotency_key": idempotency_key,
     }
+    if ident.tenant_id is None and ctx.has_operators:
+        log.warning(
+            "Run %s starts without a tenant_id, so no operator will see it: the operator"
+            " pages show only runs of the operator's tenant. Pass the tenant in the identity.",
+            row["id"],
+        )
     new = NewRun(row, now, ctx.keeper.expiry(now))
     new.event("run_started")
     new.signal(signals.run_started)
     return new
 
 
-def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers) -> RunSummary:
-    """Write the new run, then execute the step it claimed, if any."""
-    row = new.insert(ctx.storage)
+def _started_before(ctx: RuntimeContext, ident: Identity, key: str | None) -> RunSummary | None:
+    """The run an earlier start with the same idempotency key and tenant created, if any."""
+    if key is None:
+        return None
+    with ctx.storage.read() as conn:
+        if ident.tenant_id is None:
+            row = sql.RUN_BY_UNTENANTED_KEY.first(conn, {"b_key": key})
+        else:
+            row = sql.RUN_BY_TENANT_KEY.first(conn, {"b_key": key, "b_tenant": ident.tenant_id})
+    return None if row is None else summary_from_row(row)
+
+
+def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identity) -> RunSummary:
+    """Write the new run, then execute the step it claimed, if any.
+
+    If a start with the same idempotency key won the race, its run is returned
+    instead, and nothing of this one is written or executed. A
+    :class:`StorageError` after the run was written names it in ``run_id``.
+    """
+    try:
+        row = new.insert(ctx.storage)
+    except DuplicateStart:
+        earlier = _started_before(ctx, ident, new.run["idempotency_key"])
+        assert earlier is not None  # the key is unique and runs are deleted only when ended
+        return earlier
     new.send(ctx.app, row)
-    return summary_from_row(drive(ctx, resolver, new.claim, row))
+    try:
+        return summary_from_row(drive(ctx, resolver, new.claim, row))
+    except StorageError as exc:
+        raise StorageError(
+            f"{exc.message} Run {new.run_id} was started before that: find it with"
+            " get_run(run_id) rather than starting another.",
+            run_id=str(new.run_id),
+            hint=exc.hint,
+        ) from exc
 
 
 def start_run(
@@ -62,21 +105,28 @@ def start_run(
     initial_step: Mapping[str, object] | None = None,
     runtime: Mapping[str, object] | None = None,
     handlers: Mapping[str, object] | None = None,
+    idempotency_key: str | None = None,
 ) -> RunSummary:
     """Start a new run for ``identity`` and return its summary.
 
     With ``initial_step`` the run gets one queued step, executed at once when
     a handler for its kind is known. Without it the run has no work and is
     ``completed`` at once. ``runtime={"metadata": {...}}`` is stored on the
-    run. Raises :class:`InvalidIdentity` or :class:`InvalidRunOptions`.
+    run. With ``idempotency_key``, a second start with the same key and
+    tenant returns the first run unchanged and runs nothing. Raises
+    :class:`InvalidIdentity` or :class:`InvalidRunOptions`.
     """
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
     step_spec = initial_step_spec(initial_step, role)
-    metadata = run_metadata(runtime, ident)
+    key = idempotency_name(idempotency_key, InvalidRunOptions)
     ctx = context()
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     resolver = Handlers(handlers, ctx.registry)
-    new = _new_run(ctx, ident, role, metadata)
+    earlier = _started_before(ctx, ident, key)
+    if earlier is not None:
+        return earlier
+    new = _new_run(ctx, ident, role, metadata, key)
     if step_spec is None:
         new.set(status=RunStatus.COMPLETED, completed_at=new.now)
         new.event("run_completed")
@@ -86,7 +136,7 @@ def start_run(
         new.add_step(step)
         new.set(current_step_id=step["id"])
         claim_step(new, step, resolver, None)
-    return _launch(ctx, new, resolver)
+    return _launch(ctx, new, resolver, ident)
 
 
 def start_handoff_run(
@@ -100,13 +150,14 @@ def start_handoff_run(
     capability_tags: object = (),
     handlers: Mapping[str, object] | None = None,
     runtime: Mapping[str, object] | None = None,
+    idempotency_key: str | None = None,
 ) -> RunSummary:
     """Start a run whose root ``handoff`` step delegates to a queued child step.
 
     Everything is validated before anything is written; a rejected call raises
     :class:`InvalidHandoff` with a ``code`` naming the rule. With a handler for
     ``delegated_kind`` the child runs at once; otherwise it stays ``queued``
-    until :func:`dispatch`.
+    until :func:`dispatch`. ``idempotency_key`` works as for :func:`start_run`.
     """
     ident = normalize_identity(identity)
     role = require_name(
@@ -122,9 +173,13 @@ def start_handoff_run(
         max_bytes=ctx.handoff_max_bytes,
         max_depth=ctx.handoff_max_depth,
     )
-    metadata = run_metadata(runtime, ident)
+    metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
+    key = idempotency_name(idempotency_key, InvalidRunOptions)
     resolver = Handlers(handlers, ctx.registry)
-    new = _new_run(ctx, ident, role, metadata)
+    earlier = _started_before(ctx, ident, key)
+    if earlier is not None:
+        return earlier
+    new = _new_run(ctx, ident, role, metadata, key)
     root = new_step_row(new.run_id, sequence=1, kind="handoff", role_id=role)
     root.update(status=StepStatus.COMPLETED, started_at=new.now, completed_at=new.now)
     new.add_step(root)
@@ -132,4 +187,4 @@ def start_handoff_run(
     root["result_envelope"] = result
     new.set(current_step_id=child["id"])
     claim_step(new, child, resolver, None)
-    return _launch(ctx, new, resolver)
+    return _launch(ctx, new, resolver, ident)

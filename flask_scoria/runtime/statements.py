@@ -20,7 +20,19 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Connection, Dialect, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Dialect,
+    Table,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
@@ -187,6 +199,21 @@ def pipeline(conn: Connection) -> Iterator[None]:
 
 
 INSERT_RUN = Prepared(insert(runs).inline())
+#: Insert a run unless its idempotency key is taken; its row count says which.
+INSERT_RUN_IF_NEW = {
+    "postgresql": Prepared(postgresql.insert(runs).on_conflict_do_nothing()),
+    "sqlite": Prepared(sqlite.insert(runs).on_conflict_do_nothing()),
+}
+#: The run started with the idempotency key ``b_key`` for the tenant ``b_tenant``.
+RUN_BY_TENANT_KEY = Prepared(
+    select(runs).where(
+        runs.c.tenant_id == bindparam("b_tenant"), runs.c.idempotency_key == bindparam("b_key")
+    )
+)
+#: The run without a tenant started with the idempotency key ``b_key``.
+RUN_BY_UNTENANTED_KEY = Prepared(
+    select(runs).where(runs.c.tenant_id.is_(None), runs.c.idempotency_key == bindparam("b_key"))
+)
 INSERT_STEP = Prepared(insert(steps).inline())
 INSERT_EVENTS = Prepared(insert(events).inline())
 INSERT_APPROVAL = Prepared(insert(approvals).inline())
@@ -200,9 +227,14 @@ UPDATE_RUN_IF_VERSION = Prepared(
 )
 
 STEP_BY_ID = Prepared(select(steps).where(steps.c.id == bindparam("b_step_id")))
+#: The run's queued steps that are due at ``b_now``, in order.
 QUEUED_STEPS = Prepared(
     select(steps)
-    .where(steps.c.run_id == bindparam("b_run_id"), steps.c.status == StepStatus.QUEUED)
+    .where(
+        steps.c.run_id == bindparam("b_run_id"),
+        steps.c.status == StepStatus.QUEUED,
+        or_(steps.c.not_before.is_(None), steps.c.not_before <= bindparam("b_now")),
+    )
     .order_by(steps.c.sequence)
 )
 OPEN_STEP_COUNT = Prepared(
@@ -218,6 +250,17 @@ RUNNING_STEPS_OF_RUN = Prepared(
     select(steps).where(
         steps.c.run_id == bindparam("b_run_id"), steps.c.status == StepStatus.RUNNING
     )
+)
+
+#: The run's pending approval that expired before ``b_now``, if any.
+EXPIRED_APPROVAL_OF_RUN = Prepared(
+    select(approvals)
+    .where(
+        approvals.c.run_id == bindparam("b_run_id"),
+        approvals.c.status == ApprovalStatus.PENDING,
+        approvals.c.expires_at < bindparam("b_now"),
+    )
+    .limit(1)
 )
 
 _LATEST_APPROVAL = (
@@ -247,22 +290,29 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     .order_by(approvals.c.decided_at.desc(), approvals.c.id.desc())
     .limit(1)
 )
-#: Decide the run's latest approval if it is pending, returning it as decided.
+#: What a decision requires of its approval: still pending and not expired at
+#: ``b_now``, and editable when it edits the arguments (``b_edits``).
+_DECIDABLE = (
+    approvals.c.status == ApprovalStatus.PENDING,
+    or_(approvals.c.expires_at.is_(None), approvals.c.expires_at >= bindparam("b_now")),
+    or_(approvals.c.editable, bindparam("b_edits", type_=Boolean).is_(False)),
+)
+#: Decide the run's latest approval if it is decidable, returning it as decided.
 DECIDE_LATEST_APPROVAL = Prepared(
     update(approvals)
     .where(
         approvals.c.id == _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery(),
-        approvals.c.status == ApprovalStatus.PENDING,
+        *_DECIDABLE,
     )
     .returning(*approvals.c)
 )
-#: Decide the approval ``b_approval_id`` of the run if it is pending, returning it as decided.
+#: Decide the approval ``b_approval_id`` of the run if it is decidable, returning it as decided.
 DECIDE_APPROVAL = Prepared(
     update(approvals)
     .where(
         approvals.c.id == bindparam("b_approval_id"),
         approvals.c.run_id == bindparam("b_run_id"),
-        approvals.c.status == ApprovalStatus.PENDING,
+        *_DECIDABLE,
     )
     .returning(*approvals.c)
 )
@@ -274,22 +324,39 @@ APPROVAL_OF_RUN = Prepared(
 
 
 @cache
-def _update_step_where(names: tuple[str, ...]) -> Prepared:
+def _update_where(table: Table, names: tuple[str, ...]) -> Prepared:
     return Prepared(
-        update(steps).where(
-            steps.c.id == bindparam("b_step_id"),
-            *(steps.c[name] == bindparam(f"b_{name}") for name in names),
+        update(table).where(
+            table.c.id == bindparam("b_id"),
+            *(table.c[name] == bindparam(f"b_{name}") for name in names),
         )
     )
+
+
+def _update_if(
+    conn: Connection,
+    table: Table,
+    row_id: uuid.UUID,
+    expect: Mapping[str, Any],
+    values: Mapping[str, Any],
+) -> bool:
+    params = {**values, "b_id": row_id}
+    params.update({f"b_{name}": value for name, value in expect.items()})
+    return _update_where(table, tuple(sorted(expect))).rowcount(conn, params) == 1
 
 
 def update_step_if(
     conn: Connection, step_id: uuid.UUID, expect: Mapping[str, Any], values: Mapping[str, Any]
 ) -> bool:
     """Update one step only while its columns still equal ``expect``."""
-    params = {**values, "b_step_id": step_id}
-    params.update({f"b_{name}": value for name, value in expect.items()})
-    return _update_step_where(tuple(sorted(expect))).rowcount(conn, params) == 1
+    return _update_if(conn, steps, step_id, expect, values)
+
+
+def update_approval_if(
+    conn: Connection, approval_id: uuid.UUID, expect: Mapping[str, Any], values: Mapping[str, Any]
+) -> bool:
+    """Update one approval only while its columns still equal ``expect``."""
+    return _update_if(conn, approvals, approval_id, expect, values)
 
 
 def update_run_if_version(

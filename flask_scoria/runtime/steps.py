@@ -21,14 +21,14 @@ from .. import signals
 from .._ids import uuid7
 from ..policy import DEFAULT_POLICY, HandlerPolicy
 from ..readback import Approval
-from ..statuses import RunStatus, StepStatus
+from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
 from . import tracing
 from .executors import QueuedStep
 from .handlers import HandlerRegistry, Handlers
 from .rows import approval_from_row
 from .tables import steps
-from .transaction import Claim, Row, RunChange, Tx
+from .transaction import Claim, Conflict, Row, RunChange, Tx
 
 log = logging.getLogger("flask_scoria")
 
@@ -42,6 +42,7 @@ def new_step_row(
     parent_step_id: uuid.UUID | None = None,
     handoff_input: Row | None = None,
     projected_context: Row | None = None,
+    input: Row | None = None,
 ) -> Row:
     """A new ``queued`` step of ``run_id``, as a row to insert."""
     return {
@@ -61,7 +62,7 @@ def new_step_row(
         "lease_expires_at": None,
         "started_at": None,
         "completed_at": None,
-        "input": None,
+        "input": input,
         "not_before": None,
         "trace_context": None,
     }
@@ -205,7 +206,7 @@ def retry_or_fail(
 
 def claim_next(tx: Tx, handlers: Handlers) -> None:
     """Claim the first queued step of the run whose handler is known."""
-    for step in sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id}):
+    for step in sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now}):
         if handlers.get(step["kind"]) is not None:
             claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
             return
@@ -283,6 +284,42 @@ def expire_leases(tx: Tx) -> bool:
     error = stale_error(reason, policy.timeout)
     retry_or_fail(tx, step, partial(_write_held, tx, held), policy, error, reason)
     return True
+
+
+def expire_approval(tx: Tx) -> bool:
+    """Fail the run if its pending approval expired; the approval becomes ``expired``."""
+    if tx.status() != RunStatus.WAITING_FOR_APPROVAL:
+        return False
+    expired = sql.EXPIRED_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now})
+    if expired is None:
+        return False
+    if not sql.update_approval_if(
+        tx.conn,
+        expired["id"],
+        {"status": ApprovalStatus.PENDING},
+        {"status": ApprovalStatus.EXPIRED, "decided_at": tx.now},
+    ):
+        raise Conflict
+    error = {
+        "type": "approval_expired",
+        "message": f"Nobody decided on {expired['tool_name']!r} before"
+        f" {expired['expires_at'].isoformat()}; resume_run asks again.",
+    }
+    tx.update_step(
+        expired["step_id"],
+        {"status": StepStatus.WAITING_FOR_APPROVAL},
+        status=StepStatus.FAILED,
+        error_envelope=error,
+        completed_at=tx.now,
+    )
+    tx.event("approval_expired", expired["step_id"], {"approval_id": str(expired["id"])})
+    fail_run(tx, expired["step_id"], "step_failed", error)
+    return True
+
+
+def notice_expiry(tx: Tx) -> bool:
+    """Fail the run if a lease or an approval of it expired; whether one did."""
+    return expire_leases(tx) or expire_approval(tx)
 
 
 def _write_held(tx: Tx, held: Mapping[str, object], step_id: uuid.UUID, **values: object) -> None:

@@ -26,7 +26,8 @@ from ..readback import Approval
 from ..statuses import RunStatus
 from ..storage import Storage
 from . import statements as sql
-from .context import UNSET, RuntimeContext, TenantGuard
+from .arguments import UNSET, TenantGuard
+from .context import RuntimeContext
 from .executors import QueuedStep, announce, notify
 from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
@@ -41,6 +42,10 @@ MAX_ATTEMPTS = 50
 
 class Conflict(Exception):
     """Another transaction changed the run first; read it again."""
+
+
+class DuplicateStart(Exception):
+    """Another start with the same idempotency key and tenant was committed first."""
 
 
 class StepLost(Exception):
@@ -180,19 +185,39 @@ class NewRun(RunChange):
         raise Conflict
 
     def insert(self, storage: Storage) -> Row:
-        """Write the run with its steps, handoffs and events; return the run as written."""
+        """Write the run with its steps, handoffs and events; return the run as written.
+
+        If the connection drops, the write is tried again on a fresh one,
+        unless the run turns out to be there: the dropped commit went through.
+        """
         row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
-        with storage.write() as conn:
-            if self.queued:
-                notify(conn)
-            with sql.pipeline(conn):
+        tries = 0
+        while True:
+            try:
+                with storage.write() as conn:
+                    if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
+                        self._insert_all(conn, row)
+                return row
+            except StorageError as exc:
+                tries += 1
+                if not storage.retry_after(exc, tries):
+                    raise
+
+    def _insert_all(self, conn: Connection, row: Row) -> None:
+        if self.queued:
+            notify(conn)
+        keyed = row["idempotency_key"] is not None
+        # A keyed run goes first, on its own, so that a start that lost the race writes nothing.
+        if keyed and sql.INSERT_RUN_IF_NEW[conn.dialect.name].rowcount(conn, row) != 1:
+            raise DuplicateStart
+        with sql.pipeline(conn):
+            if not keyed:
                 sql.INSERT_RUN.execute_many(conn, [row])
-                for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
-                    rows = [new for of, new in self.new_rows if of is statement]
-                    if rows:
-                        statement.execute_many(conn, rows)
-                sql.INSERT_EVENTS.execute_many(conn, self.new_events)
-        return row
+            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
+                rows = [new for of, new in self.new_rows if of is statement]
+                if rows:
+                    statement.execute_many(conn, rows)
+            sql.INSERT_EVENTS.execute_many(conn, self.new_events)
 
 
 class Tx(RunChange):
@@ -259,10 +284,13 @@ def transact(
     the run first, locking it before any of its steps.
 
     If the step a handler held was lost meanwhile, the outcome is ``None``
-    and the run is returned as it now is.
+    and the run is returned as it now is. A transaction whose connection
+    dropped is tried again on a fresh one, a bounded number of times; if its
+    commit went through after all, the compare-and-set of the next try tells.
     """
     if not ctx.storage.is_sqlite:
         known = None
+    dropped = 0
     for attempt in range(MAX_ATTEMPTS):
         try:
             with ctx.storage.write() as conn:
@@ -278,6 +306,11 @@ def transact(
         except StepLost:
             with ctx.storage.read() as conn:
                 return None, load_run(conn, run_id, guard, lock=False), None
+        except StorageError as exc:
+            dropped += 1
+            if not ctx.storage.retry_after(exc, dropped):
+                raise
+            continue
         tx.send(ctx.app, new_row)
         return outcome, new_row, tx.claim
     raise StorageError(

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import NoReturn
 
 from sqlalchemy import update
 
 from .. import signals
-from ..errors import ApprovalAlreadyDecided, ApprovalPending, NoPendingApproval, RunNotResumable
+from .._json import json_object
+from ..errors import (
+    ApprovalAlreadyDecided,
+    ApprovalPending,
+    InvalidDecision,
+    InvalidRunOptions,
+    NoPendingApproval,
+    RunNotResumable,
+)
 from ..readback import Approval, RunSummary
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
 from . import statements as sql
-from .arguments import approval_key, decider, optional_text, run_uuid, tenant_guard
-from .context import UNSET, context
+from .arguments import UNSET, approval_key, decider, optional_text, run_uuid, tenant_guard
+from .context import context
 from .handlers import Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
-from .steps import claim_next, claim_step, decided_approval, expire_leases
+from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
 from .tables import approvals, steps
 from .transaction import Conflict, Row, Tx, transact
 
@@ -118,8 +125,17 @@ def _resume_approved(tx: Tx, handlers: Handlers) -> None:
         raise NoPendingApproval(str(tx.run_id))
     approval = approval_from_row(row)
     if approval.status == ApprovalStatus.PENDING:
+        if approval.expires_at is not None and approval.expires_at < tx.now:
+            # It expired unnoticed: record that, then ask again.
+            expire_approval(tx)
+            _retry_failed(tx, handlers)
+            return
         raise ApprovalPending(str(tx.run_id), approval.id)
-    step = split_prefixed(row, "steps_")
+    _continue(tx, split_prefixed(row, "steps_"), handlers, approval)
+
+
+def _continue(tx: Tx, step: Row, handlers: Handlers, approval: Approval) -> None:
+    """Resume the run at its approved ``step``: claim it for its handler, or queue it."""
     tx.set(status=RunStatus.RUNNING)
     tx.event("resume_requested", step["id"])
     tx.signal(signals.run_resumed)
@@ -149,8 +165,12 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
     )
 
 
-def _not_pending(tx: Tx, approval_id: uuid.UUID | None) -> NoReturn:
-    """Raise why the approval (default: the run's latest) could not be decided."""
+def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
+    """Why the approval (default: the run's latest) could not be decided.
+
+    Returns ``True`` after writing the expiry of an approval that expired;
+    raises for every other reason.
+    """
     if approval_id is None:
         approval = _latest_approval(tx)
     else:
@@ -158,11 +178,20 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None) -> NoReturn:
             tx.conn, {"b_run_id": tx.run_id, "b_approval_id": approval_id}
         )
         approval = None if row is None else approval_from_row(row)
-    if approval is None:
+    if approval is None or approval.status == ApprovalStatus.EXPIRED:
         raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
-    if approval.status == ApprovalStatus.PENDING:
-        raise Conflict
-    raise ApprovalAlreadyDecided(str(tx.run_id), approval.id, approval.status, approval.decided_by)
+    if approval.status != ApprovalStatus.PENDING:
+        raise ApprovalAlreadyDecided(
+            str(tx.run_id), approval.id, approval.status, approval.decided_by
+        )
+    if approval.expires_at is not None and approval.expires_at < tx.now:
+        return expire_approval(tx)
+    if edits and not approval.editable:
+        raise InvalidDecision(
+            f"Approval {approval.id} of run {tx.run_id} is not editable, so its arguments"
+            " cannot be replaced; approve it as requested or reject it."
+        )
+    raise Conflict
 
 
 def approve_run(
@@ -170,20 +199,41 @@ def approve_run(
     *,
     decided_by: str,
     note: str | None = None,
+    arguments: Mapping[str, object] | None = None,
     approval_id: str | None = None,
+    resume: bool = False,
+    handlers: Mapping[str, object] | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
     """Approve the run's pending approval as ``decided_by``.
 
     Given ``approval_id`` (the approval the decider was shown), only that
-    approval is decided, never a later one. The run stays
-    ``waiting_for_approval`` until :func:`resume_run`. Raises
+    approval is decided, never a later one. ``arguments`` replace the
+    requested ones, for an approval that is ``editable`` (otherwise
+    :class:`InvalidDecision`). Without ``resume`` the run stays
+    ``waiting_for_approval`` until :func:`resume_run`; with it the step is
+    claimed in the same transaction, so no other caller can resume in
+    between, and run (or queued) before this returns. Raises
     :class:`ApprovalAlreadyDecided` (naming the winner) or
-    :class:`NoPendingApproval`.
+    :class:`NoPendingApproval` (also for an approval that expired).
     """
+    if not isinstance(resume, bool):
+        raise InvalidRunOptions("resume must be True or False.")
+    edited = None
+    if arguments is not None:
+        edited = json_object(arguments, what="arguments", error=InvalidRunOptions)
     return _decide(
-        run_id, ApprovalStatus.APPROVED, decided_by, note, approval_id, tenant_id, identity
+        run_id,
+        ApprovalStatus.APPROVED,
+        decided_by,
+        note,
+        approval_id,
+        tenant_id,
+        identity,
+        edited=edited,
+        resume=resume,
+        handlers=handlers,
     )
 
 
@@ -213,6 +263,10 @@ def _decide(
     approval_id: object,
     tenant_id: object,
     identity: object,
+    *,
+    edited: Row | None = None,
+    resume: bool = False,
+    handlers: Mapping[str, object] | None = None,
 ) -> RunSummary:
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
@@ -220,14 +274,19 @@ def _decide(
     text = optional_text(note, "note" if decision == ApprovalStatus.APPROVED else "reason")
     expected = approval_key(approval_id)
     ctx = context()
+    resolver = Handlers(handlers, ctx.registry)
 
-    def decide(tx: Tx) -> None:
+    def decide(tx: Tx) -> bool:
+        """Decide; ``False`` when the approval turned out to have expired."""
         params = {
             "b_run_id": tx.run_id,
+            "b_now": tx.now,
+            "b_edits": edited is not None,
             "status": decision,
             "decided_by": who,
             "decided_at": tx.now,
             "note": text,
+            "edited_arguments": edited,
         }
         if isinstance(expected, str):  # names no approval at all
             raise NoPendingApproval(str(tx.run_id), expected)
@@ -236,7 +295,8 @@ def _decide(
         else:
             decided = sql.DECIDE_APPROVAL.first(tx.conn, {**params, "b_approval_id": expected})
         if decided is None:
-            _not_pending(tx, expected)
+            _not_pending(tx, expected, edited is not None)
+            return False
         step_id = decided["step_id"]
         payload = {"decision": decision, "decided_by": who}
         tx.event("approval_decided", step_id, payload)
@@ -250,9 +310,16 @@ def _decide(
             )
             tx.set(status=RunStatus.REJECTED, completed_at=tx.now)
             tx.event("run_rejected", step_id, {"reason": text})
+        elif resume:
+            step = sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
+            assert step is not None
+            _continue(tx, step, resolver, approval_from_row(decided))
+        return True
 
-    _, row, _ = transact(ctx, key, guard, decide)
-    return summary_from_row(row)
+    decided, row, claim = transact(ctx, key, guard, decide)
+    if decided is False:
+        raise NoPendingApproval(str(key), None if expected is None else str(expected))
+    return summary_from_row(drive(ctx, resolver, claim, row))
 
 
 def cancel_run(

@@ -33,8 +33,8 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 from ..errors import StorageError
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
-from .arguments import int_in_range
-from .context import UNSET, RuntimeContext, context
+from .arguments import UNSET, int_in_range
+from .context import RuntimeContext, context
 from .executors import CHANNEL, send_to_celery
 from .handlers import Handlers
 from .outcomes import drive

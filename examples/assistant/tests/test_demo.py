@@ -3,79 +3,31 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
 
+from examples.assistant.tests.http_client import Browser, free_port
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
-class Browser:
-    """A cookie-keeping HTTP client that submits the page's forms with their hidden fields."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.page = ""
-        self.url = ""
-
-    def get(self, path: str) -> str:
-        return self._open(urllib.request.Request(self.base + path))
-
-    def post(self, path: str, **form: str) -> str:
-        """Submit the current page's form for ``path`` with its hidden fields and ``form``."""
-        here = urllib.parse.urlsplit(self.url).path
-        fields = [
-            body
-            for attributes, body in re.findall(r"<form([^>]*)>(.*?)</form>", self.page, re.S)
-            if form_action(attributes, here) == path
-        ]
-        assert fields, f"no form for {path} on the current page"
-        hidden = re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', fields[0])
-        data = {name: html.unescape(value) for name, value in hidden}
-        encoded = urllib.parse.urlencode({**data, **form}).encode()
-        return self._open(urllib.request.Request(self.base + path, data=encoded))
-
-    def _open(self, request: urllib.request.Request) -> str:
-        with self.opener.open(request, timeout=10) as response:
-            self.url = response.url
-            self.page = response.read().decode()
-        return self.page
-
-
-def form_action(attributes: str, default: str) -> str:
-    """Where a form posts: its ``action``, or the page it is on."""
-    found = re.search(r'action="([^"]*)"', attributes)
-    return html.unescape(found.group(1)) if found else default
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+def start_demo(port: int, tmp_path: Path) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PORT": str(port),
         "ASSISTANT_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
         "ASSISTANT_SECRET_KEY": "demo-test",
     }
-    server = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "examples.assistant.demo"],
         cwd=ROOT,
         env=env,
@@ -83,24 +35,40 @@ def demo(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    server = start_demo(port, tmp_path)
     base = f"http://127.0.0.1:{port}"
+    assert server.stdout
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(base + "/login", timeout=1).close()
-                break
-            except urllib.error.URLError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    output = server.stdout.read() if server.stdout else ""
-                    pytest.fail(f"the demo did not start:\n{output}")
-                time.sleep(0.2)
+        banner = [server.stdout.readline()]
+        while banner[-1] and "Ctrl+C" not in banner[-1]:
+            banner.append(server.stdout.readline())
+        text = "".join(banner)
+        assert text.startswith(f"flask-scoria example assistant: {base}/\n"), text
+        assert "sign in as alice" in text
+        # Printed only once the port is bound: the first request needs no retry.
+        urllib.request.urlopen(base + "/login", timeout=10).close()
         yield base
     finally:
         server.terminate()
-        output, _ = server.communicate(timeout=10)
-    assert f"http://127.0.0.1:{port}/" in output
-    assert "sign in as alice" in output
+        server.communicate(timeout=10)
+
+
+def test_a_busy_port_is_reported_with_the_way_out(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_demo(port, tmp_path)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is already in use" in output
+    assert f"make demo PORT={port + 1}" in output
+    assert "http://" not in output
 
 
 def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
@@ -114,13 +82,18 @@ def test_the_whole_flow_over_http(demo: str, tmp_path: Path) -> None:
     alice.post("/assistant/runs", prompt="What does the travel policy say about trains?")
     run_id = alice.url.rsplit("/", 1)[1]
     assert 'data-status="waiting_for_approval"' in alice.page
-    assert f'href="/scoria/workflows/{run_id}"' in alice.page
+    assert "/scoria/workflows/" not in alice.page
+    assert 'data-poll-url="/assistant/runs/' in alice.page
 
     ops = Browser(demo)
     ops.get("/login")
     ops.post("/login", user_id="ops")
+    ops.get(f"/assistant/runs/{run_id}")
+    assert f'href="/scoria/workflows/{run_id}"' in ops.page
     approve_as_operator(ops, run_id)
 
+    polled = json.loads(alice.get(f"/assistant/runs/{run_id}/status.json"))
+    assert (polled["status"], polled["final"]) == ("completed", True)
     alice.get(f"/assistant/runs/{run_id}")
     assert 'data-status="completed"' in alice.page
     answer = re.search(r'<blockquote id="answer">([^<]+)</blockquote>', alice.page)

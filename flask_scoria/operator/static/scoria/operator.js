@@ -1,4 +1,5 @@
-// Operator pages: copy buttons, relative times, and reloading a run page when the run moves.
+// Operator pages: times in the viewer's time zone, copy buttons, and reloading a run page
+// when the run moves.
 (function () {
   "use strict";
   document.documentElement.classList.add("js");
@@ -13,11 +14,41 @@
     return Math.floor(seconds) + " s";
   }
 
+  function relative(seconds) {
+    // Less than a second ahead counts as now, as on the server.
+    return seconds <= -1 ? "in " + span(-seconds) : span(seconds) + " ago";
+  }
+
+  function pad(number) {
+    return (number < 10 ? "0" : "") + number;
+  }
+
+  // "2024-06-01 17:30:03 +05:30": the moment on the viewer's clock, with its offset.
+  function localTime(date) {
+    var minutes = -date.getTimezoneOffset();
+    var zone = "UTC";
+    if (minutes !== 0) {
+      var size = Math.abs(minutes);
+      zone = (minutes > 0 ? "+" : "-") + pad(Math.floor(size / 60)) + ":" + pad(size % 60);
+    }
+    return date.getFullYear() + "-" + pad(date.getMonth() + 1) + "-" + pad(date.getDate()) +
+      " " + pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds()) +
+      " " + zone;
+  }
+
+  // The server writes UTC; the title keeps it, the visible text follows the viewer's zone.
+  function showLocalTimes() {
+    document.querySelectorAll("time[datetime] [data-local]").forEach(function (el) {
+      var at = new Date(el.parentElement.getAttribute("datetime"));
+      if (!isNaN(at.getTime())) el.textContent = localTime(at);
+    });
+  }
+
   function refreshTimes() {
     var now = Date.now();
     document.querySelectorAll("time[datetime] [data-relative]").forEach(function (el) {
       var at = Date.parse(el.parentElement.getAttribute("datetime"));
-      if (!isNaN(at)) el.textContent = span((now - at) / 1000) + " ago";
+      if (!isNaN(at)) el.textContent = relative((now - at) / 1000);
     });
   }
 
@@ -32,6 +63,17 @@
     });
   }
 
+  // Answers after which asking again cannot help: signed out, or the run is gone.
+  var FINAL = [401, 403, 404, 410];
+
+  function stopPolling(response) {
+    var live = document.querySelector("[data-live]");
+    if (!live) return;
+    live.textContent = response.status === 404 || response.status === 410
+      ? "stopped refreshing: the run is no longer available"
+      : "stopped refreshing: operator access ended; reload to sign in again";
+  }
+
   function poll() {
     var body = document.body;
     var url = body.getAttribute("data-poll-url");
@@ -39,25 +81,35 @@
     var status = body.getAttribute("data-status");
     var updatedAt = body.getAttribute("data-updated-at");
     var delay = 2000;
+    function later(wait) {
+      setTimeout(check, wait);
+    }
     function check() {
-      if (document.hidden) { setTimeout(check, delay); return; }
+      if (document.hidden) { later(delay); return; }
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (response) { return response.ok ? response.json() : null; })
-        .then(function (state) {
-          if (state && (state.status !== status || state.updated_at !== updatedAt)) {
-            window.location.reload();
+        .then(function (response) {
+          if (FINAL.indexOf(response.status) !== -1) {
+            stopPolling(response);
             return;
           }
           delay = Math.min(delay * 1.2, 15000);
-          setTimeout(check, delay);
+          if (!response.ok) { later(delay); return; }
+          return response.json().then(function (state) {
+            if (state.status !== status || state.updated_at !== updatedAt) {
+              window.location.reload();
+              return;
+            }
+            later(delay);
+          });
         })
-        .catch(function () { setTimeout(check, 15000); });
+        .catch(function () { later(15000); });
     }
-    setTimeout(check, delay);
+    later(delay);
   }
 
   document.addEventListener("DOMContentLoaded", function () {
     setupCopy();
+    showLocalTimes();
     refreshTimes();
     setInterval(refreshTimes, 30000);
     poll();

@@ -1,0 +1,393 @@
+"""Faults: dropped connections, values a backend cannot store, oversized metadata."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from _helpers import IDENTITY, ask_then_work, counting_handler, executions, row_counts
+from conftest import create_test_app
+from flask import Flask
+
+import flask_scoria as scoria
+from flask_scoria import runtime as scoria_runtime
+from flask_scoria import schema
+
+only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
+
+
+@contextmanager
+def configured_app(database_uri: str, tmp_path: Path, **config: object) -> Iterator[Flask]:
+    """An app with extra ``SCORIA_*`` config, its engine disposed afterwards."""
+    app = create_test_app(database_uri, tmp_path / "instance", **config)
+    try:
+        yield app
+    finally:
+        app.extensions["scoria"].storage(app).engine.dispose()
+
+
+@contextmanager
+def admin_engine(database_uri: str) -> Iterator[sa.Engine]:
+    """An engine outside the app's pool, for terminating the app's connections."""
+    engine = sa.create_engine(database_uri, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def terminate_other_backends(admin: sa.Engine) -> int:
+    """``pg_terminate_backend`` every other connection to the database; how many."""
+    with admin.connect() as conn:
+        return len(
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).all()
+        )
+
+
+@only_postgres
+@pytest.mark.parametrize("pre_ping", [True, False], ids=["pre-ping", "no-pre-ping"])
+def test_connections_terminated_as_the_handler_returns_do_not_strand_the_run(
+    database_uri: str, tmp_path: Path, pre_ping: bool
+) -> None:
+    """Without the ping (a host engine), the outcome's write is retried on a fresh connection."""
+    counter = tmp_path / "executions"
+    terminated: list[int] = []
+    options = {"pool_pre_ping": pre_ping}
+    with (
+        configured_app(database_uri, tmp_path, SCORIA_ENGINE_OPTIONS=options) as app,
+        admin_engine(database_uri) as admin,
+    ):
+
+        def work(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
+            counting_handler(step, run)
+            terminated.append(terminate_other_backends(admin))
+            return {"done": True}
+
+        with app.app_context():
+            run = scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "work"},
+                runtime={"metadata": {"counter": str(counter)}},
+                handlers={"work": work},
+            )
+            assert terminated and terminated[0] >= 1
+            assert run.status == scoria.RunStatus.COMPLETED
+            assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+    assert len(executions(counter)) == 1
+
+
+@contextmanager
+def kill_next_transaction(app: Flask, admin: sa.Engine) -> Iterator[list[int]]:
+    """Once armed (append to the yielded list), terminate the connection of the next
+    flask-scoria transaction as it begins: after the pool's ping, before its first statement."""
+    engine = app.extensions["scoria"].storage(app).engine
+    armed: list[int] = []
+    killed: list[int] = []
+
+    def on_begin(conn: sa.Connection) -> None:
+        if len(armed) > len(killed):
+            pid = conn.connection.driver_connection.info.backend_pid
+            with admin.connect() as admin_conn:
+                admin_conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            killed.append(pid)
+
+    sa.event.listen(engine, "begin", on_begin)
+    try:
+        yield armed
+    finally:
+        sa.event.remove(engine, "begin", on_begin)
+
+
+def arming_handler(armed: list[int], counter: Path, times: int = 1) -> Any:
+    def work(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
+        counting_handler(step, run)
+        armed.extend([1] * times)
+        return {"done": True}
+
+    return work
+
+
+@only_postgres
+def test_a_connection_dropped_inside_the_outcome_write_is_retried(
+    app: Flask, database_uri: str, tmp_path: Path
+) -> None:
+    counter = tmp_path / "executions"
+    with (
+        admin_engine(database_uri) as admin,
+        kill_next_transaction(app, admin) as armed,
+        app.app_context(),
+    ):
+        run = scoria.start_run(
+            IDENTITY,
+            initial_step={"kind": "work"},
+            runtime={"metadata": {"counter": str(counter)}},
+            handlers={"work": arming_handler(armed, counter, times=2)},
+        )
+        detail = scoria.get_run_detail(run.run_id)
+    assert run.status == scoria.RunStatus.COMPLETED
+    assert [step.status for step in detail.steps] == [scoria.StepStatus.COMPLETED]
+    assert [event.sequence for event in detail.events] == [1, 2, 3, 4]
+    assert len(executions(counter)) == 1
+
+
+@only_postgres
+def test_storage_error_after_the_run_was_written_names_the_run(
+    database_uri: str, tmp_path: Path
+) -> None:
+    counter = tmp_path / "executions"
+    with (
+        configured_app(database_uri, tmp_path, SCORIA_RECONNECT_ATTEMPTS=0) as app,
+        admin_engine(database_uri) as admin,
+    ):
+        with (
+            kill_next_transaction(app, admin) as armed,
+            app.app_context(),
+            pytest.raises(scoria.StorageError) as info,
+        ):
+            scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "work"},
+                runtime={"metadata": {"counter": str(counter)}},
+                handlers={"work": arming_handler(armed, counter)},
+            )
+        assert info.value.run_id is not None
+        assert info.value.run_id in info.value.message
+        with app.app_context():
+            assert scoria.get_run(info.value.run_id).status == scoria.RunStatus.RUNNING
+    assert len(executions(counter)) == 1
+
+
+@only_postgres
+def test_a_dropped_connection_while_inserting_the_run_is_retried(
+    app: Flask, database_uri: str
+) -> None:
+    with admin_engine(database_uri) as admin, kill_next_transaction(app, admin) as armed:
+        armed.append(1)
+        with app.app_context():
+            run = scoria.start_run(IDENTITY)
+            assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+
+
+def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'missing-tables.sqlite3'}"
+    with (
+        configured_app(uri, tmp_path) as app,
+        app.app_context(),
+        pytest.raises(scoria.StorageError) as info,
+    ):
+        scoria.start_run(IDENTITY)
+    assert info.value.run_id is None
+
+
+@only_postgres
+def test_the_own_engine_pings_and_times_out(database_uri: str, tmp_path: Path) -> None:
+    with configured_app(database_uri, tmp_path, SCORIA_STATEMENT_TIMEOUT=0.2) as app:
+        engine = app.extensions["scoria"].storage(app).engine
+        assert engine.pool._pre_ping
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "200ms"
+            assert conn.connection.driver_connection.info.get_parameters()["connect_timeout"]
+        with (
+            app.app_context(),
+            pytest.raises(scoria.StorageError, match="statement timeout"),
+            app.extensions["scoria"].storage(app).read() as conn,
+        ):
+            conn.exec_driver_sql("SELECT pg_sleep(2)")
+
+
+TENANT = IDENTITY["tenant_id"]
+
+
+@pytest.fixture
+def ops(app: Flask) -> Any:
+    """A client of the operator pages, as an operator of ``TENANT``."""
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    return app.test_client()
+
+
+def paused(**runtime: Any) -> scoria.RunSummary:
+    return scoria.start_run(
+        IDENTITY, initial_step={"kind": "ask"}, handlers={"ask": ask_then_work}, **runtime
+    )
+
+
+def test_approved_runs_waiting_for_resume_can_be_listed(app: Flask, ops: Any) -> None:
+    with app.app_context():
+        waiting = paused()
+        approved = paused()
+        scoria.approve_run(approved.run_id, decided_by="ops")
+        resumed = paused()
+        scoria.approve_run(resumed.run_id, decided_by="ops")
+        scoria.resume_run(resumed.run_id, handlers={"ask": ask_then_work})
+        found = scoria_runtime.list_runs(scoria_runtime.RunFilters(awaiting_resume=True))
+    assert [run.run_id for run in found.rows] == [approved.run_id]
+    html = ops.get("/scoria/workflows?status=awaiting_resume").get_data(as_text=True)
+    assert f"workflows/{approved.run_id}" in html
+    assert f"workflows/{waiting.run_id}" not in html
+    assert f"workflows/{resumed.run_id}" not in html
+    assert 'value="awaiting_resume" selected' in html
+
+
+def test_metadata_larger_than_the_cap_is_refused_and_nothing_written(
+    database_uri: str, tmp_path: Path
+) -> None:
+    with configured_app(database_uri, tmp_path, SCORIA_MAX_METADATA_BYTES=1000) as app:
+        engine = app.extensions["scoria"].storage(app).engine
+        before = row_counts(engine)
+        with app.app_context():
+            with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_MAX_METADATA_BYTES"):
+                scoria.start_run(IDENTITY, runtime={"metadata": {"text": "x" * 1000}})
+            with pytest.raises(scoria.InvalidRunOptions, match="1000"):
+                scoria.start_handoff_run(
+                    {**IDENTITY, "metadata": {"text": "y" * 1000}},
+                    "critic",
+                    root_role_id="planner",
+                    delegated_kind="review",
+                    handoff_input={},
+                    projected_context={},
+                )
+            scoria.start_run(IDENTITY, runtime={"metadata": {"text": "x" * 900}})
+        assert row_counts(engine)["scoria_runs"] == before["scoria_runs"] + 1
+
+
+@contextmanager
+def statements_of(app: Flask) -> Iterator[list[str]]:
+    """The SQL text of every statement SQLAlchemy sends while the block runs."""
+    engine = app.extensions["scoria"].storage(app).engine
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(args[2])
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_lists_and_status_polls_read_no_metadata(app: Flask, ops: Any) -> None:
+    with app.app_context():
+        run = paused(runtime={"metadata": {"payload": "p" * 10_000}})
+    pages = (
+        "/scoria/workflows",
+        "/scoria/workflows?status=awaiting_resume",
+        f"/scoria/sessions/{IDENTITY['session_id']}",
+        "/scoria/approvals",
+        f"/scoria/workflows/{run.run_id}/status.json",
+    )
+    for url in pages:
+        with statements_of(app) as seen:
+            response = ops.get(url)
+        assert response.status_code == 200, url
+        reads = [sql for sql in seen if "FROM scoria_runs" in sql]
+        assert reads, url
+        assert not [sql for sql in reads if "scoria_runs.metadata" in sql], url
+    assert ops.get(pages[-1]).get_json()["status"] == "waiting_for_approval"
+
+
+HIDDEN = (
+    *("secret_key", "aws_secret_access_key", "Proxy-Authorization", "api_keys", "passwords"),
+    *("tokens", "pwd", "passphrase", "jwt", "bearer", "credential", "signing_key"),
+    *("encryption_key", "auth", "basicAuth", "client_secret", "AWS_ACCESS_KEY"),
+)
+SHOWN = ("max_tokens", "prompt_tokens", "session_id", "draft_answer", "author", "authority")
+
+
+def test_credentials_are_redacted_and_url_passwords_masked(app: Flask, ops: Any) -> None:
+    arguments = {key: f"value-of-{key}" for key in (*HIDDEN, *SHOWN)}
+    arguments.update(
+        database_url="postgresql://app:hunter2@db.internal:5432/prod",
+        dsn="host=db user=app password=hunter3 dbname=prod",
+        notes=["see https://bob:hunter4@example.com/x", "https://example.com/a@b"],
+    )
+
+    def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return scoria.WaitForApproval("deploy", arguments)
+
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "ask"}, handlers={"ask": ask})
+    html = ops.get(f"/scoria/workflows/{run.run_id}").get_data(as_text=True)
+    for key in HIDDEN:
+        assert f"value-of-{key}&#34;" not in html, key
+        assert f"&#34;{key}&#34;: &#34;[REDACTED]&#34;" in html, key
+    for key in SHOWN:
+        assert f"value-of-{key}&#34;" in html, key
+    assert "hunter" not in html
+    assert "postgresql://app:[REDACTED]@db.internal:5432/prod" in html
+    assert "password=[REDACTED] dbname=prod" in html
+    assert "https://example.com/a@b" in html
+
+
+@pytest.mark.parametrize("key", [*SHOWN, "pwd", "passphrase", "secret_key", "auth", "jwt"])
+def test_handoffs_still_carry_what_the_contract_allows(app: Flask, key: str) -> None:
+    with app.app_context():
+        run = scoria.start_handoff_run(
+            IDENTITY,
+            "critic",
+            root_role_id="planner",
+            delegated_kind="review",
+            handoff_input={},
+            projected_context={key: 1},
+        )
+    assert run.run_id
+
+
+def test_the_unavailable_page_names_no_connection_details(tmp_path: Path) -> None:
+    uri = "postgresql+psycopg://scoria_user@127.0.0.1:1/scoria_secret_db"
+    with configured_app(uri, tmp_path, SCORIA_CONNECT_TIMEOUT=2) as app:
+        app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+        response = app.test_client().get("/scoria/workflows")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 503
+    assert "unavailable" in html
+    for detail in ("127.0.0.1", "port 1", "scoria_user", "scoria_secret_db", "psycopg"):
+        assert detail not in html, detail
+
+
+def test_security_headers_on_every_response_under_the_prefix(app: Flask) -> None:
+    @app.get("/scoria-elsewhere")
+    def elsewhere() -> str:
+        return "host page"
+
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    ops = app.test_client()
+    responses = [
+        ops.get("/scoria/no/such/page"),
+        ops.get("/scoria/workflows/x/approve"),
+        ops.delete("/scoria/workflows"),
+        ops.get("/scoria"),
+    ]
+    assert [response.status_code for response in responses][:3] == [404, 405, 405]
+    for response in responses:
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Cache-Control"] == "no-store"
+    assert "Content-Security-Policy" not in ops.get("/scoria-elsewhere").headers
+
+
+def test_a_read_only_sqlite_file_can_be_read_and_says_why_writes_fail(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    with configured_app(f"sqlite:///{path}", tmp_path / "writer") as writer:
+        schema.upgrade(writer.extensions["scoria"].storage(writer).engine)
+        with writer.app_context():
+            run = scoria.start_run(IDENTITY)
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    uri = f"sqlite:///file:{path}?mode=ro&uri=true"
+    with configured_app(uri, tmp_path / "reader") as reader, reader.app_context():
+        assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+        assert [found.run_id for found in scoria.list_runs_for_session("session-1")] == [run.run_id]
+        with pytest.raises(scoria.StorageError, match="read-only for this process"):
+            scoria.start_run(IDENTITY)

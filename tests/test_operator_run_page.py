@@ -1,0 +1,345 @@
+"""The run page's forms (edited arguments, cancel, retry) and its bounds on long runs."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from markupsafe import escape
+from test_operator import TENANT, csrf, page, run_status, start
+
+import flask_scoria as scoria
+from flask_scoria import Fail, Scoria, Succeed, WaitForApproval
+from flask_scoria.runtime import tables
+
+REQUESTED = {"to": "team@example.com", "subject": "Q3", "smtp_password": "hunter2"}
+
+
+def review(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    if step.approval is None:
+        return WaitForApproval("send_email", REQUESTED, editable=True, expires_in=3600)
+    return Succeed({"sent": step.approval.edited_arguments or step.approval.arguments})
+
+
+def fixed(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    if step.approval is None:
+        return WaitForApproval("publish", {"env": "prod"})
+    return Succeed({"published": True})
+
+
+def flaky(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Fail the first attempt with a traceback; succeed on a retry."""
+    if step.attempt == 1:
+        return Fail(
+            {
+                "type": "RuntimeError",
+                "message": "the mail server hung up",
+                "api_key": "sk-live-1",
+                "traceback": 'File "app.py", line 3, in send\n  raise RuntimeError(<boom>)',
+            }
+        )
+    return Succeed({"attempt": step.attempt})
+
+
+def slow(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    return Succeed({})
+
+
+@pytest.fixture
+def ops(app: Flask, runtime: Scoria) -> FlaskClient:
+    """A client signed in as operator ``ops`` of tenant ``acme``, with handlers."""
+    runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    for kind, handler in (("review", review), ("fixed", fixed), ("flaky", flaky)):
+        runtime.handler(kind)(handler)
+    return app.test_client()
+
+
+def run_page(client: FlaskClient, run_id: str, query: str = "") -> str:
+    return page(client, f"/scoria/workflows/{run_id}{query}")
+
+
+def approve_with(client: FlaskClient, run_id: str, **form: str) -> Any:
+    html = run_page(client, run_id)
+    found = re.search(r'name="approval_id" value="([^"]+)"', html)
+    assert found
+    data = {"csrf_token": csrf(html), "approval_id": found.group(1), **form}
+    return client.post(f"/scoria/workflows/{run_id}/approve", data=data)
+
+
+def detail(app: Flask, run_id: str) -> scoria.RunDetail:
+    with app.app_context():
+        return scoria.get_run_detail(run_id)
+
+
+def test_editable_arguments_are_prefilled_redacted_and_approved_as_edited(
+    app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(app, kind="review")
+    html = run_page(ops, run_id)
+    field = re.search(r"<textarea[^>]*name=\"arguments\"[^>]*>(.*?)</textarea>", html, re.S)
+    assert field, "an editable approval has a JSON field"
+    assert "hunter2" not in html
+    assert "&#34;smtp_password&#34;: &#34;[REDACTED]&#34;" in field.group(1)
+    assert "Expires" in html and 'class="expires"' in html
+
+    edited = '{"to": "ceo@example.com", "subject": "Q3", "smtp_password": "[REDACTED]"}'
+    response = approve_with(ops, run_id, arguments=edited)
+    assert response.status_code == 303
+    approval = detail(app, run_id).approvals[0]
+    assert approval.edited_arguments == {**REQUESTED, "to": "ceo@example.com"}
+    assert run_status(app, run_id) == "completed"
+    after = run_page(ops, run_id)
+    compare = after.split('class="compare"')[1].split("</li>")[0]
+    assert "Requested arguments" in compare and "Approved with edited arguments" in compare
+    assert "team@example.com" in compare and "ceo@example.com" in compare
+    assert "hunter2" not in after
+
+
+def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="review")
+    html = run_page(ops, run_id)
+    text = re.search(r'name="arguments"[^>]*>(.*?)</textarea>', html, re.S)
+    assert text
+    unescaped = text.group(1).replace("&#34;", '"')
+    assert approve_with(ops, run_id, arguments=unescaped).status_code == 303
+    assert detail(app, run_id).approvals[0].edited_arguments is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [('{"to": <script>', "not valid JSON"), ('["a list"]', "must be a JSON object")],
+)
+def test_bad_arguments_are_shown_in_the_form_and_nothing_is_decided(
+    app: Flask, ops: FlaskClient, text: str, message: str
+) -> None:
+    run_id = start(app, kind="review")
+    response = approve_with(ops, run_id, arguments=text)
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert message in html and "Nothing was decided." in html
+    assert 'aria-invalid="true"' in html
+    assert f">{escape(text)}</textarea>" in html
+    assert "<script>" not in html
+    assert detail(app, run_id).approvals[0].status == "pending"
+
+
+def test_editing_a_fixed_approval_is_refused_with_the_reason(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="fixed")
+    assert 'name="arguments"' not in run_page(ops, run_id)
+    response = approve_with(ops, run_id, arguments='{"env": "staging"}')
+    assert response.status_code == 303
+    assert "is not editable" in page(ops, response.location)
+    assert detail(app, run_id).approvals[0].status == "pending"
+
+
+def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="review")
+    engine = app.extensions["scoria"].storage(app).engine
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    with engine.begin() as conn:
+        conn.execute(tables.approvals.update().values(expires_at=past))
+    inbox = page(ops, "/scoria/approvals")
+    assert 'class="expires expired"' in inbox and "expired " in inbox
+    html = run_page(ops, run_id)
+    assert 'data-status="expired"' in html and "nobody decided before" in html
+    assert "Retry failed step" in html
+
+
+def post(client: FlaskClient, run_id: str, action: str, **form: str) -> Any:
+    token = csrf(run_page(client, run_id))
+    return client.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token, **form})
+
+
+def test_cancel_a_waiting_run(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="fixed")
+    assert "Cancel run" in run_page(ops, run_id)
+    token = csrf(run_page(ops, run_id))
+    response = post(ops, run_id, "cancel", reason="customer withdrew")
+    assert response.status_code == 303
+    assert response.location == f"/scoria/workflows/{run_id}"
+    html = page(ops, response.location)
+    assert "Cancelled. The run is now cancelled." in html
+    assert "customer withdrew" in html
+    assert "Cancel run" not in html and "Retry failed step" not in html
+    with app.app_context():
+        assert scoria.get_run_detail(run_id).approvals[0].decided_by == "ops"
+    again = ops.post(f"/scoria/workflows/{run_id}/cancel", data={"csrf_token": token})
+    assert "already ended as cancelled" in page(ops, again.location)
+
+
+def test_retry_a_failed_run_and_see_its_traceback(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="flaky")
+    html = run_page(ops, run_id)
+    assert run_status(app, run_id) == "failed"
+    error = html.split("<summary>Error</summary>")[1].split("</details>\n")[0]
+    assert "the mail server hung up" in error and "sk-live-1" not in html
+    assert '<details class="traceback"><summary>Traceback</summary>' in error
+    assert "RuntimeError(&lt;boom&gt;)" in error
+    assert "&#34;traceback&#34;" not in error
+    assert "Retry failed step" in html and "Cancel run" not in html
+    response = post(ops, run_id, "retry")
+    assert response.status_code == 303
+    assert "Retried. The run is now completed." in page(ops, response.location)
+    assert run_status(app, run_id) == "completed"
+
+
+@pytest.mark.parametrize("action", ["cancel", "retry"])
+def test_actions_need_the_csrf_token_and_the_tenant(
+    app: Flask, ops: FlaskClient, action: str
+) -> None:
+    run_id = start(app, kind="flaky" if action == "retry" else "fixed")
+    before = run_status(app, run_id)
+    assert ops.post(f"/scoria/workflows/{run_id}/{action}").status_code == 400
+    assert (
+        ops.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": "forged"}).status_code
+        == 400
+    )
+    token = csrf(run_page(ops, run_id))
+    other = start(app, kind="flaky" if action == "retry" else "fixed", tenant="globex")
+    response = ops.post(f"/scoria/workflows/{other}/{action}", data={"csrf_token": token})
+    assert response.status_code == 404
+    unknown = ops.post(f"/scoria/workflows/{uuid.uuid4()}/{action}", data={"csrf_token": token})
+    assert unknown.status_code == 404
+    assert ops.get(f"/scoria/workflows/{run_id}/{action}").status_code == 405
+    assert run_status(app, run_id) == before
+    assert run_status(app, other) == before
+
+
+def test_actions_without_an_actor_are_refused(app: Flask, runtime: Scoria) -> None:
+    runtime.operator_scope(lambda: {"tenant_id": TENANT})
+    run_id = start(app, kind="fixed", handlers={"fixed": fixed})
+    client = app.test_client()
+    response = post(client, run_id, "cancel")
+    assert "names no actor_id" in page(client, response.location)
+    assert run_status(app, run_id) == "waiting_for_approval"
+
+
+def grow(app: Flask, run_id: str, *, steps: int, events: int, handoffs: int) -> None:
+    """Append ``steps`` child steps (the first ``handoffs`` of them delegated) and events."""
+    run_key = uuid.UUID(run_id)
+    engine = app.extensions["scoria"].storage(app).engine
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        run = conn.execute(tables.runs.select().where(tables.runs.c.id == run_key)).one()
+        parent = conn.execute(tables.steps.select().where(tables.steps.c.run_id == run_key)).first()
+        assert parent is not None
+        step_rows = [
+            {
+                "id": uuid.uuid4(),
+                "run_id": run_key,
+                "parent_step_id": parent.id,
+                "sequence": run.last_step_sequence + index + 1,
+                "kind": "chunk",
+                "role_id": "executor",
+                "status": "completed",
+                "attempt": 1,
+                "result_envelope": {"index": index, "text": "x" * 200},
+                "completed_at": now,
+            }
+            for index in range(steps)
+        ]
+        conn.execute(tables.steps.insert(), step_rows)
+        conn.execute(
+            tables.events.insert(),
+            [
+                {
+                    "run_id": run_key,
+                    "sequence": run.last_event_sequence + index + 1,
+                    "event_type": "progress",
+                    "payload": {"index": index, "note": "y" * 100},
+                    "created_at": now,
+                }
+                for index in range(events)
+            ],
+        )
+        conn.execute(
+            tables.handoffs.insert(),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "run_id": run_key,
+                    "parent_step_id": parent.id,
+                    "child_step_id": child["id"],
+                    "delegated_role_id": "critic",
+                    "delegated_kind": "chunk",
+                    "capability_tags": [],
+                    "handoff_input": {"index": index},
+                    "projected_context": {"topic": "z" * 300},
+                    "created_at": now + timedelta(microseconds=index),
+                }
+                for index, child in enumerate(step_rows[:handoffs])
+            ],
+        )
+        conn.execute(
+            tables.runs.update()
+            .where(tables.runs.c.id == run_key)
+            .values(
+                last_step_sequence=run.last_step_sequence + steps,
+                last_event_sequence=run.last_event_sequence + events,
+            )
+        )
+
+
+def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="fixed")
+    grow(app, run_id, steps=400, events=5000, handoffs=300)
+    html = run_page(ops, run_id)
+    assert len(html.encode()) < 80_000, len(html.encode())
+    assert "25 of 401" in html and "25 of 5003" in html and "10 of 300" in html
+    assert html.count('class="event"') == 25
+    assert 'data-event-type="progress"' in html and "Waiting for approval" in html
+
+    older = re.search(r'href="([^"]*events_before=(\d+)#timeline)"', html)
+    assert older and older.group(2) == "4979"
+    back = page(ops, older.group(1).replace("&amp;", "&"))
+    sequences = [int(seq) for seq in re.findall(r'<span class="seq">(\d+)</span>', back)]
+    assert sequences[-25:] == list(range(4954, 4979))
+    assert "Newest events" in back
+
+    older_steps = re.search(r'href="([^"]*steps_before=(\d+)#steps)"', html)
+    assert older_steps and older_steps.group(2) == "377"
+    handoffs = re.search(r'href="([^"]*handoffs_after=[^"#]+#delegated-evidence)"', html)
+    assert handoffs
+    second = page(ops, handoffs.group(1).replace("&amp;", "&"))
+    shown = second.split('id="delegated-evidence"')[1].split('id="timeline"')[0]
+    assert shown.count('class="handoff"') == 10
+
+    first = page(ops, f"/scoria/workflows/{run_id}?events_before=3")
+    assert first.count('class="event"') == 2 and "older events" not in first
+
+
+@pytest.mark.parametrize(
+    "query", ["?events_before=0", "?steps_before=x", "?events_before=-1", "?handoffs_after=junk"]
+)
+def test_a_malformed_run_page_position_is_a_clear_400(
+    app: Flask, ops: FlaskClient, query: str
+) -> None:
+    run_id = start(app, kind="fixed")
+    assert "malformed" in page(ops, f"/scoria/workflows/{run_id}{query}", 400)
+
+
+def test_the_run_window_read_matches_the_full_detail(app: Flask) -> None:
+    run_id = start(app, kind="fixed", handlers={"fixed": fixed})
+    grow(app, run_id, steps=30, events=70, handoffs=12)
+    with app.app_context():
+        full = scoria.get_run_detail(run_id)
+        window = scoria.runtime.get_run_window(run_id, limit=500)
+        part = scoria.runtime.get_run_window(run_id, limit=10, events_before=20)
+    assert list(window.steps) == list(full.steps)
+    assert list(window.events) == list(full.events)
+    assert list(window.approvals) == list(full.approvals)
+    assert list(window.delegated_handoffs) == list(full.delegated_handoffs)
+    assert (window.step_count, window.event_count, window.handoff_count) == (31, 73, 12)
+    assert [event.sequence for event in part.events] == list(range(10, 20))
+    assert part.older_events == 10
+
+
+def test_another_tenants_run_has_no_pages(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="fixed", tenant="globex", handlers={"fixed": fixed})
+    for query in ("", "?events_before=5", "?steps_before=2"):
+        assert "Run not found" in page(ops, f"/scoria/workflows/{run_id}{query}", 404)
