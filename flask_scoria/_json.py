@@ -10,6 +10,8 @@ from typing import Any
 from .errors import ScoriaError, short_repr
 
 ErrorFactory = Callable[[str], ScoriaError]
+#: A JSON object, as flask-scoria stores it: str keys, plain JSON values.
+JSONObject = dict[str, Any]
 
 #: Nesting deeper than this is refused for any stored payload.
 MAX_DEPTH = 64
@@ -21,7 +23,7 @@ MAX_INT_DIGITS = 4300
 _INT_BOUND = 10**MAX_INT_DIGITS
 
 
-def json_copy(value: Any, *, what: str, error: ErrorFactory) -> Any:
+def json_copy(value: object, *, what: str, error: ErrorFactory) -> Any:
     """Return a plain-JSON deep copy of ``value`` or raise ``error``.
 
     Accepted: ``dict`` with ``str`` keys, ``list``/``tuple``, ``str``, ``int``
@@ -33,15 +35,15 @@ def json_copy(value: Any, *, what: str, error: ErrorFactory) -> Any:
     return _copy(value, what, error, 0)
 
 
-def json_object(value: Any, *, what: str, error: ErrorFactory) -> dict[str, Any]:
+def json_object(value: object, *, what: str, error: ErrorFactory) -> JSONObject:
     """Like :func:`json_copy`, but ``value`` must be a mapping."""
     if not isinstance(value, Mapping):
         raise error(f"{what} must be a dict, not {type(value).__name__}.")
-    result: dict[str, Any] = _copy(value, what, error, 0)
+    result: JSONObject = _copy(value, what, error, 0)
     return result
 
 
-def _copy(value: Any, what: str, error: ErrorFactory, depth: int) -> Any:
+def _copy(value: object, what: str, error: ErrorFactory, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise error(f"{what} is nested deeper than {MAX_DEPTH} levels.")
     if value is None or isinstance(value, bool):
@@ -61,7 +63,7 @@ def _copy(value: Any, what: str, error: ErrorFactory, depth: int) -> Any:
     if isinstance(value, str):
         return _check_text(value, what, error)
     if isinstance(value, Mapping):
-        copied: dict[str, Any] = {}
+        copied: JSONObject = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise error(f"{what} has a non-string key {short_repr(key)}.")
@@ -93,7 +95,7 @@ def is_storable_text(text: str) -> bool:
     return "\x00" not in text and _encodes(text)
 
 
-def serialized_size(value: Any) -> int:
+def serialized_size(value: object) -> int:
     """The bytes of ``value`` as compact JSON, the measure of every size cap."""
     return len(json.dumps(value, separators=(",", ":")).encode())
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +121,7 @@ def identity(value: object = None) -> Identity:
     if value is None or isinstance(value, str | bytes | int | float | list | tuple):
         return Identity()
 
-    def read(key: str) -> Any:
+    def read(key: str) -> object:
         if isinstance(value, Mapping):
             return value.get(key)
         return getattr(value, key, None)
@@ -178,7 +178,7 @@ def _id_of(value: object, name: str) -> str | None:
     return normalize_id(getattr(value, "id", None), f"{name}.id")
 
 
-def _first_present(read: Any, keys: tuple[str, ...]) -> Any:
+def _first_present(read: Callable[[str], object], keys: tuple[str, ...]) -> object:
     for key in keys:
         found = read(key)
         if found is not None:
@@ -186,7 +186,7 @@ def _first_present(read: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _first_attr(obj: object, names: tuple[str, ...]) -> Any:
+def _first_attr(obj: object, names: tuple[str, ...]) -> object:
     for name in names:
         found = getattr(obj, name, _MISSING)
         if found is not _MISSING and found is not None:

@@ -13,6 +13,9 @@ from typing import Any
 
 from .statuses import ApprovalStatus, RunStatus, StepStatus
 
+#: A JSON object as stored: a run's metadata, a step's input and envelopes, arguments.
+JSON = Mapping[str, Any]
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -26,7 +29,7 @@ class RunSummary:
     status: RunStatus
     awaiting_approval: bool
     current_step_id: str | None
-    metadata: Mapping[str, Any]
+    metadata: JSON
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
@@ -42,14 +45,14 @@ class Approval:
     step_id: str
     status: ApprovalStatus
     tool_name: str
-    arguments: Mapping[str, Any] | None
+    arguments: JSON | None
     reason: str | None
     requested_at: datetime
     decided_by: str | None
     decided_at: datetime | None
     note: str | None
     editable: bool = False
-    edited_arguments: Mapping[str, Any] | None = None
+    edited_arguments: JSON | None = None
     expires_at: datetime | None = None
 
 
@@ -72,10 +75,10 @@ class StepView:
     role_id: str
     attempt: int
     parent_step_id: str | None
-    handoff_input: Mapping[str, Any] | None
-    projected_context: Mapping[str, Any] | None
+    handoff_input: JSON | None
+    projected_context: JSON | None
     approval: Approval | None
-    input: Mapping[str, Any]
+    input: JSON
     not_before: datetime | None
     idempotency_key: str
 
@@ -85,8 +88,8 @@ class Step(StepView):
     """A step as stored, with its status and outcome envelopes."""
 
     status: StepStatus
-    result_envelope: Mapping[str, Any] | None
-    error_envelope: Mapping[str, Any] | None
+    result_envelope: JSON | None
+    error_envelope: JSON | None
     started_at: datetime | None
     completed_at: datetime | None
 
@@ -99,7 +102,7 @@ class Event:
     sequence: int
     event_type: str
     step_id: str | None
-    payload: Mapping[str, Any] | None
+    payload: JSON | None
     created_at: datetime
 
 
@@ -113,8 +116,8 @@ class HandoffRecord:
     delegated_role_id: str
     delegated_kind: str
     capability_tags: Sequence[str]
-    handoff_input: Mapping[str, Any]
-    projected_context: Mapping[str, Any]
+    handoff_input: JSON
+    projected_context: JSON
     created_at: datetime
 
 
@@ -134,8 +137,8 @@ class DelegatedHandoff:
     child_step_kind: str | None
     child_role_id: str | None
     child_status: str
-    handoff_input: Mapping[str, Any]
-    projected_context: Mapping[str, Any]
+    handoff_input: JSON
+    projected_context: JSON
     capability_tags: Sequence[str]
     created_at: datetime
 

@@ -14,7 +14,7 @@ import os
 import secrets
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import Flask
@@ -197,7 +197,9 @@ def _require_tenants(host: Flask, out: Checklist) -> None:
     out.record(name, not missing, detail)
 
 
-def verify_adoption(app: Flask, kind: str, out: Checklist, payload: Any = None) -> None:
+def verify_adoption(
+    app: Flask, kind: str, out: Checklist, payload: Mapping[str, object] | None = None
+) -> None:
     """The seed guide's checklist: identity -> start -> inspect -> resume -> fresh run.
 
     ``payload`` is the run's ``runtime["metadata"]["payload"]``; by default
@@ -258,7 +260,9 @@ def verify_adoption(app: Flask, kind: str, out: Checklist, payload: Any = None) 
     )
 
 
-def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist, payload: Any = None) -> None:
+def verify_runtime_to_handoff(
+    app: Flask, kind: str, out: Checklist, payload: Mapping[str, object] | None = None
+) -> None:
     """The bounded review branch: same identity, a new run, curated delegated evidence.
 
     ``payload``, if given, is the handoff run's ``runtime["metadata"]["payload"]``.
@@ -312,7 +316,7 @@ def verify_runtime_to_handoff(app: Flask, kind: str, out: Checklist, payload: An
     )
 
 
-Lane = Callable[[Flask, str, Checklist, Any], None]
+Lane = Callable[[Flask, str, Checklist, Mapping[str, object] | None], None]
 
 #: Each lane's default step kind, its steps, and whether they need that kind's handler.
 LANES: dict[str, tuple[str, Lane, bool]] = {
@@ -332,7 +336,9 @@ def parse_payload(text: str) -> dict[str, Any]:
     return payload
 
 
-def run_lane(host: Flask, lane: str, kind: str | None, payload: Any = None) -> Checklist:
+def run_lane(
+    host: Flask, lane: str, kind: str | None, payload: Mapping[str, object] | None = None
+) -> Checklist:
     """Check ``host``'s prerequisites, then run ``lane`` in a throwaway copy.
 
     Every prerequisite is checked and reported, failing or not; the lane runs

@@ -59,7 +59,7 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     return value
 
 
-def pretty(value: Any, extra: frozenset[str] = frozenset()) -> str:
+def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
     """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
     text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
     if len(text) <= VALUE_CHARS:

@@ -7,21 +7,20 @@ or credentials are refused at any depth, and both payloads are capped in size.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from .. import signals
 from .._ids import uuid7
-from .._json import check_text, json_copy
+from .._json import JSONObject, check_text, json_copy, serialized_size
 from ..errors import InvalidHandoff
 from ..redaction import is_unsafe_key
 from .arguments import require_name
 from .steps import new_step_row
-from .transaction import Row, RunChange
+from .tables import Row
+from .transaction import RunChange
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,8 @@ class HandoffSpec:
 
     delegated_role_id: str
     delegated_kind: str
-    handoff_input: dict[str, Any]
-    projected_context: dict[str, Any]
+    handoff_input: JSONObject
+    projected_context: JSONObject
     capability_tags: list[str]
 
 
@@ -66,21 +65,16 @@ def validate_handoff(
     return HandoffSpec(role, kind, payload, context, _tags(capability_tags))
 
 
-def _payload(value: object, what: str, code: str) -> dict[str, Any]:
+def _payload(value: object, what: str, code: str) -> JSONObject:
     if not isinstance(value, Mapping):
         raise InvalidHandoff(code, f"{what} must be a dict, not {type(value).__name__}.")
-    copied: dict[str, Any] = json_copy(
+    copied: JSONObject = json_copy(
         value, what=what, error=lambda message: InvalidHandoff(code, message)
     )
     return copied
 
 
-def serialized_size(value: object) -> int:
-    """The size of ``value`` as compact JSON, in bytes."""
-    return len(json.dumps(value, separators=(",", ":")).encode())
-
-
-def _cap_size(value: dict[str, Any], what: str, max_bytes: int) -> None:
+def _cap_size(value: JSONObject, what: str, max_bytes: int) -> None:
     size = serialized_size(value)
     if size > max_bytes:
         raise InvalidHandoff(

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import signals
 from .._ids import uuid7
+from .._json import serialized_size
 from ..errors import InvalidHandoff
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
@@ -25,7 +26,7 @@ from . import tracing
 from .arguments import UNSET
 from .context import RuntimeContext
 from .handlers import Handlers, Raised, run_handler
-from .handoffs import record_handoff, serialized_size, validate_handoff
+from .handoffs import record_handoff, validate_handoff
 from .rows import step_view_from_row, summary_from_row
 from .steps import (
     claim_next,
@@ -36,7 +37,8 @@ from .steps import (
     retry_or_fail,
     stale_error,
 )
-from .transaction import Claim, Row, Tx, transact, utcnow
+from .tables import Row
+from .transaction import Claim, Tx, transact, utcnow
 
 
 def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row) -> Row:

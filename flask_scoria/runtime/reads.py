@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -52,8 +52,8 @@ from .rows import (
     window_steps,
 )
 from .steps import notice_expiry, stale_condition, stale_step
-from .tables import approvals, events, handoffs, runs, steps
-from .transaction import Row, load_run, transact, utcnow
+from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
+from .transaction import load_run, transact, utcnow
 
 T = TypeVar("T")
 
@@ -268,7 +268,7 @@ def get_run_window(
     )
 
 
-def _older(rows: Sequence[Mapping[Any, Any]], limit: int) -> int | None:
+def _older(rows: Sequence[RowLike], limit: int) -> int | None:
     """The ``before`` of the part older than newest-first ``rows``, if there is one."""
     if len(rows) < limit or rows[-1]["sequence"] <= 1:
         return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,12 +20,12 @@ from ..readback import (
     StepView,
 )
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
-from .tables import approvals, events, handoffs, steps
+from .tables import Row, RowLike, approvals, events, handoffs, steps
 
 _DECIDED = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
 
 
-def split_prefixed(row: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def split_prefixed(row: RowLike, prefix: str) -> Row:
     """The columns of a joined row whose labels start with ``prefix``, without it."""
     return {key[len(prefix) :]: value for key, value in row.items() if key.startswith(prefix)}
 
@@ -34,7 +34,7 @@ def _sid(value: uuid.UUID | None) -> str | None:
     return None if value is None else str(value)
 
 
-def summary_from_row(row: Mapping[Any, Any]) -> RunSummary:
+def summary_from_row(row: RowLike) -> RunSummary:
     """Project a ``scoria_runs`` row (or its dict) into a :class:`RunSummary`."""
     return RunSummary(
         run_id=str(row["id"]),
@@ -54,7 +54,7 @@ def summary_from_row(row: Mapping[Any, Any]) -> RunSummary:
     )
 
 
-def approval_from_row(row: Mapping[Any, Any]) -> Approval:
+def approval_from_row(row: RowLike) -> Approval:
     """Project a ``scoria_approvals`` row into an :class:`Approval`."""
     return Approval(
         id=str(row["id"]),
@@ -73,7 +73,7 @@ def approval_from_row(row: Mapping[Any, Any]) -> Approval:
     )
 
 
-def _step_fields(row: Mapping[Any, Any], approval: Approval | None) -> dict[str, Any]:
+def _step_fields(row: RowLike, approval: Approval | None) -> Row:
     return {
         "id": str(row["id"]),
         "run_id": str(row["run_id"]),
@@ -91,7 +91,7 @@ def _step_fields(row: Mapping[Any, Any], approval: Approval | None) -> dict[str,
     }
 
 
-def step_view_from_row(row: Mapping[Any, Any], approval: Approval | None) -> StepView:
+def step_view_from_row(row: RowLike, approval: Approval | None) -> StepView:
     """Project a ``scoria_steps`` row into what a handler is given."""
     return StepView(**_step_fields(row, approval))
 
@@ -107,7 +107,7 @@ def _step_from_row(row: RowMapping, approval: Approval | None) -> Step:
     )
 
 
-def _handoff_from_row(row: Mapping[Any, Any]) -> HandoffRecord:
+def _handoff_from_row(row: RowLike) -> HandoffRecord:
     return HandoffRecord(
         id=str(row["id"]),
         parent_step_id=str(row["parent_step_id"]),
@@ -121,7 +121,7 @@ def _handoff_from_row(row: Mapping[Any, Any]) -> HandoffRecord:
     )
 
 
-def load_detail(conn: Connection, run_row: Mapping[Any, Any]) -> RunDetail:
+def load_detail(conn: Connection, run_row: RowLike) -> RunDetail:
     """Read everything recorded for one run, four queries whatever its size."""
     run_id = run_row["id"]
 
@@ -267,7 +267,7 @@ def delegated_handoffs_query(run_id: uuid.UUID, page: Select[Any]) -> Select[Any
     )
 
 
-def delegated_handoff_from_row(row: Mapping[str, Any]) -> DelegatedHandoff:
+def delegated_handoff_from_row(row: RowLike) -> DelegatedHandoff:
     """Project a row of :func:`delegated_handoffs_query`."""
     record = _handoff_from_row(row)
     child = row["c_id"] is not None

@@ -20,7 +20,8 @@ from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
 from .steps import claim_step, log, new_step_row
-from .transaction import DuplicateStart, NewRun, Row, utcnow
+from .tables import Row
+from .transaction import DuplicateStart, NewRun, utcnow
 
 
 def _new_run(

@@ -14,7 +14,7 @@ the column types' own bind and result processors. They run inside the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -38,7 +38,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
 from ..statuses import ApprovalStatus, StepStatus
-from .tables import approvals, events, handoffs, runs, steps
+from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
 
 Processor = Callable[[Any], Any] | None
 
@@ -47,11 +47,11 @@ Processor = Callable[[Any], Any] | None
 class _Compiled:
     sql: str
     positional: tuple[str, ...] | None
-    defaults: dict[str, Any]
+    defaults: Row
     binds: tuple[tuple[str, Callable[[Any], Any]], ...]
     columns: tuple[tuple[str, Processor], ...]
 
-    def parameters(self, values: Mapping[str, Any]) -> Any:
+    def parameters(self, values: RowLike) -> Any:
         processed = {**self.defaults, **values}
         for name, processor in self.binds:
             value = processed[name]
@@ -61,7 +61,7 @@ class _Compiled:
             return processed
         return tuple([processed[name] for name in self.positional])
 
-    def row(self, values: Sequence[Any]) -> dict[str, Any]:
+    def row(self, values: Sequence[Any]) -> Row:
         return {
             name: value if processor is None or value is None else processor(value)
             for (name, processor), value in zip(self.columns, values, strict=True)
@@ -86,12 +86,12 @@ class Prepared:
             compiled = self._compiled[cache_key] = _compile(self.statement, dialect, keys)
         return compiled
 
-    def execute(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+    def execute(self, conn: Connection, params: RowLike) -> Any:
         """Execute with one set of parameters; return the DBAPI cursor."""
         compiled = self._compile(conn.dialect, frozenset(params))
         return _run(conn, compiled, compiled.parameters(params), many=False)
 
-    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    def execute_many(self, conn: Connection, rows: Sequence[RowLike]) -> None:
         """Execute once per row of parameters (all with the same keys)."""
         compiled = self._compile(conn.dialect, frozenset(rows[0]))
         if len(rows) == 1:
@@ -99,14 +99,14 @@ class Prepared:
         else:
             _run(conn, compiled, [compiled.parameters(row) for row in rows], many=True).close()
 
-    def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
+    def rowcount(self, conn: Connection, params: RowLike) -> int:
         """Execute and return how many rows the statement changed."""
         cursor = self.execute(conn, params)
         count: int = cursor.rowcount
         cursor.close()
         return count
 
-    def first(self, conn: Connection, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    def first(self, conn: Connection, params: RowLike) -> Row | None:
         """The first row of the result as a dict keyed by column key, or ``None``."""
         compiled = self._compile(conn.dialect, frozenset(params))
         cursor = _run(conn, compiled, compiled.parameters(params), many=False)
@@ -114,7 +114,7 @@ class Prepared:
         cursor.close()
         return None if values is None else compiled.row(values)
 
-    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def all(self, conn: Connection, params: RowLike) -> list[Row]:
         """Every row of the result as dicts keyed by column key."""
         compiled = self._compile(conn.dialect, frozenset(params))
         cursor = _run(conn, compiled, compiled.parameters(params), many=False)
@@ -337,30 +337,28 @@ def _update_if(
     conn: Connection,
     table: Table,
     row_id: uuid.UUID,
-    expect: Mapping[str, Any],
-    values: Mapping[str, Any],
+    expect: RowLike,
+    values: RowLike,
 ) -> bool:
     params = {**values, "b_id": row_id}
     params.update({f"b_{name}": value for name, value in expect.items()})
     return _update_where(table, tuple(sorted(expect))).rowcount(conn, params) == 1
 
 
-def update_step_if(
-    conn: Connection, step_id: uuid.UUID, expect: Mapping[str, Any], values: Mapping[str, Any]
-) -> bool:
+def update_step_if(conn: Connection, step_id: uuid.UUID, expect: RowLike, values: RowLike) -> bool:
     """Update one step only while its columns still equal ``expect``."""
     return _update_if(conn, steps, step_id, expect, values)
 
 
 def update_approval_if(
-    conn: Connection, approval_id: uuid.UUID, expect: Mapping[str, Any], values: Mapping[str, Any]
+    conn: Connection, approval_id: uuid.UUID, expect: RowLike, values: RowLike
 ) -> bool:
     """Update one approval only while its columns still equal ``expect``."""
     return _update_if(conn, approvals, approval_id, expect, values)
 
 
 def update_run_if_version(
-    conn: Connection, run_id: uuid.UUID, version: int, values: Mapping[str, Any]
+    conn: Connection, run_id: uuid.UUID, version: int, values: RowLike
 ) -> Any:
     """Compare-and-set a run on its ``version``; its ``rowcount`` is 1 if it won.
 

@@ -27,8 +27,8 @@ from . import tracing
 from .executors import QueuedStep
 from .handlers import HandlerRegistry, Handlers
 from .rows import approval_from_row
-from .tables import steps
-from .transaction import Claim, Conflict, Row, RunChange, Tx
+from .tables import Row, steps
+from .transaction import Claim, Conflict, RunChange, Tx
 
 log = logging.getLogger("flask_scoria")
 

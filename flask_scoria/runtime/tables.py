@@ -6,6 +6,9 @@ upgrade``), never at import or in ``init_app``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import (
     Boolean,
     Column,
@@ -29,6 +32,12 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+#: A row of one of these tables as a dict keyed by column key: what statements take and
+#: return, and what the runtime changes before it writes.
+Row = dict[str, Any]
+#: A row as read, or the parameters of a statement.
+RowLike = Mapping[Any, Any]
 
 #: The metadata of every ``scoria_*`` table, for Alembic.
 metadata = MetaData(naming_convention=NAMING_CONVENTION)

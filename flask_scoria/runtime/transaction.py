@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from blinker import NamedSignal
 from flask import Flask
@@ -31,11 +31,10 @@ from .context import RuntimeContext
 from .executors import QueuedStep, announce, notify
 from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
+from .tables import Row
 
 T = TypeVar("T")
 
-#: A row as a dict keyed by column key.
-Row = dict[str, Any]
 
 MAX_ATTEMPTS = 50
 

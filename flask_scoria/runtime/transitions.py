@@ -26,8 +26,8 @@ from .handlers import Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
-from .tables import approvals, steps
-from .transaction import Conflict, Row, Tx, transact
+from .tables import Row, approvals, steps
+from .transaction import Conflict, Tx, transact
 
 #: A failed run can still be cancelled, which stops it from being retried.
 _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)

@@ -41,8 +41,8 @@ from .outcomes import drive
 from .reads import recover_expired_leases
 from .rows import split_prefixed, summary_from_row
 from .steps import claim_step, decided_approval, expire_leases
-from .tables import runs, steps
-from .transaction import Claim, Conflict, Row, Tx, transact, utcnow
+from .tables import Row, runs, steps
+from .transaction import Claim, Conflict, Tx, transact, utcnow
 
 log = logging.getLogger("flask_scoria")
 
