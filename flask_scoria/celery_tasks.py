@@ -6,7 +6,8 @@ which executes one queued step, and ``flask_scoria.recover``, meant for
 Celery beat. ``Scoria`` imports it when ``SCORIA_EXECUTOR`` is ``"celery"``
 or a handler is registered with ``executor="celery"``. Each task finds the
 Flask app whose ``app.extensions["celery"]`` is the task's Celery app (as
-Flask's ``celery_init_app`` sets it) and runs in a fresh app context of it.
+Flask's ``celery_init_app`` sets it; keep a reference to that Flask app) and
+runs in a fresh app context of it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
-from flask import Flask
+from flask import Flask, current_app, has_app_context
 
 from .runtime import execute_step, recover_expired_leases, resend_due_celery_steps
 from .state import registered_apps
 
 
 def flask_app_of(task: Task) -> Flask:
-    """The Flask app whose ``extensions["celery"]`` is the Celery app of ``task``."""
+    """The Flask app whose ``extensions["celery"]`` is the Celery app of ``task``.
+
+    Under Flask's ``FlaskTask`` the task already runs in that app's context.
+    """
+    if has_app_context() and current_app.extensions.get("celery") is task.app:
+        return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
     for app in registered_apps():
         if app.extensions.get("celery") is task.app:
             return app

@@ -50,8 +50,11 @@ class Processes:
         return process
 
     def worker(self, env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
+        """A ``flask scoria worker`` process, once it is ready for steps and signals."""
         command = [sys.executable, "-m", "flask", "--app", "_background:create_app"]
-        return self.start([*command, "scoria", "worker", *options], env)
+        process = self.start([*command, "scoria", "worker", *options], env)
+        wait_for(lambda: "worker started" in self.output(process), 60, "the worker to start")
+        return process
 
     def output(self, process: subprocess.Popen[bytes]) -> str:
         return next(log for started, log in self.started if started is process).read_text()

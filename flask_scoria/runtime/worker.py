@@ -249,9 +249,10 @@ class Worker:
         self._stopping.set()
         self._freed.set()
 
-    def run(self) -> None:
-        """Claim and execute due steps until stopped."""
+    def run(self, on_started: Callable[[], None] = lambda: None) -> None:
+        """Claim and execute due steps until stopped; ``on_started`` once signals stop it."""
         previous = _handle_signals(self.stop)
+        on_started()
         try:
             while not self._stopping.is_set():
                 try:
@@ -291,8 +292,15 @@ class Worker:
         return min(self.interval, max((due - utcnow()).total_seconds(), 0.0))
 
     def _execute(self, handlers: Handlers, row: Row, claim: Claim) -> None:
+        """Execute a claimed step, then claim the next due one here while there is one."""
+        claimed: tuple[Row, Claim] | None = (row, claim)
         try:
-            self.on_dispatched(_execute_claimed(self.app, handlers, row, claim))
+            while claimed is not None:
+                self.on_dispatched(_execute_claimed(self.app, handlers, *claimed))
+                claimed = None
+                if not self._stopping.is_set():
+                    with self.app.app_context():
+                        claimed = claim_due(context(), handlers)
         except StorageError as exc:
             self.on_error(exc)
         except Exception:
@@ -353,6 +361,7 @@ def run_worker(
     once: bool,
     on_dispatched: Callable[[RunSummary], None],
     on_error: Callable[[StorageError], None],
+    on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Execute due queued steps of the current app until SIGTERM or SIGINT (or one pass).
 
@@ -373,4 +382,4 @@ def run_worker(
         on_dispatched=on_dispatched,
         on_error=on_error,
     )
-    worker.run()
+    worker.run(on_started)
