@@ -15,29 +15,37 @@ from flask.testing import FlaskCliRunner
 import flask_scoria as scoria
 
 
-def kill_inside_handler(database_uri: str, tmp_path: Path, name: str) -> Path:
-    """Start a blocking run in a child process, SIGKILL it inside the handler.
+def kill_inside_handlers(database_uri: str, tmp_path: Path, *names: str) -> list[Path]:
+    """Start one blocking run per name in child processes, SIGKILL them inside their handlers.
 
-    Returns the file that counts the handler's executions.
+    The children are killed together once every handler has started, so that no
+    lease runs out while another child is still starting. Returns the files that
+    count the handlers' executions.
     """
-    metadata = {
-        "counter": str(tmp_path / f"{name}-executions"),
-        "entered": str(tmp_path / f"{name}-entered"),
-        "release": str(tmp_path / f"{name}-release"),
-    }
     spawn = multiprocessing.get_context("spawn")
-    child = spawn.Process(
-        target=start_blocking_run, args=(database_uri, str(tmp_path / name), metadata)
-    )
-    child.start()
+    children = []
+    for name in names:
+        metadata = {
+            "counter": str(tmp_path / f"{name}-executions"),
+            "entered": str(tmp_path / f"{name}-entered"),
+            "release": str(tmp_path / f"{name}-release"),
+        }
+        child = spawn.Process(
+            target=start_blocking_run, args=(database_uri, str(tmp_path / name), metadata)
+        )
+        child.start()
+        children.append((child, metadata))
     deadline = time.monotonic() + 60
-    while not Path(metadata["entered"]).exists():
-        assert child.is_alive() and time.monotonic() < deadline, "handler never started"
-        time.sleep(0.02)
-    child.kill()
-    child.join(timeout=10)
-    assert child.exitcode == -9
-    return Path(metadata["counter"])
+    for child, metadata in children:
+        while not Path(metadata["entered"]).exists():
+            assert child.is_alive() and time.monotonic() < deadline, "handler never started"
+            time.sleep(0.02)
+    for child, _ in children:
+        child.kill()
+    for child, _ in children:
+        child.join(timeout=10)
+        assert child.exitcode == -9
+    return [Path(metadata["counter"]) for _, metadata in children]
 
 
 def step_id_in(counter: Path) -> str:
@@ -55,8 +63,7 @@ def the_run(session_runs: list[scoria.RunSummary], step_id: str) -> scoria.RunSu
 def test_killed_handler_fails_by_lease_and_resumes_in_place(
     app: Flask, runner: FlaskCliRunner, database_uri: str, tmp_path: Path
 ) -> None:
-    read_counter = kill_inside_handler(database_uri, tmp_path, "read")
-    swept_counter = kill_inside_handler(database_uri, tmp_path, "swept")
+    read_counter, swept_counter = kill_inside_handlers(database_uri, tmp_path, "read", "swept")
     with app.app_context():
         runs = scoria.list_runs_for_session(IDENTITY["session_id"])
         read_run = the_run(runs, step_id_in(read_counter))
