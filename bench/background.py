@@ -24,10 +24,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,10 @@ import sqlalchemy as sa
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Scoria, schema
+from flask_scoria import Scoria
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from databases import database
 
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -107,24 +110,6 @@ def __getattr__(name: str) -> Any:
     if name == "celery_app":
         return _worker_app().extensions["celery"]
     raise AttributeError(name)
-
-
-@contextmanager
-def throwaway_database() -> Iterator[str]:
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"scoria_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        engine = sa.create_engine(url)
-        schema.upgrade(engine)
-        engine.dispose()
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 class Rig:
@@ -264,7 +249,7 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--celery-only", action="store_true", help="Only the Celery figures.")
     args = parser.parse_args()
-    with throwaway_database() as url:
+    with tempfile.TemporaryDirectory() as tmp, database("postgresql", Path(tmp)) as url:
         if not args.celery_only:
             p50, p99 = latency(url, args.latency_runs)
             print(

@@ -19,19 +19,18 @@ import os
 import statistics
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Scoria, WaitForApproval, schema
+from flask_scoria import Scoria, WaitForApproval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from databases import database
 from operator_pages import timed
 
 POSTGRES_URL = os.environ.get(
@@ -42,32 +41,6 @@ IDENTITY = {"actor_id": "bench", "tenant_id": "bench", "session_id": "bench-sess
 
 def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return WaitForApproval("publish", {"env": "prod"})
-
-
-@contextmanager
-def database(backend: str, workdir: Path) -> Iterator[str]:
-    """A fresh migrated database of ``backend``, dropped afterwards."""
-    if backend == "sqlite":
-        uri = f"sqlite:///{workdir / f'{uuid.uuid4().hex}.sqlite3'}"
-        engine = sa.create_engine(uri)
-        schema.upgrade(engine)
-        engine.dispose()
-        yield uri
-        return
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"scoria_bench_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    uri = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        engine = sa.create_engine(uri)
-        schema.upgrade(engine)
-        engine.dispose()
-        yield uri
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def make_app(uri: str, workdir: Path, max_bytes: int) -> Flask:
