@@ -41,9 +41,6 @@ from flask_scoria import Scoria
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from databases import database
 
-POSTGRES_URL = os.environ.get(
-    "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 REDIS_URL = os.environ.get("SCORIA_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 HERE = Path(__file__).resolve().parent
 WHO = {"actor_id": "bench", "tenant_id": "bench", "session_id": "bench"}

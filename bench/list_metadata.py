@@ -15,7 +15,6 @@ rounds and the large/small ratio. Run by hand:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -33,9 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from databases import database
 from operator_pages import timed
 
-POSTGRES_URL = os.environ.get(
-    "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 IDENTITY = {"actor_id": "bench", "tenant_id": "bench", "session_id": "bench-session"}
 
 
