@@ -1,6 +1,9 @@
 """The example assistant: the Scoria Phoenix guide's flow as a Flask app.
 
-Run it with ``make demo`` (``python -m examples.assistant.demo``).
+Run it with ``make demo`` (``python -m examples.assistant.demo``). With
+``ASSISTANT_SCORIA_EXECUTOR=celery`` its steps run on Celery workers instead
+(``celery -A examples.assistant.celery_app:celery_app worker``; see the
+"Running steps in the background" docs).
 """
 
 from __future__ import annotations
@@ -47,8 +50,35 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             event.listen(db.engine, "connect", _sqlite_pragmas)
     migrate.init_app(app, db, directory=str(MIGRATIONS))
     runtime.init_app(app)
+    if app.config.get("SCORIA_EXECUTOR") == "celery":
+        celery_init_app(app)
     app.register_blueprint(views.bp)
     return app
+
+
+def celery_init_app(app: Flask) -> Any:
+    """Flask's documented Celery setup: tasks run in the app's context.
+
+    The broker is ``CELERY_BROKER_URL`` (default: Redis on this machine), the
+    queue ``CELERY_QUEUE`` (default ``celery``).
+    """
+    from celery import Celery, Task
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.conf.update(
+        broker_url=app.config.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+        task_default_queue=app.config.get("CELERY_QUEUE", "celery"),
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+    )
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
