@@ -120,7 +120,10 @@ def test_worker_processes_execute_every_step_once(
     lines = [line.split() for line in executions(counter)]
     assert len(lines) == runs
     assert len({step_id for _, step_id, _ in lines}) == runs
-    assert len({pid for pid, _, _ in lines}) >= 2, "the work was not shared"
+    if backend == "postgresql":
+        # NOTIFY wakes every worker at once; on SQLite one polling worker may drain
+        # forty instant steps before the other polls, which is fine but proves nothing.
+        assert len({pid for pid, _, _ in lines}) >= 2, "the work was not shared"
     for process in started:
         assert processes.output(process).rstrip().endswith("worker stopped")
     app.extensions["scoria"].storage(app).engine.dispose()
