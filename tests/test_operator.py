@@ -688,3 +688,18 @@ def test_an_unknown_status_filter_is_a_clear_400(ops: FlaskClient) -> None:
     response = ops.get("/scoria/workflows?status=bogus")
     assert response.status_code == 400
     assert "There is no run status &#39;bogus&#39;" in response.get_data(as_text=True)
+
+
+def test_reasons_and_notes_mask_url_passwords(operator_app: Flask, ops: FlaskClient) -> None:
+    def ask_with_reason(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("migrate", reason="copy from postgres://app:s3cret@db/prod")
+        return Succeed()
+
+    run_id = start(operator_app, kind="migrate", handlers={"migrate": ask_with_reason})
+    assert "s3cret" not in page(ops, "/scoria/approvals")
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    assert "s3cret" not in html and "postgres://app:[REDACTED]@db/prod" in html
+    note = "done with mysql://root:hunter2@10.0.0.5/x"
+    decided = post_form(ops, run_id, "reject", note=note)
+    assert "hunter2" not in decided and "mysql://root:[REDACTED]@10.0.0.5/x" in decided

@@ -59,6 +59,11 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     return value
 
 
+def masked(text: str | None) -> str | None:
+    """Free text (a reason, a note) with the passwords of URLs and connection strings masked."""
+    return None if text is None else mask_passwords(text, REDACTED)
+
+
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
     """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
     text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)

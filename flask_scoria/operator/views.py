@@ -74,6 +74,7 @@ def _page_helpers() -> dict[str, Any]:
         "csrf_token": csrf_token,
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
+        "masked": present.masked,
         "preview": partial(present.preview, extra=extra),
         "split_traceback": partial(present.split_traceback, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
