@@ -36,6 +36,7 @@ from .steps import (
     new_step_row,
     retry_or_fail,
     stale_error,
+    step_deadline,
 )
 from .tables import Row
 from .transaction import Claim, Tx, transact, utcnow
@@ -63,8 +64,7 @@ def _execute(
 ) -> tuple[Recorded | None, Row, Claim | None]:
     """Run the handler of ``claim`` in its span, then record its outcome."""
     step = claim.step
-    timeout = handlers.policy(step["kind"]).timeout
-    deadline = None if timeout is None else step["started_at"] + timedelta(seconds=timeout)
+    deadline = step_deadline(step, handlers.policy(step["kind"]).timeout)
     view = step_view_from_row(step, claim.approval)
     with tracing.step_span(
         step["trace_context"], str(row["id"]), step["kind"], step["attempt"]
@@ -118,10 +118,8 @@ class Finished:
     def timed_out(self) -> float | None:
         """The step's timeout if it passed before this outcome arrived."""
         timeout = self.handlers.policy(self.claim.step["kind"]).timeout
-        started: datetime = self.claim.step["started_at"]
-        if timeout is not None and started + timedelta(seconds=timeout) <= self.tx.now:
-            return timeout
-        return None
+        deadline = step_deadline(self.claim.step, timeout)
+        return timeout if deadline is not None and deadline <= self.tx.now else None
 
 
 def record_outcome(

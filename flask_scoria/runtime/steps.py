@@ -27,7 +27,7 @@ from . import tracing
 from .executors import QueuedStep
 from .handlers import HandlerRegistry, Handlers
 from .rows import approval_from_row
-from .tables import Row, steps
+from .tables import Row, RowLike, steps
 from .transaction import Claim, Conflict, RunChange, Tx
 
 log = logging.getLogger("flask_scoria")
@@ -227,14 +227,22 @@ def fail_run(change: RunChange, step_id: uuid.UUID, event_type: str, error: Row)
     change.signal(signals.run_failed)
 
 
+def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
+    """When a claimed step times out (``None``: it never does)."""
+    if timeout is None:
+        return None
+    started: datetime = step["started_at"]
+    return started + timedelta(seconds=timeout)
+
+
 def stale_step(
     conn: Connection, run_id: uuid.UUID, now: datetime, registry: HandlerRegistry | None
 ) -> tuple[Row, str] | None:
     """A running step of the run past its timeout or its lease, and which of the two."""
     timeouts = {} if registry is None else registry.timeouts()
     for step in sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id}):
-        timeout = timeouts.get(step["kind"])
-        if timeout is not None and step["started_at"] + timedelta(seconds=timeout) <= now:
+        deadline = step_deadline(step, timeouts.get(step["kind"]))
+        if deadline is not None and deadline <= now:
             return step, "step_timeout"
         if step["lease_expires_at"] is not None and step["lease_expires_at"] < now:
             return step, "lease_expired"
