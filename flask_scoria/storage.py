@@ -10,13 +10,17 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
 
 from .errors import StorageError
 
 #: Seconds before the first try again after a dropped connection; doubled each time.
 RECONNECT_DELAY = 0.05
 RECONNECT_MAX_DELAY = 2.0
+#: A pooled connection that sat unused this many seconds is pinged before it is lent out.
+PING_AFTER_IDLE = 1.0
+#: SQLSTATEs of a lost connection: connection exceptions, and the server shutting down.
+_LOST = ("08", "57P01", "57P02", "57P03")
 
 
 def create_standalone_engine(
@@ -30,7 +34,8 @@ def create_standalone_engine(
 ) -> Engine:
     """Create flask-scoria's own engine for ``SCORIA_DATABASE_URI``.
 
-    Pooled connections to a server are pinged before use. SQLite files get WAL
+    Pooled connections to a server are pinged before use when they sat idle
+    (see :func:`ping_when_idle`). SQLite files get WAL
     journaling, the configured ``synchronous`` level and a busy timeout;
     PostgreSQL connections get a connect timeout and a statement timeout
     (``0``: none). ``engine_options`` win over all of these. Nothing
@@ -39,9 +44,6 @@ def create_standalone_engine(
     options = dict(engine_options)
     connect_args = dict(options.pop("connect_args", {}))
     backend = make_url(uri).get_backend_name()
-    if backend != "sqlite":
-        # A file has no server to close its connections.
-        options.setdefault("pool_pre_ping", True)
     if backend == "sqlite":
         connect_args.setdefault("timeout", busy_timeout)
         connect_args.setdefault("check_same_thread", False)
@@ -54,7 +56,42 @@ def create_standalone_engine(
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous)
+    elif "pool_pre_ping" not in options:
+        # A file has no server to close its connections.
+        ping_when_idle(engine)
     return engine
+
+
+def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE) -> None:
+    """Ping a pooled connection before lending it out, if it may have gone stale.
+
+    That is when it sat in the pool for ``idle`` seconds or more, or since a
+    connection of the pool was found dropped (a server restart or failover
+    drops them all). A busy pool skips the ping that ``pool_pre_ping`` would
+    cost on every checkout: a round trip of the three or so of a transition.
+    A connection that drops in use anyway is replaced, and the write tried
+    again (:meth:`Storage.retry_after`).
+    """
+    dropped_at = [0.0]
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info["scoria_returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "invalidate")
+    def _dropped(_dbapi_connection: Any, _record: Any, _exception: Any) -> None:
+        dropped_at[0] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _lent(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("scoria_returned_at")
+        if returned is None or (time.monotonic() - returned < idle and returned > dropped_at[0]):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool replaces the connection and lends out another.
+            raise DisconnectionError(str(exc)) from exc
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
@@ -124,19 +161,47 @@ class Storage:
             ) from exc
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A connection in a write transaction, committed on success."""
+    def write(self, *, pipeline: bool = False) -> Iterator[Connection]:
+        """A connection in a write transaction, committed on success.
+
+        With ``pipeline`` on PostgreSQL (psycopg), the transaction runs in
+        psycopg's pipeline mode: its ``BEGIN`` travels with the first
+        statement, and writes whose results nobody reads wait to travel with
+        the ``COMMIT``, so that a transition costs a round trip per read and
+        one for its commit. Its queries must then read their results from the
+        DBAPI cursor, as the runtime's prepared statements do: SQLAlchemy's
+        results do not work in pipeline mode.
+        """
         with self._errors(), self.engine.connect() as conn:
-            conn.begin()
+            driver: Any = conn.connection.driver_connection
             if self.is_sqlite:
-                conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
+                conn.begin()
+                driver.cursor().execute("BEGIN IMMEDIATE").close()
+            elif pipeline and hasattr(driver, "pipeline"):
+                # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
+                # connection's own mode when it is returned.
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                try:
+                    with driver.pipeline():
+                        driver.execute("BEGIN")
+                        yield conn
+                        driver.execute("COMMIT")
+                except self.engine.dialect.loaded_dbapi.Error as exc:
+                    # Results, and their errors, arrive when the pipeline is synced.
+                    raise database_error(conn, exc, "COMMIT", None, None) from exc
+                return
+            else:
+                conn.begin()
             yield conn
             conn.commit()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A connection for reads; nothing it does is committed."""
+        """A connection for reads, each query a statement of its own."""
         with self._errors(), self.engine.connect() as conn:
+            if not self.is_sqlite:
+                # No BEGIN and ROLLBACK around the queries: a read costs one round trip.
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
     @contextmanager
@@ -148,6 +213,28 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def database_error(
+    conn: Connection, exc: Any, sql: str, params: Any, cursor: Any
+) -> StatementError:
+    """The :class:`DBAPIError` SQLAlchemy would raise for ``exc``; invalidates a lost connection."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    # A server shutting the connection down may say so before the socket closes.
+    invalidated = sqlstate.startswith(_LOST) or conn.dialect.is_disconnect(
+        exc, conn.connection, cursor
+    )
+    if invalidated:
+        conn.invalidate(exc)
+    error: StatementError = DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        conn.dialect.loaded_dbapi.Error,
+        connection_invalidated=invalidated,
+        dialect=conn.dialect,
+    )
+    return error
 
 
 def _hint(reason: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from flask import Flask
 import flask_scoria as scoria
 from flask_scoria import runtime as scoria_runtime
 from flask_scoria import schema
+from flask_scoria.storage import PING_AFTER_IDLE
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -87,23 +89,24 @@ def test_connections_terminated_as_the_handler_returns_do_not_strand_the_run(
 @contextmanager
 def kill_next_transaction(app: Flask, admin: sa.Engine) -> Iterator[list[int]]:
     """Once armed (append to the yielded list), terminate the connection of the next
-    flask-scoria transaction as it begins: after the pool's ping, before its first statement."""
+    flask-scoria transaction as the pool lends it out: after any ping, before its first
+    statement."""
     engine = app.extensions["scoria"].storage(app).engine
     armed: list[int] = []
     killed: list[int] = []
 
-    def on_begin(conn: sa.Connection) -> None:
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         if len(armed) > len(killed):
-            pid = conn.connection.driver_connection.info.backend_pid
+            pid = dbapi_connection.info.backend_pid
             with admin.connect() as admin_conn:
                 admin_conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
             killed.append(pid)
 
-    sa.event.listen(engine, "begin", on_begin)
+    sa.event.listen(engine, "checkout", on_checkout)
     try:
         yield armed
     finally:
-        sa.event.remove(engine, "begin", on_begin)
+        sa.event.remove(engine, "checkout", on_checkout)
 
 
 def arming_handler(armed: list[int], counter: Path, times: int = 1) -> Any:
@@ -188,10 +191,25 @@ def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
 
 
 @only_postgres
-def test_the_own_engine_pings_and_times_out(database_uri: str, tmp_path: Path) -> None:
+def test_the_own_engine_replaces_a_connection_that_died_in_the_pool(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """A read is not retried: the ping of a connection that sat idle keeps it from failing."""
+    with (
+        configured_app(database_uri, tmp_path) as app,
+        admin_engine(database_uri) as admin,
+        app.app_context(),
+    ):
+        run = scoria.start_run(IDENTITY)
+        assert terminate_other_backends(admin) >= 1
+        time.sleep(PING_AFTER_IDLE * 1.2)
+        assert scoria.get_run(run.run_id).run_id == run.run_id
+
+
+@only_postgres
+def test_the_own_engine_times_out(database_uri: str, tmp_path: Path) -> None:
     with configured_app(database_uri, tmp_path, SCORIA_STATEMENT_TIMEOUT=0.2) as app:
         engine = app.extensions["scoria"].storage(app).engine
-        assert engine.pool._pre_ping
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "200ms"
             assert conn.connection.driver_connection.info.get_parameters()["connect_timeout"]

@@ -1,16 +1,17 @@
-"""How many statements and commits an approval round-trip costs, on each backend.
+"""How many statements, commits and network round trips an approval round-trip costs.
 
-Counted on the DBAPI cursors, so that statements run through SQLAlchemy and
-those run straight on the cursor both count; ``BEGIN``, ``COMMIT`` and
-``PRAGMA`` do not, nor the empty query (``;``) with which the pool pings a
-PostgreSQL connection before each transaction. An ``executemany`` is one
-statement.
+Statements are counted on the DBAPI cursors, so that statements run through
+SQLAlchemy and those run straight on the cursor both count; ``BEGIN``,
+``COMMIT`` and ``PRAGMA`` do not, nor the empty query (``;``) of a ping. An
+``executemany`` is one statement. Round trips are counted on PostgreSQL in
+libpq's protocol trace: each time the client sends after the server answered.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,14 @@ FUSED_COMMITS = 4
 NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 executed: list[str] = []
+committed: list[str] = []
 
 
 def _count(query: Any) -> None:
     sql = str(query).lstrip()
-    if not sql.upper().startswith(NOT_COUNTED):
+    if sql.upper() == "COMMIT":
+        committed.append(sql)
+    elif not sql.upper().startswith(NOT_COUNTED):
         executed.append(sql)
 
 
@@ -119,7 +123,88 @@ def test_an_approval_round_trip_stays_within_its_statements(
         trip()  # connects; warms the caches
         executed.clear()
         commits.clear()
+        committed.clear()
         trip()
     sa.event.remove(engine, "commit", count_commit)
-    assert len(commits) == commit_count
+    # SQLAlchemy commits on SQLite; on PostgreSQL the transactions send their own COMMIT.
+    assert len(commits) + len(committed) == commit_count
     assert len(executed) <= statements[backend], "\n".join(executed)
+
+
+class RoundTrips:
+    """Counts the round trips of every connection of an engine, in libpq's protocol trace."""
+
+    def __init__(self, engine: sa.Engine, folder: Path) -> None:
+        self.folder = folder
+        self.files: list[Any] = []
+        sa.event.listen(engine, "connect", self._trace)
+
+    def _trace(self, dbapi_connection: Any, _record: Any) -> None:
+        out = (self.folder / f"{len(self.files)}.trace").open("a")
+        dbapi_connection.pgconn.trace(out.fileno())
+        dbapi_connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        self.files.append(out)
+
+    def count(self, call: Callable[[], object]) -> int:
+        """How many round trips ``call()`` waited for, on all connections together."""
+        before = self._sends()
+        call()
+        return self._sends() - before
+
+    def _sends(self) -> int:
+        sends = 0
+        for out in self.files:
+            out.flush()
+            previous = "B"
+            for line in Path(out.name).read_text().splitlines():
+                direction = line[:1]
+                if direction == "F" and previous == "B":
+                    sends += 1
+                if direction in ("F", "B"):
+                    previous = direction
+        return sends
+
+
+#: Round trips per call on PostgreSQL, commits included: a new run is one; a transition
+#: is two, one for the run's lock with what the decision reads, one for its writes with
+#: the COMMIT. A call that executes a handler adds the transition of its outcome.
+ROUND_TRIPS = {
+    "start_run, paused by its handler": 1 + 2,
+    "approve_run": 2,
+    "resume_run, the handler completes": 2 + 2,
+    "approve_run(resume=True)": 2 + 2,
+    "get_run": 1,
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Path) -> None:
+    # Without the ping of a connection idle for a second, which a loaded machine may cause.
+    options = {"pool_pre_ping": False}
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
+    app.extensions["scoria"].handler("approval")(ask_then_work)
+    engine = app.extensions["scoria"].storage(app).engine
+    trips = RoundTrips(engine, tmp_path)
+    counted: dict[str, int] = {}
+    with app.app_context():
+        for _warm_then_count in range(2):
+            run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+            fused = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+            calls: dict[str, Callable[[], object]] = {
+                "start_run, paused by its handler": partial(
+                    scoria.start_run, IDENTITY, initial_step={"kind": "approval"}
+                ),
+                "approve_run": partial(scoria.approve_run, run.run_id, decided_by="operator"),
+                "resume_run, the handler completes": partial(scoria.resume_run, run.run_id),
+                "approve_run(resume=True)": partial(
+                    scoria.approve_run, fused.run_id, decided_by="operator", resume=True
+                ),
+                "get_run": partial(scoria.get_run, run.run_id),
+            }
+            counted = {name: trips.count(call) for name, call in calls.items()}
+        assert scoria.get_run(run.run_id).status == "completed"
+        assert scoria.get_run(fused.run_id).status == "completed"
+    engine.dispose()
+    for out in trips.files:
+        out.close()
+    assert counted == ROUND_TRIPS

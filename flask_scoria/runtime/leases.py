@@ -73,7 +73,7 @@ class LeaseKeeper:
 
     def _renew(self, storage: Storage, step_id: uuid.UUID, token: str) -> None:
         try:
-            with storage.write() as conn:
+            with storage.write(pipeline=True) as conn:
                 conn.execute(
                     update(steps)
                     .where(

@@ -14,11 +14,10 @@ the column types' own bind and result processors. They run inside the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
@@ -33,14 +32,26 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
 from ..statuses import ApprovalStatus, StepStatus
+from ..storage import database_error
 from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
 
 Processor = Callable[[Any], Any] | None
+T = TypeVar("T")
+
+#: A write that must change exactly one row, checked by the database: when it
+#: changes none, the division fails and aborts the transaction, its commit with it.
+_GUARD = "WITH changed AS ({} RETURNING 1) SELECT 1 / count(*) FROM changed"
+#: The SQLSTATE of that failure (``division_by_zero``).
+_UNMATCHED = "22012"
+
+
+class Conflict(Exception):
+    """Another transaction changed the run first; read it again."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +88,18 @@ class Prepared:
 
     def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
-        self._compiled: dict[tuple[str, frozenset[str]], _Compiled] = {}
+        #: Whether it changes rows (an INSERT, UPDATE or DELETE).
+        self.writes: bool = statement.is_dml
+        self._compiled: dict[tuple[str, frozenset[str], bool], _Compiled] = {}
 
-    def _compile(self, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
-        cache_key = (dialect.name, keys)
+    def _compile(self, dialect: Dialect, keys: frozenset[str], guard: bool = False) -> _Compiled:
+        cache_key = (dialect.name, keys, guard)
         compiled = self._compiled.get(cache_key)
         if compiled is None:
-            compiled = self._compiled[cache_key] = _compile(self.statement, dialect, keys)
+            compiled = _compile(self.statement, dialect, keys)
+            if guard:
+                compiled = replace(compiled, sql=_GUARD.format(compiled.sql))
+            self._compiled[cache_key] = compiled
         return compiled
 
     def execute(self, conn: Connection, params: RowLike) -> Any:
@@ -106,30 +122,73 @@ class Prepared:
         cursor.close()
         return count
 
+    def expect_one(self, conn: Connection, params: RowLike, *, defer: bool = False) -> None:
+        """Execute a write that must change exactly one row; raise :class:`Conflict` if not.
+
+        On PostgreSQL the database checks it, aborting the transaction when it
+        fails. With ``defer`` nothing waits for that check: in a pipeline the
+        statement travels with the next read or the commit, and its failure
+        (see :func:`unmatched`) surfaces there.
+        """
+        if conn.dialect.name != "postgresql":
+            if self.rowcount(conn, params) != 1:
+                raise Conflict
+            return
+        compiled = self._compile(conn.dialect, frozenset(params), guard=True)
+        try:
+            cursor = _run(conn, compiled, compiled.parameters(params), many=False)
+            if not defer:
+                _fetch(conn, compiled, cursor.fetchone)
+        except DBAPIError as exc:
+            if unmatched(exc):
+                raise Conflict from None
+            raise
+        cursor.close()
+
+    def send(self, conn: Connection, params: RowLike) -> Sent:
+        """Execute; in a pipeline, the result is read only when asked for."""
+        compiled = self._compile(conn.dialect, frozenset(params))
+        return Sent(conn, compiled, _run(conn, compiled, compiled.parameters(params), many=False))
+
     def first(self, conn: Connection, params: RowLike) -> Row | None:
         """The first row of the result as a dict keyed by column key, or ``None``."""
-        compiled = self._compile(conn.dialect, frozenset(params))
-        cursor = _run(conn, compiled, compiled.parameters(params), many=False)
-        values = cursor.fetchone()
-        cursor.close()
-        return None if values is None else compiled.row(values)
+        return self.send(conn, params).first()
 
     def all(self, conn: Connection, params: RowLike) -> list[Row]:
         """Every row of the result as dicts keyed by column key."""
-        compiled = self._compile(conn.dialect, frozenset(params))
-        cursor = _run(conn, compiled, compiled.parameters(params), many=False)
-        rows = [compiled.row(values) for values in cursor.fetchall()]
-        cursor.close()
-        return rows
+        return self.send(conn, params).all()
+
+
+@dataclass
+class Sent:
+    """A statement sent to the database, whose rows are read once."""
+
+    conn: Connection
+    compiled: _Compiled
+    cursor: Any
+
+    def first(self) -> Row | None:
+        """The first row of the result as a dict keyed by column key, or ``None``."""
+        values = _fetch(self.conn, self.compiled, self.cursor.fetchone)
+        self.cursor.close()
+        return None if values is None else self.compiled.row(values)
+
+    def all(self) -> list[Row]:
+        """Every row of the result as dicts keyed by column key."""
+        rows = _fetch(self.conn, self.compiled, self.cursor.fetchall)
+        self.cursor.close()
+        return [self.compiled.row(values) for values in rows]
 
 
 def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
     compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=sorted(keys)))
-    binds = tuple(
-        (name, processor)
+    # One processor per name: a parameter used twice is processed once.
+    processors = {
+        name: processor
         for bind, name in compiled.bind_names.items()
         if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
-    )
+    }
+    binds = tuple(processors.items())
     # A SELECT's columns, or those an INSERT or UPDATE returns (none without RETURNING).
     selected: Iterable[Any] = getattr(
         statement, "selected_columns", getattr(statement, "exported_columns", ())
@@ -157,45 +216,26 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
             cursor.execute(compiled.sql, params)
     except conn.dialect.loaded_dbapi.Error as exc:
         cursor.close()
-        raise _database_error(conn, exc, compiled.sql, params, cursor) from exc
+        raise database_error(conn, exc, compiled.sql, params, cursor) from exc
     return cursor
 
 
-def _database_error(
-    conn: Connection, exc: Any, sql: str, params: Any, cursor: Any
-) -> StatementError:
-    """The :class:`DBAPIError` SQLAlchemy would raise; invalidates a lost connection."""
-    invalidated = conn.dialect.is_disconnect(exc, conn.connection, cursor)
-    if invalidated:
-        conn.invalidate(exc)
-    error: StatementError = DBAPIError.instance(
-        sql,
-        params,
-        exc,
-        conn.dialect.loaded_dbapi.Error,
-        connection_invalidated=invalidated,
-        dialect=conn.dialect,
-    )
-    return error
-
-
-@contextmanager
-def pipeline(conn: Connection) -> Iterator[None]:
-    """Send the statements of the block to PostgreSQL together (psycopg's pipeline mode).
-
-    Their results arrive at the end of the block at the latest, so a check of a
-    row count belongs after it; a database error may surface there too.
-    Elsewhere the block runs as it is.
-    """
-    enter = getattr(conn.connection.driver_connection, "pipeline", None)
-    if enter is None or conn.dialect.name != "postgresql":
-        yield
-        return
+def _fetch(conn: Connection, compiled: _Compiled, fetch: Callable[[], T]) -> T:
+    """Read a result; in a pipeline, the error of an earlier statement may arrive here."""
     try:
-        with enter():
-            yield
+        return fetch()
     except conn.dialect.loaded_dbapi.Error as exc:
-        raise _database_error(conn, exc, "<pipeline>", None, None) from exc
+        raise database_error(conn, exc, compiled.sql, None, None) from exc
+
+
+def unmatched(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a deferred :meth:`Prepared.expect_one` that changed no row."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) == _UNMATCHED:
+            return True
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return False
 
 
 INSERT_RUN = Prepared(insert(runs).inline())
@@ -270,12 +310,17 @@ _LATEST_APPROVAL = (
     .limit(1)
 )
 LATEST_APPROVAL_OF_RUN = Prepared(_LATEST_APPROVAL)
-#: The run's latest approval next to the step ``b_step_id``, in one row whose step
+_CURRENT_STEP_ID = (
+    select(runs.c.current_step_id).where(runs.c.id == bindparam("b_run_id")).scalar_subquery()
+)
+#: The current step of the run ``b_run_id``.
+CURRENT_STEP_OF_RUN = Prepared(select(steps).where(steps.c.id == _CURRENT_STEP_ID))
+#: The run's latest approval next to the run's current step, in one row whose step
 #: columns are prefixed ``steps_``; no row when either is missing.
 LATEST_APPROVAL_WITH_STEP = Prepared(
-    _LATEST_APPROVAL.add_columns(*(column.label(f"steps_{column.key}") for column in steps.c)).join(
-        steps, steps.c.id == bindparam("b_step_id")
-    )
+    _LATEST_APPROVAL.add_columns(
+        *(column.label(f"steps_{column.key}") for column in steps.c)
+    ).join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
 )
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
@@ -333,37 +378,28 @@ def _update_where(table: Table, names: tuple[str, ...]) -> Prepared:
     )
 
 
-def _update_if(
+def update_if(
     conn: Connection,
     table: Table,
     row_id: uuid.UUID,
     expect: RowLike,
     values: RowLike,
-) -> bool:
+    *,
+    defer: bool = False,
+) -> None:
+    """Update one row of ``table`` only while its columns still equal ``expect``.
+
+    Raises :class:`Conflict` if they do not, or later, with ``defer`` (see
+    :meth:`Prepared.expect_one`).
+    """
     params = {**values, "b_id": row_id}
     params.update({f"b_{name}": value for name, value in expect.items()})
-    return _update_where(table, tuple(sorted(expect))).rowcount(conn, params) == 1
-
-
-def update_step_if(conn: Connection, step_id: uuid.UUID, expect: RowLike, values: RowLike) -> bool:
-    """Update one step only while its columns still equal ``expect``."""
-    return _update_if(conn, steps, step_id, expect, values)
-
-
-def update_approval_if(
-    conn: Connection, approval_id: uuid.UUID, expect: RowLike, values: RowLike
-) -> bool:
-    """Update one approval only while its columns still equal ``expect``."""
-    return _update_if(conn, approvals, approval_id, expect, values)
+    _update_where(table, tuple(sorted(expect))).expect_one(conn, params, defer=defer)
 
 
 def update_run_if_version(
-    conn: Connection, run_id: uuid.UUID, version: int, values: RowLike
-) -> Any:
-    """Compare-and-set a run on its ``version``; its ``rowcount`` is 1 if it won.
-
-    Returns the DBAPI cursor, whose ``rowcount`` is known once a
-    :func:`pipeline` around the call has ended.
-    """
+    conn: Connection, run_id: uuid.UUID, version: int, values: RowLike, *, defer: bool = False
+) -> None:
+    """Compare-and-set a run on its ``version``, as :func:`update_if` does."""
     params = {**values, "b_run_id": run_id, "b_version": version}
-    return UPDATE_RUN_IF_VERSION.execute(conn, params)
+    UPDATE_RUN_IF_VERSION.expect_one(conn, params, defer=defer)

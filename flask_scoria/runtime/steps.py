@@ -28,7 +28,7 @@ from .executors import QueuedStep
 from .handlers import HandlerRegistry, Handlers
 from .rows import approval_from_row
 from .tables import Row, RowLike, steps
-from .transaction import Claim, Conflict, RunChange, Tx
+from .transaction import Claim, RunChange, Tx
 
 log = logging.getLogger("flask_scoria")
 
@@ -214,8 +214,9 @@ def claim_next(tx: Tx, handlers: Handlers) -> None:
 
 def decided_approval(tx: Tx, step_id: uuid.UUID) -> Approval | None:
     """The latest decision on ``step_id`` (found through the run's approvals index)."""
-    params = {"b_run_id": tx.run_id, "b_step_id": step_id}
-    row = sql.LATEST_DECIDED_APPROVAL_OF_STEP.first(tx.conn, params)
+    row = tx.first(
+        sql.LATEST_DECIDED_APPROVAL_OF_STEP, {"b_run_id": tx.run_id, "b_step_id": step_id}
+    )
     return None if row is None else approval_from_row(row)
 
 
@@ -301,13 +302,12 @@ def expire_approval(tx: Tx) -> bool:
     expired = sql.EXPIRED_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now})
     if expired is None:
         return False
-    if not sql.update_approval_if(
-        tx.conn,
+    tx.update_approval(
         expired["id"],
         {"status": ApprovalStatus.PENDING},
-        {"status": ApprovalStatus.EXPIRED, "decided_at": tx.now},
-    ):
-        raise Conflict
+        status=ApprovalStatus.EXPIRED,
+        decided_at=tx.now,
+    )
     error = {
         "type": "approval_expired",
         "message": f"Nobody decided on {expired['tool_name']!r} before"

@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -31,16 +31,13 @@ from .context import RuntimeContext
 from .executors import QueuedStep, announce, notify
 from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
-from .tables import Row
+from .statements import Conflict
+from .tables import Row, RowLike, approvals, steps
 
 T = TypeVar("T")
 
 
 MAX_ATTEMPTS = 50
-
-
-class Conflict(Exception):
-    """Another transaction changed the run first; read it again."""
 
 
 class DuplicateStart(Exception):
@@ -193,7 +190,7 @@ class NewRun(RunChange):
         tries = 0
         while True:
             try:
-                with storage.write() as conn:
+                with storage.write(pipeline=True) as conn:
                     if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
                         self._insert_all(conn, row)
                 return row
@@ -207,20 +204,26 @@ class NewRun(RunChange):
             notify(conn)
         keyed = row["idempotency_key"] is not None
         # A keyed run goes first, on its own, so that a start that lost the race writes nothing.
-        if keyed and sql.INSERT_RUN_IF_NEW[conn.dialect.name].rowcount(conn, row) != 1:
-            raise DuplicateStart
-        with sql.pipeline(conn):
-            if not keyed:
-                sql.INSERT_RUN.execute_many(conn, [row])
-            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
-                rows = [new for of, new in self.new_rows if of is statement]
-                if rows:
-                    statement.execute_many(conn, rows)
-            sql.INSERT_EVENTS.execute_many(conn, self.new_events)
+        if keyed:
+            try:
+                sql.INSERT_RUN_IF_NEW[conn.dialect.name].expect_one(conn, row)
+            except Conflict:
+                raise DuplicateStart from None
+        else:
+            sql.INSERT_RUN.execute_many(conn, [row])
+        for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
+            rows = [new for of, new in self.new_rows if of is statement]
+            if rows:
+                statement.execute_many(conn, rows)
+        sql.INSERT_EVENTS.execute_many(conn, self.new_events)
 
 
 class Tx(RunChange):
-    """A change to a stored run, applied by :meth:`commit` as a compare-and-set."""
+    """A change to a stored run, applied by :meth:`commit` as a compare-and-set.
+
+    With ``defer``, the checks of its writes travel with the commit instead
+    of each waiting for its answer (see :meth:`~.statements.Prepared.expect_one`).
+    """
 
     def __init__(
         self,
@@ -229,11 +232,24 @@ class Tx(RunChange):
         now: datetime,
         lease_until: datetime,
         registry: HandlerRegistry | None = None,
+        *,
+        defer: bool = False,
+        ahead: list[Ahead] | None = None,
     ) -> None:
         super().__init__(run, now, lease_until)
         self.conn = conn
         #: The app's handlers and policies, for retrying a step whose lease or time ran out.
         self.registry = registry
+        self.defer = defer
+        self.ahead = ahead or []
+
+    def first(self, statement: sql.Prepared, params: RowLike) -> Row | None:
+        """The first row of ``statement``, read ahead with the run if it was."""
+        for index, (sent_statement, sent_params, sent) in enumerate(self.ahead):
+            if sent_statement is statement and sent_params == params:
+                del self.ahead[index]
+                return sent.first()
+        return statement.first(self.conn, params)
 
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
         statement.execute_many(self.conn, [row])
@@ -241,11 +257,18 @@ class Tx(RunChange):
     def update_step(
         self, step_id: uuid.UUID, expect: Mapping[str, object], **values: object
     ) -> None:
-        if not sql.update_step_if(self.conn, step_id, expect, values):
-            raise Conflict
+        sql.update_if(self.conn, steps, step_id, expect, values, defer=self.defer)
+
+    def update_approval(
+        self, approval_id: uuid.UUID, expect: Mapping[str, object], **values: object
+    ) -> None:
+        """Update one approval only if it still matches ``expect``; else raise :class:`Conflict`."""
+        sql.update_if(self.conn, approvals, approval_id, expect, values, defer=self.defer)
 
     def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
+        if any(statement.writes for statement, _, _ in self.ahead):
+            raise RuntimeError("A write sent ahead of the decision was not decided on.")
         if self.queued:
             notify(self.conn)
         if not self.changes and not self.new_events:
@@ -255,15 +278,16 @@ class Tx(RunChange):
         values["last_event_sequence"] = self.run["last_event_sequence"] + len(self.new_events)
         values["updated_at"] = self.now
         # The events go with the compare-and-set; a lost race rolls both back.
-        with sql.pipeline(self.conn):
-            cursor = sql.update_run_if_version(self.conn, self.run_id, self.run["version"], values)
-            if self.new_events:
-                sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
-        won = cursor.rowcount == 1
-        cursor.close()
-        if not won:
-            raise Conflict
+        sql.update_run_if_version(
+            self.conn, self.run_id, self.run["version"], values, defer=self.defer
+        )
+        if self.new_events:
+            sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
         return {**self.run, **values}
+
+
+#: A statement sent ahead of a decision, with its parameters, and its pending result.
+Ahead = tuple[sql.Prepared, RowLike, sql.Sent]
 
 
 def transact(
@@ -273,6 +297,7 @@ def transact(
     decide: Callable[[Tx], T],
     *,
     known: Row | None = None,
+    ahead: Callable[[datetime], Sequence[tuple[sql.Prepared, RowLike]]] | None = None,
 ) -> tuple[T | None, Row, Claim | None]:
     """Run ``decide`` on the freshly read run until its compare-and-set wins.
 
@@ -286,17 +311,37 @@ def transact(
     and the run is returned as it now is. A transaction whose connection
     dropped is tried again on a fresh one, a bounded number of times; if its
     commit went through after all, the compare-and-set of the next try tells.
+
+    The checks of the writes travel with the commit; if one failed, the
+    transaction is decided again with each write checked as it goes, which
+    tells which one (a lost step or a conflict).
+
+    On PostgreSQL, the statements ``ahead`` returns for the transaction's
+    time are sent together with the run's lock, after it, so that the
+    decision finds their rows (with :meth:`Tx.first`) without waiting for
+    them; a write among them must be one the decision reads. On SQLite the
+    decision runs them itself, as it needs them.
     """
     if not ctx.storage.is_sqlite:
         known = None
     dropped = 0
+    defer = True
     for attempt in range(MAX_ATTEMPTS):
         try:
-            with ctx.storage.write() as conn:
-                row = known or load_run(conn, run_id, guard, lock=True)
-                known = None
+            with ctx.storage.write(pipeline=True) as conn:
                 now = utcnow()
-                tx = Tx(conn, row, now, ctx.keeper.expiry(now), ctx.registry)
+                sent: list[Ahead] = []
+                if known is not None:
+                    row, known = known, None
+                elif ctx.storage.is_sqlite or ahead is None:
+                    row = load_run(conn, run_id, guard, lock=True)
+                else:
+                    locked = sql.RUN_BY_ID_FOR_UPDATE.send(conn, {"b_run_id": run_id})
+                    sent = [(s, p, s.send(conn, p)) for s, p in ahead(now)]
+                    row = checked_run(locked.first(), run_id, guard)
+                tx = Tx(
+                    conn, row, now, ctx.keeper.expiry(now), ctx.registry, defer=defer, ahead=sent
+                )
                 outcome = decide(tx)
                 new_row = tx.commit()
         except Conflict:
@@ -306,6 +351,9 @@ def transact(
             with ctx.storage.read() as conn:
                 return None, load_run(conn, run_id, guard, lock=False), None
         except StorageError as exc:
+            if defer and sql.unmatched(exc):
+                defer = False
+                continue
             dropped += 1
             if not ctx.storage.retry_after(exc, dropped):
                 raise
@@ -320,7 +368,11 @@ def transact(
 def load_run(conn: Connection, run_id: uuid.UUID, guard: TenantGuard, *, lock: bool) -> Row:
     """Read one run, as if it did not exist when it belongs to another tenant than ``guard``."""
     query = sql.RUN_BY_ID_FOR_UPDATE if lock else sql.RUN_BY_ID
-    row = query.first(conn, {"b_run_id": run_id})
+    return checked_run(query.first(conn, {"b_run_id": run_id}), run_id, guard)
+
+
+def checked_run(row: Row | None, run_id: uuid.UUID, guard: TenantGuard) -> Row:
+    """``row``, unless it is missing or belongs to another tenant than ``guard``."""
     if row is None or (guard is not UNSET and row["tenant_id"] != guard):
         raise RunNotFound(str(run_id))
     return row

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 
 from sqlalchemy import update
 
@@ -25,9 +26,10 @@ from .context import context
 from .handlers import Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
+from .statements import Conflict
 from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
-from .tables import Row, approvals, steps
-from .transaction import Conflict, Tx, transact
+from .tables import Row, RowLike, approvals, steps
+from .transaction import Tx, transact
 
 #: A failed run can still be cancelled, which stops it from being retried.
 _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)
@@ -95,7 +97,8 @@ def resume_run(
                 str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status)
             )
 
-    _, row, claim = transact(ctx, key, guard, decide)
+    ahead = [(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": key})]
+    _, row, claim = transact(ctx, key, guard, decide, ahead=lambda now: ahead)
     return summary_from_row(drive(ctx, resolver, claim, row))
 
 
@@ -118,9 +121,7 @@ def _latest_approval(tx: Tx) -> Approval | None:
 
 
 def _resume_approved(tx: Tx, handlers: Handlers) -> None:
-    step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
-    params = {"b_run_id": tx.run_id, "b_step_id": step_id}
-    row = None if step_id is None else sql.LATEST_APPROVAL_WITH_STEP.first(tx.conn, params)
+    row = tx.first(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": tx.run_id})
     if row is None:
         raise NoPendingApproval(str(tx.run_id))
     approval = approval_from_row(row)
@@ -276,24 +277,35 @@ def _decide(
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
 
-    def decide(tx: Tx) -> bool:
-        """Decide; ``False`` when the approval turned out to have expired."""
+    def decision_sent(now: datetime) -> Sequence[tuple[sql.Prepared, RowLike]]:
+        """The decision, and with ``resume`` the step it resumes, read with the run."""
+        if isinstance(expected, str):  # names no approval at all
+            return []
         params = {
-            "b_run_id": tx.run_id,
-            "b_now": tx.now,
+            "b_run_id": key,
+            "b_now": now,
             "b_edits": edited is not None,
             "status": decision,
             "decided_by": who,
-            "decided_at": tx.now,
+            "decided_at": now,
             "note": text,
             "edited_arguments": edited,
         }
-        if isinstance(expected, str):  # names no approval at all
+        sent: list[tuple[sql.Prepared, RowLike]] = [
+            (sql.DECIDE_LATEST_APPROVAL, params)
+            if expected is None
+            else (sql.DECIDE_APPROVAL, {**params, "b_approval_id": expected})
+        ]
+        if resume:
+            sent.append((sql.CURRENT_STEP_OF_RUN, {"b_run_id": key}))
+        return sent
+
+    def decide(tx: Tx) -> bool:
+        """Decide; ``False`` when the approval turned out to have expired."""
+        if isinstance(expected, str):
             raise NoPendingApproval(str(tx.run_id), expected)
-        if expected is None:
-            decided = sql.DECIDE_LATEST_APPROVAL.first(tx.conn, params)
-        else:
-            decided = sql.DECIDE_APPROVAL.first(tx.conn, {**params, "b_approval_id": expected})
+        decision_statement, params = decision_sent(tx.now)[0]
+        decided = tx.first(decision_statement, params)
         if decided is None:
             _not_pending(tx, expected, edited is not None)
             return False
@@ -311,12 +323,14 @@ def _decide(
             tx.set(status=RunStatus.REJECTED, completed_at=tx.now)
             tx.event("run_rejected", step_id, {"reason": text})
         elif resume:
-            step = sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
+            step = tx.first(sql.CURRENT_STEP_OF_RUN, {"b_run_id": tx.run_id})
+            if step is None or step["id"] != step_id:
+                step = sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
             assert step is not None
             _continue(tx, step, resolver, approval_from_row(decided))
         return True
 
-    decided, row, claim = transact(ctx, key, guard, decide)
+    decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent)
     if decided is False:
         raise NoPendingApproval(str(key), None if expected is None else str(expected))
     return summary_from_row(drive(ctx, resolver, claim, row))

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 from ..errors import StorageError
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
+from . import statements as sql
 from .arguments import UNSET, int_in_range
 from .context import RuntimeContext, context
 from .executors import CHANNEL, send_to_celery
@@ -40,9 +41,10 @@ from .handlers import Handlers
 from .outcomes import drive
 from .reads import recover_expired_leases
 from .rows import split_prefixed, summary_from_row
+from .statements import Conflict
 from .steps import claim_step, decided_approval, expire_leases
-from .tables import Row, runs, steps
-from .transaction import Claim, Conflict, Tx, transact, utcnow
+from .tables import Row, RowLike, runs, steps
+from .transaction import Claim, Tx, transact, utcnow
 
 log = logging.getLogger("flask_scoria")
 
@@ -143,15 +145,16 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     def decide(tx: Tx) -> None:
         if expire_leases(tx) or tx.status() != RunStatus.RUNNING:
             return
-        step = (
-            tx.conn.execute(select(steps).where(steps.c.id == step_key, steps.c.run_id == run_key))
-            .mappings()
-            .first()
-        )
-        if step is not None and step["status"] == StepStatus.QUEUED:
-            claim_step(tx, dict(step), handlers, decided_approval(tx, step_key))
+        step = tx.first(sql.STEP_BY_ID, {"b_step_id": step_key})
+        if step is not None and step["run_id"] == run_key and step["status"] == StepStatus.QUEUED:
+            claim_step(tx, step, handlers, decided_approval(tx, step_key))
 
-    _, row, claim = transact(ctx, run_key, UNSET, decide)
+    # The step and its decision travel with the run's lock.
+    ahead: list[tuple[sql.Prepared, RowLike]] = [
+        (sql.STEP_BY_ID, {"b_step_id": step_key}),
+        (sql.LATEST_DECIDED_APPROVAL_OF_STEP, {"b_run_id": run_key, "b_step_id": step_key}),
+    ]
+    _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead)
     if claim is None:
         return None
     return _execute_claimed(ctx.app, handlers, row, claim)
