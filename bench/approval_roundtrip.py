@@ -83,10 +83,25 @@ class ScoriaFlow:
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
         self.timings = Timings([], [], 0.0, 0)
+        # SQLAlchemy commits on SQLite; on PostgreSQL a pipelined COMMIT is a statement.
         sa.event.listen(self.engine, "commit", self._count)
+        if self.engine.dialect.name == "postgresql":
+            self.engine.dispose()
+            sa.event.listen(self.engine, "connect", self._count_commit_statements)
 
-    def _count(self, _conn: Any) -> None:
+    def _count(self, *_: Any) -> None:
         self.timings.commits += 1
+
+    def _count_commit_statements(self, dbapi_connection: Any, _record: Any) -> None:
+        count = self._count
+
+        class Counting(dbapi_connection.cursor_factory):  # type: ignore[misc]
+            def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+                if query == "COMMIT":
+                    count()
+                return super().execute(query, *args, **kwargs)
+
+        dbapi_connection.cursor_factory = Counting
 
     @property
     def seconds(self) -> float:
