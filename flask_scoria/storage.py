@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
@@ -181,12 +181,19 @@ class Storage:
                 # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
                 # connection's own mode when it is returned.
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                error = self.engine.dialect.loaded_dbapi.Error
                 try:
-                    with driver.pipeline():
+                    with driver.pipeline() as batch:
                         driver.execute("BEGIN")
-                        yield conn
+                        try:
+                            yield conn
+                        except BaseException:
+                            # Collect what an aborted pipeline still owes; ROLLBACK follows.
+                            with suppress(error):
+                                batch.sync()
+                            raise
                         driver.execute("COMMIT")
-                except self.engine.dialect.loaded_dbapi.Error as exc:
+                except error as exc:
                     # Results, and their errors, arrive when the pipeline is synced.
                     raise database_error(conn, exc, "COMMIT", None, None) from exc
                 return

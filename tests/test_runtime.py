@@ -259,6 +259,24 @@ def test_cancel_run_closes_steps_and_approvals() -> None:
         scoria.approve_run(run_id, decided_by="late")
 
 
+def test_a_run_cancelled_while_its_handler_runs_keeps_no_outcome(app: Flask) -> None:
+    """The outcome's write finds its step cancelled: nothing of it is written."""
+    ran: list[str] = []
+
+    def work(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        with app.app_context():
+            scoria.cancel_run(run.run_id, cancelled_by="ops")
+        ran.append(run.run_id)
+        return Succeed({"late": True})
+
+    run = start({"work": work})
+    assert run.status == "cancelled"
+    assert ran == [run.run_id]
+    (step,) = scoria.get_run_detail(run.run_id).steps
+    assert (step.status, step.result_envelope) == ("cancelled", None)
+    assert event_types(run.run_id)[-1] == "run_cancelled"
+
+
 def test_tenant_guard() -> None:
     mine = scoria.start_run(scoria.identity(IDENTITY))
     tenantless = scoria.start_run(scoria.identity({"session_id": "session-1"}))
