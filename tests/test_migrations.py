@@ -55,86 +55,104 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database_
         engine.dispose()
 
 
+def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.UUID:
+    """A run paused for approval, with its step, approval and events, in the columns of
+    ``revision`` (``scoria_0001`` or ``scoria_0002``)."""
+    run_id, step_id = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    later = revision != "scoria_0001"
+    conn.execute(
+        sa.insert(tables.runs).values(
+            id=run_id,
+            session_id="s-1",
+            actor_id=None,
+            tenant_id=tenant,
+            root_role_id="executor",
+            status="waiting_for_approval",
+            version=3,
+            last_event_sequence=3,
+            last_step_sequence=1,
+            current_step_id=step_id,
+            metadata={"payload": {"prompt": "x" * 5000}},
+            created_at=now,
+            started_at=now,
+            completed_at=None,
+            updated_at=now,
+            **({"idempotency_key": f"key-{run_id}"} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.steps).values(
+            id=step_id,
+            run_id=run_id,
+            parent_step_id=None,
+            sequence=1,
+            kind="approval",
+            role_id="executor",
+            status="waiting_for_approval",
+            attempt=1,
+            handoff_input=None,
+            projected_context=None,
+            result_envelope=None,
+            error_envelope=None,
+            lease_token=None,
+            lease_expires_at=None,
+            started_at=now,
+            completed_at=None,
+            **({"input": {"n": 1}, "not_before": None, "trace_context": None} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.approvals).values(
+            id=uuid.uuid4(),
+            run_id=run_id,
+            step_id=step_id,
+            status="pending",
+            tool_name="publish",
+            arguments={"n": 1},
+            reason=None,
+            requested_at=now,
+            decided_by=None,
+            decided_at=None,
+            note=None,
+            **({"editable": True, "edited_arguments": None, "expires_at": None} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.events),
+        [
+            {
+                "run_id": run_id,
+                "sequence": n,
+                "event_type": kind,
+                "step_id": None,
+                "payload": None,
+                "created_at": now,
+            }
+            for n, kind in enumerate(
+                ("run_started", "step_started", "waiting_for_approval"), start=1
+            )
+        ],
+    )
+    return run_id
+
+
+def row_counts(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in TABLES
+        }
+
+
 def test_upgrading_keeps_the_runs_of_the_first_revision(
     empty_database_uri: str, tmp_path: Path
 ) -> None:
     engine = sa.create_engine(empty_database_uri)
     try:
         schema.upgrade(engine, "scoria_0001")
-        run_id, step_id = uuid.uuid4(), uuid.uuid4()
-        now = datetime.now(UTC)
-        # A run paused for approval, written with the first revision's columns only.
         with engine.begin() as conn:
-            conn.execute(
-                sa.insert(tables.runs).values(
-                    id=run_id,
-                    session_id="s-1",
-                    actor_id=None,
-                    tenant_id="t-1",
-                    root_role_id="executor",
-                    status="waiting_for_approval",
-                    version=3,
-                    last_event_sequence=3,
-                    last_step_sequence=1,
-                    current_step_id=step_id,
-                    metadata={},
-                    created_at=now,
-                    started_at=now,
-                    completed_at=None,
-                    updated_at=now,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.steps).values(
-                    id=step_id,
-                    run_id=run_id,
-                    parent_step_id=None,
-                    sequence=1,
-                    kind="approval",
-                    role_id="executor",
-                    status="waiting_for_approval",
-                    attempt=1,
-                    handoff_input=None,
-                    projected_context=None,
-                    result_envelope=None,
-                    error_envelope=None,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    started_at=now,
-                    completed_at=None,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.approvals).values(
-                    id=uuid.uuid4(),
-                    run_id=run_id,
-                    step_id=step_id,
-                    status="pending",
-                    tool_name="publish",
-                    arguments={"n": 1},
-                    reason=None,
-                    requested_at=now,
-                    decided_by=None,
-                    decided_at=None,
-                    note=None,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.events),
-                [
-                    {
-                        "run_id": run_id,
-                        "sequence": n,
-                        "event_type": kind,
-                        "step_id": None,
-                        "payload": None,
-                        "created_at": now,
-                    }
-                    for n, kind in enumerate(
-                        ("run_started", "step_started", "waiting_for_approval"), start=1
-                    )
-                ],
-            )
+            run_id = insert_paused_run(conn, "t-1", "scoria_0001")
         schema.upgrade(engine)
         assert schema.current_revision(engine) == schema.head_revision()
         assert schema.differences(engine) == []
@@ -162,6 +180,30 @@ def test_upgrading_keeps_the_runs_of_the_first_revision(
             count = conn.execute(sa.text("SELECT count(*) FROM scoria_runs")).scalar()
         assert count == 1
     finally:
+        engine.dispose()
+
+
+def test_migrating_through_the_cli_keeps_every_row(empty_database_uri: str, tmp_path: Path) -> None:
+    """``flask scoria db`` migrates on the app's engine, which enforces SQLite's foreign keys:
+    rebuilding ``scoria_runs`` must not delete the rows that reference it."""
+    engine = sa.create_engine(empty_database_uri)
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    runner = app.test_cli_runner()
+    own = app.extensions["scoria"].storage(app).engine
+    try:
+        upgrade = runner.invoke(args=["scoria", "db", "upgrade", "scoria_0002"])
+        assert upgrade.exit_code == 0, upgrade.output
+        with engine.begin() as conn:
+            insert_paused_run(conn, "t-1", "scoria_0002")
+        before = row_counts(engine)
+        downgrade = runner.invoke(args=["scoria", "db", "downgrade", "scoria_0001"])
+        assert downgrade.exit_code == 0, downgrade.output
+        assert row_counts(engine) == before
+        if own.dialect.name == "sqlite":
+            with own.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        own.dispose()
         engine.dispose()
 
 
