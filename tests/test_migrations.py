@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from conftest import TABLES, create_test_app, throwaway_postgres_database
 
 import flask_scoria as scoria
-from flask_scoria import schema
+from flask_scoria import runtime, schema
 from flask_scoria.runtime import tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,6 +209,92 @@ def test_migrating_through_the_cli_keeps_every_row(empty_database_uri: str, tmp_
     finally:
         own.dispose()
         engine.dispose()
+
+
+def test_upgrading_keeps_the_runs_of_the_second_revision(
+    empty_database_uri: str, backend: str, tmp_path: Path
+) -> None:
+    """Through ``flask scoria db``, whose engine enforces SQLite's foreign keys."""
+    engine = sa.create_engine(empty_database_uri)
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    runner = app.test_cli_runner()
+    try:
+        schema.upgrade(engine, "scoria_0002")
+        with engine.begin() as conn:
+            mine = insert_paused_run(conn, "t-1", "scoria_0002")
+            theirs = insert_paused_run(conn, "t-2", "scoria_0002")
+            conn.execute(
+                sa.insert(tables.handoffs).values(
+                    id=uuid.uuid4(),
+                    run_id=mine,
+                    parent_step_id=uuid.uuid4(),
+                    child_step_id=None,
+                    delegated_role_id="critic",
+                    delegated_kind="review",
+                    capability_tags=[],
+                    handoff_input={"draft": "d"},
+                    projected_context={},
+                    created_at=datetime.now(UTC),
+                )
+            )
+        before = row_counts(engine)
+        upgrade = runner.invoke(args=["scoria", "db", "upgrade"])
+        assert upgrade.exit_code == 0, upgrade.output
+        assert row_counts(engine) == before
+        assert schema.differences(engine) == []
+        if backend == "sqlite":
+            assert column_names(engine, "scoria_runs")[-1] == "metadata"
+        with app.app_context():
+            (waiting,) = runtime.pending_approvals("t-1").rows
+            assert (waiting.run.run_id, waiting.approval.editable) == (str(mine), True)
+            assert runtime.count_pending_approvals("t-2", up_to=10) == 1
+            assert runtime.pending_approvals("t-2").rows[0].run.run_id == str(theirs)
+            assert len(scoria.get_run_detail(str(mine)).handoffs) == 1
+            scoria.approve_run(str(mine), decided_by="ops")
+            done = scoria.resume_run(str(mine), handlers={"approval": lambda s, r: None})
+            assert done.status == "completed"
+            assert done.metadata == {"payload": {"prompt": "x" * 5000}}
+            assert runtime.count_pending_approvals("t-1", up_to=10) == 0
+
+        downgrade = runner.invoke(args=["scoria", "db", "downgrade", "scoria_0002"])
+        assert downgrade.exit_code == 0, downgrade.output
+        assert schema.current_revision(engine) == "scoria_0002"
+        after = row_counts(engine)
+        assert after == {**before, "scoria_events": after["scoria_events"]}
+        if backend == "sqlite":
+            assert column_names(engine, "scoria_runs")[-1] == "idempotency_key"
+    finally:
+        app.extensions["scoria"].storage(app).engine.dispose()
+        engine.dispose()
+
+
+def test_rebuilding_the_runs_table_refuses_enforced_foreign_keys(tmp_path: Path) -> None:
+    """A host's Alembic on SQLite with foreign keys on gets an error, and keeps every row."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'host.sqlite3'}")
+
+    @sa.event.listens_for(engine, "connect")
+    def enforce(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    try:
+        schema.upgrade(engine, "scoria_0002")
+        with engine.begin() as conn:
+            insert_paused_run(conn, "t-1", "scoria_0002")
+        before = row_counts(engine)
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(schema.migrations_path()))
+            config.attributes["connection"] = conn
+            with pytest.raises(RuntimeError, match="foreign_keys=OFF"):
+                command.upgrade(config, "scoria_0003")
+        assert schema.current_revision(engine) == "scoria_0002"
+        assert row_counts(engine) == before
+    finally:
+        engine.dispose()
+
+
+def column_names(engine: sa.Engine, table: str) -> list[str]:
+    return [column["name"] for column in sa.inspect(engine).get_columns(table)]
 
 
 def table_shapes(engine: sa.Engine, *, ordered: bool) -> dict[str, Any]:
