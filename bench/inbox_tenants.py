@@ -1,12 +1,12 @@
 """Does one tenant's approvals inbox slow down as other tenants' pending approvals grow?
 
-For each N, a fresh SQLite database gets N runs of other tenants, each paused
-on a pending approval (plain INSERTs), and one paused run of the operator's
-tenant through the facade; then, with and without ``ANALYZE``, the inbox is
-timed with the Flask test client (as ``operator_pages.py`` does). Run by hand:
+For each N, a fresh database gets N runs of other tenants, each paused on a
+pending approval (plain INSERTs), and one paused run of the operator's tenant
+through the facade; then, with and without ``ANALYZE``, the inbox is timed
+with the Flask test client (as ``operator_pages.py`` does). Run by hand:
 
-    .venv/bin/python bench/inbox_tenants.py
-    .venv/bin/python bench/inbox_tenants.py --sizes 0 100000
+    .venv/bin/python bench/inbox_tenants.py                    # SQLite and PostgreSQL
+    .venv/bin/python bench/inbox_tenants.py --sizes 0 100000 --backends sqlite
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import sqlalchemy as sa
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Scoria, WaitForApproval, schema
+from flask_scoria import Scoria, WaitForApproval
 from flask_scoria.runtime.tables import approvals, runs, steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from databases import database
 from operator_pages import time_ordered_id, timed
 
 
@@ -37,12 +38,13 @@ def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
 def paused_rows(index: int, moment: datetime) -> tuple[dict[str, Any], ...]:
     """A run of another tenant, its step and its pending approval, as rows to insert."""
     run_id, step_id = time_ordered_id(moment), uuid.uuid4()
+    tenant = f"other-{index % 5}"
     run = {
         **dict.fromkeys(("completed_at", "idempotency_key")),
         "id": run_id,
         "session_id": "s",
         "actor_id": "a",
-        "tenant_id": f"other-{index % 5}",
+        "tenant_id": tenant,
         "root_role_id": "executor",
         "status": "waiting_for_approval",
         "version": 2,
@@ -83,14 +85,13 @@ def paused_rows(index: int, moment: datetime) -> tuple[dict[str, Any], ...]:
         "requested_at": moment,
         "editable": False,
         "expires_at": None,
+        "tenant_id": tenant,
     }
     return run, step, approval
 
 
-def inbox_ms(others: int, analyze: bool, workdir: Path) -> float:
-    uri = f"sqlite:///{workdir / f'{uuid.uuid4().hex}.sqlite3'}"
+def inbox_ms(uri: str, others: int, analyze: bool, workdir: Path) -> float:
     engine = sa.create_engine(uri)
-    schema.upgrade(engine)
     start = datetime.now(UTC) - timedelta(days=1)
     rows = [paused_rows(index, start + timedelta(milliseconds=index)) for index in range(others)]
     if rows:
@@ -117,14 +118,18 @@ def inbox_ms(others: int, analyze: bool, workdir: Path) -> float:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 10_000, 100_000])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        for analyze in (False, True):
-            for size in args.sizes:
-                ms = inbox_ms(size, analyze, Path(tmp))
-                print(
-                    f"ANALYZE {'yes' if analyze else 'no '}  others' pending {size:>7}: {ms:.2f} ms"
-                )
+        for backend in args.backends:
+            for analyze in (False, True):
+                for size in args.sizes:
+                    with database(backend, Path(tmp)) as uri:
+                        ms = inbox_ms(uri, size, analyze, Path(tmp))
+                    print(
+                        f"{backend:10} ANALYZE {'yes' if analyze else 'no '}"
+                        f"  others' pending {size:>7}: {ms:.2f} ms"
+                    )
 
 
 if __name__ == "__main__":

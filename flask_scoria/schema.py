@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from .runtime import metadata
 
@@ -57,11 +57,33 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 @contextmanager
 def _alembic(engine: Engine) -> Iterator[Config]:
-    with engine.begin() as connection:
-        config = Config()
-        config.set_main_option("script_location", str(migrations_path()))
-        config.attributes["connection"] = connection
-        yield config
+    with engine.connect() as connection:
+        enforced = _suspend_foreign_keys(connection)
+        try:
+            with connection.begin():
+                config = Config()
+                config.set_main_option("script_location", str(migrations_path()))
+                config.attributes["connection"] = connection
+                yield config
+        finally:
+            if enforced:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
+def _suspend_foreign_keys(connection: Connection) -> bool:
+    """Turn SQLite's foreign keys off for a migration; whether they were on.
+
+    Alembic rebuilds a table on SQLite by dropping the old one, which with
+    foreign keys on deletes the rows of every table referencing it: a rebuild
+    of ``scoria_runs`` would delete every step, event, approval and handoff.
+    """
+    if connection.dialect.name != "sqlite":
+        return False
+    enforced = bool(connection.exec_driver_sql("PRAGMA foreign_keys").scalar())
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    return enforced
 
 
 def upgrade(engine: Engine, revision: str = "heads") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,13 +12,16 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from conftest import TABLES, create_test_app, throwaway_postgres_database
 
 import flask_scoria as scoria
-from flask_scoria import schema
+from flask_scoria import runtime, schema
 from flask_scoria.runtime import tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,86 +59,104 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database_
         engine.dispose()
 
 
+def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.UUID:
+    """A run paused for approval, with its step, approval and events, in the columns of
+    ``revision`` (``scoria_0001`` or ``scoria_0002``)."""
+    run_id, step_id = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+    later = revision != "scoria_0001"
+    conn.execute(
+        sa.insert(tables.runs).values(
+            id=run_id,
+            session_id="s-1",
+            actor_id=None,
+            tenant_id=tenant,
+            root_role_id="executor",
+            status="waiting_for_approval",
+            version=3,
+            last_event_sequence=3,
+            last_step_sequence=1,
+            current_step_id=step_id,
+            metadata={"payload": {"prompt": "x" * 5000}},
+            created_at=now,
+            started_at=now,
+            completed_at=None,
+            updated_at=now,
+            **({"idempotency_key": f"key-{run_id}"} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.steps).values(
+            id=step_id,
+            run_id=run_id,
+            parent_step_id=None,
+            sequence=1,
+            kind="approval",
+            role_id="executor",
+            status="waiting_for_approval",
+            attempt=1,
+            handoff_input=None,
+            projected_context=None,
+            result_envelope=None,
+            error_envelope=None,
+            lease_token=None,
+            lease_expires_at=None,
+            started_at=now,
+            completed_at=None,
+            **({"input": {"n": 1}, "not_before": None, "trace_context": None} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.approvals).values(
+            id=uuid.uuid4(),
+            run_id=run_id,
+            step_id=step_id,
+            status="pending",
+            tool_name="publish",
+            arguments={"n": 1},
+            reason=None,
+            requested_at=now,
+            decided_by=None,
+            decided_at=None,
+            note=None,
+            **({"editable": True, "edited_arguments": None, "expires_at": None} if later else {}),
+        )
+    )
+    conn.execute(
+        sa.insert(tables.events),
+        [
+            {
+                "run_id": run_id,
+                "sequence": n,
+                "event_type": kind,
+                "step_id": None,
+                "payload": None,
+                "created_at": now,
+            }
+            for n, kind in enumerate(
+                ("run_started", "step_started", "waiting_for_approval"), start=1
+            )
+        ],
+    )
+    return run_id
+
+
+def row_counts(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in TABLES
+        }
+
+
 def test_upgrading_keeps_the_runs_of_the_first_revision(
     empty_database_uri: str, tmp_path: Path
 ) -> None:
     engine = sa.create_engine(empty_database_uri)
     try:
         schema.upgrade(engine, "scoria_0001")
-        run_id, step_id = uuid.uuid4(), uuid.uuid4()
-        now = datetime.now(UTC)
-        # A run paused for approval, written with the first revision's columns only.
         with engine.begin() as conn:
-            conn.execute(
-                sa.insert(tables.runs).values(
-                    id=run_id,
-                    session_id="s-1",
-                    actor_id=None,
-                    tenant_id="t-1",
-                    root_role_id="executor",
-                    status="waiting_for_approval",
-                    version=3,
-                    last_event_sequence=3,
-                    last_step_sequence=1,
-                    current_step_id=step_id,
-                    metadata={},
-                    created_at=now,
-                    started_at=now,
-                    completed_at=None,
-                    updated_at=now,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.steps).values(
-                    id=step_id,
-                    run_id=run_id,
-                    parent_step_id=None,
-                    sequence=1,
-                    kind="approval",
-                    role_id="executor",
-                    status="waiting_for_approval",
-                    attempt=1,
-                    handoff_input=None,
-                    projected_context=None,
-                    result_envelope=None,
-                    error_envelope=None,
-                    lease_token=None,
-                    lease_expires_at=None,
-                    started_at=now,
-                    completed_at=None,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.approvals).values(
-                    id=uuid.uuid4(),
-                    run_id=run_id,
-                    step_id=step_id,
-                    status="pending",
-                    tool_name="publish",
-                    arguments={"n": 1},
-                    reason=None,
-                    requested_at=now,
-                    decided_by=None,
-                    decided_at=None,
-                    note=None,
-                )
-            )
-            conn.execute(
-                sa.insert(tables.events),
-                [
-                    {
-                        "run_id": run_id,
-                        "sequence": n,
-                        "event_type": kind,
-                        "step_id": None,
-                        "payload": None,
-                        "created_at": now,
-                    }
-                    for n, kind in enumerate(
-                        ("run_started", "step_started", "waiting_for_approval"), start=1
-                    )
-                ],
-            )
+            run_id = insert_paused_run(conn, "t-1", "scoria_0001")
         schema.upgrade(engine)
         assert schema.current_revision(engine) == schema.head_revision()
         assert schema.differences(engine) == []
@@ -163,6 +185,164 @@ def test_upgrading_keeps_the_runs_of_the_first_revision(
         assert count == 1
     finally:
         engine.dispose()
+
+
+def test_migrating_through_the_cli_keeps_every_row(empty_database_uri: str, tmp_path: Path) -> None:
+    """``flask scoria db`` migrates on the app's engine, which enforces SQLite's foreign keys:
+    rebuilding ``scoria_runs`` must not delete the rows that reference it."""
+    engine = sa.create_engine(empty_database_uri)
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    runner = app.test_cli_runner()
+    own = app.extensions["scoria"].storage(app).engine
+    try:
+        upgrade = runner.invoke(args=["scoria", "db", "upgrade", "scoria_0002"])
+        assert upgrade.exit_code == 0, upgrade.output
+        with engine.begin() as conn:
+            insert_paused_run(conn, "t-1", "scoria_0002")
+        before = row_counts(engine)
+        downgrade = runner.invoke(args=["scoria", "db", "downgrade", "scoria_0001"])
+        assert downgrade.exit_code == 0, downgrade.output
+        assert row_counts(engine) == before
+        if own.dialect.name == "sqlite":
+            with own.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        own.dispose()
+        engine.dispose()
+
+
+def test_upgrading_keeps_the_runs_of_the_second_revision(
+    empty_database_uri: str, backend: str, tmp_path: Path
+) -> None:
+    """Through ``flask scoria db``, whose engine enforces SQLite's foreign keys."""
+    engine = sa.create_engine(empty_database_uri)
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    runner = app.test_cli_runner()
+    try:
+        schema.upgrade(engine, "scoria_0002")
+        with engine.begin() as conn:
+            mine = insert_paused_run(conn, "t-1", "scoria_0002")
+            theirs = insert_paused_run(conn, "t-2", "scoria_0002")
+            conn.execute(
+                sa.insert(tables.handoffs).values(
+                    id=uuid.uuid4(),
+                    run_id=mine,
+                    parent_step_id=uuid.uuid4(),
+                    child_step_id=None,
+                    delegated_role_id="critic",
+                    delegated_kind="review",
+                    capability_tags=[],
+                    handoff_input={"draft": "d"},
+                    projected_context={},
+                    created_at=datetime.now(UTC),
+                )
+            )
+        before = row_counts(engine)
+        upgrade = runner.invoke(args=["scoria", "db", "upgrade"])
+        assert upgrade.exit_code == 0, upgrade.output
+        assert row_counts(engine) == before
+        assert schema.differences(engine) == []
+        if backend == "sqlite":
+            assert column_names(engine, "scoria_runs")[-1] == "metadata"
+        with app.app_context():
+            (waiting,) = runtime.pending_approvals("t-1").rows
+            assert (waiting.run.run_id, waiting.approval.editable) == (str(mine), True)
+            assert runtime.count_pending_approvals("t-2", up_to=10) == 1
+            assert runtime.pending_approvals("t-2").rows[0].run.run_id == str(theirs)
+            assert len(scoria.get_run_detail(str(mine)).handoffs) == 1
+            scoria.approve_run(str(mine), decided_by="ops")
+            done = scoria.resume_run(str(mine), handlers={"approval": lambda s, r: None})
+            assert done.status == "completed"
+            assert done.metadata == {"payload": {"prompt": "x" * 5000}}
+            assert runtime.count_pending_approvals("t-1", up_to=10) == 0
+
+        downgrade = runner.invoke(args=["scoria", "db", "downgrade", "scoria_0002"])
+        assert downgrade.exit_code == 0, downgrade.output
+        assert schema.current_revision(engine) == "scoria_0002"
+        after = row_counts(engine)
+        assert after == {**before, "scoria_events": after["scoria_events"]}
+        if backend == "sqlite":
+            assert column_names(engine, "scoria_runs")[-1] == "idempotency_key"
+    finally:
+        app.extensions["scoria"].storage(app).engine.dispose()
+        engine.dispose()
+
+
+def test_rebuilding_the_runs_table_refuses_enforced_foreign_keys(tmp_path: Path) -> None:
+    """A host's Alembic on SQLite with foreign keys on gets an error, and keeps every row."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'host.sqlite3'}")
+
+    @sa.event.listens_for(engine, "connect")
+    def enforce(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    try:
+        schema.upgrade(engine, "scoria_0002")
+        with engine.begin() as conn:
+            insert_paused_run(conn, "t-1", "scoria_0002")
+        before = row_counts(engine)
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(schema.migrations_path()))
+            config.attributes["connection"] = conn
+            with pytest.raises(RuntimeError, match="foreign_keys=OFF"):
+                command.upgrade(config, "scoria_0003")
+        assert schema.current_revision(engine) == "scoria_0002"
+        assert row_counts(engine) == before
+    finally:
+        engine.dispose()
+
+
+def column_names(engine: sa.Engine, table: str) -> list[str]:
+    return [column["name"] for column in sa.inspect(engine).get_columns(table)]
+
+
+def table_shapes(engine: sa.Engine, *, ordered: bool) -> dict[str, Any]:
+    """Each ``scoria_*`` table as the database describes it, its columns in order if
+    ``ordered``."""
+    inspector = sa.inspect(engine)
+    shapes = {}
+    for table in TABLES:
+        columns = [
+            (column["name"], str(column["type"]), column["nullable"], column.get("default"))
+            for column in inspector.get_columns(table)
+        ]
+        indexes = {
+            index["name"]: (
+                index["column_names"],
+                bool(index["unique"]),
+                {key: str(value) for key, value in index.get("dialect_options", {}).items()},
+            )
+            for index in inspector.get_indexes(table)
+        }
+        shapes[table] = {
+            "columns": columns if ordered else sorted(columns),
+            "indexes": indexes,
+            "primary key": inspector.get_pk_constraint(table),
+            "foreign keys": inspector.get_foreign_keys(table),
+            "options": inspector.get_table_options(table),
+        }
+    return shapes
+
+
+def test_revisions_build_the_tables_of_the_models(backend: str, tmp_path: Path) -> None:
+    """Column order too, where it matters: on SQLite, which reads a row's columns in order
+    (PostgreSQL keeps large values out of line, and its tables are not rebuilt)."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            uris = [f"sqlite:///{tmp_path / name}.sqlite3" for name in ("revisions", "models")]
+        else:
+            uris = [
+                stack.enter_context(throwaway_postgres_database(f"scoria_{name}"))
+                for name in ("revisions", "models")
+            ]
+        migrated, modelled = (sa.create_engine(uri) for uri in uris)
+        stack.callback(migrated.dispose)
+        stack.callback(modelled.dispose)
+        schema.upgrade(migrated)
+        tables.metadata.create_all(modelled)
+        ordered = backend == "sqlite"
+        assert table_shapes(migrated, ordered=ordered) == table_shapes(modelled, ordered=ordered)
 
 
 def test_db_commands(empty_database_uri: str, tmp_path: Path) -> None:

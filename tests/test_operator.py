@@ -477,12 +477,13 @@ def test_security_headers(operator_app: Flask, ops: FlaskClient) -> None:
 
 
 @contextmanager
-def count_queries(runtime: Scoria, app: Flask) -> Iterator[list[str]]:
-    statements: list[str] = []
+def recorded_queries(runtime: Scoria, app: Flask) -> Iterator[list[tuple[str, Any]]]:
+    """The statements run on the app's engine in the block, with their parameters."""
+    statements: list[tuple[str, Any]] = []
     engine = runtime.storage(app).engine
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
 
     sa.event.listen(engine, "before_cursor_execute", record)
     try:
@@ -500,7 +501,7 @@ def test_queries_per_page_do_not_grow_with_what_is_shown(
         assert len(scoria.get_run_detail(big).steps) == 13
 
     def queries(url: str) -> int:
-        with count_queries(runtime, operator_app) as statements:
+        with recorded_queries(runtime, operator_app) as statements:
             page(ops, url)
         return len(statements)
 
@@ -536,37 +537,57 @@ def test_runs_list_walks_an_index_in_page_order(
 ) -> None:
     """A filter is an index condition, not a check of each run: no scan, no sort."""
     start(operator_app)
-    statements: list[tuple[str, Any]] = []
-    engine = runtime.storage(operator_app).engine
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        statements.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", record)
-    try:
+    with recorded_queries(runtime, operator_app) as statements:
         page(ops, f"/scoria/workflows{query}")
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
     [(statement, parameters)] = [
         (sql, params)
         for sql, params in statements
         if "FROM scoria_runs" in sql and "ORDER BY" in sql and "scoria_approvals" not in sql
     ]
+    plan = query_plan(runtime.storage(operator_app).engine, statement, parameters)
+    if backend == "sqlite":
+        assert "SEARCH scoria_runs USING INDEX" in plan, plan
+        assert column is None or f"{column}=?" in plan, plan
+        assert "TEMP B-TREE" not in plan, plan
+    else:
+        # On a table this small, PostgreSQL's choice among indexes is a tie;
+        # it only has to avoid a scan and a sort.
+        assert "Index Scan Backward" in plan and "Seq Scan" not in plan, plan
+        assert column is None or "Sort" not in plan, plan
+
+
+def query_plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
+    """How the database runs ``statement``; on PostgreSQL, not scanning tables if it can."""
     with engine.connect() as conn:
-        if backend == "sqlite":
+        if engine.dialect.name == "sqlite":
             rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
-            plan = " | ".join(str(row[-1]) for row in rows)
-            assert "SEARCH scoria_runs USING INDEX" in plan, plan
-            assert column is None or f"{column}=?" in plan, plan
-            assert "TEMP B-TREE" not in plan, plan
-        else:
-            # On a table this small, PostgreSQL's choice among indexes is a tie;
-            # it only has to avoid a scan and a sort.
-            conn.exec_driver_sql("SET enable_seqscan = off")
-            rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
-            plan = " | ".join(str(row[0]) for row in rows)
-            assert "Index Scan Backward" in plan and "Seq Scan" not in plan, plan
-            assert column is None or "Sort" not in plan, plan
+            return " | ".join(str(row[-1]) for row in rows)
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+        return " | ".join(str(row[0]) for row in rows)
+
+
+def test_inbox_and_handoff_pages_walk_their_own_index(
+    operator_app: Flask, ops: FlaskClient, runtime: Scoria
+) -> None:
+    """The inbox reads only the tenant's pending approvals, a run page only that run's
+    handoffs, each in page order from an index."""
+    start(operator_app, tenant="globex")
+    start(operator_app)
+    chained = start(operator_app, kind="chain", runtime={"metadata": {"levels": 3}})
+    for url, table, index in (
+        ("/scoria/approvals", "scoria_approvals", "ix_scoria_approvals_tenant_pending_requested"),
+        (f"/scoria/workflows/{chained}", "scoria_handoffs", "ix_scoria_handoffs_run_created"),
+    ):
+        with recorded_queries(runtime, operator_app) as statements:
+            page(ops, url)
+        [(statement, parameters)] = [
+            (sql, params)
+            for sql, params in statements
+            if f"FROM {table}" in sql and "ORDER BY" in sql
+        ]
+        plan = query_plan(runtime.storage(operator_app).engine, statement, parameters)
+        assert index in plan and f"SCAN {table} " not in plan and "Seq Scan" not in plan, plan
 
 
 def test_prefix_and_template_overrides(database_uri: str, tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
         "editable": outcome.editable,
         "edited_arguments": None,
         "expires_at": _after(tx.now, outcome.expires_in),
+        "tenant_id": tx.run["tenant_id"],
     }
     sql.INSERT_APPROVAL.execute_many(tx.conn, [approval])
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)

@@ -407,8 +407,9 @@ def pending_approvals(
     approval_columns = [column.label(f"a_{column.name}") for column in approvals.c]
     query = (
         select(*_WITHOUT_METADATA, *approval_columns)
-        .join(approvals, approvals.c.run_id == runs.c.id)
-        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+        .select_from(approvals)
+        .join(runs, runs.c.id == approvals.c.run_id)
+        .where(approvals.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
     )
     return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
 
@@ -417,8 +418,7 @@ def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
     """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
     waiting = (
         select(approvals.c.id)
-        .join(runs, approvals.c.run_id == runs.c.id)
-        .where(runs.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+        .where(approvals.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
         .limit(up_to)
         .subquery()
     )

@@ -68,6 +68,8 @@ def _run_id_column(*, primary_key: bool = False) -> Column[object]:
 
 
 #: One durable execution. ``version`` guards every transition.
+#: On SQLite a rowid table: in a ``WITHOUT ROWID`` table a search of the primary key
+#: reads in full each row it compares with, a large metadata included.
 runs = Table(
     "scoria_runs",
     metadata,
@@ -81,12 +83,14 @@ runs = Table(
     Column("last_event_sequence", Integer, nullable=False),
     Column("last_step_sequence", Integer, nullable=False),
     Column("current_step_id", UUIDType),
-    Column("metadata", JSONPayload, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime),
     Column("completed_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("idempotency_key", String(_ID)),
+    # Last: SQLite reads a row's columns in order, so a column after a large metadata
+    # would cost every read that leaves it out a walk of its overflow pages.
+    Column("metadata", JSONPayload, nullable=False),
     # Each list of runs is one walk of an index, newest first: the operator's
     # (tenant-wide, or filtered on one column) and a session's.
     Index("ix_scoria_runs_session_created", "session_id", "tenant_id", "created_at", "id"),
@@ -110,7 +114,6 @@ runs = Table(
         sqlite_where=_KEYED_WITHOUT_TENANT,
         postgresql_where=_KEYED_WITHOUT_TENANT,
     ),
-    sqlite_with_rowid=False,
 )
 
 #: One unit of work of a run, executed by the handler for its ``kind``.
@@ -162,9 +165,13 @@ approvals = Table(
     Column("editable", Boolean, nullable=False, server_default=false()),
     Column("edited_arguments", JSONPayload),
     Column("expires_at", UTCDateTime),
+    # The run's tenant, copied when the approval is written, so that a tenant's inbox
+    # walks only its own pending approvals.
+    Column("tenant_id", String(_ID)),
     Index("ix_scoria_approvals_run", "run_id"),
     Index(
-        "ix_scoria_approvals_pending_requested",
+        "ix_scoria_approvals_tenant_pending_requested",
+        "tenant_id",
         "requested_at",
         "id",
         sqlite_where=_PENDING,
@@ -206,5 +213,6 @@ handoffs = Table(
     Column("handoff_input", JSONPayload, nullable=False),
     Column("projected_context", JSONPayload, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
-    Index("ix_scoria_handoffs_run", "run_id"),
+    # A run's handoffs in the order its page shows them, newest first.
+    Index("ix_scoria_handoffs_run_created", "run_id", "created_at", "id"),
 )
