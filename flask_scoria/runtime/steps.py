@@ -208,13 +208,18 @@ def claim_next(tx: Tx, handlers: Handlers) -> None:
     """Claim the first queued step of the run whose handler is known."""
     for step in sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now}):
         if handlers.get(step["kind"]) is not None:
-            claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
+            claim_step(tx, step, handlers, decided_approval(tx, step))
             return
 
 
-def decided_approval(tx: Tx, step_id: uuid.UUID) -> Approval | None:
-    """The latest decision on ``step_id`` (found through the run's approvals index)."""
-    params = {"b_run_id": tx.run_id, "b_step_id": step_id}
+def decided_approval(tx: Tx, step: RowLike) -> Approval | None:
+    """The latest decision on ``step`` (found through the run's approvals index).
+
+    A step that never started has none: only its handler can ask for approval.
+    """
+    if step["started_at"] is None:
+        return None
+    params = {"b_run_id": tx.run_id, "b_step_id": step["id"]}
     row = sql.LATEST_DECIDED_APPROVAL_OF_STEP.first(tx.conn, params)
     return None if row is None else approval_from_row(row)
 

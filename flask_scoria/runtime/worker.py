@@ -85,7 +85,7 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
             tx = Tx(conn, run, now, ctx.keeper.expiry(now), ctx.registry)
             step = {key: value for key, value in found.items() if not key.startswith("runs_")}
             if not expire_leases(tx):
-                claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
+                claim_step(tx, step, handlers, decided_approval(tx, step))
             row = tx.commit()
     except Conflict:  # the run changed under the claim (SQLite only): look again later
         return None
@@ -149,7 +149,7 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
             .first()
         )
         if step is not None and step["status"] == StepStatus.QUEUED:
-            claim_step(tx, dict(step), handlers, decided_approval(tx, step_key))
+            claim_step(tx, dict(step), handlers, decided_approval(tx, step))
 
     _, row, claim = transact(ctx, run_key, UNSET, decide)
     if claim is None:
