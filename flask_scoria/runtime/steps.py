@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -241,11 +241,20 @@ def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
 
 
 def stale_step(
-    conn: Connection, run_id: uuid.UUID, now: datetime, registry: HandlerRegistry | None
+    conn: Connection,
+    run_id: uuid.UUID,
+    now: datetime,
+    registry: HandlerRegistry | None,
+    running: Iterable[Row] | None = None,
 ) -> tuple[Row, str] | None:
-    """A running step of the run past its timeout or its lease, and which of the two."""
+    """A running step of the run past its timeout or its lease, and which of the two.
+
+    ``running``: the run's running steps, if the caller has read them already.
+    """
+    if running is None:
+        running = sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id})
     timeouts = {} if registry is None else registry.timeouts()
-    for step in sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id}):
+    for step in running:
         deadline = step_deadline(step, timeouts.get(step["kind"]))
         if deadline is not None and deadline <= now:
             return step, "step_timeout"
@@ -279,11 +288,14 @@ def stale_error(reason: str, timeout: float | None) -> Row:
     }
 
 
-def expire_leases(tx: Tx) -> bool:
-    """Retry or fail a running step of the run that outlived its lease or its timeout."""
+def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
+    """Retry or fail a running step of the run that outlived its lease or its timeout.
+
+    ``running``: the run's running steps, if the caller has read them already.
+    """
     if tx.status() != RunStatus.RUNNING:
         return False
-    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry)
+    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry, running)
     if found is None:
         return False
     step, reason = found

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 from ..errors import StorageError
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
+from . import statements as sql
 from .arguments import UNSET, int_in_range
 from .context import RuntimeContext, context
 from .executors import CHANNEL, send_to_celery
@@ -130,6 +131,15 @@ def dispatch_queued(*, limit: int = 100) -> list[RunSummary]:
     return dispatched
 
 
+#: The step ``b_step_id`` of the run ``b_run_id``, with the run's running steps.
+_STEP_AND_RUNNING = sql.Prepared(
+    select(steps).where(
+        steps.c.run_id == bindparam("b_run_id"),
+        or_(steps.c.id == bindparam("b_step_id"), steps.c.status == StepStatus.RUNNING),
+    )
+)
+
+
 def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     """Claim and execute one queued step if it is due; ``None`` if it was not claimed.
 
@@ -141,15 +151,14 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     run_key, step_key = uuid.UUID(run_id), uuid.UUID(step_id)
 
     def decide(tx: Tx) -> None:
-        if expire_leases(tx) or tx.status() != RunStatus.RUNNING:
+        if tx.status() != RunStatus.RUNNING:
             return
-        step = (
-            tx.conn.execute(select(steps).where(steps.c.id == step_key, steps.c.run_id == run_key))
-            .mappings()
-            .first()
-        )
+        found = _STEP_AND_RUNNING.all(tx.conn, {"b_run_id": run_key, "b_step_id": step_key})
+        if expire_leases(tx, [row for row in found if row["status"] == StepStatus.RUNNING]):
+            return
+        step = next((row for row in found if row["id"] == step_key), None)
         if step is not None and step["status"] == StepStatus.QUEUED:
-            claim_step(tx, dict(step), handlers, decided_approval(tx, step))
+            claim_step(tx, step, handlers, decided_approval(tx, step))
 
     _, row, claim = transact(ctx, run_key, UNSET, decide)
     if claim is None:
