@@ -10,13 +10,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
 from .errors import StorageError
 
 #: Seconds before the first try again after a dropped connection; doubled each time.
 RECONNECT_DELAY = 0.05
 RECONNECT_MAX_DELAY = 2.0
+#: A pooled server connection idle for longer than this many seconds is pinged before use.
+PING_AFTER_IDLE = 1.0
 
 
 def create_standalone_engine(
@@ -30,7 +32,8 @@ def create_standalone_engine(
 ) -> Engine:
     """Create flask-scoria's own engine for ``SCORIA_DATABASE_URI``.
 
-    Pooled connections to a server are pinged before use. SQLite files get WAL
+    Pooled connections to a server are pinged before use when they sat idle
+    for more than :data:`PING_AFTER_IDLE` seconds. SQLite files get WAL
     journaling, the configured ``synchronous`` level and a busy timeout;
     PostgreSQL connections get a connect timeout and a statement timeout
     (``0``: none). ``engine_options`` win over all of these. Nothing
@@ -39,9 +42,8 @@ def create_standalone_engine(
     options = dict(engine_options)
     connect_args = dict(options.pop("connect_args", {}))
     backend = make_url(uri).get_backend_name()
-    if backend != "sqlite":
-        # A file has no server to close its connections.
-        options.setdefault("pool_pre_ping", True)
+    # A file has no server to close its connections.
+    ping_when_idle = backend != "sqlite" and "pool_pre_ping" not in options
     if backend == "sqlite":
         connect_args.setdefault("timeout", busy_timeout)
         connect_args.setdefault("check_same_thread", False)
@@ -54,7 +56,35 @@ def create_standalone_engine(
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous)
+    if ping_when_idle:
+        _ping_when_idle(engine)
     return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use if it sat idle for more than ``PING_AFTER_IDLE``.
+
+    ``pool_pre_ping`` pings on every checkout, a round trip per transaction.
+    A server or a proxy closes connections that sat idle; one returned a
+    moment ago is used without a ping, and if it dropped all the same, a write
+    is retried (:meth:`Storage.retry_after`).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _returned(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:  # None: it was invalidated
+            record.info["scoria_returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _lent(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("scoria_returned")
+        if returned is None or time.monotonic() - returned <= PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool replaces the connection and checks out again.
+            raise DisconnectionError(str(exc)) from exc
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

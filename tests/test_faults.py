@@ -16,7 +16,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import runtime as scoria_runtime
-from flask_scoria import schema
+from flask_scoria import schema, storage
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
 
@@ -53,14 +53,17 @@ def terminate_other_backends(admin: sa.Engine) -> int:
 
 
 @only_postgres
-@pytest.mark.parametrize("pre_ping", [True, False], ids=["pre-ping", "no-pre-ping"])
+@pytest.mark.parametrize(
+    "pre_ping", [True, False, None], ids=["pre-ping", "no-pre-ping", "ping-when-idle"]
+)
 def test_connections_terminated_as_the_handler_returns_do_not_strand_the_run(
-    database_uri: str, tmp_path: Path, pre_ping: bool
+    database_uri: str, tmp_path: Path, pre_ping: bool | None
 ) -> None:
-    """Without the ping (a host engine), the outcome's write is retried on a fresh connection."""
+    """Without a ping (a host engine, or a connection used a moment ago), the outcome's write
+    is retried on a fresh connection."""
     counter = tmp_path / "executions"
     terminated: list[int] = []
-    options = {"pool_pre_ping": pre_ping}
+    options = {} if pre_ping is None else {"pool_pre_ping": pre_ping}
     with (
         configured_app(database_uri, tmp_path, SCORIA_ENGINE_OPTIONS=options) as app,
         admin_engine(database_uri) as admin,
@@ -188,10 +191,35 @@ def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
 
 
 @only_postgres
-def test_the_own_engine_pings_and_times_out(database_uri: str, tmp_path: Path) -> None:
+def test_the_own_engine_pings_a_connection_that_sat_idle(
+    database_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with configured_app(database_uri, tmp_path) as app, admin_engine(database_uri) as admin:
+        dialect = app.extensions["scoria"].storage(app).engine.dialect
+        pings: list[object] = []
+        ping = dialect.do_ping
+
+        def counted(dbapi_connection: object) -> bool:
+            pings.append(dbapi_connection)
+            return ping(dbapi_connection)
+
+        monkeypatch.setattr(dialect, "do_ping", counted)
+        with app.app_context():
+            run_id = scoria.start_run(IDENTITY).run_id
+            scoria.get_run(run_id)
+            # back in the pool a moment ago: lent without a ping
+            assert pings == []
+            monkeypatch.setattr(storage, "PING_AFTER_IDLE", 0.0)
+            assert terminate_other_backends(admin) >= 1
+            # idle for longer: pinged, found closed and replaced, so the read succeeds
+            assert scoria.get_run(run_id).status == scoria.RunStatus.COMPLETED
+        assert len(pings) == 1
+
+
+@only_postgres
+def test_the_own_engine_times_out(database_uri: str, tmp_path: Path) -> None:
     with configured_app(database_uri, tmp_path, SCORIA_STATEMENT_TIMEOUT=0.2) as app:
         engine = app.extensions["scoria"].storage(app).engine
-        assert engine.pool._pre_ping
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "200ms"
             assert conn.connection.driver_connection.info.get_parameters()["connect_timeout"]
