@@ -12,8 +12,8 @@ Needs PostgreSQL (``SCORIA_BENCH_POSTGRES_URL``) and, for the Celery figures, Re
 - steps/s of no-op handlers through 1, 2 and 4 worker processes (``--concurrency 4``
   each), from the first step's start to the last step's end, all runs queued beforehand;
 - steps/s through Celery (executor ``celery``) against bare Celery tasks, both with the
-  same handler body (one Redis ``RPUSH`` of the time), same broker, same worker options,
-  all messages queued before the worker starts.
+  same handler body (one Redis ``RPUSH`` of the time on a pooled connection), same broker,
+  same worker options, all messages queued before the worker starts.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def timed(step: scoria.StepView, run: scoria.RunSummary) -> None:
     push_time()
 
 
+@cache
 def _redis() -> Any:
+    """One client per process: its pool keeps the connections open between tasks."""
     import redis
 
     return redis.Redis.from_url(REDIS_URL)
