@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from _helpers import blocking_handler, counting_handler
+from _helpers import blocking_handler, counting_handler, counting_once_approved
 from conftest import create_test_app
 from flask import Flask
 
@@ -67,7 +67,7 @@ def celery_init_app(app: Flask) -> Any:
 
 
 def create_app(database_uri: str | None = None, **config: Any) -> Flask:
-    """The test app: handlers ``count``, ``block`` (retried once) and ``noop``."""
+    """The test app: handlers ``count``, ``block`` (retried once), ``approved`` and ``noop``."""
     env = os.environ
     broker = config.pop("broker", env.get("SCORIA_TEST_BROKER"))
     settings = {
@@ -91,6 +91,7 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime = app.extensions["scoria"]
     runtime.handler("count")(counting_handler)
     runtime.handler("block", retry=Retry(attempts=2, delay=0))(blocking_handler)
+    runtime.handler("approved")(counting_once_approved)
     runtime.handler("noop")(noop)
     if broker:
         celery_init_app(app)

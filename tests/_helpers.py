@@ -48,6 +48,13 @@ def counting_handler(step: scoria.StepView, run: scoria.RunSummary) -> dict[str,
     return {"pid": os.getpid()}
 
 
+def counting_once_approved(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask for approval the first time; once decided, count the execution and complete."""
+    if step.approval is None:
+        return WaitForApproval("publish", {"env": "prod"})
+    return Succeed({"decision": step.approval.status, **counting_handler(step, run)})
+
+
 def blocking_handler(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
     """Record the execution, announce it, then block until killed or released."""
     counting_handler(step, run)

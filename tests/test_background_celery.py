@@ -16,7 +16,14 @@ from _helpers import executions
 from conftest import AMQP_URL, REDIS_URL, require_service
 from flask import Flask
 from sqlalchemy import select
-from test_background_worker import WHO, Processes, process_env, statuses, wait_for
+from test_background_worker import (
+    APPROVED_IN_THE_BACKGROUND,
+    WHO,
+    Processes,
+    process_env,
+    statuses,
+    wait_for,
+)
 
 import flask_scoria as scoria
 from flask_scoria.runtime.tables import runs
@@ -145,4 +152,34 @@ def test_a_killed_celery_workers_step_is_retried_by_the_recover_task(
         "step_completed",
         "run_completed",
     ]
+    rig.close()
+
+
+def test_an_approval_with_resume_sends_the_step_to_celery(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    counter = str(tmp_path / "executions")
+    worker = rig.worker(processes, concurrency=4)
+    run = rig.start("approved", {"counter": counter})
+    with rig.app.app_context():
+        wait_for(
+            lambda: scoria.get_run(run.run_id).status == "waiting_for_approval",
+            60,
+            "the approval",
+        )
+        # the decision only queues the step, and sends its task
+        approved = scoria.approve_run(run.run_id, decided_by="ops", resume=True)
+        assert approved.status == "running"
+    # a second delivery of the same task
+    rig.celery.send_task("flask_scoria.run_step", args=[run.run_id, run.current_step_id])
+    wait_for(lambda: statuses(rig.app, [run.run_id]) == ["completed"], 60, "the approved step")
+    time.sleep(0.5)  # the duplicate is delivered too
+    with rig.app.app_context():
+        detail = scoria.get_run_detail(run.run_id)
+    assert [event.event_type for event in detail.events] == APPROVED_IN_THE_BACKGROUND
+    assert (detail.steps[0].result_envelope or {})["decision"] == "approved"
+    # the approved step ran once, in the celery worker
+    ((pid, _, _),) = [line.split() for line in executions(Path(counter))]
+    assert pid == str(worker.pid)
     rig.close()

@@ -90,6 +90,22 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     assert process.wait(timeout=30) == 0
 
 
+#: The timeline of a run whose step asked for approval in the background, was approved with
+#: ``resume=True``, and completed in the background.
+APPROVED_IN_THE_BACKGROUND = [
+    "run_started",
+    "step_queued",
+    "step_started",
+    "waiting_for_approval",
+    "approval_decided",
+    "resume_requested",
+    "step_queued",
+    "step_started",
+    "step_completed",
+    "run_completed",
+]
+
+
 @pytest.mark.parametrize(
     ("backend", "runs", "workers"), [("postgresql", 200, 3), ("sqlite", 40, 2)]
 )
@@ -192,4 +208,33 @@ def test_sigterm_lets_the_running_handler_finish(
     Path(files["release"]).touch()
     assert worker.wait(timeout=30) == 0
     assert statuses(app, [run_id]) == ["completed"]
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_an_approval_with_resume_queues_the_step_for_the_workers(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    app = create_app(database_uri)
+    counter = tmp_path / "executions"
+    env = process_env(database_uri, tmp_path)
+    workers = [processes.worker(env, "--interval", "0.2") for _ in range(2)]
+    with app.app_context():
+        run_id = scoria.start_run(
+            WHO, initial_step={"kind": "approved"}, runtime={"metadata": {"counter": str(counter)}}
+        ).run_id
+        wait_for(
+            lambda: scoria.get_run(run_id).status == "waiting_for_approval", 60, "the approval"
+        )
+        # the decision only queues the step
+        assert scoria.approve_run(run_id, decided_by="ops", resume=True).status == "running"
+    wait_for(lambda: statuses(app, [run_id]) == ["completed"], 60, "the approved step")
+    for process in workers:
+        stop(process)
+    with app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert [event.event_type for event in detail.events] == APPROVED_IN_THE_BACKGROUND
+    assert (detail.steps[0].result_envelope or {})["decision"] == "approved"
+    # the approved step ran once, in one of the workers
+    ((pid, _, _),) = [line.split() for line in executions(counter)]
+    assert pid in {str(process.pid) for process in workers}
     app.extensions["scoria"].storage(app).engine.dispose()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Scoria, Succeed, WaitForApproval
+from flask_scoria import Retry, Scoria, Succeed, WaitForApproval
+from flask_scoria.runtime import execute_step
+from flask_scoria.runtime.tables import steps
 
 WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
 
@@ -101,3 +105,50 @@ def test_a_kind_can_be_pinned_to_the_worker_while_the_default_is_inline(app: Fla
 def test_an_unknown_executor_is_refused_at_startup(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SCORIA_EXECUTOR"):
         create_test_app("sqlite://", tmp_path, SCORIA_EXECUTOR="threads")
+
+
+def test_the_celery_task_executes_its_named_step_once(worker_app: Flask) -> None:
+    """``execute_step`` is the body of ``flask_scoria.run_step``."""
+    runtime: Scoria = worker_app.extensions["scoria"]
+    runtime.handler("gate")(gate)
+    with worker_app.app_context():
+        run = scoria.start_run(WHO, initial_step={"kind": "gate"})
+        other = scoria.start_run(WHO, initial_step={"kind": "gate"})
+        step_id = run.current_step_id
+        assert step_id is not None
+        # a step named with another run's id is left alone
+        assert execute_step(other.run_id, step_id) is None
+        paused = execute_step(run.run_id, step_id)
+        assert paused is not None and paused.status == "waiting_for_approval"
+        # a second delivery of the same task
+        assert execute_step(run.run_id, step_id) is None
+        assert scoria.approve_run(run.run_id, decided_by="ops", resume=True).status == "running"
+        # the approved step sees its decision
+        done = execute_step(run.run_id, step_id)
+        assert done is not None and done.status == "completed"
+        (step,) = scoria.get_run_detail(run.run_id).steps
+        assert step.result_envelope == {"approved": True}
+        assert scoria.get_run(other.run_id).status == "running"
+
+
+def test_the_celery_task_retries_its_steps_expired_lease_first(worker_app: Flask) -> None:
+    runtime: Scoria = worker_app.extensions["scoria"]
+    runtime.handler("work", retry=Retry(attempts=2, delay=0, jitter=False))(work)
+    with worker_app.app_context():
+        run = scoria.start_run(WHO, initial_step={"kind": "work"})
+        past = datetime.now(UTC) - timedelta(seconds=5)
+        with runtime.storage().engine.begin() as conn:  # as if a worker claimed it and died
+            conn.execute(
+                sa.update(steps).values(
+                    status="running", lease_token="dead", lease_expires_at=past, started_at=past
+                )
+            )
+        step_id = run.current_step_id
+        assert step_id is not None
+        # a redelivered task: the lease is expired, and the step queued again
+        assert execute_step(run.run_id, step_id) is None
+        assert kinds_of_events(run.run_id)[-2:] == ["lease_expired", "retry_scheduled"]
+        done = execute_step(run.run_id, step_id)
+        assert done is not None and done.status == "completed"
+        (step,) = scoria.get_run_detail(run.run_id).steps
+        assert step.result_envelope == {"attempt": 2}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -208,15 +208,19 @@ def claim_next(tx: Tx, handlers: Handlers) -> None:
     """Claim the first queued step of the run whose handler is known."""
     for step in sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now}):
         if handlers.get(step["kind"]) is not None:
-            claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
+            claim_step(tx, step, handlers, decided_approval(tx, step))
             return
 
 
-def decided_approval(tx: Tx, step_id: uuid.UUID) -> Approval | None:
-    """The latest decision on ``step_id`` (found through the run's approvals index)."""
-    row = tx.first(
-        sql.LATEST_DECIDED_APPROVAL_OF_STEP, {"b_run_id": tx.run_id, "b_step_id": step_id}
-    )
+def decided_approval(tx: Tx, step: RowLike) -> Approval | None:
+    """The latest decision on ``step`` (found through the run's approvals index).
+
+    A step that never started has none: only its handler can ask for approval.
+    """
+    if step["started_at"] is None:
+        return None
+    params = {"b_run_id": tx.run_id, "b_step_id": step["id"]}
+    row = tx.first(sql.LATEST_DECIDED_APPROVAL_OF_STEP, params)
     return None if row is None else approval_from_row(row)
 
 
@@ -237,11 +241,20 @@ def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
 
 
 def stale_step(
-    conn: Connection, run_id: uuid.UUID, now: datetime, registry: HandlerRegistry | None
+    conn: Connection,
+    run_id: uuid.UUID,
+    now: datetime,
+    registry: HandlerRegistry | None,
+    running: Iterable[Row] | None = None,
 ) -> tuple[Row, str] | None:
-    """A running step of the run past its timeout or its lease, and which of the two."""
+    """A running step of the run past its timeout or its lease, and which of the two.
+
+    ``running``: the run's running steps, if the caller has read them already.
+    """
+    if running is None:
+        running = sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id})
     timeouts = {} if registry is None else registry.timeouts()
-    for step in sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id}):
+    for step in running:
         deadline = step_deadline(step, timeouts.get(step["kind"]))
         if deadline is not None and deadline <= now:
             return step, "step_timeout"
@@ -275,11 +288,14 @@ def stale_error(reason: str, timeout: float | None) -> Row:
     }
 
 
-def expire_leases(tx: Tx) -> bool:
-    """Retry or fail a running step of the run that outlived its lease or its timeout."""
+def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
+    """Retry or fail a running step of the run that outlived its lease or its timeout.
+
+    ``running``: the run's running steps, if the caller has read them already.
+    """
     if tx.status() != RunStatus.RUNNING:
         return False
-    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry)
+    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry, running)
     if found is None:
         return False
     step, reason = found

@@ -245,11 +245,18 @@ class Tx(RunChange):
 
     def first(self, statement: sql.Prepared, params: RowLike) -> Row | None:
         """The first row of ``statement``, read ahead with the run if it was."""
+        return self._sent(statement, params).first()
+
+    def all(self, statement: sql.Prepared, params: RowLike) -> list[Row]:
+        """Every row of ``statement``, read ahead with the run if it was."""
+        return self._sent(statement, params).all()
+
+    def _sent(self, statement: sql.Prepared, params: RowLike) -> sql.Sent:
         for index, (sent_statement, sent_params, sent) in enumerate(self.ahead):
             if sent_statement is statement and sent_params == params:
                 del self.ahead[index]
-                return sent.first()
-        return statement.first(self.conn, params)
+                return sent
+        return statement.send(self.conn, params)
 
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
         statement.execute_many(self.conn, [row])

@@ -157,7 +157,7 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         tx,
         step,
         handlers,
-        decided_approval(tx, step["id"]),
+        decided_approval(tx, step),
         from_status=StepStatus.FAILED,
         attempt=attempt,
         error_envelope=None,

@@ -87,7 +87,7 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
             tx = Tx(conn, run, now, ctx.keeper.expiry(now), ctx.registry)
             step = {key: value for key, value in found.items() if not key.startswith("runs_")}
             if not expire_leases(tx):
-                claim_step(tx, step, handlers, decided_approval(tx, step["id"]))
+                claim_step(tx, step, handlers, decided_approval(tx, step))
             row = tx.commit()
     except Conflict:  # the run changed under the claim (SQLite only): look again later
         return None
@@ -132,6 +132,15 @@ def dispatch_queued(*, limit: int = 100) -> list[RunSummary]:
     return dispatched
 
 
+#: The step ``b_step_id`` of the run ``b_run_id``, with the run's running steps.
+_STEP_AND_RUNNING = sql.Prepared(
+    select(steps).where(
+        steps.c.run_id == bindparam("b_run_id"),
+        or_(steps.c.id == bindparam("b_step_id"), steps.c.status == StepStatus.RUNNING),
+    )
+)
+
+
 def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     """Claim and execute one queued step if it is due; ``None`` if it was not claimed.
 
@@ -143,15 +152,18 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     run_key, step_key = uuid.UUID(run_id), uuid.UUID(step_id)
 
     def decide(tx: Tx) -> None:
-        if expire_leases(tx) or tx.status() != RunStatus.RUNNING:
+        if tx.status() != RunStatus.RUNNING:
             return
-        step = tx.first(sql.STEP_BY_ID, {"b_step_id": step_key})
-        if step is not None and step["run_id"] == run_key and step["status"] == StepStatus.QUEUED:
-            claim_step(tx, step, handlers, decided_approval(tx, step_key))
+        found = tx.all(_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key})
+        if expire_leases(tx, [row for row in found if row["status"] == StepStatus.RUNNING]):
+            return
+        step = next((row for row in found if row["id"] == step_key), None)
+        if step is not None and step["status"] == StepStatus.QUEUED:
+            claim_step(tx, step, handlers, decided_approval(tx, step))
 
-    # The step and its decision travel with the run's lock.
+    # The step, the run's running steps and the step's decision travel with the run's lock.
     ahead: list[tuple[sql.Prepared, RowLike]] = [
-        (sql.STEP_BY_ID, {"b_step_id": step_key}),
+        (_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key}),
         (sql.LATEST_DECIDED_APPROVAL_OF_STEP, {"b_run_id": run_key, "b_step_id": step_key}),
     ]
     _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead)
