@@ -167,12 +167,13 @@ class RoundTrips:
 
 #: Round trips per call on PostgreSQL, commits included: a new run is one; a transition
 #: is two, one for the run's lock with what the decision reads, one for its writes with
-#: the COMMIT. A call that executes a handler adds the transition of its outcome.
+#: the COMMIT. A call that executes a handler adds the transition of its outcome, one
+#: round trip: it decides on the run it committed, and its lock travels with its writes.
 ROUND_TRIPS = {
-    "start_run, paused by its handler": 1 + 2,
+    "start_run, paused by its handler": 1 + 1,
     "approve_run": 2,
-    "resume_run, the handler completes": 2 + 2,
-    "approve_run(resume=True)": 2 + 2,
+    "resume_run, the handler completes": 2 + 1,
+    "approve_run(resume=True)": 2 + 1,
     "get_run": 1,
 }
 

@@ -308,11 +308,12 @@ def transact(
 ) -> tuple[T | None, Row, Claim | None]:
     """Run ``decide`` on the freshly read run until its compare-and-set wins.
 
-    ``known`` is the run as this process last committed it. On SQLite, whose
-    ``BEGIN IMMEDIATE`` already serialises writers, the first try decides on
-    it without reading the run again: if the run changed since, the
-    compare-and-set fails and the next try reads it. PostgreSQL always reads
-    the run first, locking it before any of its steps.
+    ``known`` is the run as this process last committed it: the first try
+    decides on it without reading the run again, and if the run changed
+    since, the compare-and-set fails and the next try reads it. SQLite's
+    ``BEGIN IMMEDIATE`` already serialises writers; PostgreSQL still locks
+    the run first (without waiting for its row), before any of its steps,
+    as every transition does.
 
     If the step a handler held was lost meanwhile, the outcome is ``None``
     and the run is returned as it now is. A transaction whose connection
@@ -329,8 +330,6 @@ def transact(
     them; a write among them must be one the decision reads. On SQLite the
     decision runs them itself, as it needs them.
     """
-    if not ctx.storage.is_sqlite:
-        known = None
     dropped = 0
     defer = True
     for attempt in range(MAX_ATTEMPTS):
@@ -339,6 +338,8 @@ def transact(
                 now = utcnow()
                 sent: list[Ahead] = []
                 if known is not None:
+                    if not ctx.storage.is_sqlite:
+                        sql.RUN_BY_ID_FOR_UPDATE.execute(conn, {"b_run_id": run_id}).close()
                     row, known = known, None
                 elif ctx.storage.is_sqlite or ahead is None:
                     row = load_run(conn, run_id, guard, lock=True)
