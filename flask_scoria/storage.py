@@ -129,6 +129,7 @@ class Storage:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self.reconnect_attempts = reconnect_attempts
+        self.pipelines = _has_pipeline(engine)
 
     def retry_after(self, exc: StorageError, tries: int) -> bool:
         """Whether to try a write again after its ``tries``-th failure ``exc``.
@@ -177,7 +178,7 @@ class Storage:
             if self.is_sqlite:
                 conn.begin()
                 driver.cursor().execute("BEGIN IMMEDIATE").close()
-            elif pipeline and hasattr(driver, "pipeline"):
+            elif pipeline and self.pipelines:
                 # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
                 # connection's own mode when it is returned.
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -220,6 +221,15 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def _has_pipeline(engine: Engine) -> bool:
+    """Whether ``engine`` connects with psycopg on a libpq that has pipeline mode (14+)."""
+    if engine.dialect.driver != "psycopg":
+        return False
+    import psycopg
+
+    return psycopg.capabilities.has_pipeline()
 
 
 def database_error(

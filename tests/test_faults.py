@@ -409,3 +409,27 @@ def test_a_read_only_sqlite_file_can_be_read_and_says_why_writes_fail(
         assert [found.run_id for found in scoria.list_runs_for_session("session-1")] == [run.run_id]
         with pytest.raises(scoria.StorageError, match="read-only for this process"):
             scoria.start_run(IDENTITY)
+
+
+ASK = {"work": ask_then_work}
+
+
+@only_postgres
+def test_without_pipeline_mode_the_runtime_works_the_same(app: Flask) -> None:
+    """Another driver, or a libpq older than 14: each write is checked as it goes."""
+    app.extensions["scoria"].storage(app).pipelines = False
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "work"}, handlers=ASK)
+        assert scoria.approve_run(
+            run.run_id, decided_by="ops", resume=True, handlers=ASK
+        ).status == (scoria.RunStatus.COMPLETED)
+
+        def cancelled_meanwhile(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+            with app.app_context():
+                scoria.cancel_run(run.run_id, cancelled_by="ops")
+            return {"late": True}
+
+        lost = scoria.start_run(
+            IDENTITY, initial_step={"kind": "work"}, handlers={"work": cancelled_meanwhile}
+        )
+        assert lost.status == scoria.RunStatus.CANCELLED
