@@ -174,34 +174,38 @@ class Storage:
         results do not work in pipeline mode.
         """
         with self._errors(), self.engine.connect() as conn:
-            driver: Any = conn.connection.driver_connection
-            if self.is_sqlite:
-                conn.begin()
-                driver.cursor().execute("BEGIN IMMEDIATE").close()
-            elif pipeline and self.pipelines:
-                # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
-                # connection's own mode when it is returned.
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                error = self.engine.dialect.loaded_dbapi.Error
-                try:
-                    with driver.pipeline() as batch:
-                        driver.execute("BEGIN")
-                        try:
-                            yield conn
-                        except BaseException:
-                            # Collect what an aborted pipeline still owes; ROLLBACK follows.
-                            with suppress(error):
-                                batch.sync()
-                            raise
-                        driver.execute("COMMIT")
-                except error as exc:
-                    # Results, and their errors, arrive when the pipeline is synced.
-                    raise database_error(conn, exc, "COMMIT", None, None) from exc
+            if pipeline and self.pipelines:
+                with self._pipelined(conn) as pipelined:
+                    yield pipelined
                 return
-            else:
-                conn.begin()
+            conn.begin()
+            if self.is_sqlite:
+                conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
             yield conn
             conn.commit()
+
+    @contextmanager
+    def _pipelined(self, conn: Connection) -> Iterator[Connection]:
+        """``conn`` in one pipelined transaction, from ``BEGIN`` to ``COMMIT``."""
+        driver: Any = conn.connection.driver_connection
+        error = self.engine.dialect.loaded_dbapi.Error
+        # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
+        # connection's own mode when it is returned.
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            with driver.pipeline() as batch:
+                driver.execute("BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    # Collect what an aborted pipeline still owes; ROLLBACK follows.
+                    with suppress(error):
+                        batch.sync()
+                    raise
+                driver.execute("COMMIT")
+        except error as exc:
+            # Results, and their errors, arrive when the pipeline is synced.
+            raise database_error(conn, exc, "COMMIT", None, None) from exc
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
