@@ -161,10 +161,10 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
         if step is not None and step["status"] == StepStatus.QUEUED:
             claim_step(tx, step, handlers, decided_approval(tx, step))
 
-    # The step, the run's running steps and the step's decision travel with the run's lock.
+    # The step and the run's running steps travel with the run's lock. A step's decision
+    # is read only for a step that started before (decided_approval), so not sent ahead.
     ahead: list[tuple[sql.Prepared, RowLike]] = [
-        (_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key}),
-        (sql.LATEST_DECIDED_APPROVAL_OF_STEP, {"b_run_id": run_key, "b_step_id": step_key}),
+        (_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key})
     ]
     _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead)
     if claim is None:
