@@ -172,7 +172,7 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
         "expires_at": _after(tx.now, outcome.expires_in),
         "tenant_id": tx.run["tenant_id"],
     }
-    sql.INSERT_APPROVAL.execute_many(tx.conn, [approval])
+    tx.add_approval(approval)
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)
     tx.event("waiting_for_approval", done.step_id, {"tool_name": outcome.tool_name})
     tx.signal(signals.run_paused)
@@ -271,5 +271,5 @@ def _no_open_steps(tx: Tx) -> bool:
     if tx.run["last_step_sequence"] == 1:
         # A run that never had a second step has only the one just completed.
         return True
-    open_steps = sql.OPEN_STEP_COUNT.first(tx.conn, {"b_run_id": tx.run_id})
+    open_steps = tx.first(sql.OPEN_STEP_COUNT, {"b_run_id": tx.run_id})
     return open_steps is not None and open_steps["count"] == 0

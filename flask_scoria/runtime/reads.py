@@ -152,7 +152,8 @@ def _read_run(
             row = dict(found._mapping)
         now = utcnow()
         if row["status"] == RunStatus.RUNNING:
-            stale = stale_step(conn, key, now, ctx.registry) is not None
+            running = sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": key})
+            stale = stale_step(running, now, ctx.registry) is not None
         elif row["status"] == RunStatus.WAITING_FOR_APPROVAL:
             expired = sql.EXPIRED_APPROVAL_OF_RUN.first(conn, {"b_run_id": key, "b_now": now})
             stale = expired is not None

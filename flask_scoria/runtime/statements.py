@@ -13,6 +13,7 @@ the column types' own bind and result processors. They run inside the
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -90,6 +91,11 @@ class Prepared:
         self.statement = statement
         #: Whether it changes rows (an INSERT, UPDATE or DELETE).
         self.writes: bool = statement.is_dml
+        #: The table it writes, if it does.
+        self.table: str | None = statement.table.name if statement.is_dml else None  # type: ignore[attr-defined]
+        #: Whether it inserts rows (only these may share a statement with another write
+        #: of their table, see :class:`Batch`).
+        self.inserts: bool = getattr(statement, "is_insert", False)
         self._compiled: dict[tuple[str, frozenset[str], bool], _Compiled] = {}
 
     def _compile(self, dialect: Dialect, keys: frozenset[str], guard: bool = False) -> _Compiled:
@@ -178,6 +184,100 @@ class Sent:
         rows = _fetch(self.conn, self.compiled, self.cursor.fetchall)
         self.cursor.close()
         return [self.compiled.row(values) for values in rows]
+
+
+@dataclass
+class _Held:
+    """A write a :class:`Batch` holds: its compiled form and processed parameters."""
+
+    statement: Prepared
+    compiled: _Compiled
+    params: dict[str, Any]
+    guarded: bool
+
+
+class Batch:
+    """Writes held back to reach PostgreSQL as one statement of data-modifying CTEs.
+
+    The writes of a transition each cost the driver and the server a
+    statement; held here, they leave as one when :meth:`send` is called,
+    before the transaction's next read and before its commit. A guarded
+    write (one that must change exactly one row) fails the statement, and
+    its transaction, when it changes none, as :meth:`Prepared.expect_one`
+    does with ``defer``. Sub-statements of one statement all see the
+    database as it was before it, so an UPDATE never joins a statement that
+    already writes its table: the held writes leave first.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._held: list[_Held] = []
+        #: A ``NOTIFY`` channel to signal with the writes (on commit).
+        self.notify: str | None = None
+
+    def add(self, statement: Prepared, params: RowLike, *, guarded: bool = False) -> None:
+        """Hold a write of ``statement`` with ``params``."""
+        if not statement.inserts and any(h.statement.table == statement.table for h in self._held):
+            self.send()
+        compiled = statement._compile(self.conn.dialect, frozenset(params))
+        self._held.append(_Held(statement, compiled, compiled.parameters(params), guarded))
+
+    def send(self) -> None:
+        """Send the held writes as one statement; nothing waits for its answer."""
+        held, self._held = self._held, []
+        if not held and self.notify is None:
+            return
+        shape = (tuple((id(h.compiled), h.guarded) for h in held), self.notify)
+        combined = _COMBINED.get(shape)
+        if combined is None:
+            combined = _COMBINED[shape] = _combine(held, self.notify)
+        params = {
+            f"w{index}_{name}": value
+            for index, each in enumerate(held)
+            for name, value in each.params.items()
+        }
+        _run(self.conn, combined, params, many=False).close()
+
+
+#: The statements :class:`Batch` sent, by the shape of what they combine.
+_COMBINED: dict[tuple[tuple[tuple[int, bool], ...], str | None], _Compiled] = {}
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
+def _combine(held: Sequence[_Held], notify: str | None) -> _Compiled:
+    """One statement doing every write of ``held`` (pyformat parameters, as psycopg's)."""
+    ctes: list[str] = []
+    checks: list[str] = []
+    values_of: dict[int, list[str]] = {}
+    for index, each in enumerate(held):
+        text = _PARAMETER.sub(rf"%(w{index}_\1)s", each.compiled.sql)
+        previous = held[index - 1] if index else None
+        if (
+            each.statement.inserts
+            and not each.guarded
+            and previous is not None
+            and previous.compiled is each.compiled
+            and not previous.guarded
+        ):
+            # Another row of the same INSERT: one more VALUES list of the last one.
+            values_of[len(ctes) - 1].append(text.partition(" VALUES ")[2])
+            continue
+        name = f"w{index}"
+        if each.guarded:
+            ctes.append(f"{name} AS ({text} RETURNING 1)")
+            checks.append(f"1 / (SELECT count(*) FROM {name})")
+        else:
+            ctes.append(f"{name} AS ({text})")
+        if each.statement.inserts:
+            values_of[len(ctes) - 1] = []
+    for position, more in values_of.items():
+        if more:
+            ctes[position] = ctes[position][:-1] + ", " + ", ".join(more) + ")"
+    if notify is not None:
+        checks.append(f"pg_notify('{notify}', '')")
+    select_list = ", ".join(checks) or "1"
+    statement = f"WITH {', '.join(ctes)} SELECT {select_list}" if ctes else f"SELECT {select_list}"
+    return _Compiled(sql=statement, positional=None, defaults={}, binds=(), columns=())
 
 
 def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -> _Compiled:
@@ -367,6 +467,45 @@ APPROVAL_OF_RUN = Prepared(
     )
 )
 
+#: End the run's open steps (at ``b_now``), as a cancellation does.
+CANCEL_OPEN_STEPS = Prepared(
+    update(steps)
+    .where(
+        steps.c.run_id == bindparam("b_run_id"),
+        or_(
+            *(
+                steps.c.status == status
+                for status in (
+                    StepStatus.QUEUED,
+                    StepStatus.RUNNING,
+                    StepStatus.WAITING_FOR_APPROVAL,
+                    StepStatus.FAILED,
+                )
+            )
+        ),
+    )
+    .values(
+        status=StepStatus.CANCELLED,
+        lease_token=None,
+        lease_expires_at=None,
+        completed_at=bindparam("b_now"),
+    )
+)
+#: End the run's pending approvals, as cancelled by ``b_by`` with the note ``b_note``.
+CANCEL_PENDING_APPROVALS = Prepared(
+    update(approvals)
+    .where(
+        approvals.c.run_id == bindparam("b_run_id"),
+        approvals.c.status == ApprovalStatus.PENDING,
+    )
+    .values(
+        status=ApprovalStatus.CANCELLED,
+        decided_by=bindparam("b_by"),
+        decided_at=bindparam("b_now"),
+        note=bindparam("b_note"),
+    )
+)
+
 
 @cache
 def _update_where(table: Table, names: tuple[str, ...]) -> Prepared:
@@ -379,27 +518,18 @@ def _update_where(table: Table, names: tuple[str, ...]) -> Prepared:
 
 
 def update_if(
-    conn: Connection,
-    table: Table,
-    row_id: uuid.UUID,
-    expect: RowLike,
-    values: RowLike,
-    *,
-    defer: bool = False,
-) -> None:
+    table: Table, row_id: uuid.UUID, expect: RowLike, values: RowLike
+) -> tuple[Prepared, Row]:
     """Update one row of ``table`` only while its columns still equal ``expect``.
 
-    Raises :class:`Conflict` if they do not, or later, with ``defer`` (see
-    :meth:`Prepared.expect_one`).
+    Returns the statement and its parameters, for :meth:`Prepared.expect_one`
+    or a guarded write of a :class:`Batch`.
     """
     params = {**values, "b_id": row_id}
     params.update({f"b_{name}": value for name, value in expect.items()})
-    _update_where(table, tuple(sorted(expect))).expect_one(conn, params, defer=defer)
+    return _update_where(table, tuple(sorted(expect))), params
 
 
-def update_run_if_version(
-    conn: Connection, run_id: uuid.UUID, version: int, values: RowLike, *, defer: bool = False
-) -> None:
+def update_run_if_version(run_id: uuid.UUID, version: int, values: RowLike) -> tuple[Prepared, Row]:
     """Compare-and-set a run on its ``version``, as :func:`update_if` does."""
-    params = {**values, "b_run_id": run_id, "b_version": version}
-    UPDATE_RUN_IF_VERSION.expect_one(conn, params, defer=defer)
+    return UPDATE_RUN_IF_VERSION, {**values, "b_run_id": run_id, "b_version": version}

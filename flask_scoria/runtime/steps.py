@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, or_
+from sqlalchemy import ColumnElement, and_, or_
 
 from .. import signals
 from .._ids import uuid7
@@ -206,7 +206,7 @@ def retry_or_fail(
 
 def claim_next(tx: Tx, handlers: Handlers) -> None:
     """Claim the first queued step of the run whose handler is known."""
-    for step in sql.QUEUED_STEPS.all(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now}):
+    for step in tx.all(sql.QUEUED_STEPS, {"b_run_id": tx.run_id, "b_now": tx.now}):
         if handlers.get(step["kind"]) is not None:
             claim_step(tx, step, handlers, decided_approval(tx, step))
             return
@@ -241,18 +241,9 @@ def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
 
 
 def stale_step(
-    conn: Connection,
-    run_id: uuid.UUID,
-    now: datetime,
-    registry: HandlerRegistry | None,
-    running: Iterable[Row] | None = None,
+    running: Iterable[Row], now: datetime, registry: HandlerRegistry | None
 ) -> tuple[Row, str] | None:
-    """A running step of the run past its timeout or its lease, and which of the two.
-
-    ``running``: the run's running steps, if the caller has read them already.
-    """
-    if running is None:
-        running = sql.RUNNING_STEPS_OF_RUN.all(conn, {"b_run_id": run_id})
+    """Which of a run's ``running`` steps is past its timeout or its lease, and which of the two."""
     timeouts = {} if registry is None else registry.timeouts()
     for step in running:
         deadline = step_deadline(step, timeouts.get(step["kind"]))
@@ -295,7 +286,9 @@ def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
     """
     if tx.status() != RunStatus.RUNNING:
         return False
-    found = stale_step(tx.conn, tx.run_id, tx.now, tx.registry, running)
+    if running is None:
+        running = tx.all(sql.RUNNING_STEPS_OF_RUN, {"b_run_id": tx.run_id})
+    found = stale_step(running, tx.now, tx.registry)
     if found is None:
         return False
     step, reason = found
@@ -315,7 +308,7 @@ def expire_approval(tx: Tx) -> bool:
     """Fail the run if its pending approval expired; the approval becomes ``expired``."""
     if tx.status() != RunStatus.WAITING_FOR_APPROVAL:
         return False
-    expired = sql.EXPIRED_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id, "b_now": tx.now})
+    expired = tx.first(sql.EXPIRED_APPROVAL_OF_RUN, {"b_run_id": tx.run_id, "b_now": tx.now})
     if expired is None:
         return False
     tx.update_approval(

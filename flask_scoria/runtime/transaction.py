@@ -28,7 +28,7 @@ from ..storage import Storage
 from . import statements as sql
 from .arguments import UNSET, TenantGuard
 from .context import RuntimeContext
-from .executors import QueuedStep, announce, notify
+from .executors import CHANNEL, QueuedStep, announce, notify
 from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
 from .statements import Conflict
@@ -120,6 +120,10 @@ class RunChange(ABC):
         """Record a handoff of the run."""
         self._insert(sql.INSERT_HANDOFF, handoff)
 
+    def add_approval(self, approval: Row) -> None:
+        """Ask for a decision on a step of the run."""
+        self._insert(sql.INSERT_APPROVAL, approval)
+
     @abstractmethod
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
         """Insert ``row`` with the change."""
@@ -192,17 +196,37 @@ class NewRun(RunChange):
             try:
                 with storage.write(pipeline=True) as conn:
                     if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
-                        self._insert_all(conn, row)
+                        self._insert_all(conn, row, batch=storage.pipelines)
                 return row
             except StorageError as exc:
+                if sql.unmatched(exc):
+                    raise DuplicateStart from None
                 tries += 1
                 if not storage.retry_after(exc, tries):
                     raise
 
-    def _insert_all(self, conn: Connection, row: Row) -> None:
+    def _insert_all(self, conn: Connection, row: Row, *, batch: bool) -> None:
+        keyed = row["idempotency_key"] is not None
+        rows = [
+            (statement, [new for of, new in self.new_rows if of is statement])
+            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF)
+        ]
+        rows.append((sql.INSERT_EVENTS, self.new_events))
+        if batch:
+            # One statement, whose guard fails it when the idempotency key is taken.
+            writes = sql.Batch(conn)
+            writes.notify = CHANNEL if self.queued else None
+            if keyed:
+                writes.add(sql.INSERT_RUN_IF_NEW[conn.dialect.name], row, guarded=True)
+            else:
+                writes.add(sql.INSERT_RUN, row)
+            for statement, new in rows:
+                for each in new:
+                    writes.add(statement, each)
+            writes.send()
+            return
         if self.queued:
             notify(conn)
-        keyed = row["idempotency_key"] is not None
         # A keyed run goes first, on its own, so that a start that lost the race writes nothing.
         if keyed:
             try:
@@ -211,18 +235,19 @@ class NewRun(RunChange):
                 raise DuplicateStart from None
         else:
             sql.INSERT_RUN.execute_many(conn, [row])
-        for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF):
-            rows = [new for of, new in self.new_rows if of is statement]
-            if rows:
-                statement.execute_many(conn, rows)
-        sql.INSERT_EVENTS.execute_many(conn, self.new_events)
+        for statement, new in rows:
+            if new:
+                statement.execute_many(conn, new)
 
 
 class Tx(RunChange):
     """A change to a stored run, applied by :meth:`commit` as a compare-and-set.
 
     With ``defer``, the checks of its writes travel with the commit instead
-    of each waiting for its answer (see :meth:`~.statements.Prepared.expect_one`).
+    of each waiting for its answer (see :meth:`~.statements.Prepared.expect_one`);
+    with a ``batch`` as well, its writes are held and reach the database as
+    one statement, before its next read or with its commit. Its reads and
+    writes go through its methods, so that they keep their order.
     """
 
     def __init__(
@@ -234,13 +259,15 @@ class Tx(RunChange):
         registry: HandlerRegistry | None = None,
         *,
         defer: bool = False,
+        batch: bool = False,
         ahead: list[Ahead] | None = None,
     ) -> None:
         super().__init__(run, now, lease_until)
-        self.conn = conn
+        self._conn = conn
         #: The app's handlers and policies, for retrying a step whose lease or time ran out.
         self.registry = registry
         self.defer = defer
+        self._batch = sql.Batch(conn) if defer and batch else None
         self.ahead = ahead or []
 
     def first(self, statement: sql.Prepared, params: RowLike) -> Row | None:
@@ -256,41 +283,62 @@ class Tx(RunChange):
             if sent_statement is statement and sent_params == params:
                 del self.ahead[index]
                 return sent
-        return statement.send(self.conn, params)
+        if self._batch is not None:
+            self._batch.send()
+        return statement.send(self._conn, params)
+
+    def write(self, statement: sql.Prepared, *rows: RowLike) -> None:
+        """Execute a write (that may change any number of rows) once per row of parameters."""
+        if self._batch is None:
+            statement.execute_many(self._conn, rows)
+            return
+        for params in rows:
+            self._batch.add(statement, params)
 
     def _insert(self, statement: sql.Prepared, row: Row) -> None:
-        statement.execute_many(self.conn, [row])
+        self.write(statement, row)
+
+    def _write_one(self, statement: sql.Prepared, params: RowLike) -> None:
+        """Execute a write that must change exactly one row (else :class:`Conflict`)."""
+        if self._batch is not None:
+            self._batch.add(statement, params, guarded=True)
+        else:
+            statement.expect_one(self._conn, params, defer=self.defer)
 
     def update_step(
         self, step_id: uuid.UUID, expect: Mapping[str, object], **values: object
     ) -> None:
-        sql.update_if(self.conn, steps, step_id, expect, values, defer=self.defer)
+        self._write_one(*sql.update_if(steps, step_id, expect, values))
 
     def update_approval(
         self, approval_id: uuid.UUID, expect: Mapping[str, object], **values: object
     ) -> None:
         """Update one approval only if it still matches ``expect``; else raise :class:`Conflict`."""
-        sql.update_if(self.conn, approvals, approval_id, expect, values, defer=self.defer)
+        self._write_one(*sql.update_if(approvals, approval_id, expect, values))
 
     def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
         if any(statement.writes for statement, _, _ in self.ahead):
             raise RuntimeError("A write sent ahead of the decision was not decided on.")
         if self.queued:
-            notify(self.conn)
-        if not self.changes and not self.new_events:
-            return self.run
-        values = dict(self.changes)
-        values["version"] = self.run["version"] + 1
-        values["last_event_sequence"] = self.run["last_event_sequence"] + len(self.new_events)
-        values["updated_at"] = self.now
-        # The events go with the compare-and-set; a lost race rolls both back.
-        sql.update_run_if_version(
-            self.conn, self.run_id, self.run["version"], values, defer=self.defer
-        )
-        if self.new_events:
-            sql.INSERT_EVENTS.execute_many(self.conn, self.new_events)
-        return {**self.run, **values}
+            if self._batch is not None:
+                self._batch.notify = CHANNEL
+            else:
+                notify(self._conn)
+        row = self.run
+        if self.changes or self.new_events:
+            values = dict(self.changes)
+            values["version"] = self.run["version"] + 1
+            values["last_event_sequence"] = self.run["last_event_sequence"] + len(self.new_events)
+            values["updated_at"] = self.now
+            # The events go with the compare-and-set; a lost race rolls both back.
+            self._write_one(*sql.update_run_if_version(self.run_id, self.run["version"], values))
+            if self.new_events:
+                self.write(sql.INSERT_EVENTS, *self.new_events)
+            row = {**self.run, **values}
+        if self._batch is not None:
+            self._batch.send()
+        return row
 
 
 #: A statement sent ahead of a decision, with its parameters, and its pending result.
@@ -348,7 +396,14 @@ def transact(
                     sent = [(s, p, s.send(conn, p)) for s, p in ahead(now)]
                     row = checked_run(locked.first(), run_id, guard)
                 tx = Tx(
-                    conn, row, now, ctx.keeper.expiry(now), ctx.registry, defer=defer, ahead=sent
+                    conn,
+                    row,
+                    now,
+                    ctx.keeper.expiry(now),
+                    ctx.registry,
+                    defer=defer,
+                    batch=ctx.storage.pipelines,
+                    ahead=sent,
                 )
                 outcome = decide(tx)
                 new_row = tx.commit()

@@ -6,8 +6,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import update
-
 from .. import signals
 from .._json import json_object
 from ..errors import (
@@ -28,18 +26,11 @@ from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .statements import Conflict
 from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
-from .tables import Row, RowLike, approvals, steps
+from .tables import Row, RowLike
 from .transaction import Tx, transact
 
 #: A failed run can still be cancelled, which stops it from being retried.
 _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)
-#: The steps a cancellation ends.
-_OPEN_STEPS = (
-    StepStatus.QUEUED,
-    StepStatus.RUNNING,
-    StepStatus.WAITING_FOR_APPROVAL,
-    StepStatus.FAILED,
-)
 
 
 def dispatch(
@@ -112,11 +103,11 @@ def _current_step(tx: Tx) -> Row | None:
     step_id = tx.changes.get("current_step_id", tx.run["current_step_id"])
     if step_id is None:
         return None
-    return sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
+    return tx.first(sql.STEP_BY_ID, {"b_step_id": step_id})
 
 
 def _latest_approval(tx: Tx) -> Approval | None:
-    row = sql.LATEST_APPROVAL_OF_RUN.first(tx.conn, {"b_run_id": tx.run_id})
+    row = tx.first(sql.LATEST_APPROVAL_OF_RUN, {"b_run_id": tx.run_id})
     return None if row is None else approval_from_row(row)
 
 
@@ -175,9 +166,7 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
     if approval_id is None:
         approval = _latest_approval(tx)
     else:
-        row = sql.APPROVAL_OF_RUN.first(
-            tx.conn, {"b_run_id": tx.run_id, "b_approval_id": approval_id}
-        )
+        row = tx.first(sql.APPROVAL_OF_RUN, {"b_run_id": tx.run_id, "b_approval_id": approval_id})
         approval = None if row is None else approval_from_row(row)
     if approval is None or approval.status == ApprovalStatus.EXPIRED:
         raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
@@ -325,7 +314,7 @@ def _decide(
         elif resume:
             step = tx.first(sql.CURRENT_STEP_OF_RUN, {"b_run_id": tx.run_id})
             if step is None or step["id"] != step_id:
-                step = sql.STEP_BY_ID.first(tx.conn, {"b_step_id": step_id})
+                step = tx.first(sql.STEP_BY_ID, {"b_step_id": step_id})
             assert step is not None
             _continue(tx, step, resolver, approval_from_row(decided))
         return True
@@ -359,24 +348,9 @@ def cancel_run(
             raise RunNotResumable(
                 str(tx.run_id), tx.status(), f"Run {tx.run_id} already ended as {tx.status()}."
             )
-        tx.conn.execute(
-            update(steps)
-            .where(
-                steps.c.run_id == tx.run_id,
-                steps.c.status.in_(_OPEN_STEPS),
-            )
-            .values(
-                status=StepStatus.CANCELLED,
-                lease_token=None,
-                lease_expires_at=None,
-                completed_at=tx.now,
-            )
-        )
-        tx.conn.execute(
-            update(approvals)
-            .where(approvals.c.run_id == tx.run_id, approvals.c.status == ApprovalStatus.PENDING)
-            .values(status=ApprovalStatus.CANCELLED, decided_by=who, decided_at=tx.now, note=text)
-        )
+        ended = {"b_run_id": tx.run_id, "b_now": tx.now}
+        tx.write(sql.CANCEL_OPEN_STEPS, ended)
+        tx.write(sql.CANCEL_PENDING_APPROVALS, {**ended, "b_by": who, "b_note": text})
         tx.set(status=RunStatus.CANCELLED, completed_at=tx.now)
         tx.event("run_cancelled", None, {"cancelled_by": who, "reason": text})
 
