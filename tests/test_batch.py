@@ -1,0 +1,152 @@
+"""PostgreSQL: the writes of a transaction held back and sent as one statement."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from _helpers import IDENTITY
+from conftest import create_test_app
+
+import flask_scoria as scoria
+from flask_scoria.errors import StorageError
+from flask_scoria.runtime import statements as sql
+from flask_scoria.runtime.tables import events, steps
+from flask_scoria.storage import Storage
+
+pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+
+sent: list[str] = []
+
+
+class RecordingCursor(psycopg.Cursor[Any]):
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return super().execute(query, *args, **kwargs)
+
+
+@pytest.fixture
+def storage(database_uri: str, tmp_path: Path) -> Iterator[Storage]:
+    app = create_test_app(database_uri, tmp_path / "instance")
+    storage = app.extensions["scoria"].storage(app)
+
+    @sa.event.listens_for(storage.engine, "connect")
+    def _recording(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.cursor_factory = RecordingCursor
+
+    with app.app_context():
+        yield storage
+    storage.engine.dispose()
+
+
+@pytest.fixture
+def queued(storage: Storage) -> tuple[uuid.UUID, uuid.UUID]:
+    """A run whose one step stays queued (no handler for its kind): its id and the step's."""
+    run = scoria.start_run(IDENTITY, initial_step={"kind": "nobody_handles_this"})
+    assert run.current_step_id is not None
+    return uuid.UUID(run.run_id), uuid.UUID(str(run.current_step_id))
+
+
+def _event(run_id: uuid.UUID, sequence: int) -> dict[str, object]:
+    return {
+        "run_id": run_id,
+        "sequence": sequence,
+        "event_type": "note",
+        "step_id": None,
+        "payload": {"n": sequence},
+        "created_at": datetime.now(UTC),
+    }
+
+
+def _rows(storage: Storage, query: sa.Select[Any]) -> list[Any]:
+    with storage.read() as conn:
+        return list(conn.execute(query).all())
+
+
+def test_writes_to_several_tables_leave_as_one_statement(
+    storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    run_id, step_id = queued
+    sent.clear()
+    with storage.write(pipeline=True) as conn:
+        batch = sql.Batch(conn)
+        batch.add(
+            *sql.update_if(steps, step_id, {"status": "queued"}, {"kind": "renamed"}), guarded=True
+        )
+        for sequence in (100, 101, 102):
+            batch.add(sql.INSERT_EVENTS, _event(run_id, sequence))
+        batch.send()
+    writes = [query for query in sent if query not in ("BEGIN", "COMMIT")]
+    assert len(writes) == 1
+    # The three events are rows of one INSERT.
+    assert writes[0].count("INSERT INTO scoria_events") == 1
+    found = _rows(storage, sa.select(events.c.payload).where(events.c.sequence >= 100))
+    assert sorted(row.payload["n"] for row in found) == [100, 101, 102]
+    assert _rows(storage, sa.select(steps.c.kind).where(steps.c.id == step_id)) == [("renamed",)]
+
+
+def test_a_guarded_write_that_changes_nothing_undoes_the_transaction(
+    storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    run_id, step_id = queued
+    with pytest.raises(StorageError) as caught, storage.write(pipeline=True) as conn:
+        batch = sql.Batch(conn)
+        batch.add(sql.INSERT_EVENTS, _event(run_id, 200))
+        # The step is queued, not running: no row matches.
+        batch.add(
+            *sql.update_if(steps, step_id, {"status": "running"}, {"kind": "x"}), guarded=True
+        )
+        batch.send()
+    assert sql.unmatched(caught.value)
+    assert _rows(storage, sa.select(events.c.sequence).where(events.c.sequence == 200)) == []
+    assert _rows(storage, sa.select(steps.c.kind).where(steps.c.id == step_id)) == [
+        ("nobody_handles_this",)
+    ]
+
+
+def test_an_update_after_a_write_to_its_table_sees_that_write(
+    storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    _, step_id = queued
+    sent.clear()
+    with storage.write(pipeline=True) as conn:
+        batch = sql.Batch(conn)
+        batch.add(
+            *sql.update_if(steps, step_id, {"status": "queued"}, {"status": "running"}),
+            guarded=True,
+        )
+        # In one statement, this one would not see the step running, and fail.
+        batch.add(
+            *sql.update_if(steps, step_id, {"status": "running"}, {"status": "completed"}),
+            guarded=True,
+        )
+        batch.send()
+    assert len([query for query in sent if query not in ("BEGIN", "COMMIT")]) == 2
+    assert _rows(storage, sa.select(steps.c.status).where(steps.c.id == step_id)) == [
+        ("completed",)
+    ]
+
+
+def test_a_notify_rides_with_the_writes(
+    storage: Storage, queued: tuple[uuid.UUID, uuid.UUID], postgres_url: str
+) -> None:
+    run_id, _ = queued
+    url = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute("LISTEN scoria_steps")
+    sent.clear()
+    with storage.write(pipeline=True) as conn:
+        batch = sql.Batch(conn)
+        batch.notify = "scoria_steps"
+        batch.add(sql.INSERT_EVENTS, _event(run_id, 300))
+        batch.send()
+    assert len([query for query in sent if query not in ("BEGIN", "COMMIT")]) == 1
+    notices = list(listener.notifies(timeout=5, stop_after=1))
+    listener.close()
+    assert [notice.channel for notice in notices] == ["scoria_steps"]
