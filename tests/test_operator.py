@@ -554,6 +554,11 @@ def test_runs_list_walks_an_index_in_page_order(
         # it only has to avoid a scan and a sort.
         assert "Index Scan Backward" in plan and "Seq Scan" not in plan, plan
         assert column is None or "Sort" not in plan, plan
+        if column == "status":
+            # The index of runs by status leaves out completed runs; a prepared
+            # statement's plan, made for any status, still walks it.
+            plan = generic_plan(runtime.storage(operator_app).engine, statement, parameters)
+            assert "ix_scoria_runs_status_tenant_created" in plan, plan
 
 
 def query_plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
@@ -564,6 +569,27 @@ def query_plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
             return " | ".join(str(row[-1]) for row in rows)
         conn.exec_driver_sql("SET enable_seqscan = off")
         rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+        return " | ".join(str(row[0]) for row in rows)
+
+
+def generic_plan(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> str:
+    """PostgreSQL's plan of ``statement`` prepared for any parameters, as a driver may."""
+    names: list[str] = []
+
+    def numbered(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", numbered, statement)
+    arguments = ", ".join(
+        str(sa.literal(parameters[name]).compile(engine, compile_kwargs={"literal_binds": True}))
+        for name in names
+    )
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE listed AS {prepared}")
+        rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE listed({arguments})")
         return " | ".join(str(row[0]) for row in rows)
 
 

@@ -53,6 +53,8 @@ _PENDING = text("status = 'pending'")
 _QUEUED = text("status = 'queued'")
 _EXPIRING = text("status = 'pending' AND expires_at IS NOT NULL")
 _KEYED = text("idempotency_key IS NOT NULL")
+#: Runs that have not completed: the few a status filter looks for.
+_NOT_COMPLETED = text("status <> 'completed'")
 _KEYED_WITHOUT_TENANT = text("idempotency_key IS NOT NULL AND tenant_id IS NULL")
 
 
@@ -95,7 +97,16 @@ runs = Table(
     # (tenant-wide, or filtered on one column) and a session's.
     Index("ix_scoria_runs_session_created", "session_id", "tenant_id", "created_at", "id"),
     Index("ix_scoria_runs_tenant_created", "tenant_id", "created_at", "id"),
-    Index("ix_scoria_runs_status_tenant_created", "status", "tenant_id", "created_at", "id"),
+    # On PostgreSQL without completed runs, whose many entries would otherwise move
+    # on every status change; SQLite cannot use a partial index for a status filter.
+    Index(
+        "ix_scoria_runs_status_tenant_created",
+        "status",
+        "tenant_id",
+        "created_at",
+        "id",
+        postgresql_where=_NOT_COMPLETED,
+    ),
     Index("ix_scoria_runs_tenant_actor_created", "tenant_id", "actor_id", "created_at", "id"),
     Index("ix_scoria_runs_tenant_role_created", "tenant_id", "root_role_id", "created_at", "id"),
     # A start's idempotency key is unique per tenant, and among runs without one.
