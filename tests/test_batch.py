@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,27 @@ def _event(run_id: uuid.UUID, sequence: int) -> dict[str, object]:
     }
 
 
+@contextmanager
+def holding(storage: Storage) -> Iterator[sql.Batch]:
+    """A batch in a pipelined write transaction, sent before the commit."""
+    sent.clear()
+    with storage.write(pipeline=True) as conn:
+        batch = sql.Batch(conn)
+        yield batch
+        batch.send()
+
+
+def _hold_step_update(
+    batch: sql.Batch, step_id: uuid.UUID, expected: str, **values: object
+) -> None:
+    """Hold an update of the step, guarded: its status must still be ``expected``."""
+    batch.add(*sql.update_if(steps, step_id, {"status": expected}, values), guarded=True)
+
+
+def _statements_sent() -> list[str]:
+    return [query for query in sent if query not in ("BEGIN", "COMMIT")]
+
+
 def _rows(storage: Storage, query: sa.Select[Any]) -> list[Any]:
     with storage.read() as conn:
         return list(conn.execute(query).all())
@@ -73,16 +95,11 @@ def test_writes_to_several_tables_leave_as_one_statement(
     storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     run_id, step_id = queued
-    sent.clear()
-    with storage.write(pipeline=True) as conn:
-        batch = sql.Batch(conn)
-        batch.add(
-            *sql.update_if(steps, step_id, {"status": "queued"}, {"kind": "renamed"}), guarded=True
-        )
+    with holding(storage) as batch:
+        _hold_step_update(batch, step_id, "queued", kind="renamed")
         for sequence in (100, 101, 102):
             batch.add(sql.INSERT_EVENTS, _event(run_id, sequence))
-        batch.send()
-    writes = [query for query in sent if query not in ("BEGIN", "COMMIT")]
+    writes = _statements_sent()
     assert len(writes) == 1
     # The three events are rows of one INSERT.
     assert writes[0].count("INSERT INTO scoria_events") == 1
@@ -95,14 +112,10 @@ def test_a_guarded_write_that_changes_nothing_undoes_the_transaction(
     storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     run_id, step_id = queued
-    with pytest.raises(StorageError) as caught, storage.write(pipeline=True) as conn:
-        batch = sql.Batch(conn)
+    with pytest.raises(StorageError) as caught, holding(storage) as batch:
         batch.add(sql.INSERT_EVENTS, _event(run_id, 200))
         # The step is queued, not running: no row matches.
-        batch.add(
-            *sql.update_if(steps, step_id, {"status": "running"}, {"kind": "x"}), guarded=True
-        )
-        batch.send()
+        _hold_step_update(batch, step_id, "running", kind="x")
     assert sql.unmatched(caught.value)
     assert _rows(storage, sa.select(events.c.sequence).where(events.c.sequence == 200)) == []
     assert _rows(storage, sa.select(steps.c.kind).where(steps.c.id == step_id)) == [
@@ -114,20 +127,11 @@ def test_an_update_after_a_write_to_its_table_sees_that_write(
     storage: Storage, queued: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     _, step_id = queued
-    sent.clear()
-    with storage.write(pipeline=True) as conn:
-        batch = sql.Batch(conn)
-        batch.add(
-            *sql.update_if(steps, step_id, {"status": "queued"}, {"status": "running"}),
-            guarded=True,
-        )
+    with holding(storage) as batch:
+        _hold_step_update(batch, step_id, "queued", status="running")
         # In one statement, this one would not see the step running, and fail.
-        batch.add(
-            *sql.update_if(steps, step_id, {"status": "running"}, {"status": "completed"}),
-            guarded=True,
-        )
-        batch.send()
-    assert len([query for query in sent if query not in ("BEGIN", "COMMIT")]) == 2
+        _hold_step_update(batch, step_id, "running", status="completed")
+    assert len(_statements_sent()) == 2
     assert _rows(storage, sa.select(steps.c.status).where(steps.c.id == step_id)) == [
         ("completed",)
     ]
@@ -140,13 +144,10 @@ def test_a_notify_rides_with_the_writes(
     url = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(False)
     listener = psycopg.connect(url, autocommit=True)
     listener.execute("LISTEN scoria_steps")
-    sent.clear()
-    with storage.write(pipeline=True) as conn:
-        batch = sql.Batch(conn)
+    with holding(storage) as batch:
         batch.notify = "scoria_steps"
         batch.add(sql.INSERT_EVENTS, _event(run_id, 300))
-        batch.send()
-    assert len([query for query in sent if query not in ("BEGIN", "COMMIT")]) == 1
+    assert len(_statements_sent()) == 1
     notices = list(listener.notifies(timeout=5, stop_after=1))
     listener.close()
     assert [notice.channel for notice in notices] == ["scoria_steps"]
