@@ -206,7 +206,8 @@ class Batch:
     its transaction, when it changes none, as :meth:`Prepared.expect_one`
     does with ``defer``. Sub-statements of one statement all see the
     database as it was before it, so an UPDATE never joins a statement that
-    already writes its table: the held writes leave first.
+    already writes its table: the held writes leave first. (No held write
+    reads another table; one that did would need the same care.)
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -227,9 +228,11 @@ class Batch:
         held, self._held = self._held, []
         if not held and self.notify is None:
             return
-        shape = (tuple((id(h.compiled), h.guarded) for h in held), self.notify)
+        shape = (tuple((each.compiled.sql, each.guarded) for each in held), self.notify)
         combined = _COMBINED.get(shape)
         if combined is None:
+            if len(_COMBINED) >= _COMBINED_MAX:
+                _COMBINED.clear()
             combined = _COMBINED[shape] = _combine(held, self.notify)
         params = {
             f"w{index}_{name}": value
@@ -239,8 +242,11 @@ class Batch:
         _run(self.conn, combined, params, many=False).close()
 
 
-#: The statements :class:`Batch` sent, by the shape of what they combine.
-_COMBINED: dict[tuple[tuple[tuple[int, bool], ...], str | None], _Compiled] = {}
+#: The statements :class:`Batch` sent, by the shape of what they combine: the SQL of
+#: each write and whether it is guarded, and the ``NOTIFY`` channel.
+_COMBINED: dict[tuple[tuple[tuple[str, bool], ...], str | None], _Compiled] = {}
+#: How many shapes are kept; the transitions make a few dozen.
+_COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
@@ -248,19 +254,18 @@ def _combine(held: Sequence[_Held], notify: str | None) -> _Compiled:
     """One statement doing every write of ``held`` (pyformat parameters, as psycopg's)."""
     ctes: list[str] = []
     checks: list[str] = []
-    values_of: dict[int, list[str]] = {}
     for index, each in enumerate(held):
         text = _PARAMETER.sub(rf"%(w{index}_\1)s", each.compiled.sql)
         previous = held[index - 1] if index else None
+        row = None if each.guarded else _values_row(text)
         if (
-            each.statement.inserts
-            and not each.guarded
+            row is not None
             and previous is not None
             and previous.compiled is each.compiled
             and not previous.guarded
         ):
-            # Another row of the same INSERT: one more VALUES list of the last one.
-            values_of[len(ctes) - 1].append(text.partition(" VALUES ")[2])
+            # Another row of the same INSERT: one more row of its VALUES list.
+            ctes[-1] = f"{ctes[-1][:-1]}, {row})"
             continue
         name = f"w{index}"
         if each.guarded:
@@ -268,16 +273,21 @@ def _combine(held: Sequence[_Held], notify: str | None) -> _Compiled:
             checks.append(f"1 / (SELECT count(*) FROM {name})")
         else:
             ctes.append(f"{name} AS ({text})")
-        if each.statement.inserts:
-            values_of[len(ctes) - 1] = []
-    for position, more in values_of.items():
-        if more:
-            ctes[position] = ctes[position][:-1] + ", " + ", ".join(more) + ")"
     if notify is not None:
         checks.append(f"pg_notify('{notify}', '')")
     select_list = ", ".join(checks) or "1"
     statement = f"WITH {', '.join(ctes)} SELECT {select_list}" if ctes else f"SELECT {select_list}"
     return _Compiled(sql=statement, positional=None, defaults={}, binds=(), columns=())
+
+
+def _values_row(sql: str) -> str | None:
+    """The one row of ``INSERT ... VALUES (...)`` with nothing after it, else ``None``."""
+    if not sql.startswith("INSERT "):
+        return None
+    _, found, row = sql.partition(" VALUES ")
+    if not found or " ON CONFLICT " in row or " RETURNING " in row or not row.endswith(")"):
+        return None
+    return row
 
 
 def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -> _Compiled:

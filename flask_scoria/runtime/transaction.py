@@ -207,9 +207,10 @@ class NewRun(RunChange):
 
     def _insert_all(self, conn: Connection, row: Row, *, batch: bool) -> None:
         keyed = row["idempotency_key"] is not None
+        # The new rows of each table together, tables in the order they were first added.
         rows = [
             (statement, [new for of, new in self.new_rows if of is statement])
-            for statement in (sql.INSERT_STEP, sql.INSERT_HANDOFF)
+            for statement in dict.fromkeys(statement for statement, _ in self.new_rows)
         ]
         rows.append((sql.INSERT_EVENTS, self.new_events))
         if batch:
