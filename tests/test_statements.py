@@ -21,8 +21,11 @@ import sqlalchemy as sa
 from _helpers import IDENTITY, ask_then_work
 from conftest import create_test_app
 from flask import Flask
+from sqlalchemy.dialects import postgresql
 
 import flask_scoria as scoria
+from flask_scoria.runtime import statements as sql
+from flask_scoria.runtime import tables
 
 #: Statements per round-trip: start_run (3 inserts), the WaitForApproval outcome,
 #: approve_run, the resume claim and the outcome. On PostgreSQL the writes of each
@@ -211,3 +214,24 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
     for out in trips.files:
         out.close()
     assert counted == ROUND_TRIPS
+
+
+def test_held_rows_of_one_insert_share_its_values_list_unless_it_has_a_suffix() -> None:
+    """Rows of a plain INSERT become one VALUES list; an INSERT ... ON CONFLICT keeps its
+    rows apart, since its clause would apply to the first row's list only."""
+    dialect: sa.Dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
+    event = {"run_id": None, "sequence": 1, "event_type": "x", "payload": None}
+    events = sql.Prepared(sa.insert(tables.events))
+    runs = sql.INSERT_RUN_IF_NEW["postgresql"]
+    run = {column.key: None for column in tables.runs.c}
+
+    def held(statement: sql.Prepared, params: dict[str, Any]) -> Any:
+        compiled = statement._compile(dialect, frozenset(params))
+        return sql._Held(statement, compiled, compiled.parameters(params), guarded=False)
+
+    merged = sql._combine([held(events, event), held(events, event)], None).sql
+    assert merged.count("INSERT INTO scoria_events") == 1
+    assert "%(w0_sequence)s" in merged and "%(w1_sequence)s" in merged
+    apart = sql._combine([held(runs, run), held(runs, run)], None).sql
+    assert apart.count("INSERT INTO scoria_runs") == 2
+    assert apart.count("ON CONFLICT DO NOTHING") == 2
