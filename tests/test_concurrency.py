@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from _helpers import IDENTITY, executions, outcome_of, race_in_process, wait_for_approval
+from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
@@ -189,3 +190,26 @@ def test_dispatch_race_on_a_queued_handoff_child(app: Flask, tmp_path: Path) -> 
     assert entry.child_status == "completed"
     ((_, step_id, _),) = (line.split() for line in executions(counter))
     assert step_id == entry.child_step_id
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_races_on_a_serializable_database(database_uri: str, tmp_path: Path) -> None:
+    """A database whose transactions default to SERIALIZABLE aborts some of them; those
+    are tried again, so the losers still get typed errors and nothing else."""
+    serializable = {"options": "-c default_transaction_isolation=serializable"}
+    app = create_test_app(
+        database_uri,
+        tmp_path / "instance",
+        SCORIA_ENGINE_OPTIONS={"connect_args": serializable},
+    )
+    counter = tmp_path / "executions"
+    approved = paused_run(app, counter, approved=True)
+    assert_single_resume(app, approved, counter, race_threads(app, approved, lambda i: "resume"))
+    paused = paused_run(app, tmp_path / "other")
+    assert assert_single_decision(app, paused, race_threads(app, paused, lambda i: "approve"))
+    key = str(tmp_path / "keyed-executions")
+    results = race_threads(app, key, lambda i: "start_keyed")
+    assert {code for _, code, _ in results} == {"ok"}, results
+    assert len({detail.split()[1] for _, _, detail in results}) == 1
+    assert len(executions(Path(key))) == 1
+    app.extensions["scoria"].storage(app).engine.dispose()

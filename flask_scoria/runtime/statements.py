@@ -49,6 +49,9 @@ T = TypeVar("T")
 _GUARD = "WITH changed AS ({} RETURNING 1) SELECT 1 / count(*) FROM changed"
 #: The SQLSTATE of that failure (``division_by_zero``).
 _UNMATCHED = "22012"
+#: SQLSTATEs of a transaction aborted for a concurrent one: ``serialization_failure``
+#: and ``deadlock_detected``.
+_LOST_RACE = ("40001", "40P01")
 
 
 class Conflict(Exception):
@@ -340,12 +343,27 @@ def _fetch(conn: Connection, compiled: _Compiled, fetch: Callable[[], T]) -> T:
 
 def unmatched(exc: BaseException) -> bool:
     """Whether ``exc`` comes from a deferred :meth:`Prepared.expect_one` that changed no row."""
+    return sqlstate(exc) == _UNMATCHED
+
+
+def lost_race(exc: BaseException) -> bool:
+    """Whether the database aborted the transaction of ``exc`` for a concurrent one.
+
+    A serialization failure (at ``REPEATABLE READ`` or ``SERIALIZABLE``) or a
+    deadlock: the transaction may simply be tried again.
+    """
+    return sqlstate(exc) in _LOST_RACE
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the database error behind ``exc``, if there is one."""
     cause: BaseException | None = exc
     while cause is not None:
-        if getattr(cause, "sqlstate", None) == _UNMATCHED:
-            return True
+        state = getattr(cause, "sqlstate", None)
+        if state is not None:
+            return str(state)
         cause = getattr(cause, "orig", None) or cause.__cause__
-    return False
+    return None
 
 
 INSERT_RUN = Prepared(insert(runs).inline())

@@ -192,7 +192,7 @@ class NewRun(RunChange):
         """
         row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
         tries = 0
-        while True:
+        for attempt in range(MAX_ATTEMPTS):
             try:
                 with storage.write(pipeline=True) as conn:
                     if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
@@ -201,9 +201,16 @@ class NewRun(RunChange):
             except StorageError as exc:
                 if sql.unmatched(exc):
                     raise DuplicateStart from None
+                if sql.lost_race(exc):
+                    # A concurrent start, of the same idempotency key, say, went first.
+                    back_off(attempt)
+                    continue
                 tries += 1
                 if not storage.retry_after(exc, tries):
                     raise
+        raise StorageError(
+            f"Run {self.run_id} could not be written; gave up after {MAX_ATTEMPTS} tries."
+        )
 
     def _insert_all(self, conn: Connection, row: Row, *, batch: bool) -> None:
         keyed = row["idempotency_key"] is not None
@@ -371,7 +378,9 @@ def transact(
 
     The checks of the writes travel with the commit; if one failed, the
     transaction is decided again with each write checked as it goes, which
-    tells which one (a lost step or a conflict).
+    tells which one (a lost step or a conflict). A transaction the database
+    aborted for a concurrent one (a serialization failure or a deadlock) is
+    tried again as a lost compare-and-set is.
 
     On PostgreSQL, the statements ``ahead`` returns for the transaction's
     time are sent together with the run's lock, after it, so that the
@@ -409,7 +418,7 @@ def transact(
                 outcome = decide(tx)
                 new_row = tx.commit()
         except Conflict:
-            time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+            back_off(attempt)
             continue
         except StepLost:
             with ctx.storage.read() as conn:
@@ -417,6 +426,11 @@ def transact(
         except StorageError as exc:
             if defer and sql.unmatched(exc):
                 defer = False
+                continue
+            if sql.lost_race(exc):
+                # The database chose this transaction to abort (an isolation level above
+                # READ COMMITTED, or a deadlock): like a lost compare-and-set.
+                back_off(attempt)
                 continue
             dropped += 1
             if not ctx.storage.retry_after(exc, dropped):
@@ -427,6 +441,11 @@ def transact(
     raise StorageError(
         f"Run {run_id} kept changing under this call; gave up after {MAX_ATTEMPTS} tries."
     )
+
+
+def back_off(attempt: int) -> None:
+    """Wait a little before trying a transaction that lost a race again (with jitter)."""
+    time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
 
 
 def load_run(conn: Connection, run_id: uuid.UUID, guard: TenantGuard, *, lock: bool) -> Row:

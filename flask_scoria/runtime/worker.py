@@ -91,6 +91,10 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
             row = tx.commit()
     except Conflict:  # the run changed under the claim (SQLite only): look again later
         return None
+    except StorageError as exc:
+        if sql.lost_race(exc):  # aborted for a concurrent claim: look again later
+            return None
+        raise
     tx.send(ctx.app, row)
     return None if tx.claim is None else (row, tx.claim)
 
