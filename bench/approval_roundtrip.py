@@ -40,6 +40,8 @@ POSTGRES_URL = os.environ.get(
 )
 #: How many interleaved batches the round-trips are split into.
 BATCHES = 10
+#: How a write statement starts.
+WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
 TABLES = ("scoria_runs", "scoria_steps", "scoria_approvals", "scoria_events", "scoria_handoffs")
 
 
@@ -83,7 +85,8 @@ class ScoriaFlow:
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
         self.timings = Timings([], [], 0.0, 0)
-        # SQLAlchemy commits on SQLite; on PostgreSQL a pipelined COMMIT is a statement.
+        # SQLAlchemy commits on SQLite; on PostgreSQL a COMMIT is a statement, and a
+        # change that is one statement commits on its own.
         sa.event.listen(self.engine, "commit", self._count)
         if self.engine.dialect.name == "postgresql":
             self.engine.dispose()
@@ -93,11 +96,20 @@ class ScoriaFlow:
         self.timings.commits += 1
 
     def _count_commit_statements(self, dbapi_connection: Any, _record: Any) -> None:
+        """Count each ``COMMIT``, and each write outside ``BEGIN``: a transaction of its own."""
         count = self._count
+        in_transaction = [False]
 
         class Counting(dbapi_connection.cursor_factory):  # type: ignore[misc]
             def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
-                if query == "COMMIT":
+                text = str(query).lstrip().upper()
+                if text.startswith("BEGIN"):
+                    in_transaction[0] = True
+                elif text in ("COMMIT", "ROLLBACK"):
+                    in_transaction[0] = False
+                    if text == "COMMIT":
+                        count()
+                elif text.startswith(WRITES) and not in_transaction[0]:
                     count()
                 return super().execute(query, *args, **kwargs)
 

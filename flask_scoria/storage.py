@@ -210,11 +210,19 @@ class Storage:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A connection for reads, each query a statement of its own."""
-        with self._errors(), self.engine.connect() as conn:
-            if not self.is_sqlite:
-                # No BEGIN and ROLLBACK around the queries: a read costs one round trip.
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        if self.is_sqlite:
+            with self._errors(), self.engine.connect() as conn:
+                yield conn
+            return
+        # No BEGIN and ROLLBACK around the queries: a read costs one round trip.
+        with self.autocommit() as conn:
             yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A PostgreSQL connection whose every statement is a transaction of its own."""
+        with self._errors(), self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:

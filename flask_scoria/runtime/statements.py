@@ -213,15 +213,23 @@ class Batch:
     reads another table; one that did would need the same care.)
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, locking: uuid.UUID | None = None) -> None:
         self.conn = conn
         self._held: list[_Held] = []
         #: A ``NOTIFY`` channel to signal with the writes (on commit).
         self.notify: str | None = None
+        #: The run a batch that is its own transaction locks before its updates.
+        self.locking = locking
 
     def add(self, statement: Prepared, params: RowLike, *, guarded: bool = False) -> None:
-        """Hold a write of ``statement`` with ``params``."""
+        """Hold a write of ``statement`` with ``params``.
+
+        A batch ``locking`` a run is sent once, whole: a write it cannot join
+        raises :class:`NotAlone`.
+        """
         if not statement.inserts and any(h.statement.table == statement.table for h in self._held):
+            if self.locking is not None:
+                raise NotAlone
             self.send()
         compiled = statement._compile(self.conn.dialect, frozenset(params))
         self._held.append(_Held(statement, compiled, compiled.parameters(params), guarded))
@@ -231,34 +239,53 @@ class Batch:
         held, self._held = self._held, []
         if not held and self.notify is None:
             return
-        shape = (tuple((each.compiled.sql, each.guarded) for each in held), self.notify)
+        locking = self.locking is not None
+        shape = (tuple((each.compiled.sql, each.guarded) for each in held), self.notify, locking)
         combined = _COMBINED.get(shape)
         if combined is None:
             if len(_COMBINED) >= _COMBINED_MAX:
                 _COMBINED.clear()
-            combined = _COMBINED[shape] = _combine(held, self.notify)
+            combined = _COMBINED[shape] = _combine(held, self.notify, locking)
         params = {
             f"w{index}_{name}": value
             for index, each in enumerate(held)
             for name, value in each.params.items()
         }
+        if locking:
+            params["locked_run_id"] = self.locking
         _run(self.conn, combined, params, many=False).close()
 
 
+class NotAlone(Exception):
+    """A write cannot join the others in one statement: the change needs a transaction."""
+
+
 #: The statements :class:`Batch` sent, by the shape of what they combine: the SQL of
-#: each write and whether it is guarded, and the ``NOTIFY`` channel.
-_COMBINED: dict[tuple[tuple[tuple[str, bool], ...], str | None], _Compiled] = {}
+#: each write and whether it is guarded, the ``NOTIFY`` channel, whether it locks a run.
+_COMBINED: dict[tuple[tuple[tuple[str, bool], ...], str | None, bool], _Compiled] = {}
 #: How many shapes are kept; the transitions make a few dozen.
 _COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
-def _combine(held: Sequence[_Held], notify: str | None) -> _Compiled:
-    """One statement doing every write of ``held`` (pyformat parameters, as psycopg's)."""
-    ctes: list[str] = []
+#: The first part of a statement that is its own transaction: the run's lock.
+_LOCKED_RUN = "locked_run AS (SELECT 1 FROM scoria_runs WHERE id = %(locked_run_id)s FOR UPDATE)"
+
+
+def _combine(held: Sequence[_Held], notify: str | None, locking: bool = False) -> _Compiled:
+    """One statement doing every write of ``held`` (pyformat parameters, as psycopg's).
+
+    ``locking``: the statement locks the run ``locked_run_id`` first, as every
+    transaction does before any of its steps: each UPDATE needs that lock
+    before it may touch a row.
+    """
+    ctes: list[str] = [_LOCKED_RUN] if locking else []
     checks: list[str] = []
     for index, each in enumerate(held):
         text = _PARAMETER.sub(rf"%(w{index}_\1)s", each.compiled.sql)
+        if locking and not each.statement.inserts:
+            assert " WHERE " in text, text
+            text += " AND EXISTS (SELECT FROM locked_run)"
         previous = held[index - 1] if index else None
         row = None if each.guarded else _values_row(text)
         if (

@@ -193,8 +193,10 @@ class NewRun(RunChange):
         row = {**self.run, **self.changes, "last_event_sequence": len(self.new_events)}
         tries = 0
         for attempt in range(MAX_ATTEMPTS):
+            # With psycopg, the rows are one statement: a transaction of its own.
+            writing = storage.autocommit() if storage.pipelines else storage.write()
             try:
-                with storage.write(pipeline=True) as conn:
+                with writing as conn:
                     if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
                         self._insert_all(conn, row, batch=storage.pipelines)
                 return row
@@ -268,6 +270,7 @@ class Tx(RunChange):
         *,
         defer: bool = False,
         batch: bool = False,
+        alone: bool = False,
         ahead: list[Ahead] | None = None,
     ) -> None:
         super().__init__(run, now, lease_until)
@@ -275,7 +278,11 @@ class Tx(RunChange):
         #: The app's handlers and policies, for retrying a step whose lease or time ran out.
         self.registry = registry
         self.defer = defer
-        self._batch = sql.Batch(conn) if defer and batch else None
+        #: Whether the change is one statement, its own transaction, that locks the run
+        #: first: it may not read (see :class:`~.statements.NotAlone`).
+        self.alone = alone
+        locking = self.run_id if alone else None
+        self._batch = sql.Batch(conn, locking=locking) if defer and batch else None
         self.ahead = ahead or []
 
     def first(self, statement: sql.Prepared, params: RowLike) -> Row | None:
@@ -291,6 +298,8 @@ class Tx(RunChange):
             if sent_statement is statement and sent_params == params:
                 del self.ahead[index]
                 return sent
+        if self.alone:
+            raise sql.NotAlone
         if self._batch is not None:
             self._batch.send()
         return statement.send(self._conn, params)
@@ -369,7 +378,8 @@ def transact(
     since, the compare-and-set fails and the next try reads it. SQLite's
     ``BEGIN IMMEDIATE`` already serialises writers; PostgreSQL still locks
     the run first (without waiting for its row), before any of its steps,
-    as every transition does.
+    as every transition does. There, a change on ``known`` that reads
+    nothing is one statement, its own transaction (:func:`_alone`).
 
     If the step a handler held was lost meanwhile, the outcome is ``None``
     and the run is returned as it now is. A transaction whose connection
@@ -390,8 +400,18 @@ def transact(
     """
     dropped = 0
     defer = True
+    alone = known is not None and ctx.storage.pipelines
     for attempt in range(MAX_ATTEMPTS):
         try:
+            if alone and known is not None:
+                alone = False
+                try:
+                    return _alone(ctx, known, decide)
+                except sql.NotAlone:
+                    pass  # a transaction, on the same known run
+                except BaseException:
+                    known = None  # whatever the next try is, it reads the run
+                    raise
             with ctx.storage.write(pipeline=True) as conn:
                 now = utcnow()
                 sent: list[Ahead] = []
@@ -441,6 +461,28 @@ def transact(
     raise StorageError(
         f"Run {run_id} kept changing under this call; gave up after {MAX_ATTEMPTS} tries."
     )
+
+
+def _alone(
+    ctx: RuntimeContext, row: Row, decide: Callable[[Tx], T]
+) -> tuple[T | None, Row, Claim | None]:
+    """Decide on ``row`` and write the change as one statement, its own transaction.
+
+    For a change that reads nothing: the outcome of a handler, decided on the
+    run as its claim committed it. The statement locks the run before it
+    updates anything, as every transaction does. Raises
+    :class:`~.statements.NotAlone` before writing anything when the change
+    needs a transaction; ``StorageError`` when the statement failed, its
+    compare-and-set included.
+    """
+    with ctx.storage.autocommit() as conn:
+        now = utcnow()
+        expiry = ctx.keeper.expiry(now)
+        tx = Tx(conn, row, now, expiry, ctx.registry, defer=True, batch=True, alone=True)
+        outcome = decide(tx)
+        new_row = tx.commit()
+    tx.send(ctx.app, new_row)
+    return outcome, new_row, tx.claim
 
 
 def back_off(attempt: int) -> None:
