@@ -446,3 +446,31 @@ def test_installed_wheel_migrates_a_database(tmp_path: Path) -> None:
         assert schema.differences(engine) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_status_index_built_beforehand_is_left_as_it_is(empty_database_uri: str) -> None:
+    """The index ``scoria_0004`` builds, built by hand first without blocking writes (as
+    docs/migrations.md shows), is not built again."""
+    engine = sa.create_engine(empty_database_uri)
+    name = "ix_scoria_runs_status_tenant_created"
+    migrations_doc = Path(__file__).parent.parent / "docs" / "migrations.md"
+    (by_hand,) = [
+        block.split("```")[0]
+        for block in migrations_doc.read_text().split("```sql\n")[1:]
+        if "CONCURRENTLY" in block.split("```")[0]
+    ]
+    try:
+        schema.upgrade(engine, "scoria_0003")
+        # CREATE INDEX CONCURRENTLY cannot run inside a transaction.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for statement in by_hand.split(";"):
+                if statement.strip():
+                    conn.exec_driver_sql(statement)
+            built = conn.exec_driver_sql(f"SELECT to_regclass('{name}')::oid").scalar()
+        schema.upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT to_regclass('{name}')::oid").scalar() == built
+        assert schema.differences(engine) == []
+    finally:
+        engine.dispose()

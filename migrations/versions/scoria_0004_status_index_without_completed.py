@@ -25,8 +25,12 @@ COLUMNS = ["status", "tenant_id", "created_at", "id"]
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
         return
+    built = bind.execute(sa.text("SELECT pg_get_indexdef(to_regclass(:name))"), {"name": NAME})
+    if " WHERE " in (built.scalar() or ""):
+        return  # built by hand beforehand, concurrently (docs/migrations.md)
     op.drop_index(NAME, "scoria_runs")
     op.create_index(NAME, "scoria_runs", COLUMNS, postgresql_where=sa.text("status <> 'completed'"))
 
