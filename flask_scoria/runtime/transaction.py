@@ -278,12 +278,15 @@ class Tx(RunChange):
         #: The app's handlers and policies, for retrying a step whose lease or time ran out.
         self.registry = registry
         self.defer = defer
-        #: Whether the change is one statement, its own transaction, that locks the run
-        #: first: it may not read (see :class:`~.statements.NotAlone`).
-        self.alone = alone
         locking = self.run_id if alone else None
         self._batch = sql.Batch(conn, locking=locking) if defer and batch else None
         self.ahead = ahead or []
+
+    @property
+    def alone(self) -> bool:
+        """Whether the change is one statement, its own transaction, that locks the run
+        first: it may not read (see :class:`~.statements.NotAlone`)."""
+        return self._batch is not None and self._batch.locking is not None
 
     def first(self, statement: sql.Prepared, params: RowLike) -> Row | None:
         """The first row of ``statement``, read ahead with the run if it was."""
