@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,10 @@ POSTGRES_URL = os.environ.get(
 )
 #: How many interleaved batches the round-trips are split into.
 BATCHES = 10
+#: Round-trips of each flow whose commits are counted, untimed.
+COUNTED = 20
+#: Bursts of round-trips, ``VACUUM`` after each, until the tables' growth settles.
+SETTLING_BURSTS = 3
 #: How a write statement starts.
 WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
 TABLES = ("scoria_runs", "scoria_steps", "scoria_approvals", "scoria_events", "scoria_handoffs")
@@ -78,15 +82,24 @@ class ScoriaFlow:
     """
 
     def __init__(
-        self, uri: str, engine_options: dict[str, Any] | None = None, *, fused: bool = False
+        self,
+        uri: str,
+        engine_options: dict[str, Any] | None = None,
+        *,
+        fused: bool = False,
+        counting: bool = False,
     ) -> None:
         self.fused = fused
         self.app = make_app(uri, engine_options)
         self.engine = self.app.extensions["scoria"].storage(self.app).engine
         self.who = scoria.identity({"actor_id": "bench", "tenant_id": "t", "session_id": "s"})
         self.timings = Timings([], [], 0.0, 0)
-        # SQLAlchemy commits on SQLite; on PostgreSQL a COMMIT is a statement, and a
-        # change that is one statement commits on its own.
+        self.counting = counting
+        if not counting:
+            return
+        # Counting costs the flow time the baselines do not spend: a flow counts, or is
+        # timed. SQLAlchemy commits on SQLite; on PostgreSQL a COMMIT is a statement,
+        # and a change that is one statement commits on its own.
         sa.event.listen(self.engine, "commit", self._count)
         if self.engine.dialect.name == "postgresql":
             self.engine.dispose()
@@ -141,13 +154,14 @@ class ScoriaFlow:
         timings.seconds += time.perf_counter() - began
 
     def close(self) -> None:
-        sa.event.remove(self.engine, "commit", self._count)
+        if self.counting:
+            sa.event.remove(self.engine, "commit", self._count)
         self.engine.dispose()
 
 
-def scoria_roundtrips(uri: str, runs: int) -> Timings:
-    """Do ``runs`` round-trips through the facade in this process."""
-    flow = ScoriaFlow(uri)
+def scoria_roundtrips(uri: str, runs: int, *, fused: bool = False) -> Timings:
+    """Do ``runs`` round-trips through the facade in this process, counting commits."""
+    flow = ScoriaFlow(uri, fused=fused, counting=True)
     try:
         flow.run(runs)
     finally:
@@ -316,17 +330,18 @@ def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
     return uri, drop
 
 
-def pg_bytes(uri: str) -> tuple[int, int]:
+def pg_bytes(uri: str, *, full: bool = True) -> tuple[int, ...]:
     """Size of the ``scoria_*`` tables after ``VACUUM``, then at rest after ``VACUUM FULL``.
 
     Every transition updates the run row and its status is indexed, so a burst of
     round-trips leaves dead index entries whose pages ``VACUUM`` frees for reuse but
-    does not return; ``VACUUM FULL`` rewrites what the completed runs keep.
+    does not return; ``VACUUM FULL`` rewrites what the completed runs keep. Without
+    ``full``, only the first.
     """
     engine = sa.create_engine(uri, isolation_level="AUTOCOMMIT")
     sizes = []
     with engine.connect() as conn:
-        for command in ("VACUUM", "VACUUM FULL"):
+        for command in ("VACUUM", "VACUUM FULL")[: 2 if full else 1]:
             conn.exec_driver_sql(command)
             sizes.append(
                 sum(
@@ -335,25 +350,45 @@ def pg_bytes(uri: str) -> tuple[int, int]:
                 )
             )
     engine.dispose()
-    return int(sizes[0]), int(sizes[1])
+    return tuple(int(size) for size in sizes)
 
 
-def sqlite_bytes(uri: str) -> tuple[int, int]:
-    """Size of the file after a WAL checkpoint, then after ``VACUUM``."""
+def sqlite_bytes(uri: str, *, full: bool = True) -> tuple[int, ...]:
+    """Size of the file after a WAL checkpoint, then (with ``full``) after ``VACUUM``."""
     path = uri.removeprefix("sqlite:///")
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    checkpointed = Path(path).stat().st_size
-    conn.execute("VACUUM")
+    sizes = [Path(path).stat().st_size]
+    if full:
+        conn.execute("VACUUM")
+        sizes.append(Path(path).stat().st_size)
     conn.close()
-    return checkpointed, Path(path).stat().st_size
+    return tuple(sizes)
+
+
+def steady_bytes(uri: str, runs: int, size: Callable[..., tuple[int, ...]]) -> float:
+    """Bytes per run that the last of three bursts of ``runs`` round-trips adds.
+
+    Each burst is followed by ``VACUUM``. A burst's transient index entries (a
+    run's status and lease while it runs) leave pages that ``VACUUM`` empties
+    and later bursts fill again, as autovacuum lets a running database do;
+    PostgreSQL recycles an emptied index page only at a later ``VACUUM``. The
+    last burst shows how the tables grow per completed run once they settled.
+    """
+    sizes = []
+    for _ in range(SETTLING_BURSTS):
+        scoria_roundtrips(uri, runs)
+        sizes.append(size(uri, full=False)[0])
+    return (sizes[-1] - sizes[-2]) / runs
 
 
 def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
     uri, cleanup = fresh_database(backend, workdir)
     size = sqlite_bytes if backend == "sqlite" else pg_bytes
     try:
-        scoria_roundtrips(uri, 20)  # warm-up: imports, pools, caches
+        # Warm-up (imports, pools, caches), which counts the commits of each flow.
+        commits = scoria_roundtrips(uri, COUNTED).commits / COUNTED
+        fused_commits = scoria_roundtrips(uri, COUNTED, fused=True).commits / COUNTED
         warm = size(uri)
         # On SQLite the baselines get a file of their own next to it, so that the tables
         # they drop leave no free pages in the file whose size is measured.
@@ -370,6 +405,7 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         # Both flows leave the same rows behind for each round-trip.
         per_run_bytes = (after[0] - warm[0]) / (2 * runs)
         at_rest_bytes = (after[1] - warm[1]) / (2 * runs)
+        settled_bytes = steady_bytes(uri, runs, size)
         raw_seconds, crud_seconds = raw.seconds, crud.seconds
 
         # Two processes share the round-trips; the clock starts once both are warm.
@@ -400,14 +436,15 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         "crud_per_s": runs / crud_seconds,
         "two_process_per_s": (2 * half) / two_process_seconds if two_process_seconds else 0.0,
         "two_process_failures": failures,
-        "commits_per_roundtrip": timings.commits / runs,
-        "fused_commits_per_roundtrip": fused.timings.commits / runs,
+        "commits_per_roundtrip": commits,
+        "fused_commits_per_roundtrip": fused_commits,
         "start_p50_ms": statistics.median(timings.start) * 1000,
         "start_p99_ms": _p99(timings.start) * 1000,
         "resume_p50_ms": statistics.median(timings.resume) * 1000,
         "resume_p99_ms": _p99(timings.resume) * 1000,
         "bytes_per_run": per_run_bytes,
         "bytes_per_run_at_rest": at_rest_bytes,
+        "bytes_per_run_settled": settled_bytes,
     }
 
 

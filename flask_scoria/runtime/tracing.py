@@ -4,7 +4,8 @@ A step queued for another process keeps the W3C trace context of the span
 that queued it (``scoria_steps.trace_context``); the process that executes
 the step restores it, so the step's ``scoria.step`` span joins the trace of
 the request that queued it. Without ``opentelemetry`` every function here
-does nothing.
+does nothing; so does a step with no trace to join while no tracer provider
+is set, whose span would record nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def carrier() -> dict[str, str] | None:
     return headers or None
 
 
+def _no_provider(trace: Any) -> bool:
+    """Whether no tracer provider is set yet: every span would be a no-op."""
+    return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 class StepSpan:
     """The span of one step execution; ``status`` is written when it ends."""
 
@@ -59,7 +65,7 @@ def step_span(
 ) -> Iterator[StepSpan]:
     """A ``scoria.step`` span, child of ``headers``' context if given, else of the current one."""
     otel = _otel()
-    if otel is None:
+    if otel is None or (not headers and _no_provider(otel[1])):
         yield StepSpan(None)
         return
     propagate, trace = otel
