@@ -294,15 +294,21 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def interleave(flows: Sequence[Any], runs: int, batches: int = BATCHES) -> None:
+def interleave(flows: Sequence[Any], runs: int, batches: int = BATCHES) -> list[float]:
     """Do ``runs`` round-trips with each flow, in interleaved batches.
 
     Each flow has ``run(n)``; batching them in turn lets every flow see the same
-    minutes of a noisy machine, so the ratios of one call are comparable.
+    minutes of a noisy machine, so the ratios of one call are comparable. Returns
+    the CPU seconds this process spent in each flow (the database server's not
+    included): what is left of a flow's time is spent waiting for the database.
     """
+    cpu = [0.0] * len(flows)
     for batch in split(runs, batches):
-        for flow in flows:
+        for index, flow in enumerate(flows):
+            began = time.process_time()
             flow.run(batch)
+            cpu[index] += time.process_time() - began
+    return cpu
 
 
 def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
@@ -396,7 +402,7 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         flow, fused = ScoriaFlow(uri), ScoriaFlow(uri, fused=True)
         raw, crud = RawFlow(baseline), CrudFlow(baseline)
         try:
-            interleave((flow, fused, raw, crud), runs)
+            cpu = interleave((flow, fused, raw, crud), runs)
         finally:
             for each in (flow, fused, raw, crud):
                 each.close()
@@ -436,6 +442,10 @@ def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
         "crud_per_s": runs / crud_seconds,
         "two_process_per_s": (2 * half) / two_process_seconds if two_process_seconds else 0.0,
         "two_process_failures": failures,
+        "client_cpu_ms": cpu[0] / runs * 1000,
+        "fused_client_cpu_ms": cpu[1] / runs * 1000,
+        "raw_floor_client_cpu_ms": cpu[2] / runs * 1000,
+        "crud_client_cpu_ms": cpu[3] / runs * 1000,
         "commits_per_roundtrip": commits,
         "fused_commits_per_roundtrip": fused_commits,
         "start_p50_ms": statistics.median(timings.start) * 1000,
@@ -470,6 +480,10 @@ def main() -> None:
                 "fused to raw floor": result["fused_roundtrips_per_s"] / result["raw_floor_per_s"],
                 "fused to CRUD": result["fused_roundtrips_per_s"] / result["crud_per_s"],
                 "CRUD to raw floor": result["crud_per_s"] / result["raw_floor_per_s"],
+                "client CPU / CRUD's": result["client_cpu_ms"] / result["crud_client_cpu_ms"],
+                "fused client CPU / CRUD's": (
+                    result["fused_client_cpu_ms"] / result["crud_client_cpu_ms"]
+                ),
                 "2 processes / 1": result["two_process_per_s"] / result["roundtrips_per_s"],
             }
             for key, value in ratios.items():
