@@ -298,21 +298,30 @@ def interleave(flows: Sequence[Any], runs: int, batches: int = BATCHES) -> list[
     """Do ``runs`` round-trips with each flow, in interleaved batches.
 
     Each flow has ``run(n)``; batching them in turn lets every flow see the same
-    minutes of a noisy machine, so the ratios of one call are comparable. Returns
-    the CPU seconds this process spent in each flow (the database server's not
-    included): what is left of a flow's time is spent waiting for the database.
+    minutes of a noisy machine, so the ratios of one call are comparable. The
+    order turns by one flow each batch, so that no flow always follows the same
+    one (and meets the work it left the database, a WAL flush or a vacuum).
+    Returns the CPU seconds this process spent in each flow (the database
+    server's not included): what is left of a flow's time is spent waiting for
+    the database.
     """
     cpu = [0.0] * len(flows)
-    for batch in split(runs, batches):
-        for index, flow in enumerate(flows):
+    for turn, batch in enumerate(split(runs, batches)):
+        for offset in range(len(flows)):
+            index = (turn + offset) % len(flows)
             began = time.process_time()
-            flow.run(batch)
+            flows[index].run(batch)
             cpu[index] += time.process_time() - began
     return cpu
 
 
-def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
-    """Create an empty, migrated database; return its URL and a cleanup function."""
+def fresh_database(backend: str, workdir: Path, *, flushes: bool = True) -> tuple[str, Any]:
+    """Create an empty, migrated database; return its URL and a cleanup function.
+
+    Without ``flushes`` a PostgreSQL database commits without waiting for its WAL
+    to reach the disk (``synchronous_commit = off``), for every flow alike: what
+    the figures would be on a disk whose flushes cost nothing.
+    """
     if backend == "sqlite":
         uri = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:6]}.sqlite3'}"
         engine = sa.create_engine(uri)
@@ -323,6 +332,8 @@ def fresh_database(backend: str, workdir: Path) -> tuple[str, Any]:
     name = f"scoria_bench_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        if not flushes:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     uri = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     engine = sa.create_engine(uri)
     schema.upgrade(engine)
@@ -388,8 +399,8 @@ def steady_bytes(uri: str, runs: int, size: Callable[..., tuple[int, ...]]) -> f
     return (sizes[-1] - sizes[-2]) / runs
 
 
-def measure(backend: str, runs: int, workdir: Path) -> dict[str, float]:
-    uri, cleanup = fresh_database(backend, workdir)
+def measure(backend: str, runs: int, workdir: Path, *, flushes: bool = True) -> dict[str, float]:
+    uri, cleanup = fresh_database(backend, workdir, flushes=flushes)
     size = sqlite_bytes if backend == "sqlite" else pg_bytes
     try:
         # Warm-up (imports, pools, caches), which counts the commits of each flow.
@@ -466,11 +477,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "all"), default="all")
+    parser.add_argument(
+        "--no-flushes",
+        action="store_true",
+        help="PostgreSQL: every flow commits with synchronous_commit = off (a diagnosis)",
+    )
     args = parser.parse_args()
     backends = ("sqlite", "postgresql") if args.backend == "all" else (args.backend,)
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
-            result = measure(backend, args.runs, Path(tmp))
+            result = measure(backend, args.runs, Path(tmp), flushes=not args.no_flushes)
             print(f"\n{backend} ({args.runs} round-trips)")
             for key, value in result.items():
                 print(f"  {key:24} {value:10.2f}")
