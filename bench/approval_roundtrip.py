@@ -383,8 +383,8 @@ def sqlite_bytes(uri: str, *, full: bool = True) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def steady_bytes(uri: str, runs: int, size: Callable[..., tuple[int, ...]]) -> float:
-    """Bytes per run that the last of three bursts of ``runs`` round-trips adds.
+def settled_bytes_per_run(uri: str, runs: int, size: Callable[..., tuple[int, ...]]) -> float:
+    """Bytes per run that the last of a few bursts of ``runs`` round-trips adds.
 
     Each burst is followed by ``VACUUM``. A burst's transient index entries (a
     run's status and lease while it runs) leave pages that ``VACUUM`` empties
@@ -422,7 +422,7 @@ def measure(backend: str, runs: int, workdir: Path, *, flushes: bool = True) -> 
         # Both flows leave the same rows behind for each round-trip.
         per_run_bytes = (after[0] - warm[0]) / (2 * runs)
         at_rest_bytes = (after[1] - warm[1]) / (2 * runs)
-        settled_bytes = steady_bytes(uri, runs, size)
+        settled_bytes = settled_bytes_per_run(uri, runs, size)
         raw_seconds, crud_seconds = raw.seconds, crud.seconds
 
         # Two processes share the round-trips; the clock starts once both are warm.
