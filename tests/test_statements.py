@@ -10,6 +10,7 @@ libpq's protocol trace: each time the client sends after the server answered.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from sqlalchemy.dialects import postgresql
 import flask_scoria as scoria
 from flask_scoria.runtime import statements as sql
 from flask_scoria.runtime import tables
+from flask_scoria.state import app_state
 
 #: Statements per round-trip: start_run (3 inserts), the WaitForApproval outcome,
 #: approve_run, the resume claim and the outcome. On PostgreSQL the writes of each
@@ -187,11 +189,14 @@ class RoundTrips:
 #: is two, one for the run's lock with what the decision reads, one for its writes with
 #: the COMMIT. A call that executes a handler adds the transition of its outcome, one
 #: round trip: it decides on the run it committed, and its lock travels with its writes.
+#: A lease renewal is one statement and its COMMIT.
 ROUND_TRIPS = {
     "start_run, paused by its handler": 1 + 1,
     "approve_run": 2,
     "resume_run, the handler completes": 2 + 1,
     "approve_run(resume=True)": 2 + 1,
+    "cancel_run": 2,
+    "a lease renewal": 1,
     "get_run": 1,
 }
 
@@ -202,7 +207,8 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
     options = {"pool_pre_ping": False}
     app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
     app.extensions["scoria"].handler("approval")(ask_then_work)
-    engine = app.extensions["scoria"].storage(app).engine
+    state = app_state(app)
+    engine = state.storage.engine
     trips = RoundTrips(engine, tmp_path)
     counted: dict[str, int] = {}
     with app.app_context():
@@ -211,6 +217,8 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
         for _warm_then_count in range(7):
             run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
             fused = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+            cancelled = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+            step_id = scoria.get_run_detail(cancelled.run_id).steps[0].id
             calls: dict[str, Callable[[], object]] = {
                 "start_run, paused by its handler": partial(
                     scoria.start_run, IDENTITY, initial_step={"kind": "approval"}
@@ -219,6 +227,11 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
                 "resume_run, the handler completes": partial(scoria.resume_run, run.run_id),
                 "approve_run(resume=True)": partial(
                     scoria.approve_run, fused.run_id, decided_by="operator", resume=True
+                ),
+                "cancel_run": partial(scoria.cancel_run, cancelled.run_id, cancelled_by="operator"),
+                # The keeper's statement, whether or not the step still holds that lease.
+                "a lease renewal": partial(
+                    state.keeper._renew, state.storage, uuid.UUID(step_id), "lease-token"
                 ),
                 "get_run": partial(scoria.get_run, run.run_id),
             }
