@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, ask_then_work
+from _helpers import IDENTITY, ask_then_work, succeed
 from conftest import create_test_app
 from flask import Flask
 from sqlalchemy.dialects import postgresql
@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql
 import flask_scoria as scoria
 from flask_scoria.runtime import statements as sql
 from flask_scoria.runtime import tables
+from flask_scoria.runtime.worker import execute_step
 from flask_scoria.state import app_state
 
 #: Statements per round-trip: start_run (3 inserts), the WaitForApproval outcome,
@@ -196,6 +197,7 @@ ROUND_TRIPS = {
     "resume_run, the handler completes": 2 + 1,
     "approve_run(resume=True)": 2 + 1,
     "cancel_run": 2,
+    "a worker's or Celery task's step, claimed and executed": 2 + 1,
     "a lease renewal": 1,
     "get_run": 1,
 }
@@ -207,6 +209,7 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
     options = {"pool_pre_ping": False}
     app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
     app.extensions["scoria"].handler("approval")(ask_then_work)
+    app.extensions["scoria"].handler("later", executor="worker")(succeed)
     state = app_state(app)
     engine = state.storage.engine
     trips = RoundTrips(engine, tmp_path)
@@ -219,6 +222,8 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
             fused = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
             cancelled = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
             step_id = scoria.get_run_detail(cancelled.run_id).steps[0].id
+            queued = scoria.start_run(IDENTITY, initial_step={"kind": "later"})
+            queued_step_id = scoria.get_run_detail(queued.run_id).steps[0].id
             calls: dict[str, Callable[[], object]] = {
                 "start_run, paused by its handler": partial(
                     scoria.start_run, IDENTITY, initial_step={"kind": "approval"}
@@ -229,6 +234,9 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
                     scoria.approve_run, fused.run_id, decided_by="operator", resume=True
                 ),
                 "cancel_run": partial(scoria.cancel_run, cancelled.run_id, cancelled_by="operator"),
+                "a worker's or Celery task's step, claimed and executed": partial(
+                    execute_step, queued.run_id, queued_step_id
+                ),
                 # The keeper's statement, whether or not the step still holds that lease.
                 "a lease renewal": partial(
                     state.keeper._renew, state.storage, uuid.UUID(step_id), "lease-token"
@@ -238,6 +246,7 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
             counted = {name: trips.count(call) for name, call in calls.items()}
         assert scoria.get_run(run.run_id).status == "completed"
         assert scoria.get_run(fused.run_id).status == "completed"
+        assert scoria.get_run(queued.run_id).status == "completed"
     engine.dispose()
     for out in trips.files:
         out.close()
