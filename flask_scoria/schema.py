@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
 from .runtime import metadata
 
@@ -145,7 +146,13 @@ def head_revision() -> str:
 
 
 def differences(engine: Engine) -> list[Any]:
-    """What Alembic's autogenerate finds between the models and the database."""
+    """What differs between the models and the database.
+
+    Alembic's autogenerate finds missing or extra tables, columns, indexes and
+    constraints, and changed column types; a partial index whose condition is
+    not the models' is listed as ``("modify_index_condition", name, expected,
+    found)``.
+    """
     with engine.connect() as connection:
         context = MigrationContext.configure(
             connection,
@@ -155,4 +162,59 @@ def differences(engine: Engine) -> list[Any]:
                 "version_table": VERSION_TABLE,
             },
         )
-        return list(compare_metadata(context, metadata))
+        return [*compare_metadata(context, metadata), *_index_conditions(connection)]
+
+
+#: The condition of each ``scoria_*`` index on PostgreSQL (``NULL``: none).
+_STORED_CONDITIONS = """
+    SELECT index.relname, pg_get_expr(pg_index.indpred, pg_index.indrelid)
+    FROM pg_index
+    JOIN pg_class AS index ON index.oid = pg_index.indexrelid
+    JOIN pg_class AS owner ON owner.oid = pg_index.indrelid
+    WHERE owner.relname LIKE 'scoria\\_%' AND pg_table_is_visible(owner.oid)
+"""
+#: The statement that made each ``scoria_*`` index on SQLite; its condition follows WHERE.
+_STORED_INDEXES = """
+    SELECT name, sql FROM sqlite_master
+    WHERE type = 'index' AND tbl_name LIKE 'scoria\\_%' ESCAPE '\\' AND sql IS NOT NULL
+"""
+_WHERE = re.compile(r"\swhere\s", re.IGNORECASE)
+
+
+def _index_conditions(connection: Connection) -> list[tuple[str, str, str | None, str | None]]:
+    """Partial indexes whose condition is not the models' (autogenerate cannot see one)."""
+    dialect = connection.dialect.name
+    stored: dict[str, str | None]
+    if dialect == "postgresql":
+        stored = dict(connection.execute(text(_STORED_CONDITIONS)).all())
+    elif dialect == "sqlite":
+        made = connection.execute(text(_STORED_INDEXES)).all()
+        stored = {name: (_WHERE.split(sql, 1)[1:] or [None])[0] for name, sql in made}
+    else:
+        return []
+    found = []
+    for table in metadata.tables.values():
+        for index in table.indexes:
+            if index.name not in stored:
+                continue  # a missing index is autogenerate's to report
+            where = index.dialect_options[dialect]["where"]
+            expected = None if where is None else str(where)
+            actual = stored[index.name]
+            if _condition(expected) != _condition(actual):
+                found.append(("modify_index_condition", str(index.name), expected, actual))
+    return found
+
+
+def _condition(sql: str | None) -> str | None:
+    """``sql`` without casts, parentheses, case or spacing: how the database rewrites it.
+
+    PostgreSQL keeps ``status <> 'completed'`` as ``((status)::text <> 'completed'::text)``.
+    """
+    if sql is None:
+        return None
+    bare = _CAST.sub("", sql.lower()).replace("(", " ").replace(")", " ")
+    return " ".join(bare.split())
+
+
+#: A PostgreSQL cast, as ``pg_get_expr`` writes one: ``::text``, ``::character varying``.
+_CAST = re.compile(r"::[a-z_]+(?: varying| with(?:out)? time zone)?")

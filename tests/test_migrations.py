@@ -474,3 +474,33 @@ def test_a_status_index_built_beforehand_is_left_as_it_is(empty_database_uri: st
         assert schema.differences(engine) == []
     finally:
         engine.dispose()
+
+
+def test_check_sees_a_partial_index_whose_condition_differs(empty_database_uri: str) -> None:
+    """Autogenerate compares no index conditions: an index rebuilt by hand under a model's
+    name, without its condition or with another, is a difference all the same."""
+    engine = sa.create_engine(empty_database_uri)
+    try:
+        schema.upgrade(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP INDEX ix_scoria_steps_lease")
+            conn.exec_driver_sql(
+                "CREATE INDEX ix_scoria_steps_lease ON scoria_steps (lease_expires_at)"
+            )
+            conn.exec_driver_sql("DROP INDEX ix_scoria_approvals_expiring")
+            conn.exec_driver_sql(
+                "CREATE INDEX ix_scoria_approvals_expiring ON scoria_approvals (expires_at)"
+                " WHERE status = 'rejected' AND expires_at IS NOT NULL"
+            )
+        found = schema.differences(engine)
+        assert {(kind, name, expected) for kind, name, expected, _ in found} == {
+            ("modify_index_condition", "ix_scoria_steps_lease", "lease_expires_at IS NOT NULL"),
+            (
+                "modify_index_condition",
+                "ix_scoria_approvals_expiring",
+                "status = 'pending' AND expires_at IS NOT NULL",
+            ),
+        }
+        assert {name: actual for _, name, _, actual in found}["ix_scoria_steps_lease"] is None
+    finally:
+        engine.dispose()
