@@ -10,10 +10,11 @@ documented API:
   approval with ``DBOS.recv``; the caller starts it, waits for the status with
   ``DBOS.get_event``, sends the approval with ``DBOS.send`` and waits for the result.
 
-They run interleaved with flask-scoria, the raw floor and the hand-written CRUD of
-``approval_roundtrip.py``, in batches, ``--repeats`` times; the figures are medians.
-Then, on PostgreSQL, flask-scoria, the CRUD and the raw floor run with 1, 4 and 16
-concurrent client threads. Needs the ``bench`` dependency group::
+They run interleaved with flask-scoria (approving, then resuming; and approving with
+``resume=True``), the raw floor and the hand-written CRUD of ``approval_roundtrip.py``,
+in batches, ``--repeats`` times; the figures are medians. Then, on PostgreSQL, both
+flask-scoria flows, the CRUD and the raw floor run with 1, 4 and 16 concurrent client
+threads. Needs the ``bench`` dependency group::
 
     python bench/peers.py [--runs 200] [--repeats 3] [--backend sqlite|postgresql|all]
 """
@@ -48,6 +49,8 @@ from psycopg.rows import dict_row
 #: minimum, 1 ms, so that DBOS is measured doing work rather than sleeping.
 DBOS_WAKE_SECONDS = 0.001
 CONCURRENCY = (1, 4, 16)
+#: flask-scoria approving with ``approve_run(..., resume=True)``.
+FUSED = "flask-scoria, resume=True"
 
 
 def psycopg_url(uri: str) -> str:
@@ -192,6 +195,7 @@ def measure_peers(backend: str, runs: int, repeats: int, workdir: Path) -> dict[
     flows: dict[str, Any] = {}
     try:
         flows["flask-scoria"] = ScoriaFlow(uri)
+        flows[FUSED] = ScoriaFlow(uri, fused=True)
         flows["raw floor"] = RawFlow(sibling("baseline"))
         flows["CRUD"] = CrudFlow(sibling("baseline"))
         flows["LangGraph"] = LangGraphFlow(sibling("langgraph"))
@@ -226,14 +230,16 @@ def measure_concurrency(
     """
     uri, cleanup = fresh_database("postgresql", Path(tempfile.gettempdir()))
     pool = {"pool_size": max(levels), "max_overflow": 0}
-    scoria_flow = crud = None
+    scoria_flow = fused_flow = crud = None
     raws: list[RawFlow] = []
     results: dict[tuple[str, int], tuple[list[float], int, str]] = {}
     try:
         scoria_flow, crud = ScoriaFlow(uri, pool), CrudFlow(uri, pool)
+        fused_flow = ScoriaFlow(uri, pool, fused=True)
         raws = [RawFlow(uri) for _ in range(max(levels))]
         clients: dict[str, Callable[[int], Callable[[], None]]] = {
             "flask-scoria": lambda _i: partial(scoria_flow.run, 1),
+            FUSED: lambda _i: partial(fused_flow.run, 1),
             "CRUD": lambda _i: partial(crud.run, 1),
             "raw floor": lambda i: partial(raws[i].run, 1),
         }
@@ -263,7 +269,7 @@ def measure_concurrency(
     finally:
         for i, raw in enumerate(raws):
             raw.close(drop=i == 0)
-        for flow in (scoria_flow, crud):
+        for flow in (scoria_flow, fused_flow, crud):
             if flow is not None:
                 flow.close()
         cleanup()
@@ -286,14 +292,21 @@ def main() -> None:
         for backend in backends:
             rates = measure_peers(backend, args.runs, args.repeats, Path(tmp))
             medians = {name: statistics.median(values) for name, values in rates.items()}
-            scoria_rates = rates["flask-scoria"]
             print(f"\n{backend}: {args.runs} round-trips x {args.repeats}, median round-trips/s")
-            print("| flow | round-trips/s | flask-scoria / flow (median of repeats) | repeats |")
-            print("|---|---|---|---|")
+            print(
+                "| flow | round-trips/s | flask-scoria / flow | resume=True / flow | repeats |"
+                "\n|---|---|---|---|---|"
+            )
             for name, values in rates.items():
-                ratio = statistics.median(s / v for s, v in zip(scoria_rates, values, strict=True))
+                ratios = [
+                    statistics.median(s / v for s, v in zip(rates[ours], values, strict=True))
+                    for ours in ("flask-scoria", FUSED)
+                ]
                 each = " / ".join(_fmt(v) for v in values)
-                print(f"| {name} | {_fmt(medians[name])} | {ratio:.2f} | {each} |")
+                print(
+                    f"| {name} | {_fmt(medians[name])} | {ratios[0]:.2f} | {ratios[1]:.2f}"
+                    f" | {each} |"
+                )
     if args.concurrency_runs and args.backend in ("postgresql", "all"):
         series = measure_concurrency(args.concurrency_runs, args.repeats, CONCURRENCY)
         print(f"\npostgresql, concurrent client threads, median of {args.repeats}")
@@ -302,7 +315,7 @@ def main() -> None:
         for level in CONCURRENCY:
             floor = statistics.median(series["raw floor", level][0])
             crud = statistics.median(series["CRUD", level][0])
-            for name in ("flask-scoria", "CRUD", "raw floor"):
+            for name in ("flask-scoria", FUSED, "CRUD", "raw floor"):
                 values, errors, first = series[name, level]
                 rate = statistics.median(values)
                 print(
