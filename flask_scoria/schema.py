@@ -179,6 +179,8 @@ _STORED_INDEXES = """
     WHERE type = 'index' AND tbl_name LIKE 'scoria\\_%' ESCAPE '\\' AND sql IS NOT NULL
 """
 _WHERE = re.compile(r"\swhere\s", re.IGNORECASE)
+#: A PostgreSQL cast, as ``pg_get_expr`` writes one: ``::text``, ``::character varying``.
+_CAST = re.compile(r"::[a-z_]+(?: varying| with(?:out)? time zone)?")
 
 
 def _index_conditions(connection: Connection) -> list[tuple[str, str, str | None, str | None]]:
@@ -189,7 +191,7 @@ def _index_conditions(connection: Connection) -> list[tuple[str, str, str | None
         stored = dict(connection.execute(text(_STORED_CONDITIONS)).all())
     elif dialect == "sqlite":
         made = connection.execute(text(_STORED_INDEXES)).all()
-        stored = {name: (_WHERE.split(sql, 1)[1:] or [None])[0] for name, sql in made}
+        stored = {name: _after_where(sql) for name, sql in made}
     else:
         return []
     found = []
@@ -205,6 +207,12 @@ def _index_conditions(connection: Connection) -> list[tuple[str, str, str | None
     return found
 
 
+def _after_where(sql: str) -> str | None:
+    """The condition of a ``CREATE INDEX`` statement, or ``None`` without one."""
+    parts = _WHERE.split(sql, 1)
+    return parts[1] if len(parts) == 2 else None
+
+
 def _condition(sql: str | None) -> str | None:
     """``sql`` without casts, parentheses, case or spacing: how the database rewrites it.
 
@@ -214,7 +222,3 @@ def _condition(sql: str | None) -> str | None:
         return None
     bare = _CAST.sub("", sql.lower()).replace("(", " ").replace(")", " ")
     return " ".join(bare.split())
-
-
-#: A PostgreSQL cast, as ``pg_get_expr`` writes one: ``::text``, ``::character varying``.
-_CAST = re.compile(r"::[a-z_]+(?: varying| with(?:out)? time zone)?")
