@@ -61,5 +61,6 @@ from .signals import run_paused as run_paused
 from .signals import run_resumed as run_resumed
 from .signals import run_started as run_started
 from .statuses import ApprovalStatus as ApprovalStatus
+from .statuses import EventType as EventType
 from .statuses import RunStatus as RunStatus
 from .statuses import StepStatus as StepStatus

@@ -57,3 +57,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 #: JSON payloads, stored as JSONB on PostgreSQL; ``None`` is SQL ``NULL``.
 JSONPayload = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+#: JSON written once and read whole, never searched: kept as its text on PostgreSQL
+#: (``json``), which takes less room than ``jsonb`` for the small objects of events.
+JSONRecord = JSON(none_as_null=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .statuses import ApprovalStatus, RunStatus, StepStatus
+from .statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 
 #: A JSON object as stored: a run's metadata, a step's input and envelopes, arguments.
 JSON = Mapping[str, Any]
@@ -100,7 +100,7 @@ class Event:
 
     id: str
     sequence: int
-    event_type: str
+    event_type: EventType
     step_id: str | None
     payload: JSON | None
     created_at: datetime

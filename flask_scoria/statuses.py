@@ -1,4 +1,4 @@
-"""The statuses of runs, steps and approvals.
+"""The statuses of runs, steps and approvals, and the types of a run's events.
 
 Each is a :class:`~enum.StrEnum`, so a status compares equal to its plain
 string (``run.status == "completed"``) and is stored as that string.
@@ -50,3 +50,30 @@ class ApprovalStatus(StrEnum):
     REJECTED = "rejected"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+
+class EventType(StrEnum):
+    """What an entry of a run's timeline records.
+
+    On PostgreSQL the column is an enumerated type (``scoria_event_type``), so
+    a new member needs a revision that adds it there.
+    """
+
+    RUN_STARTED = "run_started"
+    STEP_QUEUED = "step_queued"
+    STEP_STARTED = "step_started"
+    WAITING_FOR_APPROVAL = "waiting_for_approval"
+    APPROVAL_DECIDED = "approval_decided"
+    APPROVAL_EXPIRED = "approval_expired"
+    RESUME_REQUESTED = "resume_requested"
+    RETRY_REQUESTED = "retry_requested"
+    RETRY_SCHEDULED = "retry_scheduled"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    STEP_TIMEOUT = "step_timeout"
+    LEASE_EXPIRED = "lease_expired"
+    HANDOFF_CREATED = "handoff_created"
+    RUN_COMPLETED = "run_completed"
+    RUN_FAILED = "run_failed"
+    RUN_REJECTED = "run_rejected"
+    RUN_CANCELLED = "run_cancelled"

@@ -58,7 +58,7 @@ def _event(run_id: uuid.UUID, sequence: int) -> dict[str, object]:
     return {
         "run_id": run_id,
         "sequence": sequence,
-        "event_type": "note",
+        "event_type": "step_queued",
         "step_id": None,
         "payload": {"n": sequence},
         "created_at": datetime.now(UTC),

@@ -504,3 +504,28 @@ def test_check_sees_a_partial_index_whose_condition_differs(empty_database_uri: 
         assert {name: actual for _, name, _, actual in found}["ix_scoria_steps_lease"] is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_event_types_are_one_enumerated_type_on_postgresql(empty_database_uri: str) -> None:
+    """The revisions' enumerated type holds every ``EventType``, and the column uses it:
+    a new member without a revision that adds it would fail at its first event."""
+    engine = sa.create_engine(empty_database_uri)
+    try:
+        schema.upgrade(engine)
+        with engine.connect() as conn:
+            values = conn.exec_driver_sql(
+                "SELECT unnest(enum_range(NULL::scoria_event_type))::text"
+            ).scalars()
+            column_type = conn.exec_driver_sql(
+                "SELECT udt_name FROM information_schema.columns"
+                " WHERE table_name = 'scoria_events' AND column_name = 'event_type'"
+            ).scalar_one()
+        assert sorted(values) == sorted(scoria.EventType)
+        assert column_type == "scoria_event_type"
+        schema.downgrade(engine, "scoria_0004")
+        with engine.connect() as conn:
+            gone = conn.exec_driver_sql("SELECT to_regtype('scoria_event_type')").scalar()
+        assert gone is None
+    finally:
+        engine.dispose()

@@ -250,7 +250,7 @@ def grow(app: Flask, run_id: str, *, steps: int, events: int, handoffs: int) -> 
                 {
                     "run_id": run_key,
                     "sequence": run.last_event_sequence + index + 1,
-                    "event_type": "progress",
+                    "event_type": "step_queued",
                     "payload": {"index": index, "note": "y" * 100},
                     "created_at": now,
                 }
@@ -292,7 +292,7 @@ def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient)
     assert len(html.encode()) < 80_000, len(html.encode())
     assert "25 of 401" in html and "25 of 5003" in html and "10 of 300" in html
     assert html.count('class="event"') == 25
-    assert 'data-event-type="progress"' in html and "Waiting for approval" in html
+    assert 'data-event-type="step_queued"' in html and "Waiting for approval" in html
 
     older = re.search(r'href="([^"]*events_before=(\d+)#timeline)"', html)
     assert older and older.group(2) == "4979"

@@ -17,6 +17,7 @@ from .._ids import uuid7
 from .._json import JSONObject, check_text, json_copy, serialized_size
 from ..errors import InvalidHandoff
 from ..redaction import is_unsafe_key
+from ..statuses import EventType
 from .arguments import require_name
 from .steps import new_step_row
 from .tables import Row
@@ -168,8 +169,8 @@ def record_handoff(
         "delegated_role_id": spec.delegated_role_id,
         "delegated_kind": spec.delegated_kind,
     }
-    change.event("step_completed", parent_step_id)
-    change.event("handoff_created", parent_step_id, payload)
+    change.event(EventType.STEP_COMPLETED, parent_step_id)
+    change.event(EventType.HANDOFF_CREATED, parent_step_id, payload)
     change.signal(signals.handoff_created, handoff=payload)
     result = {"handoff_id": payload["handoff_id"], "delegated_role_id": spec.delegated_role_id}
     return child, result

@@ -20,7 +20,7 @@ from .._ids import uuid7
 from .._json import serialized_size
 from ..errors import InvalidHandoff
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
 from . import tracing
 from .arguments import UNSET
@@ -109,7 +109,7 @@ class Finished:
         held = {"status": StepStatus.RUNNING, "lease_token": self.claim.token}
         self.tx.finish_step(step_id, held, **values)
 
-    def retry_or_fail(self, error: Row, event_type: str) -> Recorded:
+    def retry_or_fail(self, error: Row, event_type: EventType) -> Recorded:
         """A failed attempt: queue the step again while attempts remain, else fail it."""
         policy = self.handlers.policy(self.claim.step["kind"])
         due = retry_or_fail(self.tx, self.claim.step, self.write, policy, error, event_type)
@@ -133,7 +133,9 @@ def record_outcome(
     done = Finished(tx, ctx, handlers, claim)
     timeout = done.timed_out()
     if timeout is not None:
-        return done.retry_or_fail(stale_error("step_timeout", timeout), "step_timeout")
+        return done.retry_or_fail(
+            stale_error(EventType.STEP_TIMEOUT, timeout), EventType.STEP_TIMEOUT
+        )
     return RECORDERS[type(outcome)](done, outcome)
 
 
@@ -142,10 +144,10 @@ def _succeed(done: Finished, outcome: Succeed) -> Recorded:
     recorded = done.finish(
         StepStatus.COMPLETED, result_envelope=outcome.result, completed_at=tx.now
     )
-    tx.event("step_completed", done.step_id)
+    tx.event(EventType.STEP_COMPLETED, done.step_id)
     if _no_open_steps(tx):
         tx.set(status=RunStatus.COMPLETED, completed_at=tx.now)
-        tx.event("run_completed")
+        tx.event(EventType.RUN_COMPLETED)
         tx.signal(signals.run_completed)
     else:
         claim_next(tx, done.handlers)
@@ -174,7 +176,7 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
     }
     tx.add_approval(approval)
     tx.set(status=RunStatus.WAITING_FOR_APPROVAL, current_step_id=done.step_id)
-    tx.event("waiting_for_approval", done.step_id, {"tool_name": outcome.tool_name})
+    tx.event(EventType.WAITING_FOR_APPROVAL, done.step_id, {"tool_name": outcome.tool_name})
     tx.signal(signals.run_paused)
     return recorded
 
@@ -183,7 +185,7 @@ def _fail(done: Finished, outcome: Fail) -> Recorded:
     recorded = done.finish(
         StepStatus.FAILED, error_envelope=outcome.error, completed_at=done.tx.now
     )
-    fail_run(done.tx, done.step_id, "step_failed", outcome.error)
+    fail_run(done.tx, done.step_id, EventType.STEP_FAILED, outcome.error)
     return recorded
 
 
@@ -215,10 +217,10 @@ def _next(done: Finished, outcome: Next) -> Recorded:
     tx.add_step(step)
     result = {"next_step_id": str(step["id"]), "next_kind": outcome.kind}
     recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
-    tx.event("step_completed", done.step_id)
+    tx.event(EventType.STEP_COMPLETED, done.step_id)
     tx.set(current_step_id=step["id"])
     if not claim_step(tx, step, done.handlers, None) and step["not_before"] is not None:
-        tx.event("step_queued", step["id"], {"not_before": step["not_before"].isoformat()})
+        tx.event(EventType.STEP_QUEUED, step["id"], {"not_before": step["not_before"].isoformat()})
     return recorded
 
 
@@ -230,7 +232,7 @@ def _after(now: datetime, seconds: float | timedelta | None) -> datetime | None:
 
 
 def _raised(done: Finished, outcome: Raised) -> Recorded:
-    return done.retry_or_fail(outcome.error, "step_failed")
+    return done.retry_or_fail(outcome.error, EventType.STEP_FAILED)
 
 
 def _handoff(done: Finished, outcome: Handoff) -> Recorded:

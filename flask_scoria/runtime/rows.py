@@ -19,7 +19,7 @@ from ..readback import (
     Step,
     StepView,
 )
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from .tables import Row, RowLike, approvals, events, handoffs, steps
 
 _DECIDED = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
@@ -193,7 +193,7 @@ def _event_from_row(row: RowMapping) -> Event:
     return Event(
         id=f"{row['run_id']}/{row['sequence']}",
         sequence=row["sequence"],
-        event_type=row["event_type"],
+        event_type=EventType(row["event_type"]),
         step_id=_sid(row["step_id"]),
         payload=row["payload"],
         created_at=row["created_at"],

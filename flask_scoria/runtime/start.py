@@ -11,7 +11,7 @@ from ..errors import InvalidHandoff, InvalidRunOptions, StorageError
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
-from ..statuses import RunStatus, StepStatus
+from ..statuses import EventType, RunStatus, StepStatus
 from . import statements as sql
 from .arguments import idempotency_name, initial_step_spec, require_name, role_name, run_metadata
 from .context import RuntimeContext, context
@@ -57,7 +57,7 @@ def _new_run(
             row["id"],
         )
     new = NewRun(row, now, ctx.keeper.expiry(now))
-    new.event("run_started")
+    new.event(EventType.RUN_STARTED)
     new.signal(signals.run_started)
     return new
 
@@ -130,7 +130,7 @@ def start_run(
     new = _new_run(ctx, ident, role, metadata, key)
     if step_spec is None:
         new.set(status=RunStatus.COMPLETED, completed_at=new.now)
-        new.event("run_completed")
+        new.event(EventType.RUN_COMPLETED)
         new.signal(signals.run_completed)
     else:
         step = new_step_row(new.run_id, **step_spec)

@@ -21,7 +21,7 @@ from .. import signals
 from .._ids import uuid7
 from ..policy import DEFAULT_POLICY, HandlerPolicy
 from ..readback import Approval
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
 from . import tracing
 from .executors import QueuedStep
@@ -109,7 +109,8 @@ def claim_step(
     }
     change.update_step(step["id"], {"status": from_status}, **values)
     change.set(current_step_id=step["id"])
-    change.event("step_started", step["id"], {"attempt": values.get("attempt", step["attempt"])})
+    attempt = values.get("attempt", step["attempt"])
+    change.event(EventType.STEP_STARTED, step["id"], {"attempt": attempt})
     change.claim = Claim({**step, **values}, token, handler, approval)
     return True
 
@@ -138,7 +139,7 @@ def _leave_queued(
         change.update_step(step["id"], {"status": from_status}, status=StepStatus.QUEUED, **changes)
         if elsewhere:
             payload = {"executor": policy.executor, "not_before": _iso(not_before)}
-            change.event("step_queued", step["id"], payload)
+            change.event(EventType.STEP_QUEUED, step["id"], payload)
     if elsewhere:
         change.queue(
             QueuedStep(change.run_id, step["id"], str(policy.executor), not_before, policy.timeout)
@@ -155,7 +156,7 @@ def retry_or_fail(
     write: Callable[..., None],
     policy: HandlerPolicy,
     error: Row,
-    event_type: str,
+    event_type: EventType,
 ) -> datetime | None:
     """After a failed attempt, queue the step again while attempts remain, else fail it.
 
@@ -190,7 +191,7 @@ def retry_or_fail(
     if headers is not None:
         values["trace_context"] = headers
     write(step_id, **values)
-    if event_type != "step_failed":
+    if event_type != EventType.STEP_FAILED:
         change.event(event_type, step_id, error)
     payload = {
         "attempt": attempt + 1,
@@ -198,7 +199,7 @@ def retry_or_fail(
         "not_before": _iso(not_before),
         "error": error,
     }
-    change.event("retry_scheduled", step_id, payload)
+    change.event(EventType.RETRY_SCHEDULED, step_id, payload)
     executor = str(policy.executor)
     change.queue(QueuedStep(change.run_id, step_id, executor, not_before, policy.timeout))
     return not_before
@@ -224,11 +225,11 @@ def decided_approval(tx: Tx, step: RowLike) -> Approval | None:
     return None if row is None else approval_from_row(row)
 
 
-def fail_run(change: RunChange, step_id: uuid.UUID, event_type: str, error: Row) -> None:
+def fail_run(change: RunChange, step_id: uuid.UUID, event_type: EventType, error: Row) -> None:
     """End the run as ``failed`` because of ``step_id``."""
     change.set(status=RunStatus.FAILED, completed_at=change.now, current_step_id=step_id)
     change.event(event_type, step_id, error)
-    change.event("run_failed", step_id)
+    change.event(EventType.RUN_FAILED, step_id)
     change.signal(signals.run_failed)
 
 
@@ -242,15 +243,15 @@ def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
 
 def stale_step(
     running: Iterable[Row], now: datetime, registry: HandlerRegistry | None
-) -> tuple[Row, str] | None:
+) -> tuple[Row, EventType] | None:
     """Which of a run's ``running`` steps is past its timeout or its lease, and which of the two."""
     timeouts = {} if registry is None else registry.timeouts()
     for step in running:
         deadline = step_deadline(step, timeouts.get(step["kind"]))
         if deadline is not None and deadline <= now:
-            return step, "step_timeout"
+            return step, EventType.STEP_TIMEOUT
         if step["lease_expires_at"] is not None and step["lease_expires_at"] < now:
-            return step, "lease_expired"
+            return step, EventType.LEASE_EXPIRED
     return None
 
 
@@ -263,9 +264,9 @@ def stale_condition(now: datetime, registry: HandlerRegistry) -> ColumnElement[b
     return and_(steps.c.status == StepStatus.RUNNING, or_(steps.c.lease_expires_at < now, *late))
 
 
-def stale_error(reason: str, timeout: float | None) -> Row:
+def stale_error(reason: EventType, timeout: float | None) -> Row:
     """The error envelope of a step that timed out or lost its lease."""
-    if reason == "step_timeout":
+    if reason == EventType.STEP_TIMEOUT:
         return {
             "type": "step_timeout",
             "message": f"The step was still running {timeout:g} seconds after it started;"
@@ -329,8 +330,8 @@ def expire_approval(tx: Tx) -> bool:
         error_envelope=error,
         completed_at=tx.now,
     )
-    tx.event("approval_expired", expired["step_id"], {"approval_id": str(expired["id"])})
-    fail_run(tx, expired["step_id"], "step_failed", error)
+    tx.event(EventType.APPROVAL_EXPIRED, expired["step_id"], {"approval_id": str(expired["id"])})
+    fail_run(tx, expired["step_id"], EventType.STEP_FAILED, error)
     return True
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Column,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -23,7 +24,8 @@ from sqlalchemy import (
     text,
 )
 
-from .._types import JSONPayload, UTCDateTime, UUIDType
+from .._types import JSONPayload, JSONRecord, UTCDateTime, UUIDType
+from ..statuses import EventType
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -56,6 +58,15 @@ _KEYED = text("idempotency_key IS NOT NULL")
 #: Runs that have not completed: the few a status filter looks for.
 _NOT_COMPLETED = text("status <> 'completed'")
 _KEYED_WITHOUT_TENANT = text("idempotency_key IS NOT NULL AND tenant_id IS NULL")
+
+# An event's type: on PostgreSQL an enumerated type, 4 bytes in each of a run's many
+# events where its name takes 12 to 21; elsewhere its name.
+_EVENT_TYPE = Enum(
+    *(member.value for member in EventType),
+    name="scoria_event_type",
+    length=_NAME,
+    create_constraint=False,
+)
 
 
 def _run_id_column(*, primary_key: bool = False) -> Column[object]:
@@ -203,9 +214,9 @@ events = Table(
     metadata,
     _run_id_column(primary_key=True),
     Column("sequence", Integer, primary_key=True, autoincrement=False),
-    Column("event_type", String(_NAME), nullable=False),
+    Column("event_type", _EVENT_TYPE, nullable=False),
     Column("step_id", UUIDType),
-    Column("payload", JSONPayload),
+    Column("payload", JSONRecord),
     Column("created_at", UTCDateTime, nullable=False),
     sqlite_with_rowid=False,
 )

@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from ..errors import RunNotFound, StorageError
 from ..readback import Approval
-from ..statuses import RunStatus
+from ..statuses import EventType, RunStatus
 from ..storage import Storage
 from . import statements as sql
 from .arguments import UNSET, TenantGuard
@@ -89,7 +89,7 @@ class RunChange(ABC):
         self.changes.update(changes)
 
     def event(
-        self, event_type: str, step_id: uuid.UUID | None = None, payload: Row | None = None
+        self, event_type: EventType, step_id: uuid.UUID | None = None, payload: Row | None = None
     ) -> None:
         """Append an event numbered after the run's last one."""
         self.new_events.append(

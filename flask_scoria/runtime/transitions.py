@@ -17,7 +17,7 @@ from ..errors import (
     RunNotResumable,
 )
 from ..readback import Approval, RunSummary
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
 from .arguments import UNSET, approval_key, decider, optional_text, run_uuid, tenant_guard
 from .context import context
@@ -129,7 +129,7 @@ def _resume_approved(tx: Tx, handlers: Handlers) -> None:
 def _continue(tx: Tx, step: Row, handlers: Handlers, approval: Approval) -> None:
     """Resume the run at its approved ``step``: claim it for its handler, or queue it."""
     tx.set(status=RunStatus.RUNNING)
-    tx.event("resume_requested", step["id"])
+    tx.event(EventType.RESUME_REQUESTED, step["id"])
     tx.signal(signals.run_resumed)
     claim_step(tx, step, handlers, approval, from_status=StepStatus.WAITING_FOR_APPROVAL)
 
@@ -142,7 +142,7 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         )
     attempt = step["attempt"] + 1
     tx.set(status=RunStatus.RUNNING, completed_at=None)
-    tx.event("retry_requested", step["id"], {"attempt": attempt})
+    tx.event(EventType.RETRY_REQUESTED, step["id"], {"attempt": attempt})
     tx.signal(signals.run_resumed)
     claim_step(
         tx,
@@ -300,7 +300,7 @@ def _decide(
             return False
         step_id = decided["step_id"]
         payload = {"decision": decision, "decided_by": who}
-        tx.event("approval_decided", step_id, payload)
+        tx.event(EventType.APPROVAL_DECIDED, step_id, payload)
         tx.signal(signals.approval_decided, approval={"approval_id": str(decided["id"]), **payload})
         if decision == ApprovalStatus.REJECTED:
             tx.update_step(
@@ -310,7 +310,7 @@ def _decide(
                 completed_at=tx.now,
             )
             tx.set(status=RunStatus.REJECTED, completed_at=tx.now)
-            tx.event("run_rejected", step_id, {"reason": text})
+            tx.event(EventType.RUN_REJECTED, step_id, {"reason": text})
         elif resume:
             step = tx.first(sql.CURRENT_STEP_OF_RUN, {"b_run_id": tx.run_id})
             if step is None or step["id"] != step_id:
@@ -352,7 +352,7 @@ def cancel_run(
         tx.write(sql.CANCEL_OPEN_STEPS, ended)
         tx.write(sql.CANCEL_PENDING_APPROVALS, {**ended, "b_by": who, "b_note": text})
         tx.set(status=RunStatus.CANCELLED, completed_at=tx.now)
-        tx.event("run_cancelled", None, {"cancelled_by": who, "reason": text})
+        tx.event(EventType.RUN_CANCELLED, None, {"cancelled_by": who, "reason": text})
 
     _, row, _ = transact(ctx, key, guard, decide)
     return summary_from_row(row)
