@@ -42,6 +42,12 @@ COMMITS = 5
 #: one run lock and one run compare-and-set fewer.
 FUSED_STATEMENTS = {"sqlite": 16, "postgresql": 7}
 FUSED_COMMITS = 4
+#: Commits that wait for the disk. On PostgreSQL a transaction that claims a step for
+#: this process, and records no outcome, need not: the call commits the outcome, which
+#: waits for both. Left: start_run's outcome, approve_run, and the resume's outcome.
+FLUSHES = {"sqlite": COMMITS, "postgresql": 3}
+#: The fused call's decision and claim are one such transaction.
+FUSED_FLUSHES = {"sqlite": FUSED_COMMITS, "postgresql": 2}
 NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
@@ -50,6 +56,8 @@ executed: list[str] = []
 #: Transactions committed by a statement: a ``COMMIT``, or a write outside ``BEGIN``
 #: (on PostgreSQL, a change that is one statement is a transaction of its own).
 committed: list[str] = []
+#: Statements whose transaction commits without waiting for the disk.
+unflushed: list[str] = []
 in_transaction = [False]
 
 
@@ -66,6 +74,8 @@ def _count(query: Any) -> None:
         executed.append(sql)
         if upper.startswith(WRITES) and not in_transaction[0]:
             committed.append(sql)
+        if "set_config('synchronous_commit', 'off', true)" in sql:
+            unflushed.append(sql)
 
 
 class CountingSQLiteCursor(sqlite3.Cursor):
@@ -122,8 +132,11 @@ def fused_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    ("trip", "statements", "commit_count"),
-    [(round_trip, STATEMENTS, COMMITS), (fused_round_trip, FUSED_STATEMENTS, FUSED_COMMITS)],
+    ("trip", "statements", "commit_count", "flushes"),
+    [
+        (round_trip, STATEMENTS, COMMITS, FLUSHES),
+        (fused_round_trip, FUSED_STATEMENTS, FUSED_COMMITS, FUSED_FLUSHES),
+    ],
     ids=["approve-then-resume", "approve-and-resume"],
 )
 def test_an_approval_round_trip_stays_within_its_statements(
@@ -132,6 +145,7 @@ def test_an_approval_round_trip_stays_within_its_statements(
     trip: Any,
     statements: dict[str, int],
     commit_count: int,
+    flushes: dict[str, int],
 ) -> None:
     commits: list[object] = []
 
@@ -145,11 +159,32 @@ def test_an_approval_round_trip_stays_within_its_statements(
         executed.clear()
         commits.clear()
         committed.clear()
+        unflushed.clear()
         trip()
     sa.event.remove(engine, "commit", count_commit)
     # SQLAlchemy commits on SQLite; on PostgreSQL the transactions send their own COMMIT.
     assert len(commits) + len(committed) == commit_count
+    assert commit_count - len(unflushed) == flushes[backend], "\n".join(unflushed)
     assert len(executed) <= statements[backend], "\n".join(executed)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_claim_that_records_an_outcome_waits_for_the_disk(counted_app: Flask) -> None:
+    """The outcome of a step and the claim of the next are one transaction: its commit
+    waits for the disk, so that a crash while the next step runs keeps the outcome."""
+    scoria_ext = counted_app.extensions["scoria"]
+    scoria_ext.handler("first")(lambda step, run: scoria.Next("second"))
+    scoria_ext.handler("second")(succeed)
+    with counted_app.app_context():
+        scoria.start_run(IDENTITY, initial_step={"kind": "first"})
+        committed.clear()
+        unflushed.clear()
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "first"})
+    assert run.status == "completed"
+    # The start, which claims the first step, waits for no disk; both outcomes do.
+    assert len(committed) == 3
+    assert len(unflushed) == 1
+    assert unflushed[0].startswith("WITH") and "INSERT INTO scoria_runs" in unflushed[0]
 
 
 class RoundTrips:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
@@ -211,6 +211,10 @@ class Batch:
     database as it was before it, so an UPDATE never joins a statement that
     already writes its table: the held writes leave first. (No held write
     reads another table; one that did would need the same care.)
+
+    Without ``flush``, the transaction's commit does not wait for
+    PostgreSQL to write it to disk (``synchronous_commit`` is off for it
+    alone); see :attr:`~.transaction.RunChange.flushes`.
     """
 
     def __init__(self, conn: Connection, *, locking: uuid.UUID | None = None) -> None:
@@ -220,6 +224,8 @@ class Batch:
         self.notify: str | None = None
         #: The run a batch that is its own transaction locks before its updates.
         self.locking = locking
+        #: Whether the transaction's commit waits for the disk.
+        self.flush = True
 
     def add(self, statement: Prepared, params: RowLike, *, guarded: bool = False) -> None:
         """Hold a write of ``statement`` with ``params``.
@@ -237,15 +243,22 @@ class Batch:
     def send(self) -> None:
         """Send the held writes as one statement; nothing waits for its answer."""
         held, self._held = self._held, []
-        if not held and self.notify is None:
+        if not held and self.notify is None and self.flush:
             return
         locking = self.locking is not None
-        shape = (tuple((each.compiled.sql, each.guarded) for each in held), self.notify, locking)
+        shape = _Shape(
+            tuple((each.compiled.sql, each.guarded) for each in held),
+            self.notify,
+            locking,
+            self.flush,
+        )
         combined = _COMBINED.get(shape)
         if combined is None:
             if len(_COMBINED) >= _COMBINED_MAX:
                 _COMBINED.clear()
-            combined = _COMBINED[shape] = _combine(held, self.notify, locking)
+            combined = _COMBINED[shape] = _combine(
+                held, self.notify, locking=locking, flush=self.flush
+            )
         params = {
             f"w{index}_{name}": value
             for index, each in enumerate(held)
@@ -260,9 +273,21 @@ class NotAlone(Exception):
     """A write cannot join the others in one statement: the change needs a transaction."""
 
 
-#: The statements :class:`Batch` sent, by the shape of what they combine: the SQL of
-#: each write and whether it is guarded, the ``NOTIFY`` channel, whether it locks a run.
-_COMBINED: dict[tuple[tuple[tuple[str, bool], ...], str | None, bool], _Compiled] = {}
+class _Shape(NamedTuple):
+    """What a statement of :class:`Batch` combines, which names the statement."""
+
+    #: The SQL of each write, and whether it is guarded.
+    writes: tuple[tuple[str, bool], ...]
+    #: The ``NOTIFY`` channel to signal, if any.
+    notify: str | None
+    #: Whether the statement locks a run first.
+    locking: bool
+    #: Whether the transaction's commit waits for the disk.
+    flush: bool
+
+
+#: The statements :class:`Batch` sent, by the shape of what they combine.
+_COMBINED: dict[_Shape, _Compiled] = {}
 #: How many shapes are kept; the transitions make a few dozen.
 _COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
@@ -272,12 +297,15 @@ _PARAMETER = re.compile(r"%\((\w+)\)s")
 _LOCKED_RUN = "locked_run AS (SELECT 1 FROM scoria_runs WHERE id = %(locked_run_id)s FOR UPDATE)"
 
 
-def _combine(held: Sequence[_Held], notify: str | None, locking: bool = False) -> _Compiled:
+def _combine(
+    held: Sequence[_Held], notify: str | None, *, locking: bool = False, flush: bool = True
+) -> _Compiled:
     """One statement doing every write of ``held`` (pyformat parameters, as psycopg's).
 
     ``locking``: the statement locks the run ``locked_run_id`` first, as every
     transaction does before any of its steps: each UPDATE needs that lock
-    before it may touch a row.
+    before it may touch a row. Without ``flush``, its transaction's commit
+    does not wait for the disk.
     """
     ctes: list[str] = [_LOCKED_RUN] if locking else []
     checks: list[str] = []
@@ -305,6 +333,9 @@ def _combine(held: Sequence[_Held], notify: str | None, locking: bool = False) -
             ctes.append(f"{name} AS ({text})")
     if notify is not None:
         checks.append(f"pg_notify('{notify}', '')")
+    if not flush:
+        # For this transaction alone, an implicit one included.
+        checks.append("set_config('synchronous_commit', 'off', true)")
     select_list = ", ".join(checks) or "1"
     statement = f"WITH {', '.join(ctes)} SELECT {select_list}" if ctes else f"SELECT {select_list}"
     return _Compiled(sql=statement, positional=None, defaults={}, binds=(), columns=())

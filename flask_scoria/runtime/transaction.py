@@ -73,12 +73,27 @@ class RunChange(ABC):
         self.new_events: list[Row] = []
         self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
         self.claim: Claim | None = None
+        #: Whether the change records the outcome of a handler.
+        self.finished = False
         self.queued: list[QueuedStep] = []
 
     @property
     def run_id(self) -> uuid.UUID:
         run_id: uuid.UUID = self.run["id"]
         return run_id
+
+    @property
+    def flushes(self) -> bool:
+        """Whether the commit waits until the database has written it to disk.
+
+        A change that claims a step for this process, and records no
+        handler's outcome, does not wait on PostgreSQL: the claimed step's
+        outcome is committed by the same call, which waits for both. Only a
+        crash of the database server in between loses the claim; the call
+        then fails, as if it had failed before it, and the step is claimed
+        again. What a call returned from is always on disk.
+        """
+        return self.claim is None or self.finished
 
     def status(self) -> RunStatus:
         """The run's status as this transaction leaves it."""
@@ -141,6 +156,7 @@ class RunChange(ABC):
 
     def finish_step(self, step_id: uuid.UUID, held: Mapping[str, object], **values: object) -> None:
         """Record a handler's outcome, unless the step is no longer held by it."""
+        self.finished = True
         try:
             self.update_step(step_id, held, **values)
         except Conflict:
@@ -226,6 +242,7 @@ class NewRun(RunChange):
             # One statement, whose guard fails it when the idempotency key is taken.
             writes = sql.Batch(conn)
             writes.notify = CHANNEL if self.queued else None
+            writes.flush = self.flushes
             if keyed:
                 writes.add(sql.INSERT_RUN_IF_NEW[conn.dialect.name], row, guarded=True)
             else:
@@ -357,6 +374,7 @@ class Tx(RunChange):
                 self.write(sql.INSERT_EVENTS, *self.new_events)
             row = {**self.run, **values}
         if self._batch is not None:
+            self._batch.flush = self.flushes
             self._batch.send()
         return row
 
