@@ -94,15 +94,22 @@ def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE) -> None:
             raise DisconnectionError(str(exc)) from exc
 
 
+#: The ``synchronous`` levels at which a commit in WAL mode waits for the disk.
+_SYNCED_COMMITS = ("FULL", "EXTRA")
+#: Where a SQLite connection keeps the ``synchronous`` level a commit may relax.
+_SYNCHRONOUS = "scoria_synchronous"
+
+
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     memory = engine.url.database in (None, "", ":memory:")
 
     @event.listens_for(engine, "connect")
-    def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    def _set_pragmas(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
+        wal = False
         if not memory:
             try:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                wal = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
             except engine.dialect.loaded_dbapi.OperationalError as exc:
                 # A file this process may only read can still be read, in its own mode;
                 # a write then fails with the hint of _hint().
@@ -111,6 +118,9 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+        if wal and synchronous in _SYNCED_COMMITS:
+            # The level a transaction that need not wait for the disk returns to.
+            record.info[_SYNCHRONOUS] = synchronous
 
 
 class Storage:
@@ -162,8 +172,14 @@ class Storage:
             ) from exc
 
     @contextmanager
-    def write(self, *, pipeline: bool = False) -> Iterator[Connection]:
+    def write(self, *, pipeline: bool = False, flush: bool = True) -> Iterator[Connection]:
         """A connection in a write transaction, committed on success.
+
+        Without ``flush``, on a SQLite file in WAL mode whose commits wait
+        for the disk (``synchronous`` ``FULL`` or ``EXTRA``), the commit does
+        not (``NORMAL`` for this transaction): the next commit that waits
+        writes it to disk as well. (PostgreSQL decides it in the transaction's
+        statements: see :class:`~.runtime.statements.Batch`.)
 
         With ``pipeline`` on PostgreSQL (psycopg), the transaction runs in
         psycopg's pipeline mode: its ``BEGIN`` travels with the first
@@ -178,11 +194,19 @@ class Storage:
                 with self._pipelined(conn) as pipelined:
                     yield pipelined
                 return
-            conn.begin()
-            if self.is_sqlite:
-                conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
-            yield conn
-            conn.commit()
+            level = None if flush else conn.connection.info.get(_SYNCHRONOUS)
+            if level is not None:
+                # SQLite changes the level only between transactions.
+                conn.connection.cursor().execute("PRAGMA synchronous=NORMAL").close()
+            try:
+                conn.begin()
+                if self.is_sqlite:
+                    conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
+                yield conn
+                conn.commit()
+            finally:
+                if level is not None:
+                    _restore_synchronous(conn, level)
 
     @contextmanager
     def _pipelined(self, conn: Connection) -> Iterator[Connection]:
@@ -233,6 +257,16 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def _restore_synchronous(conn: Connection, level: str) -> None:
+    """Give a SQLite connection its ``synchronous`` level back, or retire it."""
+    try:
+        conn.rollback()
+        conn.connection.cursor().execute(f"PRAGMA synchronous={level}").close()
+    except (SQLAlchemyError, conn.dialect.loaded_dbapi.Error):
+        # Never lend out a connection whose commits would not wait for the disk.
+        conn.invalidate()
 
 
 def _has_pipeline(engine: Engine) -> bool:

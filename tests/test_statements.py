@@ -42,12 +42,14 @@ COMMITS = 5
 #: one run lock and one run compare-and-set fewer.
 FUSED_STATEMENTS = {"sqlite": 16, "postgresql": 7}
 FUSED_COMMITS = 4
-#: Commits that wait for the disk. On PostgreSQL a transaction that claims a step for
-#: this process, and records no outcome, need not: the call commits the outcome, which
-#: waits for both. Left: start_run's outcome, approve_run, and the resume's outcome.
-FLUSHES = {"sqlite": COMMITS, "postgresql": 3}
+#: Commits that wait for the disk. A transaction that claims a step for this process,
+#: and records no outcome, need not: the call commits the outcome, which waits for both.
+#: Left: start_run's outcome, approve_run, and the resume's outcome.
+FLUSHES = 3
 #: The fused call's decision and claim are one such transaction.
-FUSED_FLUSHES = {"sqlite": FUSED_COMMITS, "postgresql": 2}
+FUSED_FLUSHES = 2
+#: How a PostgreSQL transaction says, in its writes, that it does not wait for the disk.
+UNFLUSHED = "set_config('synchronous_commit', 'off', true)"
 NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
@@ -56,14 +58,21 @@ executed: list[str] = []
 #: Transactions committed by a statement: a ``COMMIT``, or a write outside ``BEGIN``
 #: (on PostgreSQL, a change that is one statement is a transaction of its own).
 committed: list[str] = []
-#: Statements whose transaction commits without waiting for the disk.
+#: Statements whose transaction commits without waiting for the disk (PostgreSQL), or
+#: SQLite's commits that do not.
 unflushed: list[str] = []
 in_transaction = [False]
+relaxed = [False]
 
 
 def _count(query: Any) -> None:
     sql = str(query).lstrip()
     upper = sql.upper()
+    if UNFLUSHED in sql:
+        unflushed.append(sql)
+    elif upper.startswith("PRAGMA SYNCHRONOUS="):
+        # SQLite (WAL): the level a transaction begins at decides its commit.
+        relaxed[0] = upper == "PRAGMA SYNCHRONOUS=NORMAL"
     if upper.startswith("BEGIN"):
         in_transaction[0] = True
     elif upper in ("COMMIT", "ROLLBACK"):
@@ -74,8 +83,6 @@ def _count(query: Any) -> None:
         executed.append(sql)
         if upper.startswith(WRITES) and not in_transaction[0]:
             committed.append(sql)
-        if "set_config('synchronous_commit', 'off', true)" in sql:
-            unflushed.append(sql)
 
 
 class CountingSQLiteCursor(sqlite3.Cursor):
@@ -91,6 +98,11 @@ class CountingSQLiteCursor(sqlite3.Cursor):
 class CountingSQLiteConnection(sqlite3.Connection):
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         return super().cursor(CountingSQLiteCursor)
+
+    def commit(self) -> None:
+        if relaxed[0] and self.in_transaction:
+            unflushed.append("COMMIT")
+        super().commit()
 
 
 class CountingPsycopgCursor(psycopg.Cursor[Any]):
@@ -145,7 +157,7 @@ def test_an_approval_round_trip_stays_within_its_statements(
     trip: Any,
     statements: dict[str, int],
     commit_count: int,
-    flushes: dict[str, int],
+    flushes: int,
 ) -> None:
     commits: list[object] = []
 
@@ -164,11 +176,10 @@ def test_an_approval_round_trip_stays_within_its_statements(
     sa.event.remove(engine, "commit", count_commit)
     # SQLAlchemy commits on SQLite; on PostgreSQL the transactions send their own COMMIT.
     assert len(commits) + len(committed) == commit_count
-    assert commit_count - len(unflushed) == flushes[backend], "\n".join(unflushed)
+    assert commit_count - len(unflushed) == flushes, "\n".join(unflushed)
     assert len(executed) <= statements[backend], "\n".join(executed)
 
 
-@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_claim_that_records_an_outcome_waits_for_the_disk(counted_app: Flask) -> None:
     """The outcome of a step and the claim of the next are one transaction: its commit
     waits for the disk, so that a crash while the next step runs keeps the outcome."""
@@ -182,9 +193,24 @@ def test_a_claim_that_records_an_outcome_waits_for_the_disk(counted_app: Flask) 
         run = scoria.start_run(IDENTITY, initial_step={"kind": "first"})
     assert run.status == "completed"
     # The start, which claims the first step, waits for no disk; both outcomes do.
-    assert len(committed) == 3
     assert len(unflushed) == 1
-    assert unflushed[0].startswith("WITH") and "INSERT INTO scoria_runs" in unflushed[0]
+
+
+def test_a_decision_that_queues_its_step_for_a_worker_waits_for_the_disk(
+    counted_app: Flask,
+) -> None:
+    """``resume=True`` expects to claim the step; when the step goes to a worker instead,
+    the decision is all the call commits, and its commit waits for the disk."""
+    counted_app.extensions["scoria"].handler("gated", executor="worker")(ask_then_work)
+    with counted_app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "gated"})
+        step_id = scoria.get_run_detail(run.run_id).steps[0].id
+        assert execute_step(run.run_id, step_id).status == "waiting_for_approval"
+        unflushed.clear()
+        decided = scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert unflushed == []
+        assert decided.status == "running"
+        assert scoria.get_run_detail(run.run_id).steps[0].status == "queued"
 
 
 class RoundTrips:
@@ -307,3 +333,30 @@ def test_held_rows_of_one_insert_share_its_values_list_unless_it_has_a_suffix() 
     apart = sql._combine([held(runs, run), held(runs, run)], None).sql
     assert apart.count("INSERT INTO scoria_runs") == 2
     assert apart.count("ON CONFLICT DO NOTHING") == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_sqlite_connection_gets_its_synchronous_level_back(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """After a commit that did not wait for the disk, and after one that failed, the
+    pooled connection's commits wait again."""
+    options = {"pool_size": 1, "max_overflow": 0}
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
+    app.extensions["scoria"].handler("approval")(ask_then_work)
+    engine = app.extensions["scoria"].storage(app).engine
+
+    def level() -> int:
+        with engine.connect() as conn:
+            value: int = conn.exec_driver_sql("PRAGMA synchronous").scalar_one()
+        return value
+
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+        assert level() == 2  # FULL
+        scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert level() == 2
+        with pytest.raises(scoria.ApprovalAlreadyDecided):
+            scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert level() == 2
+    engine.dispose()

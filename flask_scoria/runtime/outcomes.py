@@ -55,7 +55,7 @@ def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row
             if not handlers.local and wait <= ctx.inline_retry_wait:
                 time.sleep(max(wait, 0))
                 next_due = partial(dispatch_next, handlers=handlers)
-                _, row, claim = transact(ctx, row["id"], UNSET, next_due)
+                _, row, claim = transact(ctx, row["id"], UNSET, next_due, claims=True)
     return row
 
 

@@ -48,6 +48,10 @@ class StepLost(Exception):
     """The step was cancelled or its lease expired while its handler ran."""
 
 
+class MustFlush(Exception):
+    """A change begun without waiting for the disk turned out to need it."""
+
+
 @dataclass
 class Claim:
     """A step this process moved to ``running``, with the lease token it holds."""
@@ -210,7 +214,9 @@ class NewRun(RunChange):
         tries = 0
         for attempt in range(MAX_ATTEMPTS):
             # With psycopg, the rows are one statement: a transaction of its own.
-            writing = storage.autocommit() if storage.pipelines else storage.write()
+            writing = (
+                storage.autocommit() if storage.pipelines else storage.write(flush=self.flushes)
+            )
             try:
                 with writing as conn:
                     if tries == 0 or sql.RUN_BY_ID.first(conn, {"b_run_id": self.run_id}) is None:
@@ -391,6 +397,7 @@ def transact(
     *,
     known: Row | None = None,
     ahead: Callable[[datetime], Sequence[tuple[sql.Prepared, RowLike]]] | None = None,
+    claims: bool = False,
 ) -> tuple[T | None, Row, Claim | None]:
     """Run ``decide`` on the freshly read run until its compare-and-set wins.
 
@@ -418,9 +425,16 @@ def transact(
     decision finds their rows (with :meth:`Tx.first`) without waiting for
     them; a write among them must be one the decision reads. On SQLite the
     decision runs them itself, as it needs them.
+
+    With ``claims`` (the change is expected to claim a step for this call),
+    a SQLite transaction begins without waiting for the disk on commit, as
+    it may only choose before it begins (see :attr:`RunChange.flushes`); a
+    change that turns out to need the disk is decided again with it.
+    PostgreSQL chooses in the transaction's last statement.
     """
     dropped = 0
     defer = True
+    flush = not (claims and ctx.storage.is_sqlite)
     alone = known is not None and ctx.storage.pipelines
     for attempt in range(MAX_ATTEMPTS):
         try:
@@ -433,7 +447,7 @@ def transact(
                 except BaseException:
                     known = None  # whatever the next try is, it reads the run
                     raise
-            with ctx.storage.write(pipeline=True) as conn:
+            with ctx.storage.write(pipeline=True, flush=flush) as conn:
                 now = utcnow()
                 sent: list[Ahead] = []
                 if known is not None:
@@ -457,7 +471,12 @@ def transact(
                     ahead=sent,
                 )
                 outcome = decide(tx)
+                if tx.flushes and not flush:
+                    raise MustFlush
                 new_row = tx.commit()
+        except MustFlush:
+            flush = True
+            continue
         except Conflict:
             back_off(attempt)
             continue

@@ -54,7 +54,7 @@ def dispatch(
         if not expire_leases(tx) and tx.status() == RunStatus.RUNNING:
             claim_next(tx, resolver)
 
-    _, row, claim = transact(ctx, key, guard, decide)
+    _, row, claim = transact(ctx, key, guard, decide, claims=True)
     return summary_from_row(drive(ctx, resolver, claim, row))
 
 
@@ -89,7 +89,7 @@ def resume_run(
             )
 
     ahead = [(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": key})]
-    _, row, claim = transact(ctx, key, guard, decide, ahead=lambda now: ahead)
+    _, row, claim = transact(ctx, key, guard, decide, ahead=lambda now: ahead, claims=True)
     return summary_from_row(drive(ctx, resolver, claim, row))
 
 
@@ -319,7 +319,7 @@ def _decide(
             _continue(tx, step, resolver, approval_from_row(decided))
         return True
 
-    decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent)
+    decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent, claims=resume)
     if decided is False:
         raise NoPendingApproval(str(key), None if expected is None else str(expected))
     return summary_from_row(drive(ctx, resolver, claim, row))

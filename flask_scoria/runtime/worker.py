@@ -170,7 +170,7 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     ahead: list[tuple[sql.Prepared, RowLike]] = [
         (_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key})
     ]
-    _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead)
+    _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead, claims=True)
     if claim is None:
         return None
     return _execute_claimed(ctx.app, handlers, row, claim)
