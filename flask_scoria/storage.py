@@ -211,25 +211,23 @@ class Storage:
     @contextmanager
     def _pipelined(self, conn: Connection) -> Iterator[Connection]:
         """``conn`` in one pipelined transaction, from ``BEGIN`` to ``COMMIT``."""
-        driver: Any = conn.connection.driver_connection
         error = self.engine.dialect.loaded_dbapi.Error
-        # Autocommit leaves BEGIN and COMMIT to this block; the pool restores the
-        # connection's own mode when it is returned.
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            with driver.pipeline() as batch:
-                driver.execute("BEGIN")
-                try:
-                    yield conn
-                except BaseException:
-                    # Collect what an aborted pipeline still owes; ROLLBACK follows.
-                    with suppress(error):
-                        batch.sync()
-                    raise
-                driver.execute("COMMIT")
-        except error as exc:
-            # Results, and their errors, arrive when the pipeline is synced.
-            raise database_error(conn, exc, "COMMIT", None, None) from exc
+        # Autocommit leaves BEGIN and COMMIT to this block.
+        with _autocommitting(conn) as driver:
+            try:
+                with driver.pipeline() as batch:
+                    driver.execute("BEGIN")
+                    try:
+                        yield conn
+                    except BaseException:
+                        # Collect what an aborted pipeline still owes; ROLLBACK follows.
+                        with suppress(error):
+                            batch.sync()
+                        raise
+                    driver.execute("COMMIT")
+            except error as exc:
+                # Results, and their errors, arrive when the pipeline is synced.
+                raise database_error(conn, exc, "COMMIT", None, None) from exc
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -246,7 +244,11 @@ class Storage:
     def autocommit(self) -> Iterator[Connection]:
         """A PostgreSQL connection whose every statement is a transaction of its own."""
         with self._errors(), self.engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.driver != "psycopg":
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+                return
+            with _autocommitting(conn):
+                yield conn
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
@@ -257,6 +259,36 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+@contextmanager
+def _autocommitting(conn: Connection) -> Iterator[Any]:
+    """The psycopg connection behind ``conn``, in autocommit for the block.
+
+    Set on the driver's connection, which SQLAlchemy's isolation level would
+    also do at several times the cost, and undo on each return to the pool.
+    The connection leaves the block in its own mode again, outside any
+    transaction, or is retired (as a connection found lost already is).
+    """
+    driver: Any = conn.connection.driver_connection
+    was = driver.autocommit
+    driver.autocommit = True
+    try:
+        yield driver
+    finally:
+        if not conn.invalidated:
+            _restore_autocommit(conn, driver, was)
+
+
+def _restore_autocommit(conn: Connection, driver: Any, was: bool) -> None:
+    """End what transaction ``driver`` is in and give it its mode back, or retire it."""
+    try:
+        status = driver.info.transaction_status
+        if status != type(status).IDLE:
+            driver.rollback()
+        driver.autocommit = was
+    except conn.dialect.loaded_dbapi.Error:
+        conn.invalidate()
 
 
 def _restore_synchronous(conn: Connection, level: str) -> None:

@@ -360,3 +360,31 @@ def test_a_sqlite_connection_gets_its_synchronous_level_back(
             scoria.approve_run(run.run_id, decided_by="operator", resume=True)
         assert level() == 2
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_postgresql_connection_leaves_autocommit_when_returned(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """Transitions and reads run in the driver's autocommit; the pooled connection comes
+    back in its own mode, outside any transaction, after a success and after a failure."""
+    options = {"pool_size": 1, "max_overflow": 0}
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
+    app.extensions["scoria"].handler("approval")(ask_then_work)
+    engine = app.extensions["scoria"].storage(app).engine
+
+    def mode() -> tuple[bool, str]:
+        with engine.connect() as conn:
+            driver: Any = conn.connection.driver_connection
+            return driver.autocommit, driver.info.transaction_status.name
+
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+        assert mode() == (False, "IDLE")
+        scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert scoria.get_run(run.run_id).status == "completed"
+        assert mode() == (False, "IDLE")
+        with pytest.raises(scoria.ApprovalAlreadyDecided):
+            scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert mode() == (False, "IDLE")
+    engine.dispose()
