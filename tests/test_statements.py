@@ -43,11 +43,11 @@ COMMITS = 5
 FUSED_STATEMENTS = {"sqlite": 16, "postgresql": 7}
 FUSED_COMMITS = 4
 #: Commits that wait for the disk. A transaction that claims a step for this process,
-#: and records no outcome, need not: the call commits the outcome, which waits for both.
+#: and decides nothing, need not: the call commits the outcome, which waits for both.
 #: Left: start_run's outcome, approve_run, and the resume's outcome.
 FLUSHES = 3
-#: The fused call's decision and claim are one such transaction.
-FUSED_FLUSHES = 2
+#: The fused call's transaction holds a decision: it waits, as the outcomes do.
+FUSED_FLUSHES = 3
 #: How a PostgreSQL transaction says, in its writes, that it does not wait for the disk.
 UNFLUSHED = "set_config('synchronous_commit', 'off', true)"
 NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
@@ -196,20 +196,21 @@ def test_a_claim_that_records_an_outcome_waits_for_the_disk(counted_app: Flask) 
     assert len(unflushed) == 1
 
 
-def test_a_decision_that_queues_its_step_for_a_worker_waits_for_the_disk(
+def test_a_resume_that_queues_its_step_for_a_worker_waits_for_the_disk(
     counted_app: Flask,
 ) -> None:
-    """``resume=True`` expects to claim the step; when the step goes to a worker instead,
-    the decision is all the call commits, and its commit waits for the disk."""
+    """``resume_run`` expects to claim the step; when the step goes to a worker instead,
+    the resume is all the call commits, and its commit waits for the disk."""
     counted_app.extensions["scoria"].handler("gated", executor="worker")(ask_then_work)
     with counted_app.app_context():
         run = scoria.start_run(IDENTITY, initial_step={"kind": "gated"})
         step_id = scoria.get_run_detail(run.run_id).steps[0].id
         assert execute_step(run.run_id, step_id).status == "waiting_for_approval"
+        scoria.approve_run(run.run_id, decided_by="operator")
         unflushed.clear()
-        decided = scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        resumed = scoria.resume_run(run.run_id)
         assert unflushed == []
-        assert decided.status == "running"
+        assert resumed.status == "running"
         assert scoria.get_run_detail(run.run_id).steps[0].status == "queued"
 
 

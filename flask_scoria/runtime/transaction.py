@@ -39,6 +39,18 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 50
 
+#: The events of a change that claims a step and decides nothing: it need not wait for
+#: the disk (:attr:`RunChange.flushes`).
+_CLAIMING = frozenset(
+    {
+        EventType.RUN_STARTED,
+        EventType.STEP_QUEUED,
+        EventType.STEP_STARTED,
+        EventType.RESUME_REQUESTED,
+        EventType.RETRY_REQUESTED,
+    }
+)
+
 
 class DuplicateStart(Exception):
     """Another start with the same idempotency key and tenant was committed first."""
@@ -77,8 +89,6 @@ class RunChange(ABC):
         self.new_events: list[Row] = []
         self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
         self.claim: Claim | None = None
-        #: Whether the change records the outcome of a handler.
-        self.finished = False
         self.queued: list[QueuedStep] = []
 
     @property
@@ -90,14 +100,18 @@ class RunChange(ABC):
     def flushes(self) -> bool:
         """Whether the commit waits until the database has written it to disk.
 
-        A change that claims a step for this process, and records no
-        handler's outcome, does not wait on PostgreSQL: the claimed step's
-        outcome is committed by the same call, which waits for both. Only a
-        crash of the database server in between loses the claim; the call
-        then fails, as if it had failed before it, and the step is claimed
-        again. What a call returned from is always on disk.
+        A change that claims a step for this process, and records nothing
+        else (the run's start, the resume or retry that led to the claim),
+        does not: the claimed step's outcome is committed by the same call,
+        which waits for both. Only a crash of the database server (of the
+        machine, for SQLite) in between loses the claim: the call then fails,
+        or returns the run as the crash left it, and the step is claimed
+        again. A decision or an outcome always waits, so that nobody sees one
+        before it is on disk; what a call returned from always is.
         """
-        return self.claim is None or self.finished
+        return self.claim is None or any(
+            event["event_type"] not in _CLAIMING for event in self.new_events
+        )
 
     def status(self) -> RunStatus:
         """The run's status as this transaction leaves it."""
@@ -160,7 +174,6 @@ class RunChange(ABC):
 
     def finish_step(self, step_id: uuid.UUID, held: Mapping[str, object], **values: object) -> None:
         """Record a handler's outcome, unless the step is no longer held by it."""
-        self.finished = True
         try:
             self.update_step(step_id, held, **values)
         except Conflict:

@@ -319,7 +319,7 @@ def _decide(
             _continue(tx, step, resolver, approval_from_row(decided))
         return True
 
-    decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent, claims=resume)
+    decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent)
     if decided is False:
         raise NoPendingApproval(str(key), None if expected is None else str(expected))
     return summary_from_row(drive(ctx, resolver, claim, row))
