@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
@@ -96,8 +97,9 @@ def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE) -> None:
 
 #: The ``synchronous`` levels at which a commit in WAL mode waits for the disk.
 _SYNCED_COMMITS = ("FULL", "EXTRA")
-#: Where a SQLite connection keeps the ``synchronous`` level a commit may relax.
-_SYNCHRONOUS = "scoria_synchronous"
+#: The key under which a SQLite connection's info keeps the ``synchronous`` level that a
+#: commit which need not wait for the disk relaxes, and returns to.
+_RELAXABLE_LEVEL = "scoria_synchronous"
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
@@ -120,7 +122,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor.close()
         if wal and synchronous in _SYNCED_COMMITS:
             # The level a transaction that need not wait for the disk returns to.
-            record.info[_SYNCHRONOUS] = synchronous
+            record.info[_RELAXABLE_LEVEL] = synchronous
 
 
 class Storage:
@@ -140,6 +142,19 @@ class Storage:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self.reconnect_attempts = reconnect_attempts
         self.pipelines = _has_pipeline(engine)
+
+    @cached_property
+    def relaxes_at_begin(self) -> bool:
+        """Whether ``write(flush=False)`` makes a commit that does not wait for the disk.
+
+        True on a SQLite file of the own engine in WAL mode whose commits wait
+        for the disk: the level can change only before ``BEGIN``. (PostgreSQL
+        chooses inside the transaction, see :class:`~.runtime.statements.Batch`.)
+        """
+        if not self.is_sqlite:
+            return False
+        with self._errors(), self.engine.connect() as conn:
+            return _RELAXABLE_LEVEL in conn.connection.info
 
     def retry_after(self, exc: StorageError, tries: int) -> bool:
         """Whether to try a write again after its ``tries``-th failure ``exc``.
@@ -194,7 +209,7 @@ class Storage:
                 with self._pipelined(conn) as pipelined:
                     yield pipelined
                 return
-            level = None if flush else conn.connection.info.get(_SYNCHRONOUS)
+            level = None if flush else conn.connection.info.get(_RELAXABLE_LEVEL)
             if level is not None:
                 # SQLite changes the level only between transactions.
                 conn.connection.cursor().execute("PRAGMA synchronous=NORMAL").close()
@@ -265,8 +280,8 @@ class Storage:
 def _autocommitting(conn: Connection) -> Iterator[Any]:
     """The psycopg connection behind ``conn``, in autocommit for the block.
 
-    Set on the driver's connection, which SQLAlchemy's isolation level would
-    also do at several times the cost, and undo on each return to the pool.
+    Set on the driver's connection: SQLAlchemy's isolation level does the
+    same at several times the cost, and undoes it on each return to the pool.
     The connection leaves the block in its own mode again, outside any
     transaction, or is retired (as a connection found lost already is).
     """

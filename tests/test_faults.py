@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from flask import Flask
 import flask_scoria as scoria
 from flask_scoria import runtime as scoria_runtime
 from flask_scoria import schema
+from flask_scoria.runtime import tables
 from flask_scoria.storage import PING_AFTER_IDLE
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
@@ -166,6 +168,23 @@ def test_storage_error_after_the_run_was_written_names_the_run(
         with app.app_context():
             assert scoria.get_run(info.value.run_id).status == scoria.RunStatus.RUNNING
     assert len(executions(counter)) == 1
+
+
+def test_a_start_whose_run_disappears_while_its_step_runs_says_so(app: Flask) -> None:
+    """The run a start committed is gone when its step's outcome is written (a crash of
+    the database lost it before it reached the disk, or somebody deleted it): the start
+    fails with a StorageError that says so, not with RunNotFound."""
+    engine = app.extensions["scoria"].storage(app).engine
+
+    def vanish(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
+        with engine.begin() as conn:
+            conn.execute(tables.runs.delete().where(tables.runs.c.id == uuid.UUID(run.run_id)))
+        return {"done": True}
+
+    with app.app_context():
+        with pytest.raises(scoria.StorageError, match="disappeared while its first step ran"):
+            scoria.start_run(IDENTITY, initial_step={"kind": "work"}, handlers={"work": vanish})
+        assert scoria.list_runs_for_session(IDENTITY["session_id"]) == []
 
 
 @only_postgres

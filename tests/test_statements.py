@@ -355,10 +355,12 @@ def test_a_sqlite_connection_gets_its_synchronous_level_back(
     with app.app_context():
         run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
         assert level() == 2  # FULL
-        scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        scoria.approve_run(run.run_id, decided_by="operator")
+        assert scoria.resume_run(run.run_id).status == "completed"
         assert level() == 2
-        with pytest.raises(scoria.ApprovalAlreadyDecided):
-            scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        # resume_run expects to claim: its transaction begins relaxed, then refuses.
+        with pytest.raises(scoria.RunNotResumable):
+            scoria.resume_run(run.run_id)
         assert level() == 2
     engine.dispose()
 

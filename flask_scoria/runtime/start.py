@@ -7,7 +7,7 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from ..errors import InvalidHandoff, InvalidRunOptions, StorageError
+from ..errors import InvalidHandoff, InvalidRunOptions, RunNotFound, StorageError
 from ..identity import Identity
 from ..identity import identity as normalize_identity
 from ..readback import RunSummary
@@ -80,6 +80,9 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
     If a start with the same idempotency key won the race, its run is returned
     instead, and nothing of this one is written or executed. A
     :class:`StorageError` after the run was written names it in ``run_id``.
+    The run's first commit does not wait for the disk when its step runs
+    here (see :attr:`~.transaction.RunChange.flushes`): a crash of the
+    database server meanwhile can lose it, which is said as well.
     """
     try:
         row = new.insert(ctx.storage)
@@ -91,11 +94,17 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
     try:
         return summary_from_row(drive(ctx, resolver, new.claim, row))
     except StorageError as exc:
+        lost = "" if new.flushes else " (if it finds none, a crash of the database lost it)"
         raise StorageError(
             f"{exc.message} Run {new.run_id} was started before that: find it with"
-            " get_run(run_id) rather than starting another.",
+            f" get_run(run_id) rather than starting another{lost}.",
             run_id=str(new.run_id),
             hint=exc.hint,
+        ) from exc
+    except RunNotFound as exc:
+        raise StorageError(
+            f"Run {new.run_id} disappeared while its first step ran: a crash of the database"
+            " lost its start before it reached the disk, or it was deleted. Start it again."
         ) from exc
 
 

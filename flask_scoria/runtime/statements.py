@@ -241,7 +241,8 @@ class Batch:
         self._held.append(_Held(statement, compiled, compiled.parameters(params), guarded))
 
     def send(self) -> None:
-        """Send the held writes as one statement; nothing waits for its answer."""
+        """Send the held writes, the ``NOTIFY`` and the commit's level as one statement;
+        nothing waits for its answer."""
         held, self._held = self._held, []
         if not held and self.notify is None and self.flush:
             return
@@ -274,7 +275,7 @@ class NotAlone(Exception):
 
 
 class _Shape(NamedTuple):
-    """What a statement of :class:`Batch` combines, which names the statement."""
+    """What a statement of :class:`Batch` is made of: its key in the cache of statements."""
 
     #: The SQL of each write, and whether it is guarded.
     writes: tuple[tuple[str, bool], ...]

@@ -44,7 +44,6 @@ MAX_ATTEMPTS = 50
 _CLAIMING = frozenset(
     {
         EventType.RUN_STARTED,
-        EventType.STEP_QUEUED,
         EventType.STEP_STARTED,
         EventType.RESUME_REQUESTED,
         EventType.RETRY_REQUESTED,
@@ -107,7 +106,7 @@ class RunChange(ABC):
         machine, for SQLite) in between loses the claim: the call then fails,
         or returns the run as the crash left it, and the step is claimed
         again. A decision or an outcome always waits, so that nobody sees one
-        before it is on disk; what a call returned from always is.
+        before it is on disk; everything a call wrote is on disk when it returns.
         """
         return self.claim is None or any(
             event["event_type"] not in _CLAIMING for event in self.new_events
@@ -441,13 +440,14 @@ def transact(
 
     With ``claims`` (the change is expected to claim a step for this call),
     a SQLite transaction begins without waiting for the disk on commit, as
-    it may only choose before it begins (see :attr:`RunChange.flushes`); a
-    change that turns out to need the disk is decided again with it.
-    PostgreSQL chooses in the transaction's last statement.
+    it may only choose before it begins (see :attr:`RunChange.flushes` and
+    :attr:`~flask_scoria.storage.Storage.relaxes_at_begin`); a change that
+    turns out to need the disk is decided again with it. PostgreSQL
+    chooses in the transaction's last statement.
     """
     dropped = 0
     defer = True
-    flush = not (claims and ctx.storage.is_sqlite)
+    flush = not (claims and ctx.storage.relaxes_at_begin)
     alone = known is not None and ctx.storage.pipelines
     for attempt in range(MAX_ATTEMPTS):
         try:
