@@ -145,11 +145,11 @@ class Storage:
 
     @cached_property
     def relaxes_at_begin(self) -> bool:
-        """Whether ``write(flush=False)`` makes a commit that does not wait for the disk.
+        """Whether a commit that need not wait for the disk must be told so at ``BEGIN``.
 
         True on a SQLite file of the own engine in WAL mode whose commits wait
-        for the disk: the level can change only before ``BEGIN``. (PostgreSQL
-        chooses inside the transaction, see :class:`~.runtime.statements.Batch`.)
+        for the disk, whose level can change only before ``BEGIN`` (with
+        ``write(flush=False)``). PostgreSQL can be told until the commit.
         """
         if not self.is_sqlite:
             return False
@@ -190,11 +190,12 @@ class Storage:
     def write(self, *, pipeline: bool = False, flush: bool = True) -> Iterator[Connection]:
         """A connection in a write transaction, committed on success.
 
-        Without ``flush``, on a SQLite file in WAL mode whose commits wait
-        for the disk (``synchronous`` ``FULL`` or ``EXTRA``), the commit does
-        not (``NORMAL`` for this transaction): the next commit that waits
-        writes it to disk as well. (PostgreSQL decides it in the transaction's
-        statements: see :class:`~.runtime.statements.Batch`.)
+        Without ``flush``, the commit does not wait for the disk: on
+        PostgreSQL (:func:`commit_without_waiting`), and on a SQLite file in
+        WAL mode whose commits wait for it (``synchronous`` ``FULL`` or
+        ``EXTRA``; ``NORMAL`` for this transaction). The next commit that
+        waits writes it to disk as well. A pipelined transaction decides in
+        its statements instead (see :class:`~.runtime.statements.Batch`).
 
         With ``pipeline`` on PostgreSQL (psycopg), the transaction runs in
         psycopg's pipeline mode: its ``BEGIN`` travels with the first
@@ -217,6 +218,8 @@ class Storage:
                 conn.begin()
                 if self.is_sqlite:
                     conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
+                elif not flush:
+                    commit_without_waiting(conn)
                 yield conn
                 conn.commit()
             finally:
@@ -304,6 +307,11 @@ def _restore_autocommit(conn: Connection, driver: Any, was: bool) -> None:
         driver.autocommit = was
     except conn.dialect.loaded_dbapi.Error:
         conn.invalidate()
+
+
+def commit_without_waiting(conn: Connection) -> None:
+    """Let the PostgreSQL transaction of ``conn``, alone, commit without waiting for the disk."""
+    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
 
 def _restore_synchronous(conn: Connection, level: str) -> None:

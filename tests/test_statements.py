@@ -48,8 +48,9 @@ FUSED_COMMITS = 4
 FLUSHES = 3
 #: The fused call's transaction holds a decision: it waits, as the outcomes do.
 FUSED_FLUSHES = 3
-#: How a PostgreSQL transaction says, in its writes, that it does not wait for the disk.
-UNFLUSHED = "set_config('synchronous_commit', 'off', true)"
+#: How a PostgreSQL transaction says that it does not wait for the disk: in its combined
+#: writes, or in a statement of its own when its writes go one by one.
+UNFLUSHED = ("set_config('synchronous_commit', 'off', true)", "SET LOCAL synchronous_commit = off")
 NOT_COUNTED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", ";")
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
@@ -68,7 +69,7 @@ relaxed = [False]
 def _count(query: Any) -> None:
     sql = str(query).lstrip()
     upper = sql.upper()
-    if UNFLUSHED in sql:
+    if any(mark in sql for mark in UNFLUSHED):
         unflushed.append(sql)
     elif upper.startswith("PRAGMA SYNCHRONOUS="):
         # SQLite (WAL): the level a transaction begins at decides its commit.
@@ -212,6 +213,21 @@ def test_a_resume_that_queues_its_step_for_a_worker_waits_for_the_disk(
         assert unflushed == []
         assert resumed.status == "running"
         assert scoria.get_run_detail(run.run_id).steps[0].status == "queued"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_worker_claim_does_not_wait_for_the_disk(counted_app: Flask) -> None:
+    """The worker's claim is a transaction of its own, statement by statement: on
+    PostgreSQL it still commits without waiting, and the outcome waits."""
+    counted_app.extensions["scoria"].handler("later", executor="worker")(succeed)
+    with counted_app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "later"})
+        committed.clear()
+        unflushed.clear()
+        (done,) = scoria.dispatch_queued()
+    assert done.run_id == run.run_id and done.status == "completed"
+    assert len(unflushed) == 1
+    assert unflushed[0].startswith("SET LOCAL")
 
 
 class RoundTrips:

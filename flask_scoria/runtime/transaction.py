@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 from ..errors import RunNotFound, StorageError
 from ..readback import Approval
 from ..statuses import EventType, RunStatus
-from ..storage import Storage
+from ..storage import Storage, commit_without_waiting
 from . import statements as sql
 from .arguments import UNSET, TenantGuard
 from .context import RuntimeContext
@@ -394,6 +394,9 @@ class Tx(RunChange):
         if self._batch is not None:
             self._batch.flush = self.flushes
             self._batch.send()
+        elif not self.flushes and self._conn.dialect.name == "postgresql":
+            # Statement by statement (a worker's claim, or no pipeline mode): one more.
+            commit_without_waiting(self._conn)
         return row
 
 
