@@ -309,9 +309,14 @@ def _restore_autocommit(conn: Connection, driver: Any, was: bool) -> None:
         conn.invalidate()
 
 
+#: The expression that lets the PostgreSQL transaction it runs in, alone (an implicit one
+#: included), commit without waiting for the disk.
+COMMIT_WITHOUT_WAITING = "set_config('synchronous_commit', 'off', true)"
+
+
 def commit_without_waiting(conn: Connection) -> None:
     """Let the PostgreSQL transaction of ``conn``, alone, commit without waiting for the disk."""
-    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+    conn.exec_driver_sql(f"SELECT {COMMIT_WITHOUT_WAITING}")
 
 
 def _restore_synchronous(conn: Connection, level: str) -> None:

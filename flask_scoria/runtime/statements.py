@@ -38,7 +38,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
 from ..statuses import ApprovalStatus, StepStatus
-from ..storage import database_error
+from ..storage import COMMIT_WITHOUT_WAITING, database_error
 from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
 
 Processor = Callable[[Any], Any] | None
@@ -335,8 +335,7 @@ def _combine(
     if notify is not None:
         checks.append(f"pg_notify('{notify}', '')")
     if not flush:
-        # For this transaction alone, an implicit one included.
-        checks.append("set_config('synchronous_commit', 'off', true)")
+        checks.append(COMMIT_WITHOUT_WAITING)
     select_list = ", ".join(checks) or "1"
     statement = f"WITH {', '.join(ctes)} SELECT {select_list}" if ctes else f"SELECT {select_list}"
     return _Compiled(sql=statement, positional=None, defaults={}, binds=(), columns=())
