@@ -128,6 +128,10 @@ class Handlers:
         """Whether a step of ``kind`` is executed by this process once claimed."""
         return self.local or self.policy(kind).executor == "inline"
 
+    def kinds_run_here(self) -> list[str]:
+        """The kinds with a handler whose steps this process executes once claimed."""
+        return sorted(kind for kind in {*self._per_call, *self._registry} if self.runs_here(kind))
+
 
 @dataclass(frozen=True)
 class Raised(Fail):

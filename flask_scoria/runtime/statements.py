@@ -496,6 +496,8 @@ _LATEST_APPROVAL = (
     .limit(1)
 )
 LATEST_APPROVAL_OF_RUN = Prepared(_LATEST_APPROVAL)
+#: The id of the latest approval of the run ``b_run_id``.
+LATEST_APPROVAL_ID = _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery()
 _CURRENT_STEP_ID = (
     select(runs.c.current_step_id).where(runs.c.id == bindparam("b_run_id")).scalar_subquery()
 )
@@ -523,7 +525,7 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
 )
 #: What a decision requires of its approval: still pending and not expired at
 #: ``b_now``, and editable when it edits the arguments (``b_edits``).
-_DECIDABLE = (
+DECIDABLE = (
     approvals.c.status == ApprovalStatus.PENDING,
     or_(approvals.c.expires_at.is_(None), approvals.c.expires_at >= bindparam("b_now")),
     or_(approvals.c.editable, bindparam("b_edits", type_=Boolean).is_(False)),
@@ -532,8 +534,8 @@ _DECIDABLE = (
 DECIDE_LATEST_APPROVAL = Prepared(
     update(approvals)
     .where(
-        approvals.c.id == _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery(),
-        *_DECIDABLE,
+        approvals.c.id == LATEST_APPROVAL_ID,
+        *DECIDABLE,
     )
     .returning(*approvals.c)
 )
@@ -543,7 +545,7 @@ DECIDE_APPROVAL = Prepared(
     .where(
         approvals.c.id == bindparam("b_approval_id"),
         approvals.c.run_id == bindparam("b_run_id"),
-        *_DECIDABLE,
+        *DECIDABLE,
     )
     .returning(*approvals.c)
 )

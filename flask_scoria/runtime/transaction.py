@@ -73,6 +73,10 @@ class Claim:
     approval: Approval | None
 
 
+#: A signal to send once a change is committed, with what it says besides the run.
+Signal = tuple[NamedSignal, dict[str, object]]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -86,7 +90,7 @@ class RunChange(ABC):
         self.lease_until = lease_until
         self.changes: Row = {}
         self.new_events: list[Row] = []
-        self.signals: list[tuple[NamedSignal, dict[str, object]]] = []
+        self.signals: list[Signal] = []
         self.claim: Claim | None = None
         self.queued: list[QueuedStep] = []
 
@@ -181,16 +185,21 @@ class RunChange(ABC):
     def send(self, app: Flask, row: Row) -> None:
         """Announce the queued steps and send the collected signals for the committed ``row``."""
         announce(app, self.queued)
-        if not any(signal.receivers for signal, _ in self.signals):
-            return
-        summary = summary_from_row(row)
-        for signal, extra in self.signals:
-            for receiver in signal.receivers_for(app):
-                try:
-                    receiver(app, run=summary, **extra)
-                except Exception:
-                    # The change is committed: a failing receiver must not look like a failed call.
-                    app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
+        send_signals(app, row, self.signals)
+
+
+def send_signals(app: Flask, row: Row, sent: Sequence[Signal]) -> None:
+    """Send each of ``sent`` for the committed run ``row``, to the receivers of ``app``."""
+    if not any(signal.receivers for signal, _ in sent):
+        return
+    summary = summary_from_row(row)
+    for signal, extra in sent:
+        for receiver in signal.receivers_for(app):
+            try:
+                receiver(app, run=summary, **extra)
+            except Exception:
+                # The change is committed: a failing receiver must not look like a failed call.
+                app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
 
 
 class NewRun(RunChange):

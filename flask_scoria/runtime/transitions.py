@@ -18,16 +18,17 @@ from ..errors import (
 )
 from ..readback import Approval, RunSummary
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
+from . import one_statement
 from . import statements as sql
 from .arguments import UNSET, approval_key, decider, optional_text, run_uuid, tenant_guard
-from .context import context
+from .context import RuntimeContext, context
 from .handlers import Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .statements import Conflict
 from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
 from .tables import Row, RowLike
-from .transaction import Tx, transact
+from .transaction import Claim, Signal, Tx, send_signals, transact
 
 #: A failed run can still be cancelled, which stops it from being retried.
 _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAILED)
@@ -88,9 +89,27 @@ def resume_run(
                 str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status)
             )
 
+    if ctx.storage.pipelines and (claiming := resolver.kinds_run_here()):
+        written = one_statement.resume(ctx, key, guard, claiming)
+        if written is not None:
+            return _drive_written(ctx, resolver, written, [(signals.run_resumed, {})])
     ahead = [(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": key})]
     _, row, claim = transact(ctx, key, guard, decide, ahead=lambda now: ahead, claims=True)
     return summary_from_row(drive(ctx, resolver, claim, row))
+
+
+def _drive_written(
+    ctx: RuntimeContext, handlers: Handlers, written: one_statement.Written, sent: list[Signal]
+) -> RunSummary:
+    """Signal what a statement of :mod:`.one_statement` wrote, then execute the step it claimed."""
+    send_signals(ctx.app, written.run, sent)
+    claim = None
+    if written.step is not None:
+        step = written.step
+        handler = handlers.get(step["kind"])
+        assert handler is not None, "only a kind with a handler here is claimed"
+        claim = Claim(step, step["lease_token"], handler, approval_from_row(written.approval))
+    return summary_from_row(drive(ctx, handlers, claim, written.run))
 
 
 def _not_resumable_message(run_id: str, status: str) -> str:
@@ -265,6 +284,24 @@ def _decide(
     expected = approval_key(approval_id)
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
+    claiming = resolver.kinds_run_here() if resume else None
+    if (
+        decision == ApprovalStatus.APPROVED
+        and ctx.storage.pipelines
+        and not isinstance(expected, str)
+        and claiming != []
+    ):
+        values = {"b_decided_by": who, "b_note": text, "b_edited_arguments": edited}
+        edits = {"b_edits": edited is not None}
+        written = one_statement.approve(ctx, key, guard, expected, {**values, **edits}, claiming)
+        if written is not None:
+            payload = {"approval_id": str(written.approval["id"]), "decision": decision}
+            sent: list[Signal] = [
+                (signals.approval_decided, {"approval": {**payload, "decided_by": who}})
+            ]
+            if resume:
+                sent.append((signals.run_resumed, {}))
+            return _drive_written(ctx, resolver, written, sent)
 
     def decision_sent(now: datetime) -> Sequence[tuple[sql.Prepared, RowLike]]:
         """The decision, and with ``resume`` the step it resumes, read with the run."""
