@@ -23,6 +23,7 @@ from flask_scoria.runtime import tables
 from flask_scoria.storage import PING_AFTER_IDLE
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
+ASK = {"work": ask_then_work}
 
 
 @contextmanager
@@ -196,6 +197,29 @@ def test_a_dropped_connection_while_inserting_the_run_is_retried(
         with app.app_context():
             run = scoria.start_run(IDENTITY)
             assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+
+
+@only_postgres
+@pytest.mark.parametrize("resume", [False, True], ids=["approve", "approve-and-resume"])
+def test_a_dropped_connection_while_approving_is_retried(
+    app: Flask, database_uri: str, resume: bool
+) -> None:
+    """The approval's single statement loses its connection; the transaction that follows
+    on a fresh one decides once."""
+    with admin_engine(database_uri) as admin, app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "work"}, handlers=ASK)
+        with kill_next_transaction(app, admin) as armed:
+            armed.append(1)
+            decided = scoria.approve_run(
+                run.run_id, decided_by="operator", resume=resume, handlers=ASK
+            )
+        detail = scoria.get_run_detail(run.run_id)
+    assert decided.status == ("completed" if resume else "waiting_for_approval")
+    (approval,) = detail.approvals
+    assert (approval.status, approval.decided_by) == ("approved", "operator")
+    types = [event.event_type for event in detail.events]
+    assert types.count("approval_decided") == 1
+    assert [event.sequence for event in detail.events] == list(range(1, len(types) + 1))
 
 
 def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
