@@ -84,7 +84,8 @@ def approve(
 ) -> Written | None:
     """Approve the pending approval, and with ``claiming`` claim its step; ``None``: not done.
 
-    ``decision`` holds ``decided_by``, ``note`` and ``edited_arguments``;
+    ``decision`` holds the parameters ``b_decided_by``, ``b_note``,
+    ``b_edited_arguments`` and ``b_edits`` (whether arguments were edited);
     ``claiming`` the kinds whose handlers this process runs.
     """
     statement = _approve_statement(approval_id is not None, claiming is not None)
