@@ -79,19 +79,28 @@ def approve(
     run_id: uuid.UUID,
     guard: TenantGuard,
     approval_id: uuid.UUID | None,
-    decision: Row,
+    decided_by: str,
+    note: str | None,
+    edited: Row | None,
     claiming: Sequence[str] | None,
 ) -> Written | None:
     """Approve the pending approval, and with ``claiming`` claim its step; ``None``: not done.
 
-    ``decision`` holds the parameters ``b_decided_by``, ``b_note``,
-    ``b_edited_arguments`` and ``b_edits`` (whether arguments were edited);
-    ``claiming`` the kinds whose handlers this process runs.
+    ``approval_id`` names the approval (else the run's latest), ``edited`` the
+    arguments that replace the requested ones, ``claiming`` the kinds whose
+    handlers this process runs.
     """
     statement = _approve_statement(approval_id is not None, claiming is not None)
-    params = {**decision, "b_approval_id": approval_id, "b_kinds": list(claiming or ())}
-    payload = {"decision": ApprovalStatus.APPROVED, "decided_by": decision["b_decided_by"]}
-    return _write(ctx, statement, run_id, guard, {**params, "b_decision": payload})
+    params = {
+        "b_approval_id": approval_id,
+        "b_decided_by": decided_by,
+        "b_note": note,
+        "b_edited_arguments": edited,
+        "b_edits": edited is not None,
+        "b_decision": {"decision": ApprovalStatus.APPROVED, "decided_by": decided_by},
+        "b_kinds": list(claiming or ()),
+    }
+    return _write(ctx, statement, run_id, guard, params)
 
 
 def resume(

@@ -20,7 +20,15 @@ from ..readback import Approval, RunSummary
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import one_statement
 from . import statements as sql
-from .arguments import UNSET, approval_key, decider, optional_text, run_uuid, tenant_guard
+from .arguments import (
+    UNSET,
+    TenantGuard,
+    approval_key,
+    decider,
+    optional_text,
+    run_uuid,
+    tenant_guard,
+)
 from .context import RuntimeContext, context
 from .handlers import Handlers
 from .outcomes import drive
@@ -96,6 +104,32 @@ def resume_run(
     ahead = [(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": key})]
     _, row, claim = transact(ctx, key, guard, decide, ahead=lambda now: ahead, claims=True)
     return summary_from_row(drive(ctx, resolver, claim, row))
+
+
+def _approve_at_once(
+    ctx: RuntimeContext,
+    handlers: Handlers,
+    key: uuid.UUID,
+    guard: TenantGuard,
+    expected: uuid.UUID | None,
+    who: str,
+    note: str | None,
+    edited: Row | None,
+    resume: bool,
+) -> RunSummary | None:
+    """Approve as one statement on PostgreSQL (:mod:`.one_statement`); ``None``: not done."""
+    claiming = handlers.kinds_run_here() if resume else None
+    if not ctx.storage.pipelines or claiming == []:
+        return None
+    written = one_statement.approve(ctx, key, guard, expected, who, note, edited, claiming)
+    if written is None:
+        return None
+    decided = {"decision": ApprovalStatus.APPROVED, "decided_by": who}
+    approval = {"approval_id": str(written.approval["id"]), **decided}
+    sent: list[Signal] = [(signals.approval_decided, {"approval": approval})]
+    if resume:
+        sent.append((signals.run_resumed, {}))
+    return _drive_written(ctx, handlers, written, sent)
 
 
 def _drive_written(
@@ -284,24 +318,10 @@ def _decide(
     expected = approval_key(approval_id)
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
-    claiming = resolver.kinds_run_here() if resume else None
-    if (
-        decision == ApprovalStatus.APPROVED
-        and ctx.storage.pipelines
-        and not isinstance(expected, str)
-        and claiming != []
-    ):
-        values = {"b_decided_by": who, "b_note": text, "b_edited_arguments": edited}
-        edits = {"b_edits": edited is not None}
-        written = one_statement.approve(ctx, key, guard, expected, {**values, **edits}, claiming)
-        if written is not None:
-            payload = {"approval_id": str(written.approval["id"]), "decision": decision}
-            sent: list[Signal] = [
-                (signals.approval_decided, {"approval": {**payload, "decided_by": who}})
-            ]
-            if resume:
-                sent.append((signals.run_resumed, {}))
-            return _drive_written(ctx, resolver, written, sent)
+    if decision == ApprovalStatus.APPROVED and not isinstance(expected, str):
+        approved = _approve_at_once(ctx, resolver, key, guard, expected, who, text, edited, resume)
+        if approved is not None:
+            return approved
 
     def decision_sent(now: datetime) -> Sequence[tuple[sql.Prepared, RowLike]]:
         """The decision, and with ``resume`` the step it resumes, read with the run."""
