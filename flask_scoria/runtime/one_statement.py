@@ -36,6 +36,7 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    Update,
     bindparam,
     cast,
     func,
@@ -144,18 +145,14 @@ def _write(
 @cache
 def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
     locked = _locked()
-    target = bindparam("b_approval_id") if by_id else sql.LATEST_APPROVAL_ID
-    conditions = [
-        approvals.c.id == target,
-        approvals.c.run_id == bindparam("b_run_id"),
-        *sql.DECIDABLE,
-        select(locked.c.id).exists(),
-    ]
+    # The decision the transaction would make, once the run is locked.
+    decide = (sql.DECIDE_APPROVAL if by_id else sql.DECIDE_LATEST_APPROVAL).statement
+    assert isinstance(decide, Update)
+    conditions = [select(locked.c.id).exists()]
     if claim:
         conditions.append(select(steps.c.id).where(*_claimable(approvals.c.step_id)).exists())
     decided = (
-        update(approvals)
-        .where(*conditions)
+        decide.where(*conditions)
         .values(
             status=ApprovalStatus.APPROVED,
             decided_by=bindparam("b_decided_by"),
@@ -163,7 +160,6 @@ def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
             note=bindparam("b_note"),
             edited_arguments=bindparam("b_edited_arguments"),
         )
-        .returning(*approvals.c)
         .cte("decided")
     )
     step_id = select(decided.c.step_id).scalar_subquery()
@@ -238,7 +234,7 @@ def _claimed(step_id: ColumnElement[Any]) -> CTE:
 
 
 def _claim_events(claimed: CTE) -> list[tuple[EventType, ColumnElement[Any]]]:
-    """The events of resuming at the ``claimed`` step, as :func:`~.steps.claim_step` writes them."""
+    """The events of resuming at the ``claimed`` step, as the transaction writes them."""
     attempt = select(claimed.c.attempt).scalar_subquery()
     return [
         (EventType.RESUME_REQUESTED, null()),

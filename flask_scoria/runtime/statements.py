@@ -525,7 +525,7 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
 )
 #: What a decision requires of its approval: still pending and not expired at
 #: ``b_now``, and editable when it edits the arguments (``b_edits``).
-DECIDABLE = (
+_DECIDABLE = (
     approvals.c.status == ApprovalStatus.PENDING,
     or_(approvals.c.expires_at.is_(None), approvals.c.expires_at >= bindparam("b_now")),
     or_(approvals.c.editable, bindparam("b_edits", type_=Boolean).is_(False)),
@@ -535,7 +535,7 @@ DECIDE_LATEST_APPROVAL = Prepared(
     update(approvals)
     .where(
         approvals.c.id == LATEST_APPROVAL_ID,
-        *DECIDABLE,
+        *_DECIDABLE,
     )
     .returning(*approvals.c)
 )
@@ -545,7 +545,7 @@ DECIDE_APPROVAL = Prepared(
     .where(
         approvals.c.id == bindparam("b_approval_id"),
         approvals.c.run_id == bindparam("b_run_id"),
-        *DECIDABLE,
+        *_DECIDABLE,
     )
     .returning(*approvals.c)
 )
