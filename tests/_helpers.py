@@ -38,6 +38,13 @@ def ask_then_work(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return Succeed({"approved_by": step.approval.decided_by, "decision": step.approval.status})
 
 
+def edit_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask to send to everybody, editable; once approved, send to whom the decider chose."""
+    if step.approval is None:
+        return WaitForApproval("send_email", {"to": "all@example.com"}, editable=True)
+    return Succeed({"sent_to": (step.approval.edited_arguments or {}).get("to")})
+
+
 def counting_handler(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, Any]:
     """Append one line per execution to the file named in the run's metadata."""
     path = Path(run.metadata["counter"])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, counting_handler, executions, row_counts
+from _helpers import IDENTITY, counting_handler, edit_then_send, executions, row_counts
 from conftest import create_test_app
 from flask import Flask
 from test_concurrency import paused_run, race_across_processes, race_threads
@@ -98,12 +98,6 @@ def test_max_steps_stops_a_handler_that_loops_forever(database_uri: str, tmp_pat
     assert run.status == "failed"
     assert len(detail.steps) == 5
     assert detail.steps[-1].error_envelope["type"] == "max_steps_exceeded"  # type: ignore[index]
-
-
-def edit_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
-    if step.approval is None:
-        return WaitForApproval("send_email", {"to": "all@example.com"}, editable=True)
-    return Succeed({"sent_to": (step.approval.edited_arguments or {}).get("to")})
 
 
 def test_the_handler_sees_the_edited_arguments(app_ctx: None) -> None:

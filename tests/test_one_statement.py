@@ -16,24 +16,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, ask_then_work
+from _helpers import IDENTITY, ask_then_work, edit_then_send
 from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Succeed, WaitForApproval
+from flask_scoria import WaitForApproval
 from flask_scoria.runtime import one_statement
 from flask_scoria.state import app_state
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
 SIGNALS = (scoria.approval_decided, scoria.run_resumed, scoria.run_completed, scoria.run_paused)
-
-
-def edit_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
-    if step.approval is None:
-        return WaitForApproval("send_email", {"to": "all@example.com"}, editable=True)
-    return Succeed({"sent_to": (step.approval.edited_arguments or {}).get("to")})
 
 
 @pytest.fixture
