@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from flask import Flask
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from .policy import EXECUTORS
+from .policy import EXECUTORS, MAX_SECONDS
 from .redaction import normalize_key
 
 #: Every configuration key flask-scoria reads, with its default.
@@ -37,6 +38,9 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The longest timeout a driver takes: PostgreSQL's and SQLite's are milliseconds in a
+#: 32-bit int (about 24.8 days).
+_MAX_TIMEOUT = (2**31 - 1) / 1000
 #: The keys of flask-scoria's own engine, which a host's ``db`` engine ignores.
 OWN_ENGINE_KEYS = (
     "SCORIA_DATABASE_URI",
@@ -87,22 +91,28 @@ def read_settings(app: Flask) -> Settings:
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
     prefix = config["SCORIA_URL_PREFIX"]
-    if not isinstance(prefix, str) or not prefix.startswith("/") or prefix == "/":
-        raise ValueError("SCORIA_URL_PREFIX must be a path such as '/scoria'.")
-    lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float)
+    if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.strip("/"):
+        raise ValueError(f"SCORIA_URL_PREFIX must be a path such as '/scoria', not {prefix!r}.")
+    lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float, maximum=MAX_SECONDS)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
     max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
     max_steps = _number(config, "SCORIA_MAX_STEPS", int)
-    busy_timeout = _number(config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True)
+    busy_timeout = _number(
+        config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True, maximum=_MAX_TIMEOUT
+    )
     executor = config["SCORIA_EXECUTOR"]
     if executor not in EXECUTORS:
         raise ValueError(f"SCORIA_EXECUTOR must be one of {EXECUTORS}, not {executor!r}.")
-    retry_wait = _number(config, "SCORIA_INLINE_RETRY_WAIT", float, allow_zero=True)
+    retry_wait = _number(
+        config, "SCORIA_INLINE_RETRY_WAIT", float, allow_zero=True, maximum=MAX_SECONDS
+    )
     engine_options = config["SCORIA_ENGINE_OPTIONS"]
-    if not isinstance(engine_options, Mapping):
+    if not isinstance(engine_options, Mapping) or not isinstance(
+        engine_options.get("connect_args", {}), Mapping
+    ):
         raise ValueError(
-            "SCORIA_ENGINE_OPTIONS must be a dict of create_engine() keyword arguments,"
-            f" not {engine_options!r}."
+            "SCORIA_ENGINE_OPTIONS must be a dict of create_engine() keyword arguments"
+            f" (its connect_args a dict too), not {engine_options!r}."
         )
     return Settings(
         database_uri=uri,
@@ -115,8 +125,10 @@ def read_settings(app: Flask) -> Settings:
         handoff_max_depth=max_depth,
         max_steps=max_steps,
         redact_keys=_redact_keys(config["SCORIA_REDACT_KEYS"]),
-        connect_timeout=_number(config, "SCORIA_CONNECT_TIMEOUT", float),
-        statement_timeout=_number(config, "SCORIA_STATEMENT_TIMEOUT", float, allow_zero=True),
+        connect_timeout=_number(config, "SCORIA_CONNECT_TIMEOUT", float, maximum=_MAX_TIMEOUT),
+        statement_timeout=_number(
+            config, "SCORIA_STATEMENT_TIMEOUT", float, allow_zero=True, maximum=_MAX_TIMEOUT
+        ),
         reconnect_attempts=_number(config, "SCORIA_RECONNECT_ATTEMPTS", int, allow_zero=True),
         max_metadata_bytes=_number(config, "SCORIA_MAX_METADATA_BYTES", int),
         executor=executor,
@@ -142,19 +154,33 @@ def _database_uri(app: Flask, uri: object) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _number(config: Mapping[str, Any], key: str, kind: type, *, allow_zero: bool = False) -> Any:
-    """``config[key]`` as a positive ``kind`` (or zero, if allowed), or a ValueError naming it."""
+def _number(
+    config: Mapping[str, Any],
+    key: str,
+    kind: type,
+    *,
+    allow_zero: bool = False,
+    maximum: float | None = None,
+) -> Any:
+    """``config[key]`` as a positive ``kind`` (or zero, if allowed) up to ``maximum``,
+    or a ValueError naming it."""
     value = config[key]
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = None
     if number is not None and number != value and not isinstance(value, str):
         number = None  # 1.5 is no int
-    low_ok = number is not None and (number > 0 or (allow_zero and number == 0))
-    if isinstance(value, bool) or not low_ok:
+    in_range = (
+        number is not None
+        and math.isfinite(number)
+        and (number > 0 or (allow_zero and number == 0))
+        and (maximum is None or number <= maximum)
+    )
+    if isinstance(value, bool) or not in_range:
         least = "zero or more" if allow_zero else "positive"
-        raise ValueError(f"{key} must be a {least} number, not {value!r}.")
+        most = "" if maximum is None else f" of at most {maximum:g}"
+        raise ValueError(f"{key} must be a {least} number{most}, not {value!r}.")
     return number
 
 

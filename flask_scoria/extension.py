@@ -85,7 +85,8 @@ class Scoria:
                 connect_timeout=settings.connect_timeout,
                 statement_timeout=settings.statement_timeout,
             )
-        except (SQLAlchemyError, TypeError) as exc:
+        except (SQLAlchemyError, TypeError, ImportError) as exc:
+            # ImportError: the URL's driver is not installed.
             raise ValueError(
                 "SCORIA_DATABASE_URI / SCORIA_ENGINE_OPTIONS cannot make an engine:"
                 f" {type(exc).__name__}: {exc}"

@@ -10,13 +10,24 @@ from datetime import timedelta
 #: Where queued steps run: in the calling process, in ``flask scoria worker``, in Celery.
 EXECUTORS = ("inline", "worker", "celery")
 
+#: The longest delay, timeout or expiry anything may ask for: ten years.
+MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
-def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
+
+def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, not {value!r}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'positive'}.")
     return float(value)
+
+
+def _seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
+    """``value``, positive (or zero, if allowed) and at most :data:`MAX_SECONDS`."""
+    seconds = _number(value, name)
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'positive'}.")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds (ten years).")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -40,9 +51,9 @@ class Retry:
             raise ValueError(f"Retry attempts must be an int, not {self.attempts!r}.")
         if self.attempts < 1:
             raise ValueError("Retry attempts must be 1 or more.")
-        _positive(self.delay, "Retry delay", allow_zero=True)
-        _positive(self.max_delay, "Retry max_delay", allow_zero=True)
-        if _positive(self.backoff, "Retry backoff") < 1:
+        _seconds(self.delay, "Retry delay", allow_zero=True)
+        _seconds(self.max_delay, "Retry max_delay", allow_zero=True)
+        if _number(self.backoff, "Retry backoff") < 1:
             raise ValueError("Retry backoff must be 1 or more.")
 
     def delay_after(self, attempt: int) -> timedelta:
@@ -71,7 +82,7 @@ class HandlerPolicy:
         if not isinstance(self.retry, Retry):
             raise ValueError(f"retry must be a flask_scoria.Retry, not {self.retry!r}.")
         if self.timeout is not None:
-            _positive(self.timeout, "timeout")
+            _seconds(self.timeout, "timeout")
 
 
 #: What a per-call handler, or a kind registered without options, gets.

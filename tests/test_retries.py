@@ -13,6 +13,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Retry, Scoria, Succeed
+from flask_scoria.policy import MAX_SECONDS
 from flask_scoria.runtime.tables import steps
 
 WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
@@ -260,6 +261,9 @@ def test_a_traceback_keeps_the_last_8_kib(app: Flask) -> None:
         {"delay": -1},
         {"backoff": 0.5},
         {"max_delay": float("nan")},
+        # Beyond what a datetime can hold once added to now.
+        {"delay": 1e12, "max_delay": 1e12},
+        {"max_delay": 1e20},
     ],
 )
 def test_retry_refuses_bad_values(options: dict[str, Any]) -> None:
@@ -267,11 +271,26 @@ def test_retry_refuses_bad_values(options: dict[str, Any]) -> None:
         Retry(**options)
 
 
-def test_handler_refuses_a_bad_executor_or_timeout(runtime: Scoria) -> None:
+@pytest.mark.parametrize("timeout", [0, 1e12, float("inf")])
+def test_handler_refuses_a_bad_timeout(runtime: Scoria, timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        runtime.handler("x", timeout=timeout)
+
+
+def test_handler_refuses_a_bad_executor(runtime: Scoria) -> None:
     with pytest.raises(ValueError, match="executor"):
         runtime.handler("x", executor="threads")
-    with pytest.raises(ValueError, match="timeout"):
-        runtime.handler("x", timeout=0)
+
+
+def test_the_longest_retry_delay_is_accepted_and_scheduled(runtime: Scoria, app: Flask) -> None:
+    runtime.handler("later", retry=Retry(attempts=2, delay=MAX_SECONDS, max_delay=MAX_SECONDS))(
+        Flaky(failures=1)
+    )
+    with app.app_context():
+        run = start("later")
+        step = only_step(run.run_id)
+    assert step.status == "queued" and step.not_before is not None
+    assert step.not_before.year >= datetime.now(UTC).year + 9
 
 
 def test_the_run_page_shows_the_retry_the_history_and_the_timeout(

@@ -15,14 +15,11 @@ from werkzeug.utils import import_string
 from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
 from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
-from ..policy import DEFAULT_POLICY, HandlerPolicy
+from ..policy import DEFAULT_POLICY, MAX_SECONDS, HandlerPolicy
 from ..readback import RunSummary, StepView
 from .arguments import require_name
 
 log = logging.getLogger("flask_scoria")
-
-#: The longest delay or expiry a handler may ask for: ten years.
-_MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 Handler = Callable[[StepView, RunSummary], Any]
 
@@ -237,6 +234,6 @@ def seconds(value: object, what: str, error: ErrorFactory) -> float | None:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise error(f"{what} must be a number of seconds or a timedelta.")
-    if not math.isfinite(value) or value < 0 or value > _MAX_SECONDS:
-        raise error(f"{what} must be from 0 to {_MAX_SECONDS:.0f} seconds.")
+    if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
+        raise error(f"{what} must be from 0 to {MAX_SECONDS:.0f} seconds.")
     return float(value)
