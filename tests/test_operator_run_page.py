@@ -112,7 +112,13 @@ def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> No
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [('{"to": <script>', "not valid JSON"), ('["a list"]', "must be a JSON object")],
+    [
+        ('{"to": <script>', "not valid JSON"),
+        ('["a list"]', "must be a JSON object"),
+        # Deeper than the JSON parser recurses, and deeper than a stored payload may be.
+        ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+        ('{"a":' + "[" * 70 + "]" * 70 + "}", "nested deeper than 64 levels"),
+    ],
 )
 def test_bad_arguments_are_shown_in_the_form_and_nothing_is_decided(
     app: Flask, ops: FlaskClient, text: str, message: str

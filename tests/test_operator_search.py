@@ -50,6 +50,8 @@ def test_search_by_prompt_id_prefix_and_dates(operator_app: Flask, ops: FlaskCli
     assert trains not in shown(ops, f"until={today - timedelta(days=1)}")
     assert trains not in shown(ops, f"from={today + timedelta(days=1)}")
     assert ops.get("/scoria/workflows?from=yesterday").status_code == 400
+    # The day after the last one a date can name.
+    assert ops.get("/scoria/workflows?until=9999-12-31").status_code == 400
 
 
 def test_the_prompt_search_reads_a_bounded_number_of_runs(

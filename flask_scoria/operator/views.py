@@ -401,9 +401,9 @@ def _day(name: str, *, after: bool = False) -> datetime | None:
         return None
     try:
         day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
+        return day + timedelta(days=1) if after else day
+    except (ValueError, OverflowError):
         abort(400, description=f"{name!r} must be a date such as 2026-12-01.")
-    return day + timedelta(days=1) if after else day
 
 
 def _cursor(name: str = "after") -> runtime.Cursor | None:
