@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import click
+from alembic.util import CommandError
 from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy import Engine
@@ -61,7 +62,8 @@ def _engine() -> Engine:
 
 
 def scoria_errors(fn: F) -> F:
-    """Turn a ``ScoriaError`` (message and code) or a database error into a click error."""
+    """Turn a ``ScoriaError`` (message and code), a database error or a migration's
+    error (an unknown revision) into a click error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -69,6 +71,8 @@ def scoria_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ScoriaError as exc:
             raise click.ClickException(f"{exc.message} [{exc.code}]") from None
+        except CommandError as exc:
+            raise click.ClickException(str(exc)) from None
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             raise click.ClickException(f"database error: {reason}") from None

@@ -192,6 +192,17 @@ def test_db_commands_on_an_unmigrated_database(tmp_path: Path) -> None:
     assert invoke(runner, "db", "check")[0] == 0
 
 
+@pytest.mark.parametrize("command", [("upgrade", "nosuchrev"), ("downgrade", "nosuchrev", "--yes")])
+def test_db_commands_name_an_unknown_revision(
+    runner: FlaskCliRunner, command: tuple[str, ...]
+) -> None:
+    result = runner.invoke(args=["scoria", "db", *command])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "'nosuchrev'" in result.output
+    assert "Traceback" not in result.output
+    assert invoke(runner, "db", "current") == (0, schema.head_revision() + "\n")
+
+
 def operator_scope() -> dict[str, str]:
     return {"tenant_id": "t-1", "actor_id": "ops"}
 
