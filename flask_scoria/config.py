@@ -33,6 +33,7 @@ DEFAULTS: Mapping[str, Any] = {
     "SCORIA_STATEMENT_TIMEOUT": 30.0,
     "SCORIA_RECONNECT_ATTEMPTS": 3,
     "SCORIA_MAX_METADATA_BYTES": 256 * 1024,
+    "SCORIA_RESULT_MAX_BYTES": 16 * 1024 * 1024,
     "SCORIA_EXECUTOR": "inline",
     "SCORIA_INLINE_RETRY_WAIT": 5.0,
 }
@@ -70,6 +71,7 @@ class Settings:
     statement_timeout: float
     reconnect_attempts: int
     max_metadata_bytes: int
+    result_max_bytes: int
     executor: str
     inline_retry_wait: float
 
@@ -131,6 +133,7 @@ def read_settings(app: Flask) -> Settings:
         ),
         reconnect_attempts=_number(config, "SCORIA_RECONNECT_ATTEMPTS", int, allow_zero=True),
         max_metadata_bytes=_number(config, "SCORIA_MAX_METADATA_BYTES", int),
+        result_max_bytes=_number(config, "SCORIA_RESULT_MAX_BYTES", int),
         executor=executor,
         inline_retry_wait=retry_wait,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -526,6 +527,56 @@ def test_an_approval_request_postgres_cannot_store_fails_the_step(outcome: Any) 
     error = only_step(run.run_id).error_envelope
     assert error is not None and error["type"] == "invalid_handler_result"
     assert scoria.get_run_detail(run.run_id).approvals == []
+
+
+@pytest.fixture
+def capped(database_uri: str, tmp_path: Path) -> Iterator[Flask]:
+    """An app whose steps may store 1,000 bytes in a result, error or approval."""
+    app = create_test_app(database_uri, tmp_path / "capped", SCORIA_RESULT_MAX_BYTES=1000)
+    yield app
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Succeed({"text": "x" * 1000}),
+        {"text": "x" * 1000},
+        scoria.WaitForApproval("send_email", {"body": "x" * 1000}),
+        scoria.WaitForApproval("send_email", reason="x" * 1000),
+        Fail({"detail": "x" * 1000}),
+    ],
+)
+def test_an_outcome_over_the_size_limit_fails_its_step_at_once(capped: Flask, outcome: Any) -> None:
+    with capped.app_context():
+        run = start({"work": lambda step, run: outcome})
+        assert run.status == "failed"
+        step = only_step(run.run_id)
+        assert scoria.get_run_detail(run.run_id).approvals == []
+    assert step.status == "failed"
+    error = step.error_envelope
+    assert error is not None and error["type"] == "invalid_handler_result"
+    assert "the limit is 1000 (SCORIA_RESULT_MAX_BYTES)" in error["message"]
+
+
+def test_an_outcome_at_the_size_limit_is_stored(capped: Flask) -> None:
+    # {"t":"..."} is 8 bytes around the text.
+    result = {"t": "x" * 992}
+    with capped.app_context():
+        run = start({"work": lambda step, run: result})
+        assert run.status == "completed"
+        assert only_step(run.run_id).result_envelope == result
+
+
+def test_edited_arguments_over_the_size_limit_are_refused_and_nothing_is_decided(
+    capped: Flask,
+) -> None:
+    ask = scoria.WaitForApproval("send_email", {"body": "hi"}, editable=True)
+    with capped.app_context():
+        run = start({"work": lambda step, run: ask})
+        with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_RESULT_MAX_BYTES"):
+            scoria.approve_run(run.run_id, decided_by="ops", arguments={"body": "x" * 1000})
+        assert scoria.get_run_detail(run.run_id).approvals[0].status == "pending"
 
 
 @pytest.mark.parametrize("tags", [["ok\x00"], ["\ud800"]])

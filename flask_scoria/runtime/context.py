@@ -26,6 +26,8 @@ class RuntimeContext:
     #: Whether operator pages are set up; they show only runs of the operator's tenant.
     has_operators: bool
     max_metadata_bytes: int
+    #: The largest result, error or approval arguments a step may store, serialized.
+    result_max_bytes: int
     inline_retry_wait: float
 
 
@@ -45,5 +47,6 @@ def context() -> RuntimeContext:
         max_steps=state.settings.max_steps,
         has_operators=state.registry.operator_scope is not None,
         max_metadata_bytes=state.settings.max_metadata_bytes,
+        result_max_bytes=state.settings.result_max_bytes,
         inline_retry_wait=state.settings.inline_retry_wait,
     )

@@ -136,7 +136,35 @@ def record_outcome(
         return done.retry_or_fail(
             stale_error(EventType.STEP_TIMEOUT, timeout), EventType.STEP_TIMEOUT
         )
+    too_large = _too_large(outcome, ctx.result_max_bytes)
+    if too_large is not None:
+        return _fail(done, too_large)
     return RECORDERS[type(outcome)](done, outcome)
+
+
+def _too_large(outcome: Outcome, cap: int) -> Fail | None:
+    """The failure of an outcome that would store more than ``cap`` bytes in one value.
+
+    ``Next`` input and handoffs have their own cap (``SCORIA_HANDOFF_MAX_BYTES``).
+    """
+    stored: list[tuple[str, object]] = []
+    if isinstance(outcome, Succeed):
+        stored = [("The handler result", outcome.result)]
+    elif isinstance(outcome, WaitForApproval):
+        stored = [("Approval arguments", outcome.arguments), ("Approval reason", outcome.reason)]
+    elif isinstance(outcome, Fail):
+        stored = [("The handler error", outcome.error)]
+    for what, value in stored:
+        size = serialized_size(value)
+        if size > cap:
+            message = f"{what} is {size} bytes serialized; the limit is {cap}"
+            return Fail(
+                {
+                    "type": "invalid_handler_result",
+                    "message": message + " (SCORIA_RESULT_MAX_BYTES).",
+                }
+            )
+    return None
 
 
 def _succeed(done: Finished, outcome: Succeed) -> Recorded:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from .. import signals
-from .._json import json_object
+from .._json import json_object, serialized_size
 from ..errors import (
     ApprovalAlreadyDecided,
     ApprovalPending,
@@ -266,6 +266,12 @@ def approve_run(
     edited = None
     if arguments is not None:
         edited = json_object(arguments, what="arguments", error=InvalidRunOptions)
+        size, cap = serialized_size(edited), context().result_max_bytes
+        if size > cap:
+            raise InvalidRunOptions(
+                f"arguments is {size} bytes serialized; the limit is {cap}"
+                " (SCORIA_RESULT_MAX_BYTES)."
+            )
     return _decide(
         run_id,
         ApprovalStatus.APPROVED,
