@@ -127,6 +127,8 @@ def test_prune_one_tenant_in_small_batches(app: Flask, history: dict[str, str]) 
         {"older_than": DAY, "batch_size": 0},
         {"older_than": DAY, "batch_size": True},
         {"older_than": DAY, "tenant_id": {"id": 1}},
+        # Read as "delete" were it read as a truth value.
+        {"older_than": DAY, "dry_run": "no"},
     ],
 )
 def test_prune_refuses_bad_options(app: Flask, options: dict[str, Any]) -> None:

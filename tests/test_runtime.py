@@ -316,6 +316,16 @@ def test_tenant_guard() -> None:
     assert [run.run_id for run in listed] == [tenantless.run_id]
 
 
+@pytest.mark.parametrize("identity", ["tenant-1", b"tenant-1", 7, ["tenant-1"]])
+def test_a_guard_identity_that_names_no_ids_is_refused(identity: object) -> None:
+    """As a guard it would stand for "no tenant" and find only runs without one."""
+    run = start()
+    with pytest.raises(scoria.InvalidIdentity, match="tenant_id="):
+        scoria.get_run(run.run_id, identity=identity)
+    with pytest.raises(scoria.InvalidIdentity):
+        scoria.list_runs_for_session("session-1", identity=identity)
+
+
 def test_list_runs_for_session_newest_first_with_keyset_pages() -> None:
     who = scoria.identity(IDENTITY)
     created = [scoria.start_run(who).run_id for _ in range(7)]

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from .._ids import parse_uuid
 from .._json import ErrorFactory, check_text, json_object, serialized_size
-from ..errors import InvalidRunOptions, RunNotFound
+from ..errors import InvalidIdentity, InvalidRunOptions, RunNotFound
 from ..identity import Identity, normalize_id
 from ..identity import identity as normalize_identity
 from ..statuses import StepStatus
@@ -63,8 +63,17 @@ def approval_key(approval_id: object) -> uuid.UUID | str | None:
 
 
 def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
-    """The tenant a run must belong to, or ``UNSET`` for no guard."""
+    """The tenant a run must belong to, or ``UNSET`` for no guard.
+
+    An ``identity`` that names no ids at all (a string, a number, a list) is
+    refused: as a guard it would quietly stand for "no tenant".
+    """
     if identity is not None:
+        if isinstance(identity, str | bytes | int | float | list | tuple):
+            raise InvalidIdentity(
+                "identity must be an Identity, a mapping or an object with ids,"
+                f" not {type(identity).__name__}; for one tenant, pass tenant_id=."
+            )
         from_identity = normalize_identity(identity).tenant_id
         if tenant_id is not UNSET and normalize_id(tenant_id, "tenant_id") != from_identity:
             raise InvalidRunOptions("tenant_id and identity name different tenants.")

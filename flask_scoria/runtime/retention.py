@@ -36,6 +36,8 @@ def prune_runs(
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
     int_in_range(batch_size, "batch_size")
+    if not isinstance(dry_run, bool):
+        raise InvalidRunOptions("dry_run must be True or False.")
     try:
         cutoff = utcnow() - older_than
     except OverflowError:
