@@ -30,6 +30,7 @@ from .runtime import (
     approve_run,
     cancel_run,
     dispatch,
+    get_run,
     get_run_detail,
     list_runs,
     prune_runs,
@@ -291,7 +292,7 @@ def show(run_id: str, as_json: bool) -> None:
 def approve(
     run_id: str, decided_by: str, note: str | None, approval_id: str | None, as_json: bool
 ) -> None:
-    """Approve the pending approval of RUN_ID; then resume it."""
+    """Approve the pending approval of RUN_ID; the run waits for 'resume'."""
     run = approve_run(run_id, decided_by=decided_by, note=note, approval_id=approval_id)
     _echo_run(run, as_json)
     if not as_json:
@@ -413,10 +414,12 @@ def prune(days: float, tenant_id: str | None, dry_run: bool) -> None:
 @scoria_cli.command("recover")
 @scoria_errors
 def recover() -> None:
-    """Fail runs whose step lease expired, so that resume_run can retry them."""
+    """Retry (per their Retry policy) or fail steps whose lease expired or whose timeout
+    passed, and fail runs whose approval expired."""
     recovered = recover_expired_leases()
     for run_id in recovered:
-        click.echo(f"failed (lease expired): {run_id}")
+        status = get_run(run_id).status
+        click.echo(f"{'retry queued' if status == RunStatus.RUNNING else status}: {run_id}")
     click.echo(f"{len(recovered)} run(s) recovered")
 
 

@@ -80,7 +80,7 @@ def test_killed_handler_fails_by_lease_and_resumes_in_place(
     # the CLI sweeps the other one
     result = runner.invoke(args=["scoria", "recover"])
     assert result.exit_code == 0, result.output
-    assert swept_run.run_id in result.output
+    assert f"failed: {swept_run.run_id}" in result.output
     assert read_run.run_id not in result.output
     assert "1 run(s) recovered" in result.output
     assert runner.invoke(args=["scoria", "recover"]).output.strip() == "0 run(s) recovered"

@@ -212,22 +212,27 @@ def test_a_retry_due_later_waits_for_a_worker_and_never_runs_early(
     assert flaky.attempts == [1, 2]
 
 
-def test_an_expired_lease_is_retried_per_policy(app: Flask, runtime: Scoria) -> None:
+def claimed_by_a_dead_process(runtime: Scoria) -> scoria.RunSummary:
+    """A run whose ``draft`` step was claimed by a process that died 5 seconds ago."""
     runtime.handler("draft", retry=Retry(attempts=2, delay=0, jitter=False))(Flaky(failures=0))
-    with app.app_context():
-        run = scoria.start_run(WHO, initial_step={"kind": "other"})
-        engine = runtime.storage().engine
-        past = datetime.now(UTC) - timedelta(seconds=5)
-        with engine.begin() as conn:  # as if a process claimed the step and died
-            conn.execute(
-                sa.update(steps).values(
-                    kind="draft",
-                    status="running",
-                    lease_token="dead",
-                    lease_expires_at=past,
-                    started_at=past,
-                )
+    run = scoria.start_run(WHO, initial_step={"kind": "other"})
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    with runtime.storage().engine.begin() as conn:
+        conn.execute(
+            sa.update(steps).values(
+                kind="draft",
+                status="running",
+                lease_token="dead",
+                lease_expires_at=past,
+                started_at=past,
             )
+        )
+    return run
+
+
+def test_an_expired_lease_is_retried_per_policy(app: Flask, runtime: Scoria) -> None:
+    with app.app_context():
+        run = claimed_by_a_dead_process(runtime)
         assert scoria.get_run(run.run_id).status == "running"
         step = only_step(run.run_id)
         assert (step.status, step.attempt) == ("queued", 2)
@@ -236,6 +241,15 @@ def test_an_expired_lease_is_retried_per_policy(app: Flask, runtime: Scoria) -> 
             "retry_scheduled",
         ]
         assert scoria.dispatch(run.run_id).status == "completed"
+
+
+def test_recover_says_it_queued_a_retry(app: Flask, runtime: Scoria) -> None:
+    with app.app_context():
+        run = claimed_by_a_dead_process(runtime)
+    result = app.test_cli_runner().invoke(args=["scoria", "recover"])
+    assert result.output == f"retry queued: {run.run_id}\n1 run(s) recovered\n"
+    with app.app_context():
+        assert (only_step(run.run_id).status, only_step(run.run_id).attempt) == ("queued", 2)
 
 
 def test_a_traceback_keeps_the_last_8_kib(app: Flask) -> None:
