@@ -93,7 +93,9 @@ def read_settings(app: Flask) -> Settings:
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
     prefix = config["SCORIA_URL_PREFIX"]
-    if not isinstance(prefix, str) or not prefix.startswith("/") or not prefix.strip("/"):
+    # One "/" and a name: "//host" would be a URL of another host, which Flask mounts
+    # as "/host".
+    if not isinstance(prefix, str) or len(prefix) < 2 or prefix[0] != "/" or prefix[1] == "/":
         raise ValueError(f"SCORIA_URL_PREFIX must be a path such as '/scoria', not {prefix!r}.")
     lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float, maximum=MAX_SECONDS)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
