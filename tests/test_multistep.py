@@ -17,7 +17,7 @@ from flask import Flask
 from test_concurrency import paused_run, race_across_processes, race_threads
 
 import flask_scoria as scoria
-from flask_scoria import Next, Succeed, WaitForApproval
+from flask_scoria import Handoff, Next, Succeed, WaitForApproval
 
 
 def start(handlers: dict[str, Any], kind: str = "plan", **options: Any) -> scoria.RunSummary:
@@ -89,10 +89,20 @@ def test_a_delayed_step_does_not_run_before_its_time(app_ctx: None) -> None:
     assert ran_at and ran_at[0] >= queued.not_before.timestamp() >= asked + 0.6
 
 
-def test_max_steps_stops_a_handler_that_loops_forever(database_uri: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "loop",
+    [
+        Next("plan", {"n": 1}),
+        # A handoff to its own kind adds a child step each time, as Next does.
+        Handoff("planner", "plan", {"n": 1}),
+    ],
+)
+def test_max_steps_stops_a_handler_that_loops_forever(
+    database_uri: str, tmp_path: Path, loop: Next | Handoff
+) -> None:
     app = create_test_app(database_uri, tmp_path / "instance", SCORIA_MAX_STEPS=5)
     with app.app_context():
-        run = start({"plan": lambda step, run: Next("plan", {"n": step.sequence})})
+        run = start({"plan": lambda step, run: loop})
         detail = scoria.get_run_detail(run.run_id)
     app.extensions["scoria"].storage(app).engine.dispose()
     assert run.status == "failed"

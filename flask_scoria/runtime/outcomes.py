@@ -217,14 +217,22 @@ def _fail(done: Finished, outcome: Fail) -> Recorded:
     return recorded
 
 
+def _beyond_max_steps(done: Finished, what: str) -> Fail | None:
+    """The failure of an outcome whose new step would pass ``SCORIA_MAX_STEPS``."""
+    sequence = done.tx.step_sequence() + 1
+    limit = done.ctx.max_steps
+    if sequence <= limit:
+        return None
+    message = f"{what} would give the run step {sequence}; the limit is {limit}"
+    return Fail({"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."})
+
+
 def _next(done: Finished, outcome: Next) -> Recorded:
     tx = done.tx
+    beyond = _beyond_max_steps(done, f"Next({outcome.kind!r})")
+    if beyond is not None:
+        return _fail(done, beyond)
     sequence = tx.step_sequence() + 1
-    limit = done.ctx.max_steps
-    if sequence > limit:
-        message = f"Next({outcome.kind!r}) would give the run step {sequence}; the limit is {limit}"
-        error = {"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."}
-        return _fail(done, Fail(error))
     given = dict(outcome.input or {})
     size, cap = serialized_size(given), done.ctx.handoff_max_bytes
     if size > cap:
@@ -264,6 +272,9 @@ def _raised(done: Finished, outcome: Raised) -> Recorded:
 
 
 def _handoff(done: Finished, outcome: Handoff) -> Recorded:
+    beyond = _beyond_max_steps(done, f"Handoff to {outcome.delegated_kind!r}")
+    if beyond is not None:
+        return _fail(done, beyond)
     try:
         spec = validate_handoff(
             delegated_role_id=outcome.delegated_role_id,
