@@ -83,7 +83,9 @@ def throwaway_app(host: Flask) -> Iterator[Flask]:
     """A copy of ``host``'s config and handlers on a fresh, migrated SQLite file.
 
     Its operator scope grants the verifier's own tenant, so the operator pages
-    can be read without the host's sign-in.
+    can be read without the host's sign-in. Every step runs in the call that
+    reaches it (the inline executor), with the handler's retry and timeout:
+    the checks read what the handler did, and no worker serves the copy.
     """
     host_state = app_state(host)
     with tempfile.TemporaryDirectory(prefix="scoria-verify-") as tmp:
@@ -92,10 +94,15 @@ def throwaway_app(host: Flask) -> Iterator[Flask]:
         app.config.update(
             SCORIA_DATABASE_URI="sqlite:///" + os.path.join(tmp, "verify.sqlite3"),
             SCORIA_ENGINE_OPTIONS={},
+            SCORIA_EXECUTOR="inline",
             SECRET_KEY=host.config.get("SECRET_KEY") or secrets.token_hex(16),
         )
         extension = type(host_state.extension)()
         extension.registry.handlers.update(host_state.registry.handlers)
+        extension.registry.policies.update(
+            (kind, dataclasses.replace(policy, executor="inline"))
+            for kind, policy in host_state.registry.policies.items()
+        )
         extension.registry.operator_scope = lambda: {
             "tenant_id": VERIFY_TENANT,
             "actor_id": VERIFY_ACTOR,

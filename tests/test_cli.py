@@ -207,11 +207,21 @@ def operator_scope() -> dict[str, str]:
     return {"tenant_id": "t-1", "actor_id": "ops"}
 
 
+@pytest.mark.parametrize(
+    ("app_executor", "handler_executor"),
+    [("inline", None), ("worker", None), ("celery", None), ("inline", "worker")],
+)
 def test_verify_adoption_passes_with_the_app_handlers(
-    runtime: Scoria, runner: FlaskCliRunner
+    app: Flask,
+    runtime: Scoria,
+    runner: FlaskCliRunner,
+    app_executor: str,
+    handler_executor: str | None,
 ) -> None:
+    """Wherever the app runs its steps, the checks run the handler in the call."""
+    app.config["SCORIA_EXECUTOR"] = app_executor
     runtime.operator_scope(operator_scope)
-    runtime.handler("approval")(ask_approval)
+    runtime.handler("approval", executor=handler_executor)(ask_approval)
     code, out = invoke(runner, "verify")
     assert code == 0, out
     for step in ("1. start_run", "3. get_run", "4. operator", "5. resume_run", "6. same session"):
