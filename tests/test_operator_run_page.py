@@ -345,6 +345,26 @@ def test_the_run_window_read_matches_the_full_detail(app: Flask) -> None:
     assert part.older_events == 10
 
 
+def test_the_run_window_pages_through_handoffs_with_its_own_cursor(app: Flask) -> None:
+    run_id = start(app, kind="fixed", handlers={"fixed": fixed})
+    grow(app, run_id, steps=12, events=1, handoffs=12)
+    with app.app_context():
+        full = scoria.get_run_detail(run_id).delegated_handoffs
+        seen: list[scoria.DelegatedHandoff] = []
+        after = None
+        while True:
+            window = scoria.runtime.get_run_window(run_id, handoff_limit=5, handoffs_after=after)
+            seen.extend(window.delegated_handoffs)
+            if window.older_handoffs is None:
+                break
+            after = window.older_handoffs
+        for junk in ("junk", 7):
+            with pytest.raises(scoria.InvalidRunOptions, match="older_handoffs"):
+                scoria.runtime.get_run_window(run_id, handoffs_after=junk)  # type: ignore[arg-type]
+    assert sorted(handoff.handoff_id for handoff in seen) == sorted(h.handoff_id for h in full)
+    assert len(seen) == 12
+
+
 def test_another_tenants_run_has_no_pages(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="fixed", tenant="globex", handlers={"fixed": fixed})
     for query in ("", "?events_before=5", "?steps_before=2"):

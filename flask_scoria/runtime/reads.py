@@ -31,7 +31,7 @@ from sqlalchemy import (
 
 from .._ids import parse_uuid
 from .._json import is_storable_text
-from ..errors import RunNotFound
+from ..errors import InvalidRunOptions, RunNotFound, short_repr
 from ..identity import normalize_id
 from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
 from ..statuses import ApprovalStatus, RunStatus
@@ -224,14 +224,23 @@ def get_run_window(
     handoff_limit: int | None = None,
     steps_before: int | None = None,
     events_before: int | None = None,
-    handoffs_after: Cursor | None = None,
+    handoffs_after: Cursor | str | None = None,
 ) -> RunWindow:
     """One run with a bounded part of its steps, timeline, approvals and handoffs.
 
     Its cost does not grow with the run: a fixed number of queries, each
     reading at most ``limit`` rows (``handoff_limit`` handoffs, default
-    ``limit``), plus two counts.
+    ``limit``), plus two counts. ``handoffs_after`` is a window's
+    ``older_handoffs``, for the next page of handoffs.
     """
+    if handoffs_after is not None and not isinstance(handoffs_after, Cursor):
+        decoded = Cursor.decode(handoffs_after) if isinstance(handoffs_after, str) else None
+        if decoded is None:
+            raise InvalidRunOptions(
+                "handoffs_after must be a window's older_handoffs,"
+                f" not {short_repr(handoffs_after)}."
+            )
+        handoffs_after = decoded
     int_in_range(limit, "limit", 500)
     handoff_limit = int_in_range(handoff_limit or limit, "handoff_limit", 500)
     for name, value in (("steps_before", steps_before), ("events_before", events_before)):
