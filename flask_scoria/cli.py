@@ -401,7 +401,7 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 @scoria_errors
 def prune(days: float, tenant_id: str | None, dry_run: bool) -> None:
-    """Delete runs that ended long ago, with their steps, events and approvals.
+    """Delete runs that ended long ago, with their steps, events, approvals and handoffs.
 
     Runs still running or waiting for approval are never deleted.
     """

@@ -396,7 +396,8 @@ def cancel_run(
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
-    """End a run that has not ended, with its open steps and approvals, as ``cancelled``.
+    """End a run that is running, waiting for approval or failed, with its open steps and
+    approvals, as ``cancelled``; a failed run so is never retried.
 
     A handler still executing finishes, but its outcome is discarded.
     """
