@@ -97,16 +97,22 @@ def test_a_delayed_step_does_not_run_before_its_time(app_ctx: None) -> None:
         Handoff("planner", "plan", {"n": 1}),
     ],
 )
+# The limit counts steps, whatever number the first one has.
+@pytest.mark.parametrize("first", [1, 100])
 def test_max_steps_stops_a_handler_that_loops_forever(
-    database_uri: str, tmp_path: Path, loop: Next | Handoff
+    database_uri: str, tmp_path: Path, loop: Next | Handoff, first: int
 ) -> None:
     app = create_test_app(database_uri, tmp_path / "instance", SCORIA_MAX_STEPS=5)
     with app.app_context():
-        run = start({"plan": lambda step, run: loop})
+        run = scoria.start_run(
+            scoria.identity(IDENTITY),
+            initial_step={"kind": "plan", "sequence": first},
+            handlers={"plan": lambda step, run: loop},
+        )
         detail = scoria.get_run_detail(run.run_id)
     app.extensions["scoria"].storage(app).engine.dispose()
     assert run.status == "failed"
-    assert len(detail.steps) == 5
+    assert [step.sequence for step in detail.steps] == list(range(first, first + 5))
     assert detail.steps[-1].error_envelope["type"] == "max_steps_exceeded"  # type: ignore[index]
 
 

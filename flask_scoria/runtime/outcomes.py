@@ -219,11 +219,16 @@ def _fail(done: Finished, outcome: Fail) -> Recorded:
 
 def _beyond_max_steps(done: Finished, what: str) -> Fail | None:
     """The failure of an outcome whose new step would pass ``SCORIA_MAX_STEPS``."""
-    sequence = done.tx.step_sequence() + 1
-    limit = done.ctx.max_steps
-    if sequence <= limit:
+    tx, limit = done.tx, done.ctx.max_steps
+    # Sequences are unique and start at 1 or more: a run whose next sequence is within
+    # the limit has fewer steps. Only past it (or numbered from higher up) are they counted.
+    if tx.step_sequence() + 1 <= limit:
         return None
-    message = f"{what} would give the run step {sequence}; the limit is {limit}"
+    counted = tx.first(sql.STEP_COUNT, {"b_run_id": tx.run_id})
+    total = (counted["count"] if counted else 0) + 1
+    if total <= limit:
+        return None
+    message = f"{what} would give the run {total} steps; the limit is {limit}"
     return Fail({"type": "max_steps_exceeded", "message": message + " (SCORIA_MAX_STEPS)."})
 
 

@@ -463,6 +463,11 @@ QUEUED_STEPS = Prepared(
     )
     .order_by(steps.c.sequence)
 )
+STEP_COUNT = Prepared(
+    select(func.count().label("count"))
+    .select_from(steps)
+    .where(steps.c.run_id == bindparam("b_run_id"))
+)
 OPEN_STEP_COUNT = Prepared(
     select(func.count().label("count"))
     .select_from(steps)
