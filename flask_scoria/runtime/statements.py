@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
@@ -65,6 +65,23 @@ class _Compiled:
     defaults: Row
     binds: tuple[tuple[str, Callable[[Any], Any]], ...]
     columns: tuple[tuple[str, Processor], ...]
+
+    @cached_property
+    def native(self) -> tuple[str, tuple[str, ...]]:
+        """The ``pyformat`` SQL with PostgreSQL's own ``$n`` placeholders, and the name
+        of the parameter each one stands for.
+
+        psycopg sends it as it is: a ``pyformat`` statement is parsed again on every
+        execution once it is longer than psycopg caches (4,096 characters), as the
+        largest transitions are.
+        """
+        numbers: dict[str, int] = {}
+
+        def placeholder(match: re.Match[str]) -> str:
+            name = match.group(1)
+            return "%" if name is None else f"${numbers.setdefault(name, len(numbers) + 1)}"
+
+        return _PYFORMAT.sub(placeholder, self.sql), tuple(numbers)
 
     def parameters(self, values: RowLike) -> Any:
         processed = {**self.defaults, **values}
@@ -292,6 +309,8 @@ _COMBINED: dict[_Shape, _Compiled] = {}
 #: How many shapes are kept; the transitions make a few dozen.
 _COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
+#: A ``pyformat`` placeholder, or an escaped ``%``.
+_PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
 
 
 #: The first part of a statement that is its own transaction: the run's lock.
@@ -379,16 +398,35 @@ def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -
 
 def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> Any:
     dbapi_connection = conn.connection
-    cursor = dbapi_connection.cursor()
+    if compiled.positional is None and conn.dialect.driver == "psycopg":
+        driver: Any = dbapi_connection.driver_connection
+        cursor = _native_cursor(driver.cursor_factory)(driver)
+        sql, names = compiled.native
+        if many:
+            values: Any = [tuple([row[name] for name in names]) for row in params]
+        else:
+            values = tuple([params[name] for name in names])
+    else:
+        cursor = dbapi_connection.cursor()
+        sql, values = compiled.sql, params
     try:
         if many:
-            cursor.executemany(compiled.sql, params)
+            cursor.executemany(sql, values)
         else:
-            cursor.execute(compiled.sql, params)
+            cursor.execute(sql, values)
     except conn.dialect.loaded_dbapi.Error as exc:
         cursor.close()
         raise database_error(conn, exc, compiled.sql, params, cursor) from exc
     return cursor
+
+
+@cache
+def _native_cursor(factory: type) -> type:
+    """psycopg's cursor class ``factory`` (the connection's, which may be instrumented),
+    sending its queries with PostgreSQL's own placeholders, unparsed."""
+    from psycopg.raw_cursor import RawCursorMixin
+
+    return type(f"Native{factory.__name__}", (RawCursorMixin, factory), {})
 
 
 def _fetch(conn: Connection, compiled: _Compiled, fetch: Callable[[], T]) -> T:
