@@ -334,6 +334,18 @@ def test_each_call_stays_within_its_round_trips(database_uri: str, tmp_path: Pat
     assert counted == ROUND_TRIPS
 
 
+def test_a_statement_for_psycopg_numbers_each_parameter_once() -> None:
+    """The native form names each parameter by its first position, and unescapes ``%%``."""
+    compiled = sql._Compiled(
+        sql="SELECT %(a)s, %(b)s WHERE x LIKE 'p%%' AND y = %(a)s",
+        positional=None,
+        defaults={},
+        binds=(),
+        columns=(),
+    )
+    assert compiled.native == ("SELECT $1, $2 WHERE x LIKE 'p%' AND y = $1", ("a", "b"))
+
+
 def test_held_rows_of_one_insert_share_its_values_list_unless_it_has_a_suffix() -> None:
     """Rows of a plain INSERT become one VALUES list; an INSERT ... ON CONFLICT keeps its
     rows apart, since its clause would apply to the first row's list only."""
