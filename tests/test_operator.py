@@ -432,6 +432,8 @@ def test_filters_and_session_page(operator_app: Flask, ops: FlaskClient) -> None
     assert ids.findall(page(ops, "/scoria/workflows?session=sess-1&status=completed")) == [done]
     assert ids.findall(page(ops, "/scoria/sessions/sess-1")) == [done, waiting]
     assert "No runs recorded" in page(ops, "/scoria/sessions/nobody")
+    nul = page(ops, "/scoria/sessions/sess%00-1")
+    assert "No runs recorded" in nul and "\x00" not in nul and "sess\ufffd-1" in nul
     inbox = page(ops, "/scoria/approvals")
     assert ids.findall(inbox) == [waiting]
     assert "<code>publish</code>" in inbox

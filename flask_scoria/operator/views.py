@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, NotFound, ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
+from .._json import storable_text
 from ..errors import ApprovalAlreadyDecided, RunNotFound, ScoriaError, StorageError
 from ..readback import RunSummary
 from ..state import app_state
@@ -171,7 +172,9 @@ def session_runs(session_id: str) -> str:
     filters = runtime.RunFilters(session_id=session_id)
     tenant = current_scope().tenant_id
     page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
-    return render_template("scoria/session.html", page=page, session_id=session_id)
+    # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
+    shown = storable_text(session_id)
+    return render_template("scoria/session.html", page=page, session_id=shown)
 
 
 @bp.get("/approvals")
