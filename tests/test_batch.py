@@ -101,8 +101,10 @@ def test_writes_to_several_tables_leave_as_one_statement(
             batch.add(sql.INSERT_EVENTS, _event(run_id, sequence))
     writes = _statements_sent()
     assert len(writes) == 1
-    # The three events are rows of one INSERT.
+    # The three events are rows of one INSERT, sent with PostgreSQL's own placeholders
+    # through the connection's cursor class (which recorded it).
     assert writes[0].count("INSERT INTO scoria_events") == 1
+    assert "$1" in writes[0] and "%(" not in writes[0]
     found = _rows(storage, sa.select(events.c.payload).where(events.c.sequence >= 100))
     assert sorted(row.payload["n"] for row in found) == [100, 101, 102]
     assert _rows(storage, sa.select(steps.c.kind).where(steps.c.id == step_id)) == [("renamed",)]
@@ -135,6 +137,18 @@ def test_an_update_after_a_write_to_its_table_sees_that_write(
     assert _rows(storage, sa.select(steps.c.status).where(steps.c.id == step_id)) == [
         ("completed",)
     ]
+
+
+def test_a_client_side_cursor_class_gets_pyformat(database_uri: str, tmp_path: Path) -> None:
+    """psycopg's ClientCursor, which SQLAlchemy supports as a connection's cursor class,
+    binds parameters itself: the statements go to it in their pyformat form."""
+    options = {"connect_args": {"cursor_factory": psycopg.ClientCursor}}
+    app = create_test_app(database_uri, tmp_path / "i", SCORIA_ENGINE_OPTIONS=options)
+    app.extensions["scoria"].handler("work")(lambda step, run: {"done": True})
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "work"})
+        assert scoria.get_run(run.run_id).status == "completed"
+    app.extensions["scoria"].storage(app).engine.dispose()
 
 
 def test_a_notify_rides_with_the_writes(

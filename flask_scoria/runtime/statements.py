@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
@@ -398,9 +398,12 @@ def _compile(statement: ClauseElement, dialect: Dialect, keys: frozenset[str]) -
 
 def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> Any:
     dbapi_connection = conn.connection
+    native = None
     if compiled.positional is None and conn.dialect.driver == "psycopg":
         driver: Any = dbapi_connection.driver_connection
-        cursor = _native_cursor(driver.cursor_factory)(driver)
+        native = _native_cursor(driver.cursor_factory)
+    if native is not None:
+        cursor = native(driver)
         sql, names = compiled.native
         if many:
             values: Any = [tuple([row[name] for name in names]) for row in params]
@@ -420,12 +423,27 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
     return cursor
 
 
-@cache
-def _native_cursor(factory: type) -> type:
+@lru_cache(maxsize=16)
+def _native_cursor(factory: type) -> type | None:
     """psycopg's cursor class ``factory`` (the connection's, which may be instrumented),
-    sending its queries with PostgreSQL's own placeholders, unparsed."""
-    from psycopg.raw_cursor import RawCursorMixin
+    sending its queries with PostgreSQL's own placeholders, unparsed.
 
+    ``None`` for a cursor class that builds its queries another way (psycopg's
+    ``ClientCursor`` binds parameters in the client, a ``RawCursor`` takes ``$n``
+    already), or where psycopg has no ``RawCursorMixin``: its statements go as
+    ``pyformat``. Bounded: instrumentation may make a class per connection.
+    """
+    import psycopg
+
+    try:
+        # Not among psycopg's exports: the mixin psycopg.RawCursor is made of.
+        from psycopg.raw_cursor import RawCursorMixin
+    except ImportError:
+        return None
+    if not issubclass(factory, psycopg.Cursor) or issubclass(
+        factory, psycopg.ClientCursor | RawCursorMixin
+    ):
+        return None
     return type(f"Native{factory.__name__}", (RawCursorMixin, factory), {})
 
 
