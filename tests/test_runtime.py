@@ -569,6 +569,25 @@ def test_an_outcome_over_the_size_limit_fails_its_step_at_once(capped: Flask, ou
     assert "the limit is 1000 (SCORIA_RESULT_MAX_BYTES)" in error["message"]
 
 
+def test_an_exception_over_the_size_limit_keeps_its_error_and_its_retry(capped: Flask) -> None:
+    """An exception's record (its traceback up to 8 KiB) is bounded already."""
+    attempts: list[int] = []
+
+    def flaky(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        attempts.append(step.attempt)
+        if step.attempt == 1:
+            raise RuntimeError("x" * 1500)
+        return {"done": True}
+
+    capped.extensions["scoria"].handler("work", retry=scoria.Retry(attempts=2, delay=0))(flaky)
+    with capped.app_context():
+        run = start()
+        assert run.status == "completed"
+        events = [event.event_type for event in scoria.get_run_detail(run.run_id).events]
+    assert attempts == [1, 2]
+    assert "retry_scheduled" in events
+
+
 def test_an_outcome_at_the_size_limit_is_stored(capped: Flask) -> None:
     # {"t":"..."} is 8 bytes around the text.
     result = {"t": "x" * 992}

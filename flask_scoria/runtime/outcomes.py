@@ -152,7 +152,8 @@ def _too_large(outcome: Outcome, cap: int) -> Fail | None:
         stored = [("The handler result", outcome.result)]
     elif isinstance(outcome, WaitForApproval):
         stored = [("Approval arguments", outcome.arguments), ("Approval reason", outcome.reason)]
-    elif isinstance(outcome, Fail):
+    elif isinstance(outcome, Fail) and not isinstance(outcome, Raised):
+        # An exception's record is bounded already, and keeps its retry policy.
         stored = [("The handler error", outcome.error)]
     for what, value in stored:
         size = serialized_size(value)
