@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from .._json import MAX_DEPTH
+from .._json import MAX_DEPTH, json_object
+from ..errors import InvalidRunOptions
 from ..readback import Step
 from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
 
@@ -91,34 +92,20 @@ class ArgumentsError(ValueError):
 
 
 def parse_arguments(text: str) -> dict[str, Any]:
-    """The JSON object an operator typed as an approval's arguments."""
-    too_deep = ArgumentsError(f"The arguments are nested deeper than {MAX_DEPTH} levels.")
+    """The JSON object an operator typed as an approval's arguments, checked as every
+    stored payload is (its depth, its integers, its text)."""
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise ArgumentsError(f"This is not valid JSON: {exc}.") from None
     except RecursionError:
-        raise too_deep from None
+        raise ArgumentsError(f"The JSON is nested deeper than {MAX_DEPTH} levels.") from None
     if not isinstance(value, dict):
         raise ArgumentsError('The arguments must be a JSON object, {"name": value, ...}.')
-    if _depth(value) > MAX_DEPTH:
-        raise too_deep
-    return value
-
-
-def _depth(value: Any) -> int:
-    """The level of the deepest value in ``value`` (itself level 0), without recursion.
-
-    The measure of stored payloads, whose values may be at most :data:`MAX_DEPTH` deep.
-    """
-    deepest, pending = 0, [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict | list):
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, depth + 1) for child in children)
-    return deepest
+    try:
+        return json_object(value, what="The JSON", error=InvalidRunOptions)
+    except InvalidRunOptions as exc:
+        raise ArgumentsError(exc.message) from None
 
 
 def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:
