@@ -100,6 +100,10 @@ def identity_from_g(g: object = None) -> Identity:
     return Identity.from_g(g)
 
 
+#: Values that carry no ids: :func:`identity` reads each as the empty identity.
+NO_IDS: tuple[type, ...] = (str, bytes, int, float, list, tuple)
+
+
 def identity(value: object = None) -> Identity:
     """Normalize ``value`` into an :class:`Identity`.
 
@@ -118,7 +122,7 @@ def identity(value: object = None) -> Identity:
             session_id=normalize_id(value.session_id, "session_id"),
             metadata=_metadata(value.metadata),
         )
-    if value is None or isinstance(value, str | bytes | int | float | list | tuple):
+    if value is None or isinstance(value, NO_IDS):
         return Identity()
 
     def read(key: str) -> object:
