@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
-from .errors import ScoriaError
+from .errors import RunNotFound, ScoriaError
 from .readback import RunDetail, RunSummary
 from .runtime import (
     UNSET,
@@ -418,7 +418,11 @@ def recover() -> None:
     passed, and fail runs whose approval expired."""
     recovered = recover_expired_leases()
     for run_id in recovered:
-        status = get_run(run_id).status
+        try:
+            status = get_run(run_id).status
+        except RunNotFound:  # pruned since
+            continue
+        # As the run is now: a worker may have gone on with a retry already.
         click.echo(f"{'retry queued' if status == RunStatus.RUNNING else status}: {run_id}")
     click.echo(f"{len(recovered)} run(s) recovered")
 

@@ -39,8 +39,9 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-#: The longest timeout a driver takes: PostgreSQL's and SQLite's are milliseconds in a
-#: 32-bit int (about 24.8 days).
+#: The longest timeout the drivers take: PostgreSQL's statement timeout and SQLite's are
+#: milliseconds in a 32-bit int (about 24.8 days); libpq's connect timeout, whole seconds,
+#: gets the same bound.
 _MAX_TIMEOUT = (2**31 - 1) / 1000
 #: The keys of flask-scoria's own engine, which a host's ``db`` engine ignores.
 OWN_ENGINE_KEYS = (
@@ -178,13 +179,13 @@ def _number(
         number = None  # 1.5 is no int
     in_range = (
         number is not None
-        and math.isfinite(number)
+        and (isinstance(number, int) or math.isfinite(number))
         and (number > 0 or (allow_zero and number == 0))
         and (maximum is None or number <= maximum)
     )
     if isinstance(value, bool) or not in_range:
         least = "zero or more" if allow_zero else "positive"
-        most = "" if maximum is None else f" of at most {maximum:g}"
+        most = "" if maximum is None else f" of at most {maximum}"
         raise ValueError(f"{key} must be a {least} number{most}, not {value!r}.")
     return number
 

@@ -397,7 +397,7 @@ def cancel_run(
     identity: object = None,
 ) -> RunSummary:
     """End a run that is running, waiting for approval or failed, with its open steps and
-    approvals, as ``cancelled``; a failed run so is never retried.
+    approvals, as ``cancelled``, so that a failed run is never retried.
 
     A handler still executing finishes, but its outcome is discarded.
     """
