@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import create_test_app
 from flask import Flask
 from flask.testing import FlaskClient
 from markupsafe import escape
@@ -132,6 +135,23 @@ def test_bad_arguments_are_shown_in_the_form_and_nothing_is_decided(
     assert f">{escape(text)}</textarea>" in html
     assert "<script>" not in html
     assert detail(app, run_id).approvals[0].status == "pending"
+
+
+def test_edited_arguments_over_the_size_limit_are_shown_in_the_form(
+    database_uri: str, tmp_path: Path
+) -> None:
+    app = create_test_app(database_uri, tmp_path / "small", SCORIA_RESULT_MAX_BYTES=100)
+    runtime = app.extensions["scoria"]
+    runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    runtime.handler("review")(review)
+    run_id = start(app, kind="review")
+    text = json.dumps({"body": "x" * 200})
+    response = approve_with(app.test_client(), run_id, arguments=text)
+    assert response.status_code == 422
+    assert "the limit is 100 (SCORIA_RESULT_MAX_BYTES)" in response.text
+    assert f">{escape(text)}</textarea>" in response.text
+    assert detail(app, run_id).approvals[0].status == "pending"
+    runtime.storage(app).engine.dispose()
 
 
 def test_editing_a_fixed_approval_is_refused_with_the_reason(app: Flask, ops: FlaskClient) -> None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from .._json import MAX_DEPTH, json_object
+from .._json import MAX_DEPTH, json_object, serialized_size
 from ..errors import InvalidRunOptions
 from ..readback import Step
 from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
@@ -91,9 +91,9 @@ class ArgumentsError(ValueError):
     """Edited approval arguments that are not a JSON object; the message says why."""
 
 
-def parse_arguments(text: str) -> dict[str, Any]:
+def parse_arguments(text: str, max_bytes: int) -> dict[str, Any]:
     """The JSON object an operator typed as an approval's arguments, checked as every
-    stored payload is (its depth, its integers, its text)."""
+    stored payload is (its depth, its integers, its text, at most ``max_bytes``)."""
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -103,9 +103,16 @@ def parse_arguments(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ArgumentsError('The arguments must be a JSON object, {"name": value, ...}.')
     try:
-        return json_object(value, what="The JSON", error=InvalidRunOptions)
+        arguments = json_object(value, what="The JSON", error=InvalidRunOptions)
     except InvalidRunOptions as exc:
         raise ArgumentsError(exc.message) from None
+    size = serialized_size(arguments)
+    if size > max_bytes:
+        raise ArgumentsError(
+            f"The arguments are {size} bytes serialized; the limit is {max_bytes}"
+            " (SCORIA_RESULT_MAX_BYTES)."
+        )
+    return arguments
 
 
 def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:

@@ -248,7 +248,7 @@ def approve(run_id: str) -> ResponseReturnValue:
         return _decide(run_id, actions.approve, "approved", "Approved.")
     approval_id = request.form.get("approval_id", "").strip()
     try:
-        edited = present.parse_arguments(text)
+        edited = present.parse_arguments(text, app_state().settings.result_max_bytes)
     except present.ArgumentsError as exc:
         return _run_page(run_id, ArgumentsForm(approval_id, text, str(exc))), 422
     shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
