@@ -154,6 +154,43 @@ def test_edited_arguments_over_the_size_limit_are_shown_in_the_form(
     runtime.storage(app).engine.dispose()
 
 
+def test_a_refused_form_keeps_the_note_and_takes_the_focus(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="review")
+    response = approve_with(ops, run_id, arguments="not json", note="my careful note")
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert 'value="my careful note"' in html
+    assert re.search(r'<textarea[^>]*aria-invalid="true"[^>]*autofocus', html)
+    # Its reload, when the run moves, goes to the run page, not to the form's address.
+    assert f'data-run-url="/scoria/workflows/{run_id}"' in html
+
+
+def bidi(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """An approval whose text would read reversed past a right-to-left override."""
+    return WaitForApproval(
+        "send\u202eliam",
+        {"to": "moc.live\u202e@x", "\u2067key": 1},
+        reason="pay \u202e01$",
+    )
+
+
+def test_bidirectional_controls_are_shown_as_escapes(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="bidi", handlers={"bidi": bidi})
+    for html in (run_page(ops, run_id), page(ops, "/scoria/approvals")):
+        assert not re.search("[\u202a-\u202e\u2066-\u2069]", html)
+        assert "send\\u202eliam" in html
+        assert "pay \\u202e01$" in html
+    assert "moc.live\\u202e@x" in run_page(ops, run_id)
+
+
+def test_the_inbox_names_what_each_button_decides(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="fixed")
+    html = page(ops, "/scoria/approvals")
+    what = f"publish for run …{run_id[-8:]}"
+    for action in ("Approve", "Reject", "Review"):
+        assert f'aria-label="{action} {what}"' in html
+
+
 def test_editing_a_fixed_approval_is_refused_with_the_reason(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="fixed")
     assert 'name="arguments"' not in run_page(ops, run_id)

@@ -6,6 +6,7 @@ Pure functions, no HTTP and no SQL.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,14 +62,26 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     return value
 
 
+#: Characters that reorder the text around them (embeddings, overrides, isolates): in a
+#: tool call they could show an approver ``moc.live@x`` for what reads ``x@evil.com``.
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with its bidirectional controls written out as ``\\u202e`` escapes."""
+    return _BIDI_CONTROLS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
+
 def masked(text: str | None) -> str | None:
-    """Free text (a reason, a note) with the passwords of URLs and connection strings masked."""
-    return None if text is None else mask_passwords(text, REDACTED)
+    """Free text (a reason, a note) with the passwords of URLs and connection strings masked
+    and its bidirectional controls visible."""
+    return None if text is None else visible(mask_passwords(text, REDACTED))
 
 
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
-    """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters."""
-    text = json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str)
+    """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters, its
+    bidirectional controls visible (as the JSON escapes they are)."""
+    text = visible(json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str))
     if len(text) <= VALUE_CHARS:
         return text
     return f"{text[:VALUE_CHARS]}\n… cut: {len(text):,} characters in all"
@@ -149,9 +162,14 @@ def preview(
     """The first keys of a projected context, sorted, with short values."""
     shown = redact(context or {}, extra)
     return [
-        (key, truncate(item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)))
+        (visible(key), visible(truncate(_text(item))))
         for key, item in sorted(shown.items())[:PREVIEW_KEYS]
     ]
+
+
+def _text(value: object) -> str:
+    """A string as it is, anything else as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ def _page_helpers() -> dict[str, Any]:
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
         "masked": present.masked,
+        "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
         "split_traceback": partial(present.split_traceback, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
@@ -197,6 +198,8 @@ class ArgumentsForm:
     approval_id: str
     text: str
     error: str
+    #: The note typed with them, kept too.
+    note: str = ""
 
 
 def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
@@ -250,7 +253,8 @@ def approve(run_id: str) -> ResponseReturnValue:
     try:
         edited = present.parse_arguments(text, app_state().settings.result_max_bytes)
     except present.ArgumentsError as exc:
-        return _run_page(run_id, ArgumentsForm(approval_id, text, str(exc))), 422
+        form = ArgumentsForm(approval_id, text, str(exc), request.form.get("note", ""))
+        return _run_page(run_id, form), 422
     shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
     requested = shown.arguments if shown else None
     edited = present.unredact(edited, requested, _redact_keys())

@@ -96,7 +96,14 @@
           if (!response.ok) { later(delay); return; }
           return response.json().then(function (state) {
             if (state.status !== status || state.updated_at !== updatedAt) {
-              window.location.reload();
+              // A page an action answered (a refused form) sits at the action's URL:
+              // reloading it would send the form again.
+              var page = body.getAttribute("data-run-url");
+              if (page && new URL(page, window.location.href).pathname !== window.location.pathname) {
+                window.location.replace(page);
+              } else {
+                window.location.reload();
+              }
               return;
             }
             later(delay);
