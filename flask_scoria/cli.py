@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -343,6 +344,13 @@ def dispatch_command(run_id: str, as_json: bool) -> None:
     _echo_run(dispatch(run_id), as_json)
 
 
+def _a_number(value: float) -> float:
+    """``value``, unless it is NaN (which every range check lets through)."""
+    if math.isnan(value):
+        raise click.BadParameter("nan is not a number of seconds.")
+    return value
+
+
 @scoria_cli.command("worker")
 @click.option(
     "--concurrency",
@@ -353,7 +361,8 @@ def dispatch_command(run_id: str, as_json: bool) -> None:
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.05),
+    type=click.FloatRange(min=0.05, max=3600),
+    callback=lambda _ctx, _param, value: _a_number(value),
     default=1.0,
     show_default=True,
     help="Seconds between polls on SQLite, and between sweeps of expired leases and timeouts.",

@@ -190,6 +190,19 @@ def test_a_killed_workers_step_is_retried_after_its_lease_expires(
     app.extensions["scoria"].storage(app).engine.dispose()
 
 
+def test_sigterm_stops_an_idle_worker_at_once(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """However long its interval, an idle worker (on PostgreSQL, waiting for a NOTIFY)
+    stops on SIGTERM."""
+    worker = processes.worker(process_env(database_uri, tmp_path), "--interval", "600")
+    began = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert time.monotonic() - began < 5
+    assert "worker stopped" in processes.output(worker)
+
+
 def test_sigterm_lets_the_running_handler_finish(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

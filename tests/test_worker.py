@@ -118,8 +118,9 @@ def test_worker_command_makes_one_pass(
     assert len(executions(counter)) == 1
 
 
-def test_worker_command_refuses_a_bad_interval(runner: FlaskCliRunner) -> None:
-    result = runner.invoke(args=["scoria", "worker", "--interval", "0"])
+@pytest.mark.parametrize("interval", ["0", "nan", "inf", "3601"])
+def test_worker_command_refuses_a_bad_interval(runner: FlaskCliRunner, interval: str) -> None:
+    result = runner.invoke(args=["scoria", "worker", "--interval", interval])
     assert result.exit_code == 2
     assert "--interval" in result.output
 

@@ -213,6 +213,11 @@ def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[st
     ]
 
 
+#: The longest a worker waiting for a notification goes without looking whether it was
+#: stopped, in seconds.
+STOP_CHECK = 0.5
+
+
 class _Listener:
     """A PostgreSQL connection that ``LISTEN``\\ s for queued steps."""
 
@@ -222,11 +227,17 @@ class _Listener:
         )
         self._conn.exec_driver_sql(f"LISTEN {CHANNEL}")
 
-    def wait(self, timeout: float) -> None:
-        """Return on a notification, or after ``timeout`` seconds."""
+    def wait(self, timeout: float, stopping: threading.Event) -> None:
+        """Return on a notification, after ``timeout`` seconds, or soon after ``stopping``
+        is set (it is looked at every :data:`STOP_CHECK` seconds)."""
         driver: Any = self._conn.connection.driver_connection
-        for _ in driver.notifies(timeout=timeout, stop_after=1):
-            pass
+        deadline = time.monotonic() + timeout
+        while not stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for _ in driver.notifies(timeout=min(left, STOP_CHECK), stop_after=1):
+                return
 
     def close(self) -> None:
         self._conn.invalidate()
@@ -337,7 +348,7 @@ class Worker:
             self._freed.clear()
             return
         try:
-            self._listener.wait(timeout)
+            self._listener.wait(timeout, self._stopping)
         except Exception as exc:
             log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
             self._close_listener()
