@@ -41,7 +41,7 @@ from .runtime import (
     run_worker,
 )
 from .state import app_state
-from .statuses import RunStatus
+from .statuses import RunStatus, StepStatus
 from .verify import LANES, parse_payload, run_lane
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -341,7 +341,14 @@ def resume(run_id: str, as_json: bool) -> None:
 @scoria_errors
 def dispatch_command(run_id: str, as_json: bool) -> None:
     """Run the queued steps of RUN_ID with the app's registered handlers."""
-    _echo_run(dispatch(run_id), as_json)
+    run = dispatch(run_id)
+    _echo_run(run, as_json)
+    if run.status == RunStatus.RUNNING:
+        registered = app_state().registry.handlers
+        steps = get_run_detail(run.run_id).steps
+        queued = {step.kind for step in steps if step.status == StepStatus.QUEUED}
+        for kind in sorted(queued - set(registered)):
+            click.echo(f"no handler for kind {kind!r} in this app: its step stays queued", err=True)
 
 
 def _a_number(value: float) -> float:

@@ -161,8 +161,9 @@ def test_dispatch_runs_queued_steps_with_registered_handlers(
 ) -> None:
     with app.app_context():
         queued = scoria.start_run(scoria.identity(None), initial_step={"kind": "review"}).run_id
-    code, out = invoke(runner, "dispatch", queued)
-    assert code == 0 and "running" in out
+    result = runner.invoke(args=["scoria", "dispatch", queued])
+    assert result.exit_code == 0 and "running" in result.stdout
+    assert "no handler for kind 'review' in this app" in result.stderr
     runtime.handler("review")(review)
     code, out = invoke(runner, "dispatch", queued, "--json")
     assert code == 0 and json.loads(out)["status"] == "completed"
