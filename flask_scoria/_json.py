@@ -100,6 +100,15 @@ def serialized_size(value: object) -> int:
     return len(json.dumps(value, separators=(",", ":")).encode())
 
 
+def oversized(value: object, cap: int, what: str, key: str) -> str | None:
+    """Why ``value`` is refused: more than ``cap`` bytes serialized, the limit of the
+    config ``key``; ``None`` if it fits."""
+    size = serialized_size(value)
+    if size <= cap:
+        return None
+    return f"{what} is {size} bytes serialized; the limit is {cap} ({key})."
+
+
 def storable_text(text: str) -> str:
     """``text`` with what PostgreSQL cannot store (NUL, lone surrogates) replaced."""
     return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")

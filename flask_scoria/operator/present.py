@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from .._json import MAX_DEPTH, json_object, serialized_size
+from .._json import MAX_DEPTH, json_object, oversized
 from ..errors import InvalidRunOptions
 from ..readback import Step
 from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
@@ -119,12 +119,9 @@ def parse_arguments(text: str, max_bytes: int) -> dict[str, Any]:
         arguments = json_object(value, what="The JSON", error=InvalidRunOptions)
     except InvalidRunOptions as exc:
         raise ArgumentsError(exc.message) from None
-    size = serialized_size(arguments)
-    if size > max_bytes:
-        raise ArgumentsError(
-            f"The arguments are {size} bytes serialized; the limit is {max_bytes}"
-            " (SCORIA_RESULT_MAX_BYTES)."
-        )
+    too_large = oversized(arguments, max_bytes, "The JSON", "SCORIA_RESULT_MAX_BYTES")
+    if too_large is not None:
+        raise ArgumentsError(too_large)
     return arguments
 
 

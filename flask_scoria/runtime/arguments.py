@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Any, Final
 
 from .._ids import parse_uuid
-from .._json import ErrorFactory, check_text, json_object, serialized_size
+from .._json import ErrorFactory, check_text, json_object, oversized
 from ..errors import InvalidIdentity, InvalidRunOptions, RunNotFound
 from ..identity import NO_IDS, Identity, normalize_id
 from ..identity import identity as normalize_identity
@@ -167,10 +167,7 @@ def run_metadata(runtime: object, ident: Identity, max_bytes: int) -> dict[str, 
     )
     if ident.metadata:
         metadata.setdefault("identity", dict(ident.metadata))
-    size = serialized_size(metadata)
-    if size > max_bytes:
-        raise InvalidRunOptions(
-            f"runtime metadata is {size} bytes serialized; the limit is {max_bytes}"
-            " (SCORIA_MAX_METADATA_BYTES). Store large payloads elsewhere and keep a reference."
-        )
+    too_large = oversized(metadata, max_bytes, "runtime metadata", "SCORIA_MAX_METADATA_BYTES")
+    if too_large is not None:
+        raise InvalidRunOptions(too_large + " Store large payloads elsewhere and keep a reference.")
     return metadata

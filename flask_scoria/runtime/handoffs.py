@@ -14,7 +14,7 @@ from functools import partial
 
 from .. import signals
 from .._ids import uuid7
-from .._json import JSONObject, check_text, json_copy, serialized_size
+from .._json import JSONObject, check_text, json_copy, oversized
 from ..errors import InvalidHandoff
 from ..redaction import is_unsafe_key
 from ..statuses import EventType
@@ -76,13 +76,9 @@ def _payload(value: object, what: str, code: str) -> JSONObject:
 
 
 def _cap_size(value: JSONObject, what: str, max_bytes: int) -> None:
-    size = serialized_size(value)
-    if size > max_bytes:
-        raise InvalidHandoff(
-            f"{what}_too_large",
-            f"{what} is {size} bytes serialized; the limit is {max_bytes}"
-            " (SCORIA_HANDOFF_MAX_BYTES).",
-        )
+    too_large = oversized(value, max_bytes, what, "SCORIA_HANDOFF_MAX_BYTES")
+    if too_large is not None:
+        raise InvalidHandoff(f"{what}_too_large", too_large)
 
 
 def _check_depth(value: object, max_depth: int, depth: int = 1) -> None:

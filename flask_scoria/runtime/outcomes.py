@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import signals
 from .._ids import uuid7
-from .._json import serialized_size
+from .._json import oversized
 from ..errors import InvalidHandoff
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
@@ -156,15 +156,9 @@ def _too_large(outcome: Outcome, cap: int) -> Fail | None:
         # An exception's record is bounded already, and keeps its retry policy.
         stored = [("The handler error", outcome.error)]
     for what, value in stored:
-        size = serialized_size(value)
-        if size > cap:
-            message = f"{what} is {size} bytes serialized; the limit is {cap}"
-            return Fail(
-                {
-                    "type": "invalid_handler_result",
-                    "message": message + " (SCORIA_RESULT_MAX_BYTES).",
-                }
-            )
+        too_large = oversized(value, cap, what, "SCORIA_RESULT_MAX_BYTES")
+        if too_large is not None:
+            return Fail({"type": "invalid_handler_result", "message": too_large})
     return None
 
 
@@ -240,14 +234,10 @@ def _next(done: Finished, outcome: Next) -> Recorded:
         return _fail(done, beyond)
     sequence = tx.step_sequence() + 1
     given = dict(outcome.input or {})
-    size, cap = serialized_size(given), done.ctx.handoff_max_bytes
-    if size > cap:
-        message = f"Next input is {size} bytes serialized; the limit is {cap}"
-        error = {
-            "type": "invalid_handler_result",
-            "message": message + " (SCORIA_HANDOFF_MAX_BYTES).",
-        }
-        return _fail(done, Fail(error))
+    cap = done.ctx.handoff_max_bytes
+    too_large = oversized(given, cap, "Next input", "SCORIA_HANDOFF_MAX_BYTES")
+    if too_large is not None:
+        return _fail(done, Fail({"type": "invalid_handler_result", "message": too_large}))
     step = new_step_row(
         tx.run_id,
         sequence=sequence,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from .. import signals
-from .._json import json_object, serialized_size
+from .._json import json_object, oversized
 from ..errors import (
     ApprovalAlreadyDecided,
     ApprovalPending,
@@ -266,12 +266,6 @@ def approve_run(
     edited = None
     if arguments is not None:
         edited = json_object(arguments, what="arguments", error=InvalidRunOptions)
-        size, cap = serialized_size(edited), context().result_max_bytes
-        if size > cap:
-            raise InvalidRunOptions(
-                f"arguments is {size} bytes serialized; the limit is {cap}"
-                " (SCORIA_RESULT_MAX_BYTES)."
-            )
     return _decide(
         run_id,
         ApprovalStatus.APPROVED,
@@ -323,6 +317,11 @@ def _decide(
     text = optional_text(note, "note" if decision == ApprovalStatus.APPROVED else "reason")
     expected = approval_key(approval_id)
     ctx = context()
+    if edited is not None:
+        cap = ctx.result_max_bytes
+        too_large = oversized(edited, cap, "arguments", "SCORIA_RESULT_MAX_BYTES")
+        if too_large is not None:
+            raise InvalidRunOptions(too_large)
     resolver = Handlers(handlers, ctx.registry)
     if decision == ApprovalStatus.APPROVED and not isinstance(expected, str):
         approved = _approve_at_once(ctx, resolver, key, guard, expected, who, text, edited, resume)
