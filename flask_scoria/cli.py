@@ -351,7 +351,7 @@ def dispatch_command(run_id: str, as_json: bool) -> None:
             click.echo(f"no handler for kind {kind!r} in this app: its step stays queued", err=True)
 
 
-def _a_number(value: float) -> float:
+def _not_nan(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
     """``value``, unless it is NaN (which every range check lets through)."""
     if math.isnan(value):
         raise click.BadParameter("nan is not a number of seconds.")
@@ -369,7 +369,7 @@ def _a_number(value: float) -> float:
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.05, max=3600),
-    callback=lambda _ctx, _param, value: _a_number(value),
+    callback=_not_nan,
     default=1.0,
     show_default=True,
     help="Seconds between polls on SQLite, and between sweeps of expired leases and timeouts.",
