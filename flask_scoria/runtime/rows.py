@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, RowMapping, Select, Table, select
@@ -27,7 +28,16 @@ _DECIDED = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
 
 def split_prefixed(row: RowLike, prefix: str) -> Row:
     """The columns of a joined row whose labels start with ``prefix``, without it."""
-    return {key[len(prefix) :]: value for key, value in row.items() if key.startswith(prefix)}
+    return {short: row[key] for key, short in _prefixed(tuple(row), prefix)}
+
+
+@lru_cache(maxsize=64)
+def _prefixed(labels: tuple[str, ...], prefix: str) -> tuple[tuple[str, str], ...]:
+    """Each label of ``labels`` that starts with ``prefix``, with it and without it.
+
+    Cached: a statement's rows all have the same labels.
+    """
+    return tuple((label, label[len(prefix) :]) for label in labels if label.startswith(prefix))
 
 
 def _sid(value: uuid.UUID | None) -> str | None:
