@@ -116,7 +116,9 @@ def test_fail_is_never_retried(app: Flask, runtime: Scoria) -> None:
     assert seen == [1]
 
 
-def test_a_late_outcome_is_discarded_and_the_step_times_out(app: Flask, runtime: Scoria) -> None:
+def test_a_late_outcome_is_discarded_and_the_step_times_out(
+    app: Flask, runtime: Scoria, caplog: pytest.LogCaptureFixture
+) -> None:
     @runtime.handler("draft", timeout=0.2)
     def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
         time.sleep(0.5)
@@ -133,6 +135,11 @@ def test_a_late_outcome_is_discarded_and_the_step_times_out(app: Flask, runtime:
             "step_timeout",
             "run_failed",
         ]
+    (record,) = [each for each in caplog.records if "past its timeout" in each.getMessage()]
+    assert record.levelname == "WARNING"
+    assert f"kind 'draft') of run {run.run_id} ran past its timeout of 0.2 seconds" in (
+        record.getMessage()
+    )
 
 
 def test_a_timed_out_attempt_is_retried(app: Flask, runtime: Scoria) -> None:

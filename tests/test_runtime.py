@@ -677,7 +677,9 @@ def test_a_handoff_outcome_with_a_non_dict_payload_fails_its_step(field: str) ->
     assert error is not None and error["type"] == "invalid_handoff"
 
 
-def test_listing_a_session_notices_an_expired_lease(app: Flask) -> None:
+def test_listing_a_session_notices_an_expired_lease(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
     run_id = start().run_id  # its step waits, queued, for a handler
     engine = app.extensions["scoria"].storage(app).engine
     with engine.begin() as conn:  # as a process that claimed the step and died leaves it
@@ -693,6 +695,8 @@ def test_listing_a_session_notices_an_expired_lease(app: Flask) -> None:
     (listed,) = scoria.list_runs_for_session("session-1")
     assert (listed.run_id, listed.status) == (run_id, "failed")
     assert "lease_expired" in event_types(run_id)
+    (record,) = [each for each in caplog.records if "lost its lease" in each.getMessage()]
+    assert record.levelname == "WARNING" and run_id in record.getMessage()
 
 
 def test_a_run_no_operator_could_see_is_logged(

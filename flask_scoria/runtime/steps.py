@@ -264,15 +264,29 @@ def stale_condition(now: datetime, registry: HandlerRegistry) -> ColumnElement[b
     return and_(steps.c.status == StepStatus.RUNNING, or_(steps.c.lease_expires_at < now, *late))
 
 
-def stale_error(reason: EventType, timeout: float | None) -> Row:
-    """The error envelope of a step that timed out or lost its lease."""
+def stale_error(step: Row, reason: EventType, timeout: float | None) -> Row:
+    """Log that ``step`` timed out or lost its lease; the error envelope to record."""
     if reason == EventType.STEP_TIMEOUT:
+        log.warning(
+            "Step %s (kind %r) of run %s ran past its timeout of %g seconds.",
+            step["id"],
+            step["kind"],
+            step["run_id"],
+            timeout,
+        )
         return {
             "type": "step_timeout",
             "message": f"The step was still running {timeout:g} seconds after it started;"
             " its late outcome is discarded.",
             "timeout": timeout,
         }
+    log.warning(
+        "Step %s (kind %r) of run %s lost its lease: the process executing it stopped"
+        " before it finished.",
+        step["id"],
+        step["kind"],
+        step["run_id"],
+    )
     return {
         "type": "lease_expired",
         "message": "The process executing this step stopped before it finished;"
@@ -300,7 +314,7 @@ def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
         "lease_token": step["lease_token"],
         "lease_expires_at": step["lease_expires_at"],
     }
-    error = stale_error(reason, policy.timeout)
+    error = stale_error(step, reason, policy.timeout)
     retry_or_fail(tx, step, partial(_write_held, tx, held), policy, error, reason)
     return True
 
