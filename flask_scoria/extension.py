@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from flask import Flask
@@ -35,9 +36,9 @@ class Scoria:
             self.init_app(app)
 
     @property
-    def handlers(self) -> dict[str, Handler]:
-        """The registered step handlers, by kind."""
-        return self.registry.handlers
+    def handlers(self) -> Mapping[str, Handler]:
+        """The registered step handlers, by kind (read-only: register with :meth:`handler`)."""
+        return MappingProxyType(self.registry.handlers)
 
     @property
     def operator_scope_resolver(self) -> OperatorScopeResolver | None:

@@ -158,6 +158,23 @@ def test_one_extension_serves_several_apps(tmp_path: Path) -> None:
         runtime.storage(app).engine.dispose()
 
 
+def test_the_registered_handlers_and_scope_can_be_read_not_changed() -> None:
+    runtime = Scoria()
+    assert dict(runtime.handlers) == {} and runtime.operator_scope_resolver is None
+
+    @runtime.handler("draft")
+    def draft(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        return scoria.Succeed({})
+
+    @runtime.operator_scope
+    def scope() -> None:
+        return None
+
+    assert list(runtime.handlers) == ["draft"] and runtime.operator_scope_resolver is scope
+    with pytest.raises(TypeError):
+        runtime.handlers["other"] = draft  # type: ignore[index]
+
+
 def test_handler_kind_must_be_named(tmp_path: Path) -> None:
     runtime = Scoria()
     with pytest.raises(ValueError, match="non-empty"):
