@@ -203,6 +203,25 @@ def test_approve_in_the_browser(app: Flask, base: str, open_page: Callable[..., 
     assert page.locator("a.home").get_attribute("href") == "/"
 
 
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_keyboard_skips_to_the_content(
+    app: Flask, base: str, open_page: Callable[..., Any], scheme: str
+) -> None:
+    run_id = start(app, "send")
+    page = open_page(scheme=scheme)
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    skip = page.locator("a.skip")
+    assert skip.bounding_box()["y"] < 0  # out of sight until the keyboard reaches it
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    assert skip.bounding_box()["y"] >= 0 and skip.inner_text() == "Skip to the content"
+    shoot(page, f"skip-link-{scheme}")
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "content"
+    page.keyboard.press("Tab")  # the next stop is in the page's content, past the top bar
+    assert page.evaluate("document.getElementById('content').contains(document.activeElement)")
+
+
 def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
     first, second = start(app, "send"), start(app, "send")
     page = open_page()
