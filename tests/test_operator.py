@@ -701,6 +701,8 @@ def test_an_approval_without_a_handler_here_says_the_app_resumes(
     html = post_form(ops, run_id, "approve")
     assert "continues when your app calls resume_run" in html
     assert 'id="awaiting-resume"' in html and f"flask scoria resume {run_id}" in html
+    status = html.split('id="run-status">')[1].split("</span>")[0]
+    assert ">approved, awaiting resume" in status
     assert 'name="approval_id"' not in html
     # Without a registered handler the operator cannot resume it here: the app does.
     assert f"/scoria/workflows/{run_id}/resume" not in html

@@ -103,6 +103,45 @@ def test_editable_arguments_are_prefilled_redacted_and_approved_as_edited(
     assert "hunter2" not in after
 
 
+def test_a_password_masked_in_a_url_keeps_its_requested_value(app: Flask, ops: FlaskClient) -> None:
+    dsn = "postgresql://app:s3cret@db.internal/prod"
+
+    def connect(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("migrate", {"dsn": dsn, "schema": "v1"}, editable=True)
+        return Succeed({"used": (step.approval.edited_arguments or {}).get("dsn")})
+
+    run_id = start(app, kind="connect", handlers={"connect": connect})
+    html = run_page(ops, run_id)
+    assert "s3cret" not in html
+    edited = json.dumps({"dsn": "postgresql://app:[REDACTED]@db.internal/prod", "schema": "v2"})
+    assert approve_with(ops, run_id, arguments=edited).status_code == 303
+    assert detail(app, run_id).approvals[0].edited_arguments == {"dsn": dsn, "schema": "v2"}
+    # A password the operator did replace is the operator's.
+    run_id = start(app, kind="connect", handlers={"connect": connect})
+    other = "postgresql://app:rotated@db.internal/prod"
+    assert approve_with(ops, run_id, arguments=json.dumps({"dsn": other})).status_code == 303
+    assert detail(app, run_id).approvals[0].edited_arguments == {"dsn": other}
+
+
+def test_arguments_too_long_to_edit_are_approved_as_requested(app: Flask, ops: FlaskClient) -> None:
+    requested = {"body": "x" * 20_000}
+
+    def long(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("send", requested, editable=True)
+        return Succeed({"length": len(step.approval.arguments["body"])})
+
+    run_id = start(app, kind="long", handlers={"long": long})
+    html = run_page(ops, run_id)
+    assert 'name="arguments"' not in html
+    assert "too long to edit on this page" in html
+    response = approve_with(ops, run_id)
+    assert response.status_code == 303
+    approval = detail(app, run_id).approvals[0]
+    assert (approval.status, approval.edited_arguments) == ("approved", None)
+
+
 def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="review")
     html = run_page(ops, run_id)
@@ -169,17 +208,20 @@ def bidi(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     """An approval whose text would read reversed past a right-to-left override."""
     return WaitForApproval(
         "send\u202eliam",
-        {"to": "moc.live\u202e@x", "\u2067key": 1},
+        {"to": "moc.live\u202e@x", "\u2067key": 1, "site": "pay\u200bpal.com\ufeff"},
         reason="pay \u202e01$",
     )
 
 
-def test_bidirectional_controls_are_shown_as_escapes(app: Flask, ops: FlaskClient) -> None:
+def test_direction_controls_and_invisible_characters_are_shown_as_escapes(
+    app: Flask, ops: FlaskClient
+) -> None:
     run_id = start(app, kind="bidi", handlers={"bidi": bidi})
     for html in (run_page(ops, run_id), page(ops, "/scoria/approvals")):
-        assert not re.search("[\u202a-\u202e\u2066-\u2069]", html)
+        assert not re.search("[\u202a-\u202e\u2066-\u2069\u200b\ufeff]", html)
         assert "send\\u202eliam" in html
         assert "pay \\u202e01$" in html
+        assert "pay\\u200bpal.com\\ufeff" in html
     assert "moc.live\\u202e@x" in run_page(ops, run_id)
 
 
@@ -206,8 +248,8 @@ def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     past = datetime.now(UTC) - timedelta(minutes=5)
     with engine.begin() as conn:
         conn.execute(tables.approvals.update().values(expires_at=past))
-    inbox = page(ops, "/scoria/approvals")
-    assert 'class="expires expired"' in inbox and "expired " in inbox
+    inbox = page(ops, "/scoria/approvals")  # nobody can decide it any more
+    assert run_id not in inbox and "Nothing is waiting for a decision." in inbox
     html = run_page(ops, run_id)
     assert 'data-status="expired"' in html and "nobody decided before" in html
     assert "Retry failed step" in html

@@ -62,14 +62,19 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
     return value
 
 
-#: Characters that reorder the text around them (embeddings, overrides, isolates): in a
-#: tool call they could show an approver ``moc.live@x`` for what reads ``x@evil.com``.
-_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+#: Characters that reorder the text around them (embeddings, overrides, isolates, marks):
+#: in a tool call they could show an approver ``moc.live@x`` for what reads ``x@evil.com``;
+#: and characters that take no room (zero-width spaces and joiners, the word joiner, the
+#: byte order mark, the soft hyphen), which make ``pay\u200bpal.com`` read as the real one.
+_HIDDEN = re.compile(
+    "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+)
 
 
 def visible(text: str) -> str:
-    """``text`` with its bidirectional controls written out as ``\\u202e`` escapes."""
-    return _BIDI_CONTROLS.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+    """``text`` with its direction controls and invisible characters written out as
+    ``\\u202e`` escapes."""
+    return _HIDDEN.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
 def masked(text: str | None) -> str | None:
@@ -80,11 +85,22 @@ def masked(text: str | None) -> str | None:
 
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
     """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters, its
-    bidirectional controls visible (as the JSON escapes they are)."""
-    text = visible(json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str))
+    hidden characters visible (as the JSON escapes they are)."""
+    text = _shown(value, extra)
     if len(text) <= VALUE_CHARS:
         return text
     return f"{text[:VALUE_CHARS]}\n… cut: {len(text):,} characters in all"
+
+
+def editable(value: object, extra: frozenset[str] = frozenset()) -> str | None:
+    """The JSON an operator edits, as :func:`pretty` shows it but never cut: ``None`` when
+    it is longer than ``VALUE_CHARS`` characters (cut, it would not parse)."""
+    text = _shown(value, extra)
+    return text if len(text) <= VALUE_CHARS else None
+
+
+def _shown(value: object, extra: frozenset[str]) -> str:
+    return visible(json.dumps(redact(value, extra), indent=2, ensure_ascii=False, default=str))
 
 
 def split_traceback(
@@ -126,10 +142,13 @@ def parse_arguments(text: str, max_bytes: int) -> dict[str, Any]:
 
 
 def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -> Any:
-    """``edited`` with each ``[REDACTED]`` left under a secret key back to its requested value.
+    """``edited`` with each ``[REDACTED]`` left under a secret key, and each text whose
+    password is still masked, back to its requested value.
 
     The form shows secrets redacted; an operator who does not touch one keeps it.
     """
+    if isinstance(edited, str) and isinstance(requested, str):
+        return requested if edited == mask_passwords(requested, REDACTED) else edited
     if isinstance(edited, list) and isinstance(requested, list | tuple):
         if len(edited) == len(requested):
             return [unredact(a, b, extra) for a, b in zip(edited, requested, strict=True)]

@@ -75,6 +75,7 @@ def _page_helpers() -> dict[str, Any]:
         "csrf_token": csrf_token,
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
+        "editable": partial(present.editable, extra=extra),
         "masked": present.masked,
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
