@@ -8,6 +8,7 @@ test, so that ``url_for`` works in the test body.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -113,6 +114,30 @@ def test_the_nav_counts_this_tenants_pending_approvals(app: Flask, ops: FlaskCli
         del stored["operator"]
     refused = html(ops, url_for("scoria.approvals"), 403)
     assert pending_count(refused) is None and "acme" not in refused
+
+
+def test_an_expired_approval_leaves_the_inbox_and_its_run_is_shown_failed(
+    app: Flask, ops: FlaskClient
+) -> None:
+    def brief(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return WaitForApproval("send_email", {"to": "x"}, expires_in=0.2)
+
+    app.extensions["scoria"].handler("brief")(brief)
+    waiting, expiring = start(app), start(app, kind="brief")
+    assert pending_count(html(ops, url_for("scoria.approvals"))) == "2"
+    time.sleep(0.3)
+    inbox = html(ops, url_for("scoria.approvals"))
+    assert pending_count(inbox) == "1"
+    assert waiting in inbox and expiring not in inbox
+    # The runs list records the expiry it finds, as reading the run would.
+    listed = html(ops, url_for("scoria.runs"))
+    row = listed.split(f'title="{expiring}"')[1].split("</tr>")[0]
+    assert 'data-status="failed"' in row
+    with app.app_context():
+        events = scoria.get_run_detail(expiring).events
+    (expired,) = [event for event in events if event.event_type == "approval_expired"]
+    assert expired.payload is not None
+    assert datetime.fromisoformat(expired.payload["expired_at"]) < expired.created_at
 
 
 def test_an_inbox_row_previews_redacted_arguments(app: Flask, ops: FlaskClient) -> None:

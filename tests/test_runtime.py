@@ -695,6 +695,9 @@ def test_listing_a_session_notices_an_expired_lease(
     (listed,) = scoria.list_runs_for_session("session-1")
     assert (listed.run_id, listed.status) == (run_id, "failed")
     assert "lease_expired" in event_types(run_id)
+    (lost,) = [e for e in scoria.get_run_detail(run_id).events if e.event_type == "lease_expired"]
+    assert lost.payload is not None
+    assert datetime.fromisoformat(lost.payload["lease_expired_at"]) < lost.created_at
     (record,) = [each for each in caplog.records if "lost its lease" in each.getMessage()]
     assert record.levelname == "WARNING" and run_id in record.getMessage()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +25,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     null,
+    or_,
     select,
     tuple_,
 )
@@ -340,7 +341,25 @@ def list_runs(
     if filters.awaiting_resume:
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
         query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending)
-    return _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
+    found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
+    return Page(_noticed(found.rows, tenant, metadata), found.next_cursor)
+
+
+def _noticed(rows: Sequence[RunSummary], guard: TenantGuard, metadata: bool) -> list[RunSummary]:
+    """``rows``, each open run whose lease or approval expired brought up to date: the
+    expiry is recorded, as any read of that run would record it."""
+    ctx = context()
+    stale = _with_expiries(ctx, [uuid.UUID(run.run_id) for run in rows if not run.status.finished])
+    if not stale:
+        return list(rows)
+    noticed = []
+    for run in rows:
+        key = uuid.UUID(run.run_id)
+        if key in stale:
+            run = summary_from_row(transact(ctx, key, guard, notice_expiry)[1])
+            run = run if metadata else replace(run, metadata={})
+        noticed.append(run)
+    return noticed
 
 
 def _status_is(status: str) -> list[ColumnElement[bool]]:
@@ -414,14 +433,7 @@ def list_runs_for_session(
             last = load_run(conn, run_uuid(before), guard, lock=False)
         after = Cursor(last["created_at"], last["id"])
     found = list_runs(RunFilters(session_id=session), tenant=guard, after=after, limit=limit)
-    open_runs = [uuid.UUID(run.run_id) for run in found.rows if not run.status.finished]
-    stale = _with_expiries(ctx, open_runs)
-    return [
-        summary_from_row(transact(ctx, uuid.UUID(run.run_id), guard, notice_expiry)[1])
-        if uuid.UUID(run.run_id) in stale
-        else run
-        for run in found.rows
-    ]
+    return list(found.rows)
 
 
 def pending_approvals(
@@ -433,19 +445,14 @@ def pending_approvals(
         select(*_WITHOUT_METADATA, *approval_columns)
         .select_from(approvals)
         .join(runs, runs.c.id == approvals.c.run_id)
-        .where(approvals.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
+        .where(*_decidable(tenant_id))
     )
     return _page(query, (approvals.c.requested_at, approvals.c.id), after, limit, _pending_page_row)
 
 
 def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
     """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
-    waiting = (
-        select(approvals.c.id)
-        .where(approvals.c.tenant_id == tenant_id, approvals.c.status == _PENDING)
-        .limit(up_to)
-        .subquery()
-    )
+    waiting = select(approvals.c.id).where(*_decidable(tenant_id)).limit(up_to).subquery()
     with context().storage.read() as conn:
         return conn.execute(select(func.count()).select_from(waiting)).scalar_one()
 
@@ -523,6 +530,16 @@ def _keyset(
 def _stale_steps(now: datetime, registry: HandlerRegistry) -> Select[Any]:
     """The runs with a running step past its lease or its kind's timeout at ``now``."""
     return select(steps.c.run_id).where(stale_condition(now, registry))
+
+
+def _decidable(tenant_id: str) -> list[ColumnElement[bool]]:
+    """The tenant's approvals still open to a decision: pending, and not past their expiry
+    (which the next read of their run records)."""
+    return [
+        approvals.c.tenant_id == tenant_id,
+        approvals.c.status == _PENDING,
+        or_(approvals.c.expires_at.is_(None), approvals.c.expires_at >= utcnow()),
+    ]
 
 
 def _expired_approvals(now: datetime) -> Select[Any]:

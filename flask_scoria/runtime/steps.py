@@ -291,6 +291,7 @@ def stale_error(step: Row, reason: EventType, timeout: float | None) -> Row:
         "type": "lease_expired",
         "message": "The process executing this step stopped before it finished;"
         " resume_run retries the step.",
+        "lease_expired_at": step["lease_expires_at"].isoformat(),
     }
 
 
@@ -344,7 +345,11 @@ def expire_approval(tx: Tx) -> bool:
         error_envelope=error,
         completed_at=tx.now,
     )
-    tx.event(EventType.APPROVAL_EXPIRED, expired["step_id"], {"approval_id": str(expired["id"])})
+    tx.event(
+        EventType.APPROVAL_EXPIRED,
+        expired["step_id"],
+        {"approval_id": str(expired["id"]), "expired_at": expired["expires_at"].isoformat()},
+    )
     fail_run(tx, expired["step_id"], EventType.STEP_FAILED, error)
     return True
 
