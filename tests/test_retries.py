@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Retry, Scoria, Succeed
+from flask_scoria.operator import present
 from flask_scoria.policy import MAX_SECONDS
 from flask_scoria.runtime.tables import steps
 
@@ -161,7 +163,9 @@ def test_a_timed_out_attempt_is_retried(app: Flask, runtime: Scoria) -> None:
     assert types[2:4] == ["step_timeout", "retry_scheduled"]
 
 
-def test_a_read_notices_a_timeout_while_the_handler_still_runs(app: Flask, runtime: Scoria) -> None:
+def test_a_read_notices_a_timeout_while_the_handler_still_runs(
+    app: Flask, runtime: Scoria, caplog: pytest.LogCaptureFixture
+) -> None:
     started, release = threading.Event(), threading.Event()
     results: list[scoria.RunSummary] = []
 
@@ -191,6 +195,10 @@ def test_a_read_notices_a_timeout_while_the_handler_still_runs(app: Flask, runti
     with app.app_context():
         assert only_step(run.run_id).result_envelope is None
         assert [event.event_type for event in events(run.run_id)].count("step_timeout") == 1
+        step_id = only_step(run.run_id).id
+    # Logged once, by the read that recorded it; not again when the late outcome arrived.
+    said = f"Step {step_id} (kind 'draft') of run {run.run_id} ran past its timeout of 0.2 seconds."
+    assert [each.getMessage() for each in caplog.records].count(said) == 1
 
 
 def test_a_retry_due_later_waits_for_a_worker_and_never_runs_early(
@@ -332,9 +340,40 @@ def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
     assert not_before is not None
     client = app.test_client()
     html = client.get(f"/scoria/workflows/{waiting}").text
-    assert f"Retry 2 of 5 at {not_before:%H:%M:%S} UTC" in html
-    assert 'data-attempt-event="retry_scheduled"' in html
-    assert "ConnectionError" in html and "model unavailable (1)" in html
+    assert "attempt 2 of 5</span>" in html
+    due = re.search(r"Attempt 2 of 5 is due <time datetime=\"([^\"]+)\"", html)
+    assert due and abs(datetime.fromisoformat(due.group(1)) - not_before) < timedelta(seconds=0.001)
+    (line,) = re.findall(r'<li data-attempt-event="step_failed">(.*?)</li>', html, re.S)
+    assert line.startswith("Attempt 1 failed <time")
+    assert "<strong>ConnectionError</strong> model unavailable (1). Attempt 2 due <time" in line
     html = client.get(f"/scoria/workflows/{timed_out}").text
     assert "timed out after 0.1 s" in html
-    assert 'data-attempt-event="step_timeout"' in html
+    (line,) = re.findall(r'<li data-attempt-event="step_timeout">(.*?)</li>', html, re.S)
+    assert line.startswith("Attempt 1 timed out <time") and "Attempt 2 due" not in line
+    assert "<strong>step_timeout</strong> The step was still running 0.1 seconds" in line
+
+
+def test_failed_attempts_pair_each_failure_with_the_retry_it_led_to() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def event(n: int, kind: str, payload: dict[str, Any]) -> scoria.Event:
+        return scoria.Event(f"r/{n}", n, kind, "s", payload, now + timedelta(seconds=n))  # type: ignore[arg-type]
+
+    due = (now + timedelta(minutes=1)).isoformat()
+    lost = {"type": "lease_expired", "message": "stopped"}
+    slow = {"type": "step_timeout", "message": "late", "timeout": 5}
+    events = [
+        event(1, "step_started", {"attempt": 1}),
+        event(2, "retry_scheduled", {"attempt": 2, "not_before": due, "error": {"type": "E"}}),
+        event(3, "lease_expired", lost),
+        event(4, "retry_scheduled", {"attempt": 3, "not_before": due, "error": lost}),
+        event(5, "step_timeout", slow),
+    ]
+    found = present.failed_attempts(events, attempt=3)
+    assert [(each.attempt, each.how, each.error.get("type")) for each in found] == [
+        (1, "step_failed", "E"),
+        (2, "lease_expired", "lease_expired"),
+        (3, "step_timeout", "step_timeout"),
+    ]
+    assert [each.retry_at for each in found] == [now + timedelta(minutes=1)] * 2 + [None]
+    assert found[1].at == now + timedelta(seconds=3)

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from .._json import MAX_DEPTH, json_object, oversized
 from ..errors import InvalidRunOptions
-from ..readback import Step
+from ..readback import Event, Step
 from ..redaction import is_display_secret, is_unsafe_key, mask_passwords, normalize_key
+from ..statuses import EventType
 
 REDACTED = "[REDACTED]"
 PREVIEW_KEYS = 3
@@ -194,6 +195,57 @@ class StepNode:
 
     step: Step
     depth: int
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """One failed attempt of a step, and when the next one fell due, if one did."""
+
+    attempt: int
+    #: ``step_failed``, ``step_timeout`` or ``lease_expired``.
+    how: str
+    at: datetime
+    error: Mapping[str, Any]
+    retry_at: datetime | None = None
+
+
+#: Events that end an attempt which a ``retry_scheduled`` event may follow.
+_ATTEMPT_ENDS = frozenset({EventType.STEP_TIMEOUT, EventType.LEASE_EXPIRED})
+
+
+def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt]:
+    """A step's failed attempts, oldest first, from its events in a run's timeline.
+
+    A handler's failure is told by its ``retry_scheduled`` event alone; a timeout or a
+    lost lease by its own event, which the ``retry_scheduled`` that follows completes.
+    ``attempt`` is the step's attempt now: the number of a failure no retry followed.
+    """
+    failed: list[FailedAttempt] = []
+    open_end: FailedAttempt | None = None
+    for event in events:
+        payload = event.payload if isinstance(event.payload, Mapping) else {}
+        if event.event_type in _ATTEMPT_ENDS:
+            open_end = FailedAttempt(attempt, event.event_type, event.created_at, payload)
+            failed.append(open_end)
+        elif event.event_type == EventType.RETRY_SCHEDULED:
+            number = int(payload.get("attempt", 2)) - 1
+            due = _moment(payload.get("not_before"))
+            if open_end is not None:
+                failed[-1] = replace(open_end, attempt=number, retry_at=due)
+            else:
+                error = payload.get("error")
+                shown = error if isinstance(error, Mapping) else {}
+                failed.append(FailedAttempt(number, "step_failed", event.created_at, shown, due))
+            open_end = None
+    return failed
+
+
+def _moment(text: object) -> datetime | None:
+    """The time an ISO 8601 text names, or ``None``."""
+    try:
+        return datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def step_tree(steps: Sequence[Step]) -> list[StepNode]:

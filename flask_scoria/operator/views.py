@@ -76,6 +76,7 @@ def _page_helpers() -> dict[str, Any]:
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
         "editable": partial(present.editable, extra=extra),
+        "failed_attempts": present.failed_attempts,
         "masked": present.masked,
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),

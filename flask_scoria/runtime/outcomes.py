@@ -134,7 +134,7 @@ def record_outcome(
     timeout = done.timed_out()
     if timeout is not None:
         return done.retry_or_fail(
-            stale_error(claim.step, EventType.STEP_TIMEOUT, timeout), EventType.STEP_TIMEOUT
+            stale_error(tx, claim.step, EventType.STEP_TIMEOUT, timeout), EventType.STEP_TIMEOUT
         )
     too_large = _too_large(outcome, ctx.result_max_bytes)
     if too_large is not None:

@@ -63,7 +63,9 @@ def prune_runs(
         if len(batch) < batch_size:
             break
     if pruned:
-        ctx.app.logger.info("flask-scoria: pruned %d runs that ended %s ago", pruned, older_than)
+        ctx.app.logger.info(
+            "flask-scoria: pruned %d runs that ended more than %s ago", pruned, older_than
+        )
     return pruned
 
 

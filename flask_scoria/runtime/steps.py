@@ -264,10 +264,11 @@ def stale_condition(now: datetime, registry: HandlerRegistry) -> ColumnElement[b
     return and_(steps.c.status == StepStatus.RUNNING, or_(steps.c.lease_expires_at < now, *late))
 
 
-def stale_error(step: Row, reason: EventType, timeout: float | None) -> Row:
-    """Log that ``step`` timed out or lost its lease; the error envelope to record."""
+def stale_error(change: RunChange, step: Row, reason: EventType, timeout: float | None) -> Row:
+    """The error envelope of ``step``, which timed out or lost its lease; a warning says so
+    once ``change`` is committed."""
     if reason == EventType.STEP_TIMEOUT:
-        log.warning(
+        change.warn(
             "Step %s (kind %r) of run %s ran past its timeout of %g seconds.",
             step["id"],
             step["kind"],
@@ -280,7 +281,7 @@ def stale_error(step: Row, reason: EventType, timeout: float | None) -> Row:
             " its late outcome is discarded.",
             "timeout": timeout,
         }
-    log.warning(
+    change.warn(
         "Step %s (kind %r) of run %s lost its lease: the process executing it stopped"
         " before it finished.",
         step["id"],
@@ -315,7 +316,7 @@ def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
         "lease_token": step["lease_token"],
         "lease_expires_at": step["lease_expires_at"],
     }
-    error = stale_error(step, reason, policy.timeout)
+    error = stale_error(tx, step, reason, policy.timeout)
     retry_or_fail(tx, step, partial(_write_held, tx, held), policy, error, reason)
     return True
 

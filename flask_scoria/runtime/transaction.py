@@ -8,6 +8,7 @@ the same kinds of change, so the rules that move steps work on either.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -33,6 +34,8 @@ from .handlers import Handler, HandlerRegistry
 from .rows import summary_from_row
 from .statements import Conflict
 from .tables import Row, RowLike, approvals, steps
+
+log = logging.getLogger("flask_scoria")
 
 T = TypeVar("T")
 
@@ -91,6 +94,7 @@ class RunChange(ABC):
         self.changes: Row = {}
         self.new_events: list[Row] = []
         self.signals: list[Signal] = []
+        self.warnings: list[tuple[str, tuple[object, ...]]] = []
         self.claim: Claim | None = None
         self.queued: list[QueuedStep] = []
 
@@ -143,6 +147,10 @@ class RunChange(ABC):
         """Send ``signal`` once the change is committed."""
         self.signals.append((signal, extra))
 
+    def warn(self, message: str, *args: object) -> None:
+        """Log a warning on the ``flask_scoria`` logger once the change is committed."""
+        self.warnings.append((message, args))
+
     def queue(self, step: QueuedStep) -> None:
         """Announce ``step`` to the process that executes it, on commit."""
         self.queued.append(step)
@@ -183,7 +191,10 @@ class RunChange(ABC):
             raise StepLost from None
 
     def send(self, app: Flask, row: Row) -> None:
-        """Announce the queued steps and send the collected signals for the committed ``row``."""
+        """Log the warnings, announce the queued steps and send the collected signals for
+        the committed ``row``."""
+        for message, args in self.warnings:
+            log.warning(message, *args)
         announce(app, self.queued)
         send_signals(app, row, self.signals)
 
