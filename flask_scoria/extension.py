@@ -88,9 +88,11 @@ class Scoria:
             )
         except (SQLAlchemyError, TypeError, ImportError) as exc:
             # ImportError: the URL's driver is not installed.
+            missing = isinstance(exc, ImportError) and exc.name == "psycopg"
+            hint = " (install it with: pip install 'flask-scoria[postgres]')" if missing else ""
             raise ValueError(
                 "SCORIA_DATABASE_URI / SCORIA_ENGINE_OPTIONS cannot make an engine:"
-                f" {type(exc).__name__}: {exc}"
+                f" {type(exc).__name__}: {exc}{hint}"
             ) from exc
 
     def handler(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,16 @@ def test_a_url_whose_driver_is_not_installed_is_refused_at_init(tmp_path: Path) 
     app = Flask("no_driver", instance_path=str(tmp_path))
     app.config["SCORIA_DATABASE_URI"] = "mysql+mysqldb://db/app"
     with pytest.raises(ValueError, match=r"SCORIA_DATABASE_URI.*MySQLdb"):
+        Scoria(app)
+
+
+def test_a_missing_psycopg_names_the_extra_that_installs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where it was never installed
+    app = Flask("no_psycopg", instance_path=str(tmp_path))
+    app.config["SCORIA_DATABASE_URI"] = "postgresql+psycopg://db/app"
+    with pytest.raises(ValueError, match=r"pip install 'flask-scoria\[postgres\]'"):
         Scoria(app)
 
 
