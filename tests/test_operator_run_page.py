@@ -142,6 +142,22 @@ def test_arguments_too_long_to_edit_are_approved_as_requested(app: Flask, ops: F
     assert (approval.status, approval.edited_arguments) == ("approved", None)
 
 
+def test_each_step_shows_its_input_and_its_times(app: Flask, ops: FlaskClient) -> None:
+    handlers = {
+        "plan": lambda step, run: scoria.Next("write", {"topic": "<q3 & travel>"}),
+        "write": lambda step, run: Succeed({"words": 3}),
+    }
+    run_id = start(app, kind="plan", handlers=handlers)
+    html = run_page(ops, run_id)
+    first, second = html.split('class="step depth-0"')[1:3]
+    assert "<summary>Input</summary>" not in first  # the first step was given nothing
+    given = second.split("<summary>Input</summary>")[1].split("</details>")[0]
+    assert "&lt;q3 &amp; travel&gt;" in given
+    for step in (first, second):
+        times = step.split('class="step-times muted">')[1].split("</p>")[0]
+        assert times.startswith("Started <time") and "· ended <time" in times and "· took" in times
+
+
 def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="review")
     html = run_page(ops, run_id)
