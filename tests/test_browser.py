@@ -380,6 +380,8 @@ def test_cancel_a_running_run(app: Flask, base: str, open_page: Callable[..., An
     page = open_page()
     page.goto(f"{base}/scoria/workflows/{run_id}")
     assert page.locator("#run-status [data-status]").get_attribute("data-status") == "running"
+    assert not page.locator("#run-actions input[name=reason]").is_visible()  # folded away
+    page.click("text=Cancel this run…")
     page.fill("#run-actions input[name=reason]", "started by mistake")
     shoot(page, "run-running")
     page.click("text=Cancel run")
