@@ -158,6 +158,14 @@ def test_each_step_shows_its_input_and_its_times(app: Flask, ops: FlaskClient) -
         assert times.startswith("Started <time") and "· ended <time" in times and "· took" in times
 
 
+def test_a_step_queued_for_a_worker_says_nothing_runs_it_yet(app: Flask, ops: FlaskClient) -> None:
+    app.extensions["scoria"].handler("later", executor="worker")(slow)
+    run_id = start(app, kind="later")
+    html = run_page(ops, run_id)
+    assert 'data-status="queued"' in html
+    assert "Queued, not running yet: it runs when a worker" in html
+
+
 def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="review")
     html = run_page(ops, run_id)
