@@ -88,8 +88,13 @@ class Scoria:
             )
         except (SQLAlchemyError, TypeError, ImportError) as exc:
             # ImportError: the URL's driver is not installed.
-            missing = isinstance(exc, ImportError) and exc.name == "psycopg"
-            hint = " (install it with: pip install 'flask-scoria[postgres]')" if missing else ""
+            postgres = str(settings.database_uri).startswith("postgresql")
+            hint = (
+                " (for PostgreSQL: pip install 'flask-scoria[postgres]',"
+                " and a postgresql+psycopg:// URL)"
+                if postgres and isinstance(exc, ImportError)
+                else ""
+            )
             raise ValueError(
                 "SCORIA_DATABASE_URI / SCORIA_ENGINE_OPTIONS cannot make an engine:"
                 f" {type(exc).__name__}: {exc}{hint}"

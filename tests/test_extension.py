@@ -135,11 +135,14 @@ def test_a_url_whose_driver_is_not_installed_is_refused_at_init(tmp_path: Path) 
 def test_a_missing_psycopg_names_the_extra_that_installs_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where it was never installed
-    app = Flask("no_psycopg", instance_path=str(tmp_path))
-    app.config["SCORIA_DATABASE_URI"] = "postgresql+psycopg://db/app"
-    with pytest.raises(ValueError, match=r"pip install 'flask-scoria\[postgres\]'"):
-        Scoria(app)
+    # As where neither driver was ever installed.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    for uri in ("postgresql+psycopg://db/app", "postgresql://db/app"):
+        app = Flask("no_psycopg", instance_path=str(tmp_path))
+        app.config["SCORIA_DATABASE_URI"] = uri
+        with pytest.raises(ValueError, match=r"pip install 'flask-scoria\[postgres\]'"):
+            Scoria(app)
 
 
 def test_defaults_are_written_to_the_config(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ test, so that ``url_for`` works in the test body.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -19,8 +18,9 @@ from flask import Flask, render_template_string, session, url_for
 from flask.testing import FlaskClient
 
 import flask_scoria as scoria
-from flask_scoria import Succeed, WaitForApproval
+from flask_scoria import Succeed, WaitForApproval, runtime
 from flask_scoria.operator import present
+from flask_scoria.runtime import tables
 
 TENANT = "acme"
 OTHER = "globex"
@@ -120,16 +120,28 @@ def test_an_expired_approval_leaves_the_inbox_and_its_run_is_shown_failed(
     app: Flask, ops: FlaskClient
 ) -> None:
     def brief(step: scoria.StepView, run: scoria.RunSummary) -> Any:
-        return WaitForApproval("send_email", {"to": "x"}, expires_in=0.2)
+        return WaitForApproval("send_email", {"to": "x"}, expires_in=3600)
 
     app.extensions["scoria"].handler("brief")(brief)
     waiting, expiring = start(app), start(app, kind="brief")
     assert pending_count(html(ops, url_for("scoria.approvals"))) == "2"
-    time.sleep(0.3)
+    engine = app.extensions["scoria"].storage(app).engine
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    with engine.begin() as conn:
+        conn.execute(
+            tables.approvals.update()
+            .where(tables.approvals.c.expires_at.is_not(None))
+            .values(expires_at=past)
+        )
     inbox = html(ops, url_for("scoria.approvals"))
     assert pending_count(inbox) == "1"
     assert waiting in inbox and expiring not in inbox
-    # The runs list records the expiry it finds, as reading the run would.
+    # A plain list reads; the runs page records the expiry it finds, as reading the run would.
+    with app.app_context():
+        (found,) = [run for run in runtime.list_runs().rows if run.run_id == expiring]
+        assert found.status == "waiting_for_approval"
+    waiting_only = html(ops, url_for("scoria.runs", status="waiting_for_approval"))
+    assert waiting in waiting_only and expiring not in waiting_only  # it no longer matches
     listed = html(ops, url_for("scoria.runs"))
     row = listed.split(f'title="{expiring}"')[1].split("</tr>")[0]
     assert 'data-status="failed"' in row
@@ -137,7 +149,25 @@ def test_an_expired_approval_leaves_the_inbox_and_its_run_is_shown_failed(
         events = scoria.get_run_detail(expiring).events
     (expired,) = [event for event in events if event.event_type == "approval_expired"]
     assert expired.payload is not None
-    assert datetime.fromisoformat(expired.payload["expired_at"]) < expired.created_at
+    assert datetime.fromisoformat(expired.payload["expired_at"]) == past
+
+
+def test_a_list_that_records_an_expiry_keeps_metadata_out(app: Flask) -> None:
+    def brief(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return WaitForApproval("send_email", {"to": "x"}, expires_in=3600)
+
+    who = scoria.identity({"actor_id": "a", "tenant_id": TENANT, "session_id": "s"})
+    with app.app_context():
+        run_id = scoria.start_run(
+            who, initial_step={"kind": "x"}, handlers={"x": brief}, runtime={"metadata": {"k": 1}}
+        ).run_id
+    engine = app.extensions["scoria"].storage(app).engine
+    with engine.begin() as conn:
+        conn.execute(tables.approvals.update().values(expires_at=datetime.now(UTC) - timedelta(1)))
+    with app.app_context():
+        (run,) = runtime.list_runs(tenant=TENANT, metadata=False, notice=True).rows
+        assert (run.run_id, run.status, run.metadata) == (run_id, "failed", {})
+        assert scoria.get_run(run_id).metadata == {"k": 1}
 
 
 def test_an_inbox_row_previews_redacted_arguments(app: Flask, ops: FlaskClient) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from html import unescape as html_unescape
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,24 @@ def test_direction_controls_and_invisible_characters_are_shown_as_escapes(
         assert "pay \\u202e01$" in html
         assert "pay\\u200bpal.com\\ufeff" in html
     assert "moc.live\\u202e@x" in run_page(ops, run_id)
+
+
+def test_hidden_characters_in_the_form_come_back_as_they_were(app: Flask, ops: FlaskClient) -> None:
+    requested = {"to": "pay\u200bpal.com", "note": "ok\U000e0049\U000e0047\U000e004e"}
+
+    def smuggle(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("send", requested, editable=True)
+        return Succeed({})
+
+    run_id = start(app, kind="smuggle", handlers={"smuggle": smuggle})
+    html = run_page(ops, run_id)
+    assert "ok\\udb40\\udc49\\udb40\\udc47\\udb40\\udc4e" in html
+    assert not re.search("[\u200b\U000e0000-\U000e007f]", html)
+    field = re.search(r'name="arguments"[^>]*>(.*?)</textarea>', html, re.S)
+    assert field and json.loads(html_unescape(field.group(1))) == requested
+    assert approve_with(ops, run_id, arguments=html_unescape(field.group(1))).status_code == 303
+    assert detail(app, run_id).approvals[0].edited_arguments is None
 
 
 def test_the_inbox_names_what_each_button_decides(app: Flask, ops: FlaskClient) -> None:

@@ -328,7 +328,7 @@ def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
     runtime.operator_scope(lambda: {"tenant_id": WHO["tenant_id"], "actor_id": "ops"})
     runtime.handler("draft", retry=Retry(attempts=5, delay=60, jitter=False))(Flaky(failures=9))
 
-    @runtime.handler("gate", timeout=0.1)
+    @runtime.handler("gate", timeout=0.1, retry=Retry(attempts=2, delay=0.01, jitter=False))
     def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
         time.sleep(0.3)
         return Succeed()
@@ -348,15 +348,16 @@ def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
     assert "<strong>ConnectionError</strong> model unavailable (1). Attempt 2 due <time" in line
     html = client.get(f"/scoria/workflows/{timed_out}").text
     assert "timed out after 0.1 s" in html
-    (line,) = re.findall(r'<li data-attempt-event="step_timeout">(.*?)</li>', html, re.S)
-    assert line.startswith("Attempt 1 timed out <time") and "Attempt 2 due" not in line
-    assert "<strong>step_timeout</strong> The step was still running 0.1 seconds" in line
+    first, last = re.findall(r'<li data-attempt-event="step_timeout">(.*?)</li>', html, re.S)
+    assert first.startswith("Attempt 1 timed out <time") and "Attempt 2 due <time" in first
+    assert last.startswith("Attempt 2 timed out <time") and " due " not in last
+    assert "<strong>step_timeout</strong> The step was still running 0.1 seconds" in first
 
 
 def test_failed_attempts_pair_each_failure_with_the_retry_it_led_to() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
 
-    def event(n: int, kind: str, payload: dict[str, Any]) -> scoria.Event:
+    def event(n: int, kind: str, payload: dict[str, Any] | None = None) -> scoria.Event:
         return scoria.Event(f"r/{n}", n, kind, "s", payload, now + timedelta(seconds=n))  # type: ignore[arg-type]
 
     due = (now + timedelta(minutes=1)).isoformat()
@@ -365,15 +366,26 @@ def test_failed_attempts_pair_each_failure_with_the_retry_it_led_to() -> None:
     events = [
         event(1, "step_started", {"attempt": 1}),
         event(2, "retry_scheduled", {"attempt": 2, "not_before": due, "error": {"type": "E"}}),
-        event(3, "lease_expired", lost),
-        event(4, "retry_scheduled", {"attempt": 3, "not_before": due, "error": lost}),
-        event(5, "step_timeout", slow),
+        event(3, "step_started", {"attempt": 2}),
+        event(4, "lease_expired", lost),
+        event(5, "retry_scheduled", {"attempt": 3, "not_before": due, "error": lost}),
+        event(6, "step_started", {"attempt": 3}),
+        event(7, "step_timeout", slow),
+        event(8, "run_failed"),
+        # An operator's Retry: attempt 4 fails for good, with the handler's own error.
+        event(9, "retry_requested", {"requested_by": "ops"}),
+        event(10, "step_started", {"attempt": 4}),
+        event(11, "step_failed", {"type": "ValueError", "message": "bad"}),
     ]
-    found = present.failed_attempts(events, attempt=3)
+    found = present.failed_attempts(events, attempt=4)
     assert [(each.attempt, each.how, each.error.get("type")) for each in found] == [
         (1, "step_failed", "E"),
         (2, "lease_expired", "lease_expired"),
         (3, "step_timeout", "step_timeout"),
+        (4, "step_failed", "ValueError"),
     ]
-    assert [each.retry_at for each in found] == [now + timedelta(minutes=1)] * 2 + [None]
-    assert found[1].at == now + timedelta(seconds=3)
+    assert [each.retry_at for each in found] == [now + timedelta(minutes=1)] * 2 + [None] * 2
+    assert found[1].at == now + timedelta(seconds=4)
+    # Only the latest events in view: the failure is numbered by the step's attempt now.
+    (alone,) = present.failed_attempts([event(7, "step_timeout", slow)], attempt=3)
+    assert (alone.attempt, alone.retry_at) == (3, None)

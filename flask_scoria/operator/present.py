@@ -66,16 +66,27 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
 #: Characters that reorder the text around them (embeddings, overrides, isolates, marks):
 #: in a tool call they could show an approver ``moc.live@x`` for what reads ``x@evil.com``;
 #: and characters that take no room (zero-width spaces and joiners, the word joiner, the
-#: byte order mark, the soft hyphen), which make ``pay\u200bpal.com`` read as the real one.
+#: byte order mark, the soft hyphen, fillers, deprecated format controls), which make
+#: ``pay\u200bpal.com`` read as the real one, and the tag characters that carry text no
+#: one sees (a way to smuggle instructions into a model's tool call).
 _HIDDEN = re.compile(
-    "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+    "[\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\u3164\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
 )
 
 
 def visible(text: str) -> str:
     """``text`` with its direction controls and invisible characters written out as
-    ``\\u202e`` escapes."""
-    return _HIDDEN.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+    ``\\u202e`` escapes (as a surrogate pair beyond U+FFFF, as JSON writes it)."""
+    return _HIDDEN.sub(lambda found: _escape(found.group()), text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def masked(text: str | None) -> str | None:
@@ -209,35 +220,44 @@ class FailedAttempt:
     retry_at: datetime | None = None
 
 
-#: Events that end an attempt which a ``retry_scheduled`` event may follow.
-_ATTEMPT_ENDS = frozenset({EventType.STEP_TIMEOUT, EventType.LEASE_EXPIRED})
+#: Events that end an attempt in failure. A handler's failure that is retried has only its
+#: ``retry_scheduled``; a timeout or a lost lease has its own event, which that follows.
+_ATTEMPT_ENDS = frozenset({EventType.STEP_FAILED, EventType.STEP_TIMEOUT, EventType.LEASE_EXPIRED})
+#: Events that begin an attempt, with its number in their payload.
+_ATTEMPT_STARTS = frozenset({EventType.STEP_STARTED})
 
 
 def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt]:
     """A step's failed attempts, oldest first, from its events in a run's timeline.
 
-    A handler's failure is told by its ``retry_scheduled`` event alone; a timeout or a
-    lost lease by its own event, which the ``retry_scheduled`` that follows completes.
-    ``attempt`` is the step's attempt now: the number of a failure no retry followed.
+    Each failure is numbered by the ``step_started`` event of its attempt; ``attempt``
+    (the step's attempt now) numbers one whose start is older than the events given.
     """
     failed: list[FailedAttempt] = []
+    current = attempt
     open_end: FailedAttempt | None = None
     for event in events:
         payload = event.payload if isinstance(event.payload, Mapping) else {}
-        if event.event_type in _ATTEMPT_ENDS:
-            open_end = FailedAttempt(attempt, event.event_type, event.created_at, payload)
+        if event.event_type in _ATTEMPT_STARTS:
+            current, open_end = _number(payload.get("attempt"), current), None
+        elif event.event_type in _ATTEMPT_ENDS:
+            open_end = FailedAttempt(current, event.event_type, event.created_at, payload)
             failed.append(open_end)
         elif event.event_type == EventType.RETRY_SCHEDULED:
-            number = int(payload.get("attempt", 2)) - 1
+            number = _number(payload.get("attempt"), current + 1) - 1
             due = _moment(payload.get("not_before"))
-            if open_end is not None:
-                failed[-1] = replace(open_end, attempt=number, retry_at=due)
+            if open_end is not None and open_end.attempt == number:
+                failed[-1] = replace(open_end, retry_at=due)
             else:
                 error = payload.get("error")
                 shown = error if isinstance(error, Mapping) else {}
                 failed.append(FailedAttempt(number, "step_failed", event.created_at, shown, due))
             open_end = None
     return failed
+
+
+def _number(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _moment(text: object) -> datetime | None:

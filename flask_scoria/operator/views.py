@@ -87,6 +87,11 @@ def _page_helpers() -> dict[str, Any]:
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(state.registry.handlers),
+        "worker_kinds": frozenset(
+            kind
+            for kind, policy in state.registry.policies.items()
+            if (policy.executor or state.settings.executor) != "inline"
+        ),
         "RunStatus": RunStatus,
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
@@ -165,7 +170,7 @@ def runs() -> str:
         prompt_contains=_arg("prompt"),
     )
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
     return render_template("scoria/runs.html", page=page, filters=filters)
 
 
@@ -174,7 +179,7 @@ def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False)
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
     # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
     shown = storable_text(session_id)
     return render_template("scoria/session.html", page=page, session_id=shown)

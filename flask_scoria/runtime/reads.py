@@ -1,8 +1,8 @@
 """Reading runs back: one run, lists of runs newest first, pending approvals.
 
 Every list is one keyset query that fetches one row more than it shows, so
-its cost does not grow with the table. Reads of a run notice expired leases
-on the way.
+its cost does not grow with the table. Reads of a run, and the lists that
+ask to (``notice``), record the expired leases and approvals they find.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -32,7 +33,7 @@ from sqlalchemy import (
 
 from .._ids import parse_uuid
 from .._json import is_storable_text
-from ..errors import InvalidRunOptions, RunNotFound, short_repr
+from ..errors import InvalidRunOptions, RunNotFound, StorageError, short_repr
 from ..identity import normalize_id
 from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
 from ..statuses import ApprovalStatus, RunStatus
@@ -314,13 +315,17 @@ def list_runs(
     after: Cursor | None = None,
     limit: int = PAGE_SIZE,
     metadata: bool = True,
+    notice: bool = False,
 ) -> Page[RunSummary]:
     """Runs matching ``filters`` (of ``tenant``, unless :data:`UNSET`), newest first.
 
     The page starts after ``after``; ties in creation time are broken by
     ``run_id``, descending. Without ``metadata`` the runs' metadata is not
     read (each summary's is ``{}``). A filter no run can match, such as text
-    with a NUL character, gives an empty page.
+    with a NUL character, gives an empty page. With ``notice`` the expired
+    leases and approvals of the runs found are recorded, as reading each run
+    would record them: a run that no longer matches the status filter leaves
+    the page, and one whose recording fails is listed as it was found.
     """
     query = select(runs) if metadata else select(*_WITHOUT_METADATA)
     if tenant is not UNSET:
@@ -342,21 +347,25 @@ def list_runs(
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
         query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending)
     found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
-    return Page(_noticed(found.rows, tenant, metadata), found.next_cursor)
+    if not notice:
+        return found
+    status = RunStatus.WAITING_FOR_APPROVAL if filters.awaiting_resume else filters.status
+    noticed = _noticed(found.rows, tenant, metadata)
+    return Page([run for run in noticed if status in (None, run.status)], found.next_cursor)
 
 
 def _noticed(rows: Sequence[RunSummary], guard: TenantGuard, metadata: bool) -> list[RunSummary]:
-    """``rows``, each open run whose lease or approval expired brought up to date: the
-    expiry is recorded, as any read of that run would record it."""
+    """``rows``, each open run whose lease or approval expired brought up to date (or as it
+    was, if that cannot be written now)."""
     ctx = context()
     stale = _with_expiries(ctx, [uuid.UUID(run.run_id) for run in rows if not run.status.finished])
-    if not stale:
-        return list(rows)
     noticed = []
     for run in rows:
         key = uuid.UUID(run.run_id)
         if key in stale:
-            run = summary_from_row(transact(ctx, key, guard, notice_expiry)[1])
+            # A read-only or busy database, a run pruned meanwhile: list it as it was found.
+            with suppress(StorageError, RunNotFound):
+                run = summary_from_row(transact(ctx, key, guard, notice_expiry)[1])
             run = run if metadata else replace(run, metadata={})
         noticed.append(run)
     return noticed
@@ -432,7 +441,9 @@ def list_runs_for_session(
         with ctx.storage.read() as conn:
             last = load_run(conn, run_uuid(before), guard, lock=False)
         after = Cursor(last["created_at"], last["id"])
-    found = list_runs(RunFilters(session_id=session), tenant=guard, after=after, limit=limit)
+    found = list_runs(
+        RunFilters(session_id=session), tenant=guard, after=after, limit=limit, notice=True
+    )
     return list(found.rows)
 
 
