@@ -20,6 +20,7 @@ from sqlalchemy import (
     Connection,
     Select,
     Table,
+    bindparam,
     exists,
     false,
     func,
@@ -30,9 +31,11 @@ from sqlalchemy import (
     select,
     tuple_,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from .._ids import parse_uuid
 from .._json import is_storable_text
+from .._types import UUIDType
 from ..errors import InvalidRunOptions, RunNotFound, StorageError, short_repr
 from ..identity import normalize_id
 from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
@@ -567,8 +570,15 @@ def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UU
     if not run_ids:
         return set()
     now = utcnow()
-    leases = _stale_steps(now, ctx.registry).where(steps.c.run_id.in_(run_ids))
-    decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
+    if ctx.storage.is_sqlite:
+        leases = _stale_steps(now, ctx.registry).where(steps.c.run_id.in_(run_ids))
+        decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
+    else:
+        # One array, not a placeholder per id: the statement's text stays the same, so
+        # that its parse is cached whatever the page's length.
+        ids = bindparam("b_run_ids", run_ids, type_=ARRAY(UUIDType()))
+        leases = _stale_steps(now, ctx.registry).where(steps.c.run_id == func.any(ids))
+        decisions = _expired_approvals(now).where(approvals.c.run_id == func.any(ids))
     with ctx.storage.read() as conn:
         return set(conn.execute(leases.union(decisions)).scalars())
 
