@@ -414,6 +414,10 @@ def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]
     page.click("text=Retry failed step")
     page.wait_for_selector('#run-status [data-status="completed"]')
     assert "Retried. The run is now completed." in page.inner_text("main")
+    # The failed first attempt stays told on the step, though its error is gone.
+    page.click("#steps summary:has-text('Attempt history')")
+    history = page.locator('[data-attempt-event="step_failed"]').inner_text()
+    assert history.startswith("Attempt 1 failed") and "the mail server hung up" in history
     shoot(page, "run-retried")
 
 

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from html import unescape as html_unescape
 from typing import Any
 
 import pytest
@@ -346,6 +347,11 @@ def test_the_run_page_shows_the_retry_the_history_and_the_timeout(
     (line,) = re.findall(r'<li data-attempt-event="step_failed">(.*?)</li>', html, re.S)
     assert line.startswith("Attempt 1 failed <time")
     assert "<strong>ConnectionError</strong> model unavailable (1). Attempt 2 due <time" in line
+    # The timeline shows the error's traceback as text, apart from the payload's JSON.
+    event = html.split('data-event-type="retry_scheduled"')[1].split("</li>")[0]
+    payload, trace = event.split('<details class="traceback">')
+    assert "Traceback (most recent" not in payload and "ConnectionError" in payload
+    assert "\nConnectionError: model unavailable (1)\n" in html_unescape(trace)
     html = client.get(f"/scoria/workflows/{timed_out}").text
     assert "timed out after 0.1 s" in html
     first, last = re.findall(r'<li data-attempt-event="step_timeout">(.*?)</li>', html, re.S)

@@ -128,6 +128,20 @@ def split_traceback(
     return shown, None
 
 
+def split_event_traceback(
+    payload: Any, extra: frozenset[str] = frozenset()
+) -> tuple[Any, str | None]:
+    """An event's redacted payload without the traceback of the error it records (its own,
+    or its ``error``'s), and that text if there is one."""
+    if not isinstance(payload, Mapping):
+        return redact(payload, extra), None
+    error = payload.get("error")
+    if "traceback" not in payload and isinstance(error, Mapping):
+        shown, trace = split_traceback(error, extra)
+        return {**redact(payload, extra), "error": shown}, trace
+    return split_traceback(payload, extra)
+
+
 class ArgumentsError(ValueError):
     """Edited approval arguments that are not a JSON object; the message says why."""
 

@@ -81,6 +81,7 @@ def _page_helpers() -> dict[str, Any]:
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
         "split_traceback": partial(present.split_traceback, extra=extra),
+        "split_event_traceback": partial(present.split_event_traceback, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
         "absolute_time": present.absolute_time,
         "iso_time": present.iso_time,
