@@ -73,3 +73,35 @@ def test_the_lease_keeper_outlives_a_renewal_that_found_the_database_locked(
     assert result["run"].status == "completed"
     assert calls == [1]
     engine.dispose()
+
+
+def test_a_session_list_on_a_locked_database_lists_runs_as_found(
+    tmp_path: Path, caplog: Any
+) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    app = create_test_app(f"sqlite:///{path}", tmp_path, SCORIA_SQLITE_BUSY_TIMEOUT=0.1)
+    engine = app.extensions["scoria"].storage(app).engine
+    schema.upgrade(engine)
+
+    def brief(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return scoria.WaitForApproval("send", expires_in=0.05)
+
+    with app.app_context():
+        ids = [
+            scoria.start_run(
+                {"session_id": "s-1"}, initial_step={"kind": "b"}, handlers={"b": brief}
+            ).run_id
+            for _ in range(3)
+        ]
+        time.sleep(0.1)  # every approval has expired; nothing has recorded it yet
+        began = time.monotonic()
+        with write_locked(path):
+            listed = scoria.list_runs_for_session("s-1")
+        # One wait for the lock, not one per run.
+        assert time.monotonic() - began < 1.0
+        assert {run.run_id for run in listed} == set(ids)
+        assert {run.status for run in listed} == {"waiting_for_approval"}
+        warned = [r for r in caplog.records if "Could not record the expiries" in r.getMessage()]
+        assert len(warned) == 1
+        assert {run.status for run in scoria.list_runs_for_session("s-1")} == {"failed"}
+    engine.dispose()

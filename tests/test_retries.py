@@ -392,6 +392,32 @@ def test_failed_attempts_pair_each_failure_with_the_retry_it_led_to() -> None:
     ]
     assert [each.retry_at for each in found] == [now + timedelta(minutes=1)] * 2 + [None] * 2
     assert found[1].at == now + timedelta(seconds=4)
-    # Only the latest events in view: the failure is numbered by the step's attempt now.
+    # Only the latest events in view: the failure is numbered by the step's attempt now,
+    # or by the retry that follows it.
     (alone,) = present.failed_attempts([event(7, "step_timeout", slow)], attempt=3)
     assert (alone.attempt, alone.retry_at) == (3, None)
+    cut = events[3:]  # from the lease expiry of attempt 2 on, its step_started out of view
+    assert [(each.attempt, each.how) for each in present.failed_attempts(cut, attempt=4)] == [
+        (2, "lease_expired"),
+        (3, "step_timeout"),
+        (4, "step_failed"),
+    ]
+    # An operator's Retry still queued: the failure it answers is the attempt before.
+    queued = [event(1, "step_failed", {"type": "E"}), event(2, "run_failed")]
+    queued.append(event(3, "retry_requested", {"attempt": 3}))
+    (answered,) = present.failed_attempts(queued, attempt=3)
+    assert answered.attempt == 2
+
+
+def test_an_events_traceback_is_split_from_its_redacted_payload() -> None:
+    trace = 'Traceback (most recent call last):\n  File "x.py"\nValueError: \u202eboom'
+    payload = {"attempt": 2, "error": {"type": "ValueError", "api_key": "k", "traceback": trace}}
+    shown, found = present.split_event_traceback(payload)
+    assert found == trace
+    assert shown == {"attempt": 2, "error": {"type": "ValueError", "api_key": "[REDACTED]"}}
+    assert present.split_event_traceback({"type": "E", "traceback": trace})[1] == trace
+    # A key the app redacts hides the error whole, its traceback with it.
+    assert present.split_event_traceback(payload, frozenset({"error"})) == (
+        {"attempt": 2, "error": "[REDACTED]"},
+        None,
+    )

@@ -133,13 +133,16 @@ def split_event_traceback(
 ) -> tuple[Any, str | None]:
     """An event's redacted payload without the traceback of the error it records (its own,
     or its ``error``'s), and that text if there is one."""
-    if not isinstance(payload, Mapping):
-        return redact(payload, extra), None
-    error = payload.get("error")
-    if "traceback" not in payload and isinstance(error, Mapping):
-        shown, trace = split_traceback(error, extra)
-        return {**redact(payload, extra), "error": shown}, trace
-    return split_traceback(payload, extra)
+    shown = redact(payload, extra)
+    if not isinstance(shown, dict):
+        return shown, None
+    error = shown.get("error")
+    holder = error if "traceback" not in shown and isinstance(error, dict) else shown
+    trace = holder.get("traceback")
+    if not isinstance(trace, str):
+        return shown, None
+    holder.pop("traceback")
+    return shown, trace[:VALUE_CHARS]
 
 
 class ArgumentsError(ValueError):
@@ -257,11 +260,17 @@ def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt
         elif event.event_type in _ATTEMPT_ENDS:
             open_end = FailedAttempt(current, event.event_type, event.created_at, payload)
             failed.append(open_end)
+        elif event.event_type == EventType.RETRY_REQUESTED:
+            # An operator's retry names the attempt it starts: the open failure is the one before.
+            if open_end is not None:
+                number = _number(payload.get("attempt"), open_end.attempt + 1) - 1
+                failed[-1] = replace(open_end, attempt=number)
+            open_end = None
         elif event.event_type == EventType.RETRY_SCHEDULED:
             number = _number(payload.get("attempt"), current + 1) - 1
             due = _moment(payload.get("not_before"))
-            if open_end is not None and open_end.attempt == number:
-                failed[-1] = replace(open_end, retry_at=due)
+            if open_end is not None:  # the retry of the timeout or lost lease just told
+                failed[-1] = replace(open_end, attempt=number, retry_at=due)
             else:
                 error = payload.get("error")
                 shown = error if isinstance(error, Mapping) else {}

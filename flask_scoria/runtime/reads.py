@@ -7,10 +7,10 @@ ask to (``notice``), record the expired leases and approvals they find.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -60,6 +60,8 @@ from .rows import (
 from .steps import notice_expiry, stale_condition, stale_step
 from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
 from .transaction import load_run, transact, utcnow
+
+log = logging.getLogger("flask_scoria")
 
 T = TypeVar("T")
 
@@ -358,17 +360,24 @@ def list_runs(
 
 
 def _noticed(rows: Sequence[RunSummary], guard: TenantGuard, metadata: bool) -> list[RunSummary]:
-    """``rows``, each open run whose lease or approval expired brought up to date (or as it
-    was, if that cannot be written now)."""
+    """``rows``, each open run whose lease or approval expired brought up to date.
+
+    A database that refuses the write (read-only, locked) is tried once: the rest of
+    the page is listed as found, and the error logged.
+    """
     ctx = context()
     stale = _with_expiries(ctx, [uuid.UUID(run.run_id) for run in rows if not run.status.finished])
     noticed = []
     for run in rows:
         key = uuid.UUID(run.run_id)
         if key in stale:
-            # A read-only or busy database, a run pruned meanwhile: list it as it was found.
-            with suppress(StorageError, RunNotFound):
+            try:
                 run = summary_from_row(transact(ctx, key, guard, notice_expiry)[1])
+            except RunNotFound:  # pruned since it was listed
+                pass
+            except StorageError as exc:
+                log.warning("Could not record the expiries of listed run %s: %s", key, exc)
+                stale = set()
             run = run if metadata else replace(run, metadata={})
         noticed.append(run)
     return noticed
