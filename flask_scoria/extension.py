@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from flask import Flask
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from .config import DEFAULTS, OWN_ENGINE_KEYS, Settings, read_settings
 from .policy import HandlerPolicy, Retry
@@ -87,12 +87,13 @@ class Scoria:
                 statement_timeout=settings.statement_timeout,
             )
         except (SQLAlchemyError, TypeError, ImportError) as exc:
-            # ImportError: the URL's driver is not installed.
-            postgres = str(settings.database_uri).startswith("postgresql")
+            # ImportError: the URL's driver is not installed; NoSuchModuleError: its
+            # scheme names no dialect (``postgres://``, which SQLAlchemy does not take).
+            postgres = str(settings.database_uri).startswith("postgres")
             hint = (
                 " (for PostgreSQL: pip install 'flask-scoria[postgres]',"
                 " and a postgresql+psycopg:// URL)"
-                if postgres and isinstance(exc, ImportError)
+                if postgres and isinstance(exc, ImportError | NoSuchModuleError)
                 else ""
             )
             raise ValueError(

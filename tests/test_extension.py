@@ -138,7 +138,7 @@ def test_a_missing_psycopg_names_the_extra_that_installs_it(
     # As where neither driver was ever installed.
     monkeypatch.setitem(sys.modules, "psycopg", None)
     monkeypatch.setitem(sys.modules, "psycopg2", None)
-    for uri in ("postgresql+psycopg://db/app", "postgresql://db/app"):
+    for uri in ("postgresql+psycopg://db/app", "postgresql://db/app", "postgres://db/app"):
         app = Flask("no_psycopg", instance_path=str(tmp_path))
         app.config["SCORIA_DATABASE_URI"] = uri
         with pytest.raises(ValueError, match=r"pip install 'flask-scoria\[postgres\]'"):

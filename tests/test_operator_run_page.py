@@ -296,6 +296,9 @@ def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     html = run_page(ops, run_id)
     assert 'data-status="expired"' in html and "nobody decided before" in html
     assert "Retry failed step" in html
+    assert post(ops, run_id, "retry").status_code == 303  # the handler asks again
+    (line,) = re.findall(r'data-attempt-event="step_failed">(.*?)</li>', run_page(ops, run_id))
+    assert line.startswith("Attempt 1 waited out its approval") and "approval_expired" in line
 
 
 def post(client: FlaskClient, run_id: str, action: str, **form: str) -> Any:
