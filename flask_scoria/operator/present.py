@@ -120,12 +120,7 @@ def split_traceback(
 ) -> tuple[dict[str, Any], str | None]:
     """A redacted error envelope without its ``traceback``, and that text if it is one."""
     shown = redact(envelope, extra)
-    trace = shown.pop("traceback", None)
-    if isinstance(trace, str):
-        return shown, trace[:VALUE_CHARS]
-    if trace is not None:
-        shown["traceback"] = trace
-    return shown, None
+    return shown, _pop_traceback(shown)
 
 
 def split_event_traceback(
@@ -138,11 +133,16 @@ def split_event_traceback(
         return shown, None
     error = shown.get("error")
     holder = error if "traceback" not in shown and isinstance(error, dict) else shown
-    trace = holder.get("traceback")
+    return shown, _pop_traceback(holder)
+
+
+def _pop_traceback(shown: dict[str, Any]) -> str | None:
+    """Take the text ``traceback`` out of a redacted ``shown``, cut after ``VALUE_CHARS``."""
+    trace = shown.get("traceback")
     if not isinstance(trace, str):
-        return shown, None
-    holder.pop("traceback")
-    return shown, trace[:VALUE_CHARS]
+        return None
+    del shown["traceback"]
+    return trace[:VALUE_CHARS]
 
 
 class ArgumentsError(ValueError):
