@@ -38,6 +38,10 @@ from flask_scoria import Scoria, schema
 POSTGRES_URL = os.environ.get(
     "SCORIA_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+#: The ``synchronous`` level of every flow's SQLite connections; ``--no-flushes`` sets it
+#: to ``OFF`` here, where the processes it spawns find it too. Unset, the CRUD keeps
+#: SQLite's own default, as a hand-written app does.
+SQLITE_SYNCHRONOUS = "SCORIA_BENCH_SQLITE_SYNCHRONOUS"
 #: How many interleaved batches the round-trips are split into.
 BATCHES = 10
 #: Round-trips of each flow whose commits are counted, untimed.
@@ -58,7 +62,10 @@ def approval_step(step: scoria.StepView, run: scoria.RunSummary) -> Any:
 
 def make_app(uri: str, engine_options: dict[str, Any] | None = None) -> Flask:
     app = Flask("bench", instance_path=tempfile.mkdtemp())
-    app.config.update(SCORIA_DATABASE_URI=uri, SCORIA_SQLITE_SYNCHRONOUS="FULL")
+    app.config.update(
+        SCORIA_DATABASE_URI=uri,
+        SCORIA_SQLITE_SYNCHRONOUS=os.environ.get(SQLITE_SYNCHRONOUS, "FULL"),
+    )
     if engine_options:
         app.config["SCORIA_ENGINE_OPTIONS"] = engine_options
     runtime = Scoria(app)
@@ -190,7 +197,8 @@ class RawFlow:
         if self.sqlite:
             self.conn: Any = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
+            level = os.environ.get(SQLITE_SYNCHRONOUS, "FULL")
+            self.conn.execute(f"PRAGMA synchronous={level}")
             param = "?"
         else:
             import psycopg
@@ -266,6 +274,13 @@ class CrudFlow:
 
         self.models = (CrudRun, CrudStep)
         with self.app.app_context():
+            level = os.environ.get(SQLITE_SYNCHRONOUS)
+            if level and db.engine.dialect.name == "sqlite":
+
+                def set_level(dbapi_connection: Any, _record: Any) -> None:
+                    dbapi_connection.execute(f"PRAGMA synchronous={level}")
+
+                sa.event.listen(db.engine, "connect", set_level)
             db.create_all()
         self.seconds = 0.0
 
@@ -320,7 +335,8 @@ def fresh_database(backend: str, workdir: Path, *, flushes: bool = True) -> tupl
 
     Without ``flushes`` a PostgreSQL database commits without waiting for its WAL
     to reach the disk (``synchronous_commit = off``), for every flow alike: what
-    the figures would be on a disk whose flushes cost nothing.
+    the figures would be on a disk whose flushes cost nothing. (SQLite's level is
+    set on each connection, see :data:`SQLITE_SYNCHRONOUS`.)
     """
     if backend == "sqlite":
         uri = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:6]}.sqlite3'}"
@@ -485,9 +501,12 @@ def main() -> None:
     parser.add_argument(
         "--no-flushes",
         action="store_true",
-        help="PostgreSQL: every flow commits with synchronous_commit = off (a diagnosis)",
+        help="every flow commits without waiting for the disk: PostgreSQL's "
+        "synchronous_commit = off, SQLite's synchronous = OFF (a diagnosis)",
     )
     args = parser.parse_args()
+    if args.no_flushes:
+        os.environ[SQLITE_SYNCHRONOUS] = "OFF"
     backends = ("sqlite", "postgresql") if args.backend == "all" else (args.backend,)
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
