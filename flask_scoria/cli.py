@@ -328,11 +328,12 @@ def cancel(run_id: str, cancelled_by: str, reason: str | None, as_json: bool) ->
 
 @scoria_cli.command("resume")
 @click.argument("run_id")
+@click.option("--by", "requested_by", help="Who asks for it (recorded on the run's timeline).")
 @json_option
 @scoria_errors
-def resume(run_id: str, as_json: bool) -> None:
+def resume(run_id: str, requested_by: str | None, as_json: bool) -> None:
     """Resume RUN_ID after its approval, or retry its failed step."""
-    _echo_run(resume_run(run_id), as_json)
+    _echo_run(resume_run(run_id, requested_by=requested_by), as_json)
 
 
 @scoria_cli.command("dispatch")

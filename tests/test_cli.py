@@ -112,15 +112,18 @@ def test_approve_then_resume_completes_the_same_run(
     code, out = invoke(runner, "approve", paused, "--by", "someone-else")
     assert code == 1 and "already approved by 'ops'" in out
     assert "[approval_already_decided]" in out
-    code, out = invoke(runner, "resume", paused, "--json")
+    code, out = invoke(runner, "resume", paused, "--by", "ops-cli", "--json")
     assert code == 0
     assert json.loads(out)["run_id"] == paused
     assert json.loads(out)["status"] == "completed"
     code, out = invoke(runner, "resume", paused)
     assert code == 1 and "[run_not_resumable]" in out
     with app.app_context():
-        approval = scoria.get_run_detail(paused).approvals[0]
+        detail = scoria.get_run_detail(paused)
+    approval = detail.approvals[0]
     assert (approval.decided_by, approval.note) == ("ops", "fine")
+    resumed = [e.payload for e in detail.events if e.event_type == "resume_requested"]
+    assert resumed == [{"requested_by": "ops-cli"}]
 
 
 def test_approve_requires_by(runner: FlaskCliRunner, paused: str) -> None:

@@ -237,6 +237,29 @@ def test_failed_step_is_retried_in_place() -> None:
     assert detail.summary.completed_at is not None
 
 
+def test_resume_and_retry_record_who_asked() -> None:
+    paused = paused_run()
+    scoria.approve_run(paused, decided_by="ops")
+    scoria.resume_run(paused, handlers={"work": succeed}, requested_by=" alice ")
+    resumed = [
+        e for e in scoria.get_run_detail(paused).events if e.event_type == "resume_requested"
+    ]
+    assert [event.payload for event in resumed] == [{"requested_by": "alice"}]
+    failed = start({"work": lambda step, run: Fail("transient")})
+    assert scoria.resume_run(failed.run_id, requested_by="bob").status == "running"
+    detail = scoria.get_run_detail(failed.run_id)
+    retry = [event for event in detail.events if event.event_type == "retry_requested"]
+    assert [event.payload for event in retry] == [{"attempt": 2, "requested_by": "bob"}]
+    # Who asked is checked before anything is written.
+    approved = paused_run()
+    scoria.approve_run(approved, decided_by="ops")
+    for bad in ("", "  ", True, "a\x00b", "x" * 100_000):
+        with pytest.raises(scoria.InvalidRunOptions, match="requested_by"):
+            scoria.resume_run(approved, handlers={"work": succeed}, requested_by=bad)
+    assert scoria.get_run(approved).status == "waiting_for_approval"
+    assert "resume_requested" not in event_types(approved)
+
+
 def test_retry_without_a_handler_requeues_the_step() -> None:
     run = start({"work": lambda step, run: Fail("transient")})
     assert scoria.resume_run(run.run_id).status == "running"

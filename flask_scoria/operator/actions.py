@@ -57,10 +57,9 @@ def cancel(run_id: str, scope: OperatorScope, reason: str | None) -> RunSummary:
 
 
 def retry(run_id: str, scope: OperatorScope) -> RunSummary:
-    """Resume the run with the registered handlers: retry the failed step of a ``failed`` run,
-    or continue an approved one that waits for ``resume_run``."""
-    _decider(scope)
-    return runtime.resume_run(run_id, tenant_id=scope.tenant_id)
+    """Resume the run with the registered handlers, as the operator: retry the failed step of
+    a ``failed`` run, or continue an approved one that waits for ``resume_run``."""
+    return runtime.resume_run(run_id, requested_by=_decider(scope), tenant_id=scope.tenant_id)
 
 
 def _decider(scope: OperatorScope) -> str:

@@ -97,7 +97,7 @@ def decider(value: object, name: str) -> str:
     except Exception as exc:
         raise InvalidRunOptions(str(exc)) from None
     if who is None:
-        raise InvalidRunOptions(f"{name} must name who decides, as a non-empty string.")
+        raise InvalidRunOptions(f"{name} must name who acts, as a non-empty string.")
     return who
 
 

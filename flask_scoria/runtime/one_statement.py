@@ -105,10 +105,16 @@ def approve(
 
 
 def resume(
-    ctx: RuntimeContext, run_id: uuid.UUID, guard: TenantGuard, claiming: Sequence[str]
+    ctx: RuntimeContext,
+    run_id: uuid.UUID,
+    guard: TenantGuard,
+    claiming: Sequence[str],
+    payload: Row | None,
 ) -> Written | None:
-    """Claim the approved step of a run waiting for approval; ``None``: not done."""
-    return _write(ctx, _resume_statement(), run_id, guard, {"b_kinds": list(claiming)})
+    """Claim the approved step of a run waiting for approval, its ``resume_requested``
+    event saying ``payload``; ``None``: not done."""
+    params = {"b_kinds": list(claiming), "b_resume_payload": payload}
+    return _write(ctx, _resume_statement(), run_id, guard, params)
 
 
 def _write(
@@ -171,7 +177,7 @@ def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
         return _result(decided, run, new_events, [(decided, _APPROVAL_PREFIX)], flush=True)
     claimed = _claimed(step_id)
     run = _moved_run(claimed, claimed, 3)
-    new_events = _events(run, step_id, [decided_event, *_claim_events(claimed)])
+    new_events = _events(run, step_id, [decided_event, *_claim_events(claimed, null())])
     parts = [(claimed, _STEP_PREFIX), (decided, _APPROVAL_PREFIX)]
     return _result(decided, run, new_events, parts, flush=True)
 
@@ -187,7 +193,10 @@ def _resume_statement() -> sql.Prepared:
     approved = select(approval.c.id).where(approval.c.status == ApprovalStatus.APPROVED).exists()
     claimed = _claimed(select(locked.c.current_step_id).where(approved).scalar_subquery())
     run = _moved_run(claimed, claimed, 2)
-    new_events = _events(run, select(claimed.c.id).scalar_subquery(), _claim_events(claimed))
+    resumed = bindparam("b_resume_payload", type_=events.c.payload.type)
+    new_events = _events(
+        run, select(claimed.c.id).scalar_subquery(), _claim_events(claimed, resumed)
+    )
     parts = [(claimed, _STEP_PREFIX), (approval, _APPROVAL_PREFIX)]
     # A claim alone: its commit need not wait for the disk (see RunChange.flushes).
     return _result(claimed, run, new_events, parts, flush=False)
@@ -233,11 +242,14 @@ def _claimed(step_id: ColumnElement[Any]) -> CTE:
     )
 
 
-def _claim_events(claimed: CTE) -> list[tuple[EventType, ColumnElement[Any]]]:
-    """The events of resuming at the ``claimed`` step, as the transaction writes them."""
+def _claim_events(
+    claimed: CTE, resumed: ColumnElement[Any]
+) -> list[tuple[EventType, ColumnElement[Any]]]:
+    """The events of resuming at the ``claimed`` step, as the transaction writes them;
+    ``resumed`` is the payload of ``resume_requested``."""
     attempt = select(claimed.c.attempt).scalar_subquery()
     return [
-        (EventType.RESUME_REQUESTED, null()),
+        (EventType.RESUME_REQUESTED, resumed),
         (EventType.STEP_STARTED, func.json_build_object(literal_column("'attempt'"), attempt)),
     ]
 

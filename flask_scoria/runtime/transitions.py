@@ -71,17 +71,21 @@ def resume_run(
     run_id: str,
     *,
     handlers: Mapping[str, object] | None = None,
+    requested_by: str | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
     """Continue the same run: after an approval, or by retrying its failed step.
 
-    Never creates a run. Raises :class:`ApprovalPending` while the approval is
-    undecided and :class:`RunNotResumable` in any state other than an approved
-    pause or ``failed``.
+    Never creates a run. ``requested_by`` names who asked (an operator, say),
+    recorded on the ``resume_requested`` or ``retry_requested`` event. Raises
+    :class:`ApprovalPending` while the approval is undecided and
+    :class:`RunNotResumable` in any state other than an approved pause or
+    ``failed``.
     """
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
+    who = None if requested_by is None else decider(requested_by, "requested_by")
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
 
@@ -89,16 +93,16 @@ def resume_run(
         expire_leases(tx)
         status = tx.status()
         if status == RunStatus.WAITING_FOR_APPROVAL:
-            _resume_approved(tx, resolver)
+            _resume_approved(tx, resolver, who)
         elif status == RunStatus.FAILED:
-            _retry_failed(tx, resolver)
+            _retry_failed(tx, resolver, who)
         else:
             raise RunNotResumable(
                 str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status)
             )
 
     if ctx.storage.pipelines and (claiming := resolver.kinds_run_here()):
-        written = one_statement.resume(ctx, key, guard, claiming)
+        written = one_statement.resume(ctx, key, guard, claiming, _resume_payload(who))
         if written is not None:
             return _drive_written(ctx, resolver, written, [(signals.run_resumed, {})])
     ahead = [(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": key})]
@@ -164,7 +168,7 @@ def _latest_approval(tx: Tx) -> Approval | None:
     return None if row is None else approval_from_row(row)
 
 
-def _resume_approved(tx: Tx, handlers: Handlers) -> None:
+def _resume_approved(tx: Tx, handlers: Handlers, requested_by: str | None) -> None:
     row = tx.first(sql.LATEST_APPROVAL_WITH_STEP, {"b_run_id": tx.run_id})
     if row is None:
         raise NoPendingApproval(str(tx.run_id))
@@ -173,21 +177,28 @@ def _resume_approved(tx: Tx, handlers: Handlers) -> None:
         if approval.expires_at is not None and approval.expires_at < tx.now:
             # It expired unnoticed: record that, then ask again.
             expire_approval(tx)
-            _retry_failed(tx, handlers)
+            _retry_failed(tx, handlers, requested_by)
             return
         raise ApprovalPending(str(tx.run_id), approval.id)
-    _continue(tx, split_prefixed(row, "steps_"), handlers, approval)
+    _continue(tx, split_prefixed(row, "steps_"), handlers, approval, requested_by)
 
 
-def _continue(tx: Tx, step: Row, handlers: Handlers, approval: Approval) -> None:
+def _continue(
+    tx: Tx, step: Row, handlers: Handlers, approval: Approval, requested_by: str | None = None
+) -> None:
     """Resume the run at its approved ``step``: claim it for its handler, or queue it."""
     tx.set(status=RunStatus.RUNNING)
-    tx.event(EventType.RESUME_REQUESTED, step["id"])
+    tx.event(EventType.RESUME_REQUESTED, step["id"], _resume_payload(requested_by))
     tx.signal(signals.run_resumed)
     claim_step(tx, step, handlers, approval, from_status=StepStatus.WAITING_FOR_APPROVAL)
 
 
-def _retry_failed(tx: Tx, handlers: Handlers) -> None:
+def _resume_payload(requested_by: str | None) -> Row | None:
+    """The payload of a ``resume_requested`` event: who asked, if the caller said."""
+    return None if requested_by is None else {"requested_by": requested_by}
+
+
+def _retry_failed(tx: Tx, handlers: Handlers, requested_by: str | None) -> None:
     step = _current_step(tx)
     if step is None or step["status"] != StepStatus.FAILED:
         raise RunNotResumable(
@@ -195,7 +206,10 @@ def _retry_failed(tx: Tx, handlers: Handlers) -> None:
         )
     attempt = step["attempt"] + 1
     tx.set(status=RunStatus.RUNNING, completed_at=None)
-    tx.event(EventType.RETRY_REQUESTED, step["id"], {"attempt": attempt})
+    payload: Row = {"attempt": attempt}
+    if requested_by is not None:
+        payload["requested_by"] = requested_by
+    tx.event(EventType.RETRY_REQUESTED, step["id"], payload)
     tx.signal(signals.run_resumed)
     claim_step(
         tx,
