@@ -55,6 +55,13 @@ def review_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return Succeed({"message_id": "<20240601.1@example.com>", "delivered": True})
 
 
+def publish(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    """Ask with arguments an inbox row shows whole."""
+    if step.approval is None:
+        return WaitForApproval("publish_post", {"channel": "#travel", "title": "Q3 rail policy"})
+    return Succeed({"published": True})
+
+
 def delegate(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return Handoff(
         "critic",
@@ -82,6 +89,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     runtime = app.extensions["scoria"]
     runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops-oncall"})
     runtime.handler("send")(review_then_send)
+    runtime.handler("publish")(publish)
     runtime.handler("delegate")(delegate)
     runtime.handler("review")(review)
     runtime.handler("flaky")(flaky)
@@ -223,12 +231,17 @@ def test_the_keyboard_skips_to_the_content(
 
 
 def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
-    first, second = start(app, "send"), start(app, "send")
+    first, second = start(app, "publish"), start(app, "send")
     page = open_page()
     page.goto(f"{base}/scoria/approvals")
     assert page.locator("#pending-count").inner_text() == "2"
+    # An email whose body the row cuts is approved from its run's page, where it is whole.
+    long = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{second}"]'))
+    assert "[REDACTED]" in long.inner_text() and "Q3 travel summary" in long.inner_text()
+    assert long.locator("button", has_text="Approve").count() == 0
+    assert long.locator("a", has_text="Review to approve").is_visible()
+    shoot(page, "inbox")
     row = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{first}"]'))
-    assert "[REDACTED]" in row.inner_text() and "Q3 travel summary" in row.inner_text()
     row.locator("button", has_text="Approve").click()
     page.wait_for_url(f"{base}/scoria/approvals")
     assert f"Run …{first[-8:]}: Approved. The run is now completed." in page.inner_text("main")
@@ -306,6 +319,24 @@ def test_the_page_refreshes_when_the_run_moves(
         scoria.resume_run(run_id)
     page.wait_for_selector('#run-status [data-status="completed"]', timeout=10_000)
     assert page.locator("button.copy").first.is_visible()
+
+
+def test_a_note_being_typed_is_kept_when_the_run_moves(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    run_id = start(app, "send")
+    page = open_page()
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    note = "#pending-approval form:first-of-type input[name=note]"
+    page.fill(note, "half a thought about the recipient")
+    with app.app_context():
+        scoria.cancel_run(run_id, cancelled_by="a-colleague")
+    live = page.locator("[data-live]")
+    live.filter(has_text="this run changed").wait_for(timeout=10_000)
+    assert page.input_value(note) == "half a thought about the recipient"
+    shoot(page, "run-changed-while-typing")
+    page.reload()
+    assert page.locator("#run-status [data-status]").get_attribute("data-status") == "cancelled"
 
 
 def test_the_poller_stops_when_the_run_is_gone(

@@ -326,7 +326,7 @@ def test_a_post_without_a_valid_csrf_token_changes_nothing(
             response = ops.post(f"/scoria/workflows/{run_id}/{action}", data=data)
             assert response.status_code == 400
             assert "security token" in response.get_data(as_text=True)
-    assert ops.get(f"/scoria/workflows/{run_id}/approve").status_code == 405
+    assert ops.get(f"/scoria/workflows/{run_id}/approve").status_code == 303  # to the run page
     with operator_app.app_context():
         detail = scoria.get_run_detail(run_id)
     assert detail.summary.status == "waiting_for_approval"
@@ -515,7 +515,9 @@ def test_queries_per_page_do_not_grow_with_what_is_shown(
     assert queries("/scoria/workflows") == few_runs
     assert queries("/scoria/approvals") == few_waiting
     assert queries("/scoria/sessions/sess-1") == few_runs
-    assert few_runs <= 3
+    # The inbox's count, the page, the expiries of its open runs, and which of its runs
+    # waiting for approval were approved already.
+    assert few_runs <= 4
 
 
 @pytest.mark.parametrize(
@@ -711,9 +713,20 @@ def test_an_approval_without_a_handler_here_says_the_app_resumes(
 def test_an_approved_run_left_waiting_can_be_resumed_from_its_page(
     operator_app: Flask, ops: FlaskClient
 ) -> None:
-    run_id = start(operator_app)
+    run_id, waiting = start(operator_app), start(operator_app)
     with operator_app.app_context():
         scoria.approve_run(run_id, decided_by="ops")  # approved, never resumed
+    # The lists tell it from a run still waiting for its decision.
+    for url in ("/scoria/workflows", "/scoria/sessions/sess-1"):
+        listed = page(ops, url)
+        for shown, label in (
+            (run_id, "approved, awaiting resume"),
+            (waiting, "waiting for approval"),
+        ):
+            (row,) = [
+                item for item in re.split(r"<tr>|<li>", listed) if f"/workflows/{shown}" in item
+            ]
+            assert f'data-status="waiting_for_approval">{label}</span>' in row, url
     html = page(ops, f"/scoria/workflows/{run_id}")
     assert f'action="/scoria/workflows/{run_id}/resume"' in html
     forged = ops.post(f"/scoria/workflows/{run_id}/resume", data={"csrf_token": "forged"})
@@ -722,6 +735,10 @@ def test_an_approved_run_left_waiting_can_be_resumed_from_its_page(
     assert response.status_code == 303
     assert run_status(operator_app, run_id) == "completed"
     assert "Resumed. The run is now completed." in page(ops, response.location)
+    with operator_app.app_context():
+        events = scoria.get_run_detail(run_id).events
+    resumed = [event.payload for event in events if event.event_type == "resume_requested"]
+    assert resumed == [{"requested_by": "ops"}]
 
 
 def test_missing_tables_are_named_on_the_page(tmp_path: Path) -> None:
@@ -754,3 +771,17 @@ def test_reasons_and_notes_mask_url_passwords(operator_app: Flask, ops: FlaskCli
     note = "done with mysql://root:hunter2@10.0.0.5/x"
     decided = post_form(ops, run_id, "reject", note=note)
     assert "hunter2" not in decided and "mysql://root:[REDACTED]@10.0.0.5/x" in decided
+
+
+def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: FlaskClient) -> None:
+    asked = {
+        "payload": {"prompt": "<b>Book</b> a train to https://u:pw@example.com", "api_key": "k"}
+    }
+    run_id = start(operator_app, runtime={"metadata": asked})
+    html = page(ops, f"/scoria/workflows/{run_id}")
+    header = html.split('class="run-header"')[1].split("</header>")[0]
+    prompt = header.split("<dt>Prompt</dt>")[1].split("</div>")[0]
+    assert "&lt;b&gt;Book&lt;/b&gt; a train to https://u:[REDACTED]@example.com" in prompt
+    for metadata in ({}, {"payload": {"prompt": ["not", "text"]}}, {"payload": "Book a train"}):
+        other = start(operator_app, runtime={"metadata": metadata})
+        assert "<dt>Prompt</dt>" not in page(ops, f"/scoria/workflows/{other}")

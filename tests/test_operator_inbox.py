@@ -35,9 +35,19 @@ ARGUMENTS = {
 }
 
 
+#: What an inbox row shows whole: Approve is offered there.
+SHORT = {"recipient": "finance@example.com", "subject": "Q3 travel summary"}
+
+
 def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     if step.approval is None:
         return WaitForApproval("send_email", ARGUMENTS, reason="Leaves the company")
+    return Succeed({"sent": True})
+
+
+def ask_short(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    if step.approval is None:
+        return WaitForApproval("send_email", SHORT)
     return Succeed({"sent": True})
 
 
@@ -47,6 +57,7 @@ def app(app: Flask) -> Flask:
     runtime = app.extensions["scoria"]
     runtime.operator_scope(lambda: session.get("operator"))
     runtime.handler("send")(ask)
+    runtime.handler("send_short")(ask_short)
     return app
 
 
@@ -182,15 +193,41 @@ def test_an_inbox_row_previews_redacted_arguments(app: Flask, ops: FlaskClient) 
     assert "Leaves the company" in row
     assert f'title="{run_id}">…{run_id[-8:]}</span>' in row
     assert "ago" in row and "expires" not in row
-    for action in ("approve", "reject"):
-        fields = form_fields(row, run_id, action)
-        assert set(fields) == {"csrf_token", "approval_id", "return_to"}
-        assert fields["return_to"] == "approvals"
+    # Arguments the row cannot show whole are approved from the run's page.
+    assert url_for("scoria.approve", run_id=run_id) not in row
+    assert f'href="/scoria/workflows/{run_id}#pending-approval"' in row
+    assert ">Review to approve</a>" in row
+    fields = form_fields(row, run_id, "reject")
+    assert set(fields) == {"csrf_token", "approval_id", "return_to"}
+    assert fields["return_to"] == "approvals"
+
+
+@pytest.mark.parametrize(
+    "arguments, whole",
+    [
+        ({}, True),
+        (SHORT, True),
+        ({**SHORT, "cc": "a@example.com"}, True),
+        ({**SHORT, "cc": "a@example.com", "bcc": "b@example.com"}, False),
+        ({"body": "b" * 80}, True),
+        ({"body": "b" * 81}, False),
+        ({"body": "é" * 41}, False),
+        ({"k" * 81: 1}, False),
+        ({"n": list(range(30))}, False),
+    ],
+)
+def test_only_arguments_shown_whole_are_approved_from_the_inbox(
+    arguments: dict[str, Any], whole: bool
+) -> None:
+    assert present.previewed_whole(arguments) is whole
+    if whole:
+        assert len(present.preview(arguments)) == len(arguments)
+        assert all(not value.endswith("...") for _key, value in present.preview(arguments))
 
 
 def test_decide_from_the_inbox(app: Flask, ops: FlaskClient) -> None:
-    approved, rejected = start(app), start(app)
-    theirs = start(app, tenant=OTHER)
+    approved, rejected = start(app, kind="send_short"), start(app, kind="send_short")
+    theirs = start(app, tenant=OTHER, kind="send_short")
     inbox = html(ops, url_for("scoria.approvals"))
     for run_id, action, said in [
         (approved, "approve", "Approved. The run is now completed."),

@@ -337,6 +337,8 @@ def test_retry_a_failed_run_and_see_its_traceback(app: Flask, ops: FlaskClient) 
     assert response.status_code == 303
     assert "Retried. The run is now completed." in page(ops, response.location)
     assert run_status(app, run_id) == "completed"
+    retried = [e for e in detail(app, run_id).events if e.event_type == "retry_requested"]
+    assert [event.payload for event in retried] == [{"attempt": 2, "requested_by": "ops"}]
 
 
 @pytest.mark.parametrize("action", ["cancel", "retry"])
@@ -356,7 +358,9 @@ def test_actions_need_the_csrf_token_and_the_tenant(
     assert response.status_code == 404
     unknown = ops.post(f"/scoria/workflows/{uuid.uuid4()}/{action}", data={"csrf_token": token})
     assert unknown.status_code == 404
-    assert ops.get(f"/scoria/workflows/{run_id}/{action}").status_code == 405
+    # Opened again with GET (a reload of a refused form's answer): the run's page, no action.
+    reloaded = ops.get(f"/scoria/workflows/{run_id}/{action}")
+    assert (reloaded.status_code, reloaded.location) == (303, f"/scoria/workflows/{run_id}")
     assert run_status(app, run_id) == before
     assert run_status(app, other) == before
 
@@ -365,6 +369,11 @@ def test_actions_without_an_actor_are_refused(app: Flask, runtime: Scoria) -> No
     runtime.operator_scope(lambda: {"tenant_id": TENANT})
     run_id = start(app, kind="fixed", handlers={"fixed": fixed})
     client = app.test_client()
+    html = run_page(client, run_id)
+    buttons = re.findall(r'<button type="submit"[^>]*>', html)
+    assert len(buttons) == 3 and all(button.endswith(" disabled>") for button in buttons)
+    assert html.count("names nobody to record") == 2  # by Cancel, and by Approve / Reject
+    assert "no actor" not in html
     response = post(client, run_id, "cancel")
     assert "names no actor_id" in page(client, response.location)
     assert run_status(app, run_id) == "waiting_for_approval"
@@ -514,3 +523,28 @@ def test_another_tenants_run_has_no_pages(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="fixed", tenant="globex", handlers={"fixed": fixed})
     for query in ("", "?events_before=5", "?steps_before=2"):
         assert "Run not found" in page(ops, f"/scoria/workflows/{run_id}{query}", 404)
+
+
+def test_a_decision_other_than_approved_is_not_said_approved(app: Flask, ops: FlaskClient) -> None:
+    rejected, cancelled = start(app, kind="review"), start(app, kind="review")
+    found = re.search(r'name="approval_id" value="([^"]+)"', run_page(ops, rejected))
+    assert found
+    post(ops, rejected, "reject", approval_id=found.group(1))
+    post(ops, cancelled, "cancel")
+    approved = start(app, kind="review")
+    assert approve_with(ops, approved, arguments=json.dumps(REQUESTED)).status_code == 303
+    for run_id, decision in ((rejected, "rejected"), (cancelled, "cancelled")):
+        decisions = run_page(ops, run_id).split('id="decisions"')[1].split("</section>")[0]
+        assert f">{decision}</span>" in decisions
+        assert "<summary>Arguments</summary>" in decisions
+        assert "approved as requested" not in decisions
+    decisions = run_page(ops, approved).split('id="decisions"')[1].split("</section>")[0]
+    assert "<summary>Arguments (approved as requested)</summary>" in decisions
+
+
+def test_an_address_that_names_no_page_has_the_operator_pages_own(ops: FlaskClient) -> None:
+    for address in ("/scoria/nothing-here", "/scoria/workflows/a/b/c"):
+        html = page(ops, address, status=404)
+        assert "Page not found" in html and 'href="/scoria/workflows"' in html
+    html = page(ops, f"/scoria/workflows/{uuid.uuid4()}", status=404)
+    assert "Run not found" in html

@@ -95,6 +95,16 @@ def masked(text: str | None) -> str | None:
     return None if text is None else visible(mask_passwords(text, REDACTED))
 
 
+def prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str | None:
+    """The run's prompt, ``metadata["payload"]["prompt"]`` (as the runs list searches
+    it), redacted and cut to ``VALUE_CHARS``; ``None`` if it has no text there."""
+    payload = redact(metadata, extra).get("payload")
+    text = payload.get("prompt") if isinstance(payload, Mapping) else None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return masked(text[:VALUE_CHARS])
+
+
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
     """Indented JSON of a redacted value, cut after ``VALUE_CHARS`` characters, its
     hidden characters visible (as the JSON escapes they are)."""
@@ -210,6 +220,15 @@ def preview(
         (visible(key), visible(truncate(_text(item))))
         for key, item in sorted(shown.items())[:PREVIEW_KEYS]
     ]
+
+
+def previewed_whole(arguments: Mapping[str, Any] | None) -> bool:
+    """Whether :func:`preview` shows every key and value of ``arguments`` uncut."""
+    items = (arguments or {}).items()
+    return len(items) <= PREVIEW_KEYS and all(
+        len(key.encode()) <= PREVIEW_BYTES and len(_text(value).encode()) <= PREVIEW_BYTES
+        for key, value in items
+    )
 
 
 def _text(value: object) -> str:

@@ -80,6 +80,8 @@ def _page_helpers() -> dict[str, Any]:
         "masked": present.masked,
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
+        "previewed_whole": present.previewed_whole,
+        "prompt": partial(present.prompt, extra=extra),
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
@@ -172,7 +174,8 @@ def runs() -> str:
     )
     tenant = current_scope().tenant_id
     page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
-    return render_template("scoria/runs.html", page=page, filters=filters)
+    awaiting = _awaiting_resume(page, every=awaiting_resume)
+    return render_template("scoria/runs.html", page=page, filters=filters, awaiting=awaiting)
 
 
 @bp.get("/sessions/<path:session_id>")
@@ -183,7 +186,14 @@ def session_runs(session_id: str) -> str:
     page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
     # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
     shown = storable_text(session_id)
-    return render_template("scoria/session.html", page=page, session_id=shown)
+    awaiting = _awaiting_resume(page)
+    return render_template("scoria/session.html", page=page, session_id=shown, awaiting=awaiting)
+
+
+def _awaiting_resume(page: runtime.Page[RunSummary], *, every: bool = False) -> frozenset[str]:
+    """The runs of ``page`` approved and waiting for ``resume_run`` (``every`` waiting one)."""
+    waiting = [run.run_id for run in page.rows if run.status == RunStatus.WAITING_FOR_APPROVAL]
+    return frozenset(waiting) if every else runtime.runs_awaiting_resume(waiting)
 
 
 @bp.get("/approvals")
@@ -297,6 +307,18 @@ def resume(run_id: str) -> BaseResponse:
     """Resume, as the operator, a run whose approval was granted but never resumed."""
     check_csrf()
     return _act(run_id, actions.retry, "Resumed.")
+
+
+@bp.get("/workflows/<run_id>/<any(approve, reject, cancel, retry, resume):_action>")
+def action_page(run_id: str, _action: str) -> BaseResponse:
+    """An action's address opened again (a reload after a refused form): the run's page."""
+    return redirect(url_for("scoria.run", run_id=run_id), code=303)
+
+
+@bp.route("/<path:_unknown>")
+def unknown(_unknown: str) -> ResponseReturnValue:
+    """An address under the operator pages that names none: their own "not found" page."""
+    return render_template("scoria/not_found.html", no_page=True), 404
 
 
 def _act(

@@ -26,6 +26,7 @@ from .reads import list_runs_for_session as list_runs_for_session
 from .reads import pending_approvals as pending_approvals
 from .reads import recover_expired_leases as recover_expired_leases
 from .reads import run_status as run_status
+from .reads import runs_awaiting_resume as runs_awaiting_resume
 from .reads import step_kind as step_kind
 from .retention import prune_runs as prune_runs
 from .start import start_handoff_run as start_handoff_run

@@ -579,17 +579,38 @@ def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UU
     if not run_ids:
         return set()
     now = utcnow()
-    if ctx.storage.is_sqlite:
-        leases = _stale_steps(now, ctx.registry).where(steps.c.run_id.in_(run_ids))
-        decisions = _expired_approvals(now).where(approvals.c.run_id.in_(run_ids))
-    else:
-        # One array, not a placeholder per id: the statement's text stays the same, so
-        # that its parse is cached whatever the page's length.
-        ids = bindparam("b_run_ids", run_ids, type_=ARRAY(UUIDType()))
-        leases = _stale_steps(now, ctx.registry).where(steps.c.run_id == func.any(ids))
-        decisions = _expired_approvals(now).where(approvals.c.run_id == func.any(ids))
+    leases = _stale_steps(now, ctx.registry).where(_among(ctx, steps.c.run_id, run_ids))
+    decisions = _expired_approvals(now).where(_among(ctx, approvals.c.run_id, run_ids))
     with ctx.storage.read() as conn:
         return set(conn.execute(leases.union(decisions)).scalars())
+
+
+def runs_awaiting_resume(run_ids: Sequence[str]) -> frozenset[str]:
+    """Of ``run_ids``, runs waiting for approval, those with no approval pending: theirs
+    was granted, and they wait for ``resume_run``."""
+    if not run_ids:
+        return frozenset()
+    ctx = context()
+    keys = [uuid.UUID(run_id) for run_id in run_ids]
+    query = select(approvals.c.run_id).where(
+        _among(ctx, approvals.c.run_id, keys), approvals.c.status == _PENDING
+    )
+    with ctx.storage.read() as conn:
+        pending = set(conn.execute(query).scalars())
+    return frozenset(str(key) for key in keys if key not in pending)
+
+
+def _among(
+    ctx: RuntimeContext, column: ColumnElement[Any], run_ids: list[uuid.UUID]
+) -> ColumnElement[bool]:
+    """``column`` is one of ``run_ids``.
+
+    On PostgreSQL one array, not a placeholder per id: the statement's text
+    stays the same, so that its parse is cached whatever the page's length.
+    """
+    if ctx.storage.is_sqlite:
+        return column.in_(run_ids)
+    return column == func.any(bindparam("b_run_ids", run_ids, type_=ARRAY(UUIDType())))
 
 
 def recover_expired_leases() -> list[str]:

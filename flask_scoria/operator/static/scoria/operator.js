@@ -74,6 +74,15 @@
       : "stopped refreshing: operator access ended; reload to sign in again";
   }
 
+  // Whether the operator has typed into the page's forms (a note, edited arguments).
+  function typed() {
+    var fields = document.querySelectorAll("input[type=text], textarea");
+    for (var i = 0; i < fields.length; i++) {
+      if (fields[i].value !== fields[i].defaultValue) return true;
+    }
+    return false;
+  }
+
   function poll() {
     var body = document.body;
     var url = body.getAttribute("data-poll-url");
@@ -96,6 +105,15 @@
           if (!response.ok) { later(delay); return; }
           return response.json().then(function (state) {
             if (state.status !== status || state.updated_at !== updatedAt) {
+              if (typed()) {
+                // Reloading would drop what the operator typed: say so, and let them reload.
+                var live = document.querySelector("[data-live]");
+                if (live) {
+                  live.textContent = "this run changed since the page loaded: reload to see it; what you typed has not been sent";
+                  live.classList.add("changed");
+                }
+                return;
+              }
               // A page an action answered (a refused form) sits at the action's URL:
               // reloading it would send the form again.
               var page = body.getAttribute("data-run-url");
