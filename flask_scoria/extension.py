@@ -91,8 +91,8 @@ class Scoria:
             # scheme names no dialect (``postgres://``, which SQLAlchemy does not take).
             postgres = str(settings.database_uri).startswith("postgres")
             hint = (
-                " (for PostgreSQL: pip install 'flask-scoria[postgres]',"
-                " and a postgresql+psycopg:// URL)"
+                " (for PostgreSQL: the postgres extra installs psycopg, pip install"
+                " '.[postgres]' in a checkout of flask-scoria; the URL starts postgresql://)"
                 if postgres and isinstance(exc, ImportError | NoSuchModuleError)
                 else ""
             )
