@@ -92,7 +92,7 @@ class Scoria:
             postgres = str(settings.database_uri).startswith("postgres")
             hint = (
                 " (for PostgreSQL: the postgres extra installs psycopg, pip install"
-                " '.[postgres]' in a checkout of flask-scoria; the URL starts postgresql://)"
+                " '.[postgres]' in a checkout of flask-scoria, and a postgresql+psycopg:// URL)"
                 if postgres and isinstance(exc, ImportError | NoSuchModuleError)
                 else ""
             )

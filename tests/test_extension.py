@@ -141,7 +141,9 @@ def test_a_missing_psycopg_names_the_extra_that_installs_it(
     for uri in ("postgresql+psycopg://db/app", "postgresql://db/app", "postgres://db/app"):
         app = Flask("no_psycopg", instance_path=str(tmp_path))
         app.config["SCORIA_DATABASE_URI"] = uri
-        with pytest.raises(ValueError, match=r"pip install '\.\[postgres\]'.*postgresql://"):
+        with pytest.raises(
+            ValueError, match=r"pip install '\.\[postgres\]'.*postgresql\+psycopg://"
+        ):
             Scoria(app)
 
 

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval
-from flask_scoria.runtime import Cursor
+from flask_scoria.runtime import Cursor, runs_awaiting_resume
 
 TENANT = "acme"
 
@@ -727,6 +727,18 @@ def test_an_approved_run_left_waiting_can_be_resumed_from_its_page(
                 item for item in re.split(r"<tr>|<li>", listed) if f"/workflows/{shown}" in item
             ]
             assert f'data-status="waiting_for_approval">{label}</span>' in row, url
+    filtered = page(ops, "/scoria/workflows?status=awaiting_resume")
+    assert 'data-status="waiting_for_approval">approved, awaiting resume</span>' in filtered
+    assert run_id[-8:] in filtered and waiting[-8:] not in filtered
+    with operator_app.app_context():
+        rejected = start(operator_app)
+        scoria.reject_run(rejected, decided_by="ops")
+        # Only runs of the tenant, waiting for approval, whose approval was granted.
+        elsewhere = start(operator_app, tenant="globex")
+        scoria.approve_run(elsewhere, decided_by="ops")
+        asked = [run_id, waiting, rejected, elsewhere, str(uuid.uuid4())]
+        assert runs_awaiting_resume(asked, tenant=TENANT) == {run_id}
+        assert runs_awaiting_resume(asked) == {run_id, elsewhere}
     html = page(ops, f"/scoria/workflows/{run_id}")
     assert f'action="/scoria/workflows/{run_id}/resume"' in html
     forged = ops.post(f"/scoria/workflows/{run_id}/resume", data={"csrf_token": "forged"})

@@ -214,15 +214,23 @@ def test_an_inbox_row_previews_redacted_arguments(app: Flask, ops: FlaskClient) 
         ({"body": "é" * 41}, False),
         ({"k" * 81: 1}, False),
         ({"n": list(range(30))}, False),
+        # As shown: a masked password, a redacted key and escaped hidden characters are longer.
+        ({"url": "postgres://u:p@db.example.com/" + "x" * 45}, False),
+        ({"cfg": {"password": "x", "host": "h" * 50}}, False),
+        ({"note": "\u200b" * 20}, False),
+        ({"ssn": "x" * 70}, True),
     ],
 )
 def test_only_arguments_shown_whole_are_approved_from_the_inbox(
     arguments: dict[str, Any], whole: bool
 ) -> None:
     assert present.previewed_whole(arguments) is whole
-    if whole:
-        assert len(present.preview(arguments)) == len(arguments)
-        assert all(not value.endswith("...") for _key, value in present.preview(arguments))
+    shown = present.preview(arguments)
+    assert (len(shown) == len(arguments) and not any(v.endswith("...") for _, v in shown)) or (
+        not whole
+    )
+    # A key the app redacts is shown as [REDACTED], whole.
+    assert present.previewed_whole({"ssn": "x" * 90}, extra=frozenset({"ssn"}))
 
 
 def test_decide_from_the_inbox(app: Flask, ops: FlaskClient) -> None:

@@ -250,6 +250,11 @@ def test_resume_and_retry_record_who_asked() -> None:
     detail = scoria.get_run_detail(failed.run_id)
     retry = [event for event in detail.events if event.event_type == "retry_requested"]
     assert [event.payload for event in retry] == [{"attempt": 2, "requested_by": "bob"}]
+    # Approving with resume=True asks as the decider.
+    fused = paused_run()
+    scoria.approve_run(fused, decided_by="carol", resume=True, handlers={"work": succeed})
+    resumed = [e for e in scoria.get_run_detail(fused).events if e.event_type == "resume_requested"]
+    assert [event.payload for event in resumed] == [{"requested_by": "carol"}]
     # Who asked is checked before anything is written.
     approved = paused_run()
     scoria.approve_run(approved, decided_by="ops")

@@ -97,12 +97,12 @@ def masked(text: str | None) -> str | None:
 
 def prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str | None:
     """The run's prompt, ``metadata["payload"]["prompt"]`` (as the runs list searches
-    it), redacted and cut to ``VALUE_CHARS``; ``None`` if it has no text there."""
+    it), redacted, its first ``VALUE_CHARS`` characters; ``None`` if it has no text there."""
     payload = redact(metadata, extra).get("payload")
     text = payload.get("prompt") if isinstance(payload, Mapping) else None
     if not isinstance(text, str) or not text.strip():
         return None
-    return masked(text[:VALUE_CHARS])
+    return visible(text[:VALUE_CHARS])
 
 
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
@@ -222,12 +222,16 @@ def preview(
     ]
 
 
-def previewed_whole(arguments: Mapping[str, Any] | None) -> bool:
-    """Whether :func:`preview` shows every key and value of ``arguments`` uncut."""
-    items = (arguments or {}).items()
-    return len(items) <= PREVIEW_KEYS and all(
-        len(key.encode()) <= PREVIEW_BYTES and len(_text(value).encode()) <= PREVIEW_BYTES
-        for key, value in items
+def previewed_whole(
+    arguments: Mapping[str, Any] | None, extra: frozenset[str] = frozenset()
+) -> bool:
+    """Whether :func:`preview` shows every key and value of ``arguments`` uncut, as it
+    shows them: redacted, their hidden characters escaped."""
+    shown = redact(arguments or {}, extra)
+    return len(shown) <= PREVIEW_KEYS and all(
+        len(visible(str(key)).encode()) <= PREVIEW_BYTES
+        and len(visible(_text(value)).encode()) <= PREVIEW_BYTES
+        for key, value in shown.items()
     )
 
 

@@ -80,7 +80,7 @@ def _page_helpers() -> dict[str, Any]:
         "masked": present.masked,
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
-        "previewed_whole": present.previewed_whole,
+        "previewed_whole": partial(present.previewed_whole, extra=extra),
         "prompt": partial(present.prompt, extra=extra),
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
@@ -193,7 +193,9 @@ def session_runs(session_id: str) -> str:
 def _awaiting_resume(page: runtime.Page[RunSummary], *, every: bool = False) -> frozenset[str]:
     """The runs of ``page`` approved and waiting for ``resume_run`` (``every`` waiting one)."""
     waiting = [run.run_id for run in page.rows if run.status == RunStatus.WAITING_FOR_APPROVAL]
-    return frozenset(waiting) if every else runtime.runs_awaiting_resume(waiting)
+    if every:
+        return frozenset(waiting)
+    return runtime.runs_awaiting_resume(waiting, tenant=current_scope().tenant_id)
 
 
 @bp.get("/approvals")
@@ -315,7 +317,7 @@ def action_page(run_id: str, _action: str) -> BaseResponse:
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
-@bp.route("/<path:_unknown>")
+@bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def unknown(_unknown: str) -> ResponseReturnValue:
     """An address under the operator pages that names none: their own "not found" page."""
     return render_template("scoria/not_found.html", no_page=True), 404

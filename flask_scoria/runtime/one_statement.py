@@ -43,7 +43,6 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
-    null,
     or_,
     select,
     true,
@@ -100,6 +99,7 @@ def approve(
         "b_edits": edited is not None,
         "b_decision": {"decision": ApprovalStatus.APPROVED, "decided_by": decided_by},
         "b_kinds": list(claiming or ()),
+        "b_resume_payload": {"requested_by": decided_by},
     }
     return _write(ctx, statement, run_id, guard, params)
 
@@ -177,7 +177,7 @@ def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
         return _result(decided, run, new_events, [(decided, _APPROVAL_PREFIX)], flush=True)
     claimed = _claimed(step_id)
     run = _moved_run(claimed, claimed, 3)
-    new_events = _events(run, step_id, [decided_event, *_claim_events(claimed, null())])
+    new_events = _events(run, step_id, [decided_event, *_claim_events(claimed)])
     parts = [(claimed, _STEP_PREFIX), (decided, _APPROVAL_PREFIX)]
     return _result(decided, run, new_events, parts, flush=True)
 
@@ -193,10 +193,7 @@ def _resume_statement() -> sql.Prepared:
     approved = select(approval.c.id).where(approval.c.status == ApprovalStatus.APPROVED).exists()
     claimed = _claimed(select(locked.c.current_step_id).where(approved).scalar_subquery())
     run = _moved_run(claimed, claimed, 2)
-    resumed = bindparam("b_resume_payload", type_=events.c.payload.type)
-    new_events = _events(
-        run, select(claimed.c.id).scalar_subquery(), _claim_events(claimed, resumed)
-    )
+    new_events = _events(run, select(claimed.c.id).scalar_subquery(), _claim_events(claimed))
     parts = [(claimed, _STEP_PREFIX), (approval, _APPROVAL_PREFIX)]
     # A claim alone: its commit need not wait for the disk (see RunChange.flushes).
     return _result(claimed, run, new_events, parts, flush=False)
@@ -242,12 +239,11 @@ def _claimed(step_id: ColumnElement[Any]) -> CTE:
     )
 
 
-def _claim_events(
-    claimed: CTE, resumed: ColumnElement[Any]
-) -> list[tuple[EventType, ColumnElement[Any]]]:
-    """The events of resuming at the ``claimed`` step, as the transaction writes them;
-    ``resumed`` is the payload of ``resume_requested``."""
+def _claim_events(claimed: CTE) -> list[tuple[EventType, ColumnElement[Any]]]:
+    """The events of resuming at the ``claimed`` step, as the transaction writes them; the
+    payload of ``resume_requested`` is the parameter ``b_resume_payload``."""
     attempt = select(claimed.c.attempt).scalar_subquery()
+    resumed = bindparam("b_resume_payload", type_=events.c.payload.type)
     return [
         (EventType.RESUME_REQUESTED, resumed),
         (EventType.STEP_STARTED, func.json_build_object(literal_column("'attempt'"), attempt)),

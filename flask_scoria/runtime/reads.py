@@ -349,8 +349,7 @@ def list_runs(
             )
     query = _searched(query, filters)
     if filters.awaiting_resume:
-        pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
-        query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending)
+        query = query.where(*_awaiting_resume())
     found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
     if not notice:
         return found
@@ -585,19 +584,26 @@ def _with_expiries(ctx: RuntimeContext, run_ids: list[uuid.UUID]) -> set[uuid.UU
         return set(conn.execute(leases.union(decisions)).scalars())
 
 
-def runs_awaiting_resume(run_ids: Sequence[str]) -> frozenset[str]:
-    """Of ``run_ids``, runs waiting for approval, those with no approval pending: theirs
-    was granted, and they wait for ``resume_run``."""
+def runs_awaiting_resume(run_ids: Sequence[str], *, tenant: TenantGuard = UNSET) -> frozenset[str]:
+    """Which of ``run_ids`` (of ``tenant``, unless :data:`UNSET`) were approved and wait
+    for ``resume_run``."""
     if not run_ids:
         return frozenset()
     ctx = context()
-    keys = [uuid.UUID(run_id) for run_id in run_ids]
-    query = select(approvals.c.run_id).where(
-        _among(ctx, approvals.c.run_id, keys), approvals.c.status == _PENDING
+    query = select(runs.c.id).where(
+        _among(ctx, runs.c.id, [uuid.UUID(run_id) for run_id in run_ids]), *_awaiting_resume()
     )
+    if tenant is not UNSET:
+        query = query.where(runs.c.tenant_id == tenant)
     with ctx.storage.read() as conn:
-        pending = set(conn.execute(query).scalars())
-    return frozenset(str(key) for key in keys if key not in pending)
+        return frozenset(str(key) for key in conn.execute(query).scalars())
+
+
+def _awaiting_resume() -> list[ColumnElement[bool]]:
+    """Runs waiting for approval without one pending: theirs was granted, and they wait
+    for ``resume_run``."""
+    pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
+    return [*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending]
 
 
 def _among(

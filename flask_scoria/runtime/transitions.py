@@ -184,7 +184,7 @@ def _resume_approved(tx: Tx, handlers: Handlers, requested_by: str | None) -> No
 
 
 def _continue(
-    tx: Tx, step: Row, handlers: Handlers, approval: Approval, requested_by: str | None = None
+    tx: Tx, step: Row, handlers: Handlers, approval: Approval, requested_by: str | None
 ) -> None:
     """Resume the run at its approved ``step``: claim it for its handler, or queue it."""
     tx.set(status=RunStatus.RUNNING)
@@ -392,7 +392,7 @@ def _decide(
             if step is None or step["id"] != step_id:
                 step = tx.first(sql.STEP_BY_ID, {"b_step_id": step_id})
             assert step is not None
-            _continue(tx, step, resolver, approval_from_row(decided))
+            _continue(tx, step, resolver, approval_from_row(decided), who)
         return True
 
     decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent)

@@ -74,8 +74,10 @@
       : "stopped refreshing: operator access ended; reload to sign in again";
   }
 
-  // Whether the operator has typed into the page's forms (a note, edited arguments).
+  // Whether the operator has typed into the page's forms (a note, edited arguments), or
+  // has a refused form to fix.
   function typed() {
+    if (document.querySelector("[aria-invalid=true]")) return true;
     var fields = document.querySelectorAll("input[type=text], textarea");
     for (var i = 0; i < fields.length; i++) {
       if (fields[i].value !== fields[i].defaultValue) return true;
