@@ -317,9 +317,10 @@ def action_page(run_id: str, _action: str) -> BaseResponse:
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
-@bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@bp.get("/<path:_unknown>")
 def unknown(_unknown: str) -> ResponseReturnValue:
-    """An address under the operator pages that names none: their own "not found" page."""
+    """An address under the operator pages that names none, opened: their own "not found"
+    page. (Another method there is answered 405, as for the pages' own addresses.)"""
     return render_template("scoria/not_found.html", no_page=True), 404
 
 
