@@ -546,6 +546,10 @@ def test_an_address_that_names_no_page_has_the_operator_pages_own(ops: FlaskClie
     for address in ("/scoria/nothing-here", "/scoria/workflows/a/b/c"):
         html = page(ops, address, status=404)
         assert "Page not found" in html and 'href="/scoria/workflows"' in html
-        assert ops.post(address, data={"csrf_token": "x"}).status_code == 405
+        posted = ops.post(address, data={"csrf_token": "x"})
+        assert posted.status_code == 404 and "Page not found" in posted.get_data(as_text=True)
+    # An address a page answers, with another method: 405, naming the one it takes.
+    deleted = ops.delete("/scoria/workflows")
+    assert (deleted.status_code, deleted.headers["Allow"]) == (405, "GET")
     html = page(ops, f"/scoria/workflows/{uuid.uuid4()}", status=404)
     assert "Run not found" in html

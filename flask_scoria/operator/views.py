@@ -22,7 +22,7 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException, NotFound, ServiceUnavailable
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
@@ -317,11 +317,29 @@ def action_page(run_id: str, _action: str) -> BaseResponse:
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
-@bp.get("/<path:_unknown>")
+@bp.route("/<path:_unknown>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def unknown(_unknown: str) -> ResponseReturnValue:
-    """An address under the operator pages that names none, opened: their own "not found"
-    page. (Another method there is answered 405, as for the pages' own addresses.)"""
+    """An address under the operator pages that names none: their own "not found" page;
+    405 where a page of theirs answers the address, but not this method."""
+    if request.method != "GET":
+        answered = _methods_answered()
+        if answered:
+            raise MethodNotAllowed(valid_methods=answered)
     return render_template("scoria/not_found.html", no_page=True), 404
+
+
+def _methods_answered() -> list[str]:
+    """The methods another route answers at this request's address."""
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    answered = []
+    for method in ("GET", "POST"):
+        try:
+            endpoint, _ = adapter.match(method=method)
+        except HTTPException:
+            continue
+        if endpoint != request.endpoint:
+            answered.append(method)
+    return answered
 
 
 def _act(
@@ -417,7 +435,9 @@ def _error_page(exc: HTTPException) -> ResponseReturnValue:
     if status == 403:
         g.pop("_scoria_scope", None)  # a refused request shows no tenant, nor its counts
         return render_template("scoria/forbidden.html"), 403
-    return render_template("scoria/error.html", error=exc), status
+    # Its headers besides the type (a 405's Allow) go with the page.
+    headers = [(name, value) for name, value in exc.get_headers() if name != "Content-Type"]
+    return render_template("scoria/error.html", error=exc), status, headers
 
 
 def _json_error(status: int, exc: HTTPException) -> ResponseReturnValue:
