@@ -585,11 +585,15 @@ def generic_plan(engine: sa.Engine, statement: str, parameters: dict[str, Any]) 
             names.append(match[1])
         return f"${names.index(match[1]) + 1}"
 
+    def literal(value: Any) -> str:
+        if isinstance(value, list):  # an array's text, which PostgreSQL reads as the type asked
+            return "'{" + ",".join(str(item) for item in value) + "}'"
+        if isinstance(value, str):  # a StrEnum too
+            value = str(value)
+        return str(sa.literal(value).compile(engine, compile_kwargs={"literal_binds": True}))
+
     prepared = re.sub(r"%\((\w+)\)s", numbered, statement)
-    arguments = ", ".join(
-        str(sa.literal(parameters[name]).compile(engine, compile_kwargs={"literal_binds": True}))
-        for name in names
-    )
+    arguments = ", ".join(literal(parameters[name]) for name in names)
     with engine.connect() as conn:
         conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(f"PREPARE listed AS {prepared}")
@@ -618,6 +622,40 @@ def test_inbox_and_handoff_pages_walk_their_own_index(
         ]
         plan = query_plan(runtime.storage(operator_app).engine, statement, parameters)
         assert index in plan and f"SCAN {table} " not in plan and "Seq Scan" not in plan, plan
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_which_listed_runs_await_resume_is_asked_by_key(
+    operator_app: Flask, ops: FlaskClient, runtime: Scoria
+) -> None:
+    """Neither the index of waiting runs nor that of pending approvals serves the question,
+    which could walk them whole: each run is found by its key, its approvals by their run."""
+    start(operator_app)
+    engine = runtime.storage(operator_app).engine
+    with engine.begin() as conn:  # a tenant with many runs waiting, for the planner's statistics
+        conn.exec_driver_sql(
+            "INSERT INTO scoria_runs (id, tenant_id, root_role_id, status, version,"
+            " last_event_sequence, last_step_sequence, created_at, updated_at, metadata)"
+            " SELECT gen_random_uuid(), %(tenant)s, 'executor', 'waiting_for_approval', 1, 1, 1,"
+            " now(), now(), '{}' FROM generate_series(1, 5000)",
+            {"tenant": TENANT},
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO scoria_approvals (id, run_id, step_id, status, tool_name, requested_at,"
+            " editable, tenant_id) SELECT gen_random_uuid(), id, gen_random_uuid(), 'pending',"
+            " 'publish', now(), false, tenant_id FROM scoria_runs"
+        )
+        conn.exec_driver_sql("ANALYZE scoria_runs, scoria_approvals")
+    with recorded_queries(runtime, operator_app) as statements:
+        page(ops, "/scoria/workflows")
+    [(statement, parameters)] = [
+        (sql, params) for sql, params in statements if sql.startswith("SELECT scoria_runs.id \n")
+    ]
+    # Statuses written out would let the planner walk a partial index of them.
+    assert "'pending'" not in statement and "'completed'" not in statement, statement
+    plan = generic_plan(engine, statement, parameters)
+    assert "pk_scoria_runs" in plan and "ix_scoria_approvals_run" in plan, plan
+    assert "Seq Scan" not in plan and "pending" not in plan.split("Index Cond")[0], plan
 
 
 def test_prefix_and_template_overrides(database_uri: str, tmp_path: Path) -> None:

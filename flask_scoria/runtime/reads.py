@@ -349,7 +349,8 @@ def list_runs(
             )
     query = _searched(query, filters)
     if filters.awaiting_resume:
-        query = query.where(*_awaiting_resume())
+        pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
+        query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending)
     found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
     if not notice:
         return found
@@ -590,20 +591,21 @@ def runs_awaiting_resume(run_ids: Sequence[str], *, tenant: TenantGuard = UNSET)
     if not run_ids:
         return frozenset()
     ctx = context()
+    # The statuses are parameters, not written out as the lists' are: no partial index
+    # (all runs waiting, all approvals pending) can serve the statement, so its plan looks
+    # each run up by its key, and its approvals by their run.
+    pending = exists().where(
+        approvals.c.run_id == runs.c.id, approvals.c.status == ApprovalStatus.PENDING
+    )
     query = select(runs.c.id).where(
-        _among(ctx, runs.c.id, [uuid.UUID(run_id) for run_id in run_ids]), *_awaiting_resume()
+        _among(ctx, runs.c.id, [uuid.UUID(run_id) for run_id in run_ids]),
+        runs.c.status == RunStatus.WAITING_FOR_APPROVAL,
+        ~pending,
     )
     if tenant is not UNSET:
         query = query.where(runs.c.tenant_id == tenant)
     with ctx.storage.read() as conn:
         return frozenset(str(key) for key in conn.execute(query).scalars())
-
-
-def _awaiting_resume() -> list[ColumnElement[bool]]:
-    """Runs waiting for approval without one pending: theirs was granted, and they wait
-    for ``resume_run``."""
-    pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
-    return [*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending]
 
 
 def _among(
