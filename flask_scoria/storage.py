@@ -56,7 +56,7 @@ def create_standalone_engine(
     options["connect_args"] = connect_args
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, synchronous)
+        _configure_sqlite(engine, synchronous, busy_timeout)
     elif "pool_pre_ping" not in options:
         # A file has no server to close its connections.
         ping_when_idle(engine)
@@ -102,7 +102,7 @@ _SYNCED_COMMITS = ("FULL", "EXTRA")
 _RELAXABLE_LEVEL = "scoria_synchronous"
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> None:
     memory = engine.url.database in (None, "", ":memory:")
 
     @event.listens_for(engine, "connect")
@@ -111,7 +111,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         wal = False
         if not memory:
             try:
-                wal = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+                wal = _journal_in_wal(cursor, busy_timeout, engine.dialect.loaded_dbapi.Error)
             except engine.dialect.loaded_dbapi.OperationalError as exc:
                 # A file this process may only read can still be read, in its own mode;
                 # a write then fails with the hint of _hint().
@@ -123,6 +123,23 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         if wal and synchronous in _SYNCED_COMMITS:
             # The level a transaction that need not wait for the disk returns to.
             record.info[_RELAXABLE_LEVEL] = synchronous
+
+
+def _journal_in_wal(cursor: Any, busy_timeout: float, error: type[Exception]) -> bool:
+    """Put the SQLite file in WAL mode; return whether it is.
+
+    Processes that open a file in another mode at the same moment each need it alone
+    to change it, and SQLite refuses them at once rather than wait for the others:
+    this tries again, for as long as the busy timeout lets a write wait.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return bool(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal")
+        except error as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.02))
 
 
 class Storage:

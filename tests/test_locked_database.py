@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -105,3 +107,45 @@ def test_a_session_list_on_a_locked_database_lists_runs_as_found(
         assert len(warned) == 1
         assert {run.status for run in scoria.list_runs_for_session("s-1")} == {"failed"}
     engine.dispose()
+
+
+def _open_at_once(path: str, go: Any, failures: Any) -> None:
+    """Child process: open the file with the own engine as soon as ``go`` is set."""
+    from flask_scoria.storage import create_standalone_engine
+
+    engine = create_standalone_engine(
+        f"sqlite:///{path}",
+        busy_timeout=5.0,
+        synchronous="FULL",
+        engine_options={},
+        connect_timeout=5.0,
+        statement_timeout=30.0,
+    )
+    go.wait()
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM t").scalar()
+    except Exception as exc:
+        failures.put(repr(exc))
+
+
+def test_processes_that_open_a_new_file_at_once_all_get_in(tmp_path: Path) -> None:
+    """Each switches the file to WAL mode; SQLite refuses all but one, at once."""
+    fork = multiprocessing.get_context("fork")
+    failures = fork.Queue()
+    for trial in range(12):
+        path = str(tmp_path / f"new-{trial}.sqlite3")
+        created = sqlite3.connect(path)  # as a migration tool may leave it: not in WAL mode
+        created.execute("CREATE TABLE t (a)")
+        created.commit()
+        created.close()
+        go = fork.Event()
+        children = [fork.Process(target=_open_at_once, args=(path, go, failures)) for _ in range(6)]
+        for child in children:
+            child.start()
+        time.sleep(0.2)
+        go.set()
+        for child in children:
+            child.join(timeout=30)
+            assert child.exitcode == 0
+    assert failures.empty(), failures.get()
