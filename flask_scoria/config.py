@@ -92,7 +92,10 @@ def read_settings(app: Flask) -> Settings:
     uri = _database_uri(app, config["SCORIA_DATABASE_URI"])
     synchronous = str(config["SCORIA_SQLITE_SYNCHRONOUS"]).upper()
     if synchronous not in _SYNCHRONOUS:
-        raise ValueError(f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS}.")
+        raise ValueError(
+            f"SCORIA_SQLITE_SYNCHRONOUS must be one of {_SYNCHRONOUS},"
+            f" not {config['SCORIA_SQLITE_SYNCHRONOUS']!r}."
+        )
     prefix = config["SCORIA_URL_PREFIX"]
     # One "/" and a name: "//host" would be a URL of another host, which Flask mounts
     # as "/host".
@@ -184,9 +187,10 @@ def _number(
         and (maximum is None or number <= maximum)
     )
     if isinstance(value, bool) or not in_range:
-        least = "zero or more" if allow_zero else "positive"
-        most = "" if maximum is None else f" of at most {maximum}"
-        raise ValueError(f"{key} must be a {least} number{most}, not {value!r}.")
+        what = "a whole number" if kind is int else "a number"
+        least = "of zero or more" if allow_zero else "above zero"
+        most = "" if maximum is None else f", at most {maximum}"
+        raise ValueError(f"{key} must be {what} {least}{most}, not {value!r}.")
     return number
 
 

@@ -74,8 +74,16 @@ class NoPendingApproval(ScoriaError):
 
     code = "no_pending_approval"
 
-    def __init__(self, run_id: str, approval_id: str | None = None) -> None:
-        if approval_id is None:
+    def __init__(
+        self, run_id: str, approval_id: str | None = None, *, expired: bool = False
+    ) -> None:
+        if expired:
+            named = "its latest approval" if approval_id is None else f"approval {approval_id}"
+            super().__init__(
+                f"Run {run_id} has no approval to decide: {named} expired undecided;"
+                " resume_run asks again."
+            )
+        elif approval_id is None:
             super().__init__(f"Run {run_id} has no approval to decide.")
         else:
             super().__init__(f"Run {run_id} has no approval {approval_id}.")

@@ -108,7 +108,8 @@ def identity(value: object = None) -> Identity:
     """Normalize ``value`` into an :class:`Identity`.
 
     ``value`` may be an ``Identity``, a mapping, any object with attributes,
-    or ``None``. Ids are read from ``actor_id`` / ``tenant_id`` /
+    or ``None``; a string, a number or a list carries no ids and gives the
+    empty identity. Ids are read from ``actor_id`` / ``tenant_id`` /
     ``session_id``, falling back to the aliases ``actor``, ``current_user``,
     ``user``, ``tenant``, ``current_tenant`` (their ``id``) and ``session``
     (its ``id`` or the string itself). Ints and UUIDs become strings, blank

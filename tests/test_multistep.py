@@ -172,8 +172,11 @@ def test_an_expired_approval_fails_the_run_and_resume_asks_again(app_ctx: None) 
     assert detail.approvals[0].status == "expired"
     assert detail.steps[0].error_envelope["type"] == "approval_expired"  # type: ignore[index]
     assert "approval_expired" in [event.event_type for event in detail.events]
-    with pytest.raises(scoria.NoPendingApproval):
+    with pytest.raises(scoria.NoPendingApproval, match="its latest approval expired undecided"):
         scoria.approve_run(run.run_id, decided_by="ops")
+    named = detail.approvals[0].id
+    with pytest.raises(scoria.NoPendingApproval, match=f"approval {named} expired undecided"):
+        scoria.reject_run(run.run_id, decided_by="ops", approval_id=named)
 
     again = scoria.resume_run(run.run_id, handlers={"plan": ask})
     assert again.status == "waiting_for_approval"
@@ -187,7 +190,7 @@ def test_an_expired_approval_fails_the_run_and_resume_asks_again(app_ctx: None) 
 def test_deciding_an_expired_approval_before_any_read_records_the_expiry(app_ctx: None) -> None:
     run = start({"plan": lambda step, run: WaitForApproval("publish", expires_in=0.2)})
     time.sleep(0.3)
-    with pytest.raises(scoria.NoPendingApproval):
+    with pytest.raises(scoria.NoPendingApproval, match="expired undecided; resume_run asks"):
         scoria.approve_run(run.run_id, decided_by="ops", resume=True)
     detail = scoria.get_run_detail(run.run_id)
     assert detail.summary.status == "failed"

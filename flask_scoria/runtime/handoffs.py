@@ -122,7 +122,8 @@ def _tags(value: object) -> list[str]:
     ):
         raise InvalidHandoff(
             "invalid_capability_tags",
-            "capability_tags must be a list of non-empty strings of at most 64 characters.",
+            "capability_tags must be a string or a list of non-empty strings of at most 64"
+            " characters.",
         )
     invalid = partial(InvalidHandoff, "invalid_capability_tags")
     return [check_text(tag.strip(), what="capability_tags", error=invalid) for tag in value]

@@ -236,7 +236,11 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
         row = tx.first(sql.APPROVAL_OF_RUN, {"b_run_id": tx.run_id, "b_approval_id": approval_id})
         approval = None if row is None else approval_from_row(row)
     if approval is None or approval.status == ApprovalStatus.EXPIRED:
-        raise NoPendingApproval(str(tx.run_id), None if approval_id is None else str(approval_id))
+        raise NoPendingApproval(
+            str(tx.run_id),
+            None if approval_id is None else str(approval_id),
+            expired=approval is not None,
+        )
     if approval.status != ApprovalStatus.PENDING:
         raise ApprovalAlreadyDecided(
             str(tx.run_id), approval.id, approval.status, approval.decided_by
@@ -396,8 +400,8 @@ def _decide(
         return True
 
     decided, row, claim = transact(ctx, key, guard, decide, ahead=decision_sent)
-    if decided is False:
-        raise NoPendingApproval(str(key), None if expected is None else str(expected))
+    if decided is False:  # it expired: that is written now
+        raise NoPendingApproval(str(key), None if expected is None else str(expected), expired=True)
     return summary_from_row(drive(ctx, resolver, claim, row))
 
 
