@@ -400,7 +400,6 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
         limit=limit,
         once=once,
         on_dispatched=lambda run: click.echo(f"dispatched {run.run_id}: {run.status}"),
-        on_error=lambda exc: click.echo(f"{exc.message} [{exc.code}]; retrying", err=True),
         on_started=lambda: click.echo(f"worker started: {concurrency} thread(s)"),
     )
     if not once:

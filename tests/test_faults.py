@@ -6,20 +6,24 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, ask_then_work, counting_handler, executions, row_counts
+from _helpers import IDENTITY, ask_then_work, counting_handler, executions, row_counts, succeed
 from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
+from flask_scoria import StorageError, schema
 from flask_scoria import runtime as scoria_runtime
-from flask_scoria import schema
 from flask_scoria.runtime import tables
+from flask_scoria.runtime.context import context
+from flask_scoria.runtime.worker import Worker
+from flask_scoria.state import app_state
 from flask_scoria.storage import PING_AFTER_IDLE
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
@@ -476,3 +480,75 @@ def test_without_pipeline_mode_the_runtime_works_the_same(app: Flask) -> None:
             IDENTITY, initial_step={"kind": "work"}, handlers={"work": cancelled_meanwhile}
         )
         assert lost.status == scoria.RunStatus.CANCELLED
+
+
+@only_postgres
+def test_a_worker_whose_listen_connection_dropped_in_the_pool_goes_on(
+    database_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection it takes for LISTEN can be one the server closed a moment ago."""
+    # Two connections: the one LISTEN holds, and one that the pool lends out again and again.
+    pool = {"pool_size": 2, "max_overflow": 0}
+    with (
+        configured_app(
+            database_uri, tmp_path, SCORIA_EXECUTOR="worker", SCORIA_ENGINE_OPTIONS=pool
+        ) as app,
+        admin_engine(database_uri) as admin,
+        app.app_context(),
+    ):
+        app.extensions["scoria"].handler("work")(succeed)
+        worker = Worker(app, concurrency=1, interval=5.0, on_dispatched=lambda run: None)
+        unavailable: list[StorageError] = []
+
+        def one_pass() -> None:
+            """A pass as the worker's loop makes it: a StorageError waits for the next."""
+            try:
+                worker._pass(context())
+            except StorageError as exc:
+                unavailable.append(exc)
+                worker._close_listener()
+
+        try:
+            one_pass()  # listens; sweeps the leases, which it then skips a while
+            worker._close_listener()
+            # Both connections lent out and returned a moment ago: neither is pinged again.
+            run = scoria.start_run(IDENTITY, initial_step={"kind": "work"})  # queued
+            assert scoria.get_run(run.run_id).status == scoria.RunStatus.RUNNING
+            assert terminate_other_backends(admin) == 2
+            one_pass()  # LISTEN meets the dropped connection; the claim takes a fresh one
+            assert "LISTEN connection failed" in caplog.text and not unavailable
+            worker._pool.shutdown(wait=True)
+            assert scoria.get_run(run.run_id).status == scoria.RunStatus.COMPLETED
+            worker._pool = ThreadPoolExecutor(1)
+            one_pass()
+            assert worker._listener is not None  # listening again, on a fresh connection
+        finally:
+            worker._close_listener()
+            worker._pool.shutdown(wait=True)
+
+
+@only_postgres
+def test_a_lease_renewal_whose_connection_dropped_is_retried_at_once(
+    app: Flask, database_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with admin_engine(database_uri) as admin, app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "later"})  # no handler: queued
+        (step,) = scoria.get_run_detail(run.run_id).steps
+        state = app_state(app)
+        engine = state.storage.engine
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(tables.steps)
+                .where(tables.steps.c.id == uuid.UUID(step.id))
+                .values(status="running", lease_token="held", lease_expires_at=sa.func.now())
+            )
+        assert terminate_other_backends(admin) >= 1
+        state.keeper._renew(state.storage, uuid.UUID(step.id), "held")
+        with engine.connect() as conn:
+            renewed = conn.execute(
+                sa.select(tables.steps.c.lease_expires_at - sa.func.now()).where(
+                    tables.steps.c.id == uuid.UUID(step.id)
+                )
+            ).scalar_one()
+    assert renewed.total_seconds() > 60
+    assert "Could not renew" not in caplog.text

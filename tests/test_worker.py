@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from _helpers import counting_handler, executions, write_locked
 from conftest import create_test_app
 from flask import Flask, g
 from flask.testing import FlaskCliRunner
+from test_operator import generic_plan
 
 import flask_scoria as scoria
 from flask_scoria import InvalidRunOptions, Scoria, schema
+from flask_scoria.runtime.worker import _DUE_STEP, _NEXT_DUE
 
 TESTS = Path(__file__).resolve().parent
 WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
@@ -219,3 +222,21 @@ def test_each_worker_run_gets_a_fresh_app_context(
     assert seen == [(first, None), (second, None)]
     # Each run's context was torn down right after it, as after a request.
     assert torn_down == [first, second]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_worker_finds_the_next_due_step_by_the_index_of_queued_steps(
+    app: Flask, runtime: Scoria
+) -> None:
+    """Also in a prepared statement's plan, made for any parameters: a backlog of queued steps
+    costs a claim a walk of their index up to the first due one, not a sort of them all."""
+    with app.app_context():
+        for _ in range(20):
+            scoria.start_run(WHO, initial_step={"kind": "later"})
+    engine = runtime.storage(app).engine
+    for statement in (_DUE_STEP, _NEXT_DUE):
+        compiled = statement.compile(engine)
+        expanded = compiled.construct_expanded_state({"now": datetime.now(UTC), "kinds": ["x"]})
+        plan = generic_plan(engine, expanded.statement, expanded.parameters)
+        assert "ix_scoria_steps_queued" in plan and "Sort" not in plan, plan
+        assert "Seq Scan on scoria_steps" not in plan, plan

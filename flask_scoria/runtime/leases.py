@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
 
+from ..errors import StorageError
 from ..statuses import StepStatus
 from ..storage import Storage
 from .tables import steps
@@ -72,16 +73,27 @@ class LeaseKeeper:
                     self._renew(storage, step_id, token)
 
     def _renew(self, storage: Storage, step_id: uuid.UUID, token: str) -> None:
-        try:
-            with storage.write(pipeline=True) as conn:
-                conn.execute(
-                    update(steps)
-                    .where(
-                        steps.c.id == step_id,
-                        steps.c.lease_token == token,
-                        steps.c.status == StepStatus.RUNNING,
+        """Extend the lease; a dropped connection is tried again on a fresh one at once."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                with storage.write(pipeline=True) as conn:
+                    conn.execute(
+                        update(steps)
+                        .where(
+                            steps.c.id == step_id,
+                            steps.c.lease_token == token,
+                            steps.c.status == StepStatus.RUNNING,
+                        )
+                        .values(lease_expires_at=self.expiry(datetime.now(UTC)))
                     )
-                    .values(lease_expires_at=self.expiry(datetime.now(UTC)))
-                )
-        except Exception:  # the keeper must outlive any one failed renewal
-            log.warning("Could not renew the lease of step %s.", step_id, exc_info=True)
+                return
+            except StorageError as exc:
+                if storage.retry_after(exc, tries):
+                    continue
+                log.warning("Could not renew the lease of step %s: %s", step_id, exc.message)
+                return
+            except Exception:  # the keeper must outlive any one failed renewal
+                log.warning("Could not renew the lease of step %s.", step_id, exc_info=True)
+                return

@@ -28,7 +28,8 @@ from types import FrameType
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, bindparam, func, or_, select
+from sqlalchemy import Connection, bindparam, func, literal_column, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import StorageError
 from ..readback import RunSummary
@@ -49,13 +50,16 @@ from .transaction import Claim, Tx, transact, utcnow
 log = logging.getLogger("flask_scoria")
 
 _RUN_COLUMNS = [column.label(f"runs_{column.key}") for column in runs.c]
+#: Written out, so that every plan of these statements, a prepared one's too, can walk
+#: the partial index of queued steps in order of when they fall due, not every step.
+_IS_QUEUED = steps.c.status == literal_column(f"'{StepStatus.QUEUED}'")
 #: The oldest due queued step of a running run, with its run's columns; on
 #: PostgreSQL the run is locked, skipping runs another worker holds.
 _DUE_STEP = (
     select(steps, *_RUN_COLUMNS)
     .join(runs, runs.c.id == steps.c.run_id)
     .where(
-        steps.c.status == StepStatus.QUEUED,
+        _IS_QUEUED,
         or_(steps.c.not_before <= bindparam("now"), steps.c.not_before.is_(None)),
         steps.c.kind.in_(bindparam("kinds", expanding=True)),
         runs.c.status == RunStatus.RUNNING,
@@ -65,7 +69,7 @@ _DUE_STEP = (
     .with_for_update(of=runs, skip_locked=True)
 )
 _NEXT_DUE = select(func.min(steps.c.not_before)).where(
-    steps.c.status == StepStatus.QUEUED,
+    _IS_QUEUED,
     steps.c.not_before > bindparam("now"),
     steps.c.kind.in_(bindparam("kinds", expanding=True)),
 )
@@ -259,12 +263,10 @@ class Worker:
         concurrency: int,
         interval: float,
         on_dispatched: Callable[[RunSummary], None],
-        on_error: Callable[[StorageError], None],
     ) -> None:
         self.app = app
         self.interval = interval
         self.on_dispatched = on_dispatched
-        self.on_error = on_error
         self._stopping = threading.Event()
         self._slots = threading.Semaphore(concurrency)
         self._freed = threading.Event()
@@ -289,7 +291,12 @@ class Worker:
                     with self.app.app_context():
                         wake = self._pass(context())
                 except StorageError as exc:
-                    self.on_error(exc)
+                    log.warning(
+                        "The worker found the database unavailable: %s [%s]; retrying in %g s.",
+                        exc.message,
+                        exc.code,
+                        self.interval,
+                    )
                     self._close_listener()
                     wake = self.interval
                 self._wait(wake)
@@ -304,7 +311,12 @@ class Worker:
             recover_expired_leases()
             self._swept = time.monotonic()
         if self._listener is None and not ctx.storage.is_sqlite:
-            self._listener = _Listener(ctx)
+            try:
+                self._listener = _Listener(ctx)
+            except SQLAlchemyError as exc:
+                # A pooled connection that dropped; the next pass listens on a fresh one,
+                # and this one claims what is due meanwhile.
+                log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
         handlers = Handlers(None, ctx.registry, local=True)
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
@@ -332,7 +344,12 @@ class Worker:
                     with self.app.app_context():
                         claimed = claim_due(context(), handlers)
         except StorageError as exc:
-            self.on_error(exc)
+            log.warning(
+                "The worker found the database unavailable: %s [%s]; a step it could not"
+                " record is retried once its lease expires.",
+                exc.message,
+                exc.code,
+            )
         except Exception:
             log.exception("The worker could not execute step %s.", claim.step["id"])
         finally:
@@ -390,14 +407,13 @@ def run_worker(
     limit: int,
     once: bool,
     on_dispatched: Callable[[RunSummary], None],
-    on_error: Callable[[StorageError], None],
     on_started: Callable[[], None] = lambda: None,
 ) -> None:
     """Execute due queued steps of the current app until SIGTERM or SIGINT (or one pass).
 
     With ``once``, up to ``limit`` due steps are executed one after another
-    and the call returns. When the database is unavailable ``on_error`` is
-    told and the pass is retried after ``interval`` seconds.
+    and the call returns. When the database is unavailable a warning is
+    logged and the pass is retried after ``interval`` seconds.
     """
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     if once:
@@ -410,6 +426,5 @@ def run_worker(
         concurrency=concurrency,
         interval=interval,
         on_dispatched=on_dispatched,
-        on_error=on_error,
     )
     worker.run(on_started)
