@@ -165,6 +165,18 @@ def test_handler_sees_its_approval_after_resume() -> None:
     detail = scoria.get_run_detail(run.run_id)
     assert len(detail.approvals) == 1
     assert detail.approvals[0].note == "fine"
+    decided = [e.payload for e in detail.events if e.event_type == "approval_decided"]
+    approval_id = detail.approvals[0].id
+    assert decided == [
+        {"approval_id": approval_id, "decision": "approved", "decided_by": "reviewer"}
+    ]
+    # Approving and resuming in one call (one statement on PostgreSQL) says the same.
+    fused = paused_run()
+    scoria.approve_run(fused, decided_by="reviewer", resume=True, handlers={"work": succeed})
+    detail = scoria.get_run_detail(fused)
+    decided = [e.payload for e in detail.events if e.event_type == "approval_decided"]
+    expected = {"approval_id": detail.approvals[0].id, "decision": "approved"}
+    assert decided == [{**expected, "decided_by": "reviewer"}]
 
 
 def test_reject_ends_step_and_run_and_cannot_be_decided_again() -> None:

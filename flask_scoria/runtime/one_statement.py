@@ -97,7 +97,6 @@ def approve(
         "b_note": note,
         "b_edited_arguments": edited,
         "b_edits": edited is not None,
-        "b_decision": {"decision": ApprovalStatus.APPROVED, "decided_by": decided_by},
         "b_kinds": list(claiming or ()),
         "b_resume_payload": {"requested_by": decided_by},
     }
@@ -169,7 +168,15 @@ def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
         .cte("decided")
     )
     step_id = select(decided.c.step_id).scalar_subquery()
-    payload = bindparam("b_decision", type_=events.c.payload.type)
+    # As the transaction writes it: which approval, how, by whom.
+    payload = func.json_build_object(
+        literal_column("'approval_id'"),
+        select(decided.c.id).scalar_subquery(),
+        literal_column("'decision'"),
+        literal_column(f"'{ApprovalStatus.APPROVED}'"),
+        literal_column("'decided_by'"),
+        cast(bindparam("b_decided_by"), String),
+    )
     decided_event = (EventType.APPROVAL_DECIDED, payload)
     if not claim:
         run = _moved_run(decided, None, 1)

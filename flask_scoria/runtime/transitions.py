@@ -379,9 +379,9 @@ def _decide(
             _not_pending(tx, expected, edited is not None)
             return False
         step_id = decided["step_id"]
-        payload = {"decision": decision, "decided_by": who}
+        payload = {"approval_id": str(decided["id"]), "decision": decision, "decided_by": who}
         tx.event(EventType.APPROVAL_DECIDED, step_id, payload)
-        tx.signal(signals.approval_decided, approval={"approval_id": str(decided["id"]), **payload})
+        tx.signal(signals.approval_decided, approval=payload)
         if decision == ApprovalStatus.REJECTED:
             tx.update_step(
                 step_id,
