@@ -83,12 +83,14 @@ def approve(
     note: str | None,
     edited: Row | None,
     claiming: Sequence[str] | None,
+    resumed: Row | None,
 ) -> Written | None:
     """Approve the pending approval, and with ``claiming`` claim its step; ``None``: not done.
 
     ``approval_id`` names the approval (else the run's latest), ``edited`` the
     arguments that replace the requested ones, ``claiming`` the kinds whose
-    handlers this process runs.
+    handlers this process runs, ``resumed`` the payload of the claim's
+    ``resume_requested`` event.
     """
     statement = _approve_statement(approval_id is not None, claiming is not None)
     params = {
@@ -98,7 +100,7 @@ def approve(
         "b_edited_arguments": edited,
         "b_edits": edited is not None,
         "b_kinds": list(claiming or ()),
-        "b_resume_payload": {"requested_by": decided_by},
+        "b_resume_payload": resumed,
     }
     return _write(ctx, statement, run_id, guard, params)
 

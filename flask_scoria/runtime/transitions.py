@@ -125,11 +125,15 @@ def _approve_at_once(
     claiming = handlers.kinds_run_here() if resume else None
     if not ctx.storage.pipelines or claiming == []:
         return None
-    written = one_statement.approve(ctx, key, guard, expected, who, note, edited, claiming)
+    resumed = _resume_payload(who)
+    written = one_statement.approve(ctx, key, guard, expected, who, note, edited, claiming, resumed)
     if written is None:
         return None
-    decided = {"decision": ApprovalStatus.APPROVED, "decided_by": who}
-    approval = {"approval_id": str(written.approval["id"]), **decided}
+    approval = {
+        "approval_id": str(written.approval["id"]),
+        "decision": ApprovalStatus.APPROVED,
+        "decided_by": who,
+    }
     sent: list[Signal] = [(signals.approval_decided, {"approval": approval})]
     if resume:
         sent.append((signals.run_resumed, {}))
