@@ -256,18 +256,24 @@ class RawFlow:
 class CrudFlow:
     """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
 
+    #: How its tables' names start, so that two CRUD flows can share a database.
+    tables = "crud"
+
     def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
         self.app = Flask("crud", instance_path=tempfile.mkdtemp())
         self.app.config["SQLALCHEMY_DATABASE_URI"] = uri
         if engine_options:
             self.app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
         self.db = db = SQLAlchemy(self.app)
+        prefix = self.tables
 
         class CrudRun(db.Model):  # type: ignore[name-defined,misc]
+            __tablename__ = f"{prefix}_run"
             id: Mapped[str] = mapped_column(primary_key=True)
             status: Mapped[str]
 
         class CrudStep(db.Model):  # type: ignore[name-defined,misc]
+            __tablename__ = f"{prefix}_step"
             id: Mapped[str] = mapped_column(primary_key=True)
             run_id: Mapped[str]
             status: Mapped[str]
@@ -302,6 +308,54 @@ class CrudFlow:
         with self.app.app_context():
             self.db.drop_all()
             self.db.engine.dispose()
+
+
+class ApprovalCrudFlow(CrudFlow):
+    """The CRUD with the approval it skips: the three requests an approval flow has.
+
+    The handler's request asks (run, step and a pending approval), the approver's
+    request decides, the resuming request finishes: one commit each, as a Flask
+    app whose approver is a person in another request must commit. Still no
+    events, compare-and-set or leases.
+    """
+
+    tables = "approval_crud"
+
+    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
+        super().__init__(uri, engine_options)
+        db = self.db
+
+        class CrudApproval(db.Model):  # type: ignore[name-defined,misc]
+            __tablename__ = f"{self.tables}_approval"
+            id: Mapped[str] = mapped_column(primary_key=True)
+            run_id: Mapped[str]
+            step_id: Mapped[str]
+            status: Mapped[str]
+            decided_by: Mapped[str | None]
+
+        self.approval_model = CrudApproval
+        with self.app.app_context():
+            db.create_all()
+
+    def run(self, runs: int) -> None:
+        crud_run, crud_step = self.models
+        crud_approval = self.approval_model
+        session = self.db.session
+        with self.app.app_context():
+            began = time.perf_counter()
+            for _ in range(runs):
+                run = crud_run(id=str(uuid.uuid4()), status="waiting_for_approval")
+                step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
+                approval = crud_approval(
+                    id=str(uuid.uuid4()), run_id=run.id, step_id=step.id, status="pending"
+                )
+                session.add_all([run, step, approval])
+                session.commit()
+                approval.status, approval.decided_by = "approved", "operator"
+                session.commit()
+                run.status = step.status = "completed"
+                session.commit()
+            self.seconds += time.perf_counter() - began
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -427,10 +481,11 @@ def measure(backend: str, runs: int, workdir: Path, *, flushes: bool = True) -> 
         baseline = uri.replace(".sqlite3", "-baseline.sqlite3")
         flow, fused = ScoriaFlow(uri), ScoriaFlow(uri, fused=True)
         raw, crud = RawFlow(baseline), CrudFlow(baseline)
+        approval_crud = ApprovalCrudFlow(baseline)
         try:
-            cpu = interleave((flow, fused, raw, crud), runs)
+            cpu = interleave((flow, fused, raw, crud, approval_crud), runs)
         finally:
-            for each in (flow, fused, raw, crud):
+            for each in (flow, fused, raw, crud, approval_crud):
                 each.close()
         timings = flow.timings
         # The sizes are measured after the timed flows, with a burst of their own: a
@@ -472,12 +527,14 @@ def measure(backend: str, runs: int, workdir: Path, *, flushes: bool = True) -> 
         "fused_roundtrips_per_s": runs / fused.timings.seconds,
         "raw_floor_per_s": runs / raw_seconds,
         "crud_per_s": runs / crud_seconds,
+        "approval_crud_per_s": runs / approval_crud.seconds,
         "two_process_per_s": (2 * half) / two_process_seconds if two_process_seconds else 0.0,
         "two_process_failures": failures,
         "client_cpu_ms": cpu[0] / runs * 1000,
         "fused_client_cpu_ms": cpu[1] / runs * 1000,
         "raw_floor_client_cpu_ms": cpu[2] / runs * 1000,
         "crud_client_cpu_ms": cpu[3] / runs * 1000,
+        "approval_crud_client_cpu_ms": cpu[4] / runs * 1000,
         "commits_per_roundtrip": commits,
         "fused_commits_per_roundtrip": fused_commits,
         "start_p50_ms": statistics.median(timings.start) * 1000,
@@ -520,6 +577,12 @@ def main() -> None:
                 "fused to raw floor": result["fused_roundtrips_per_s"] / result["raw_floor_per_s"],
                 "fused to CRUD": result["fused_roundtrips_per_s"] / result["crud_per_s"],
                 "CRUD to raw floor": result["crud_per_s"] / result["raw_floor_per_s"],
+                "ratio to CRUD with approval": (
+                    result["roundtrips_per_s"] / result["approval_crud_per_s"]
+                ),
+                "fused to CRUD with approval": (
+                    result["fused_roundtrips_per_s"] / result["approval_crud_per_s"]
+                ),
                 "client CPU / CRUD's": result["client_cpu_ms"] / result["crud_client_cpu_ms"],
                 "fused client CPU / CRUD's": (
                     result["fused_client_cpu_ms"] / result["crud_client_cpu_ms"]

@@ -11,10 +11,10 @@ documented API:
   ``DBOS.get_event``, sends the approval with ``DBOS.send`` and waits for the result.
 
 They run interleaved with flask-scoria (approving, then resuming; and approving with
-``resume=True``), the raw floor and the hand-written CRUD of ``approval_roundtrip.py``,
-in batches, ``--repeats`` times; the figures are medians. Then, on PostgreSQL, both
-flask-scoria flows, the CRUD and the raw floor run with 1, 4 and 16 concurrent client
-threads. Needs the ``bench`` dependency group::
+``resume=True``), the raw floor and the hand-written CRUDs of ``approval_roundtrip.py``
+(without and with the approval), in batches, ``--repeats`` times; the figures are
+medians. Then, on PostgreSQL, both flask-scoria flows, the CRUD and the raw floor run
+with 1, 4 and 16 concurrent client threads. Needs the ``bench`` dependency group::
 
     python bench/peers.py [--runs 200] [--repeats 3] [--backend sqlite|postgresql|all]
 """
@@ -35,7 +35,14 @@ from typing import Any, TypedDict
 
 import psycopg
 import sqlalchemy as sa
-from approval_roundtrip import CrudFlow, RawFlow, ScoriaFlow, fresh_database, interleave
+from approval_roundtrip import (
+    ApprovalCrudFlow,
+    CrudFlow,
+    RawFlow,
+    ScoriaFlow,
+    fresh_database,
+    interleave,
+)
 from dbos import DBOS, DBOSConfig
 from langgraph.checkpoint.postgres import PostgresSaver
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -198,6 +205,7 @@ def measure_peers(backend: str, runs: int, repeats: int, workdir: Path) -> dict[
         flows[FUSED] = ScoriaFlow(uri, fused=True)
         flows["raw floor"] = RawFlow(sibling("baseline"))
         flows["CRUD"] = CrudFlow(sibling("baseline"))
+        flows["CRUD with approval"] = ApprovalCrudFlow(sibling("baseline"))
         flows["LangGraph"] = LangGraphFlow(sibling("langgraph"))
         flows["DBOS"] = DBOSFlow(sibling("dbos"))
         return median_rates(flows, runs, repeats)
