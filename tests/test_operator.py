@@ -595,9 +595,14 @@ def generic_plan(engine: sa.Engine, statement: str, parameters: dict[str, Any]) 
     prepared = re.sub(r"%\((\w+)\)s", numbered, statement)
     arguments = ", ".join(literal(parameters[name]) for name in names)
     with engine.connect() as conn:
+        # Neither is undone by the rollback that returns the connection to the pool.
         conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(f"PREPARE listed AS {prepared}")
-        rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE listed({arguments})")
+        try:
+            rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE listed({arguments})").all()
+        finally:
+            conn.exec_driver_sql("DEALLOCATE listed")
+            conn.exec_driver_sql("RESET plan_cache_mode")
         return " | ".join(str(row[0]) for row in rows)
 
 

@@ -53,6 +53,10 @@ _RUN_COLUMNS = [column.label(f"runs_{column.key}") for column in runs.c]
 #: Written out, so that every plan of these statements, a prepared one's too, can walk
 #: the partial index of queued steps in order of when they fall due, not every step.
 _IS_QUEUED = steps.c.status == literal_column(f"'{StepStatus.QUEUED}'")
+#: The run's status as an expression no index holds: a database without statistics of
+#: the tables (SQLite's, until ``ANALYZE``) would otherwise start from the index of
+#: runs by status and walk every running run, its write lock held, at each claim.
+_RUN_IS_RUNNING = runs.c.status.concat(literal_column("''")) == RunStatus.RUNNING
 #: The oldest due queued step of a running run, with its run's columns; on
 #: PostgreSQL the run is locked, skipping runs another worker holds.
 _DUE_STEP = (
@@ -62,7 +66,7 @@ _DUE_STEP = (
         _IS_QUEUED,
         or_(steps.c.not_before <= bindparam("now"), steps.c.not_before.is_(None)),
         steps.c.kind.in_(bindparam("kinds", expanding=True)),
-        runs.c.status == RunStatus.RUNNING,
+        _RUN_IS_RUNNING,
     )
     .order_by(steps.c.not_before)
     .limit(1)
@@ -185,10 +189,10 @@ _OVERDUE = (
     select(steps.c.run_id, steps.c.id, steps.c.kind, steps.c.not_before)
     .join(runs, runs.c.id == steps.c.run_id)
     .where(
-        steps.c.status == StepStatus.QUEUED,
+        _IS_QUEUED,
         steps.c.not_before <= bindparam("before"),
         steps.c.kind.in_(bindparam("kinds", expanding=True)),
-        runs.c.status == RunStatus.RUNNING,
+        _RUN_IS_RUNNING,
     )
     .order_by(steps.c.not_before)
     .limit(bindparam("limit"))
