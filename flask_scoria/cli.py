@@ -414,14 +414,19 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
     help="Delete runs that ended more than this many days ago.",
 )
 @click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
+@click.option("--no-tenant", is_flag=True, help="Only runs without a tenant_id.")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 @scoria_errors
-def prune(days: float, tenant_id: str | None, dry_run: bool) -> None:
+def prune(days: float, tenant_id: str | None, no_tenant: bool, dry_run: bool) -> None:
     """Delete runs that ended long ago, with their steps, events, approvals and handoffs.
 
     Runs still running or waiting for approval are never deleted.
     """
-    options: dict[str, Any] = {} if tenant_id is None else {"tenant_id": tenant_id}
+    if no_tenant and tenant_id is not None:
+        raise click.UsageError("Give --tenant or --no-tenant, not both.")
+    options: dict[str, Any] = {}
+    if no_tenant or tenant_id is not None:
+        options["tenant_id"] = tenant_id
     count = prune_runs(older_than=timedelta(days=days), dry_run=dry_run, **options)
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {count} run(s) that ended more than {days:g} day(s) ago")

@@ -154,8 +154,13 @@ def test_prune_command(app: Flask, history: dict[str, str], runner: FlaskCliRunn
     result = runner.invoke(args=["scoria", "prune", "--days", "7", "--tenant", "t-2"])
     assert result.output == "deleted 1 run(s) that ended more than 7 day(s) ago\n"
     assert visible(app, history) == set(history) - {"other_tenant"}
+    result = runner.invoke(args=["scoria", "prune", "--days", "7", "--no-tenant"])
+    assert result.output == "deleted 1 run(s) that ended more than 7 day(s) ago\n"
+    assert visible(app, history) == set(history) - {"other_tenant", "handoff"}
     result = runner.invoke(args=["scoria", "prune", "--days", "0"])
     assert result.exit_code == 2 and "--days" in result.output
+    result = runner.invoke(args=["scoria", "prune", "--days", "7", "--tenant", "t", "--no-tenant"])
+    assert result.exit_code == 2 and "not both" in result.output
 
 
 def test_prune_refuses_a_cutoff_before_the_calendar(app: Flask) -> None:
