@@ -17,10 +17,11 @@ from _helpers import counting_handler, executions, write_locked
 from conftest import create_test_app
 from flask import Flask, g
 from flask.testing import FlaskCliRunner
-from test_operator import generic_plan, query_plan
+from test_operator import generic_plan, query_plan, recorded_queries
 
 import flask_scoria as scoria
 from flask_scoria import InvalidRunOptions, Scoria, schema
+from flask_scoria.runtime import recover_expired_leases
 from flask_scoria.runtime.worker import _DUE_STEP, _NEXT_DUE, _OVERDUE
 
 TESTS = Path(__file__).resolve().parent
@@ -222,6 +223,17 @@ def test_each_worker_run_gets_a_fresh_app_context(
     assert seen == [(first, None), (second, None)]
     # Each run's context was torn down right after it, as after a request.
     assert torn_down == [first, second]
+
+
+def test_each_pass_finds_stale_steps_by_the_index_of_leases(app: Flask, runtime: Scoria) -> None:
+    """Also where a kind has a timeout: running steps hold a lease, and only they are looked
+    at, not every step stored."""
+    runtime.handler("slow", timeout=30)(lambda step, run: scoria.Succeed())
+    with recorded_queries(runtime, app) as statements, app.app_context():
+        recover_expired_leases()
+    [(statement, parameters)] = [(sql, params) for sql, params in statements if "UNION" in sql]
+    plan = query_plan(runtime.storage(app).engine, statement, parameters)
+    assert "ix_scoria_steps_lease" in plan, plan
 
 
 def test_a_worker_finds_the_next_due_step_by_the_index_of_queued_steps(

@@ -335,22 +335,26 @@ def list_runs(
     query = select(runs) if metadata else select(*_WITHOUT_METADATA)
     if tenant is not UNSET:
         query = query.where(runs.c.tenant_id == tenant)
-    for column, value in (
-        (runs.c.status, filters.status),
+    named = (
         (runs.c.session_id, filters.session_id),
         (runs.c.actor_id, filters.actor_id),
         (runs.c.root_role_id, filters.root_role_id),
-    ):
+    )
+    for value in (filters.status, *(value for _, value in named)):
         if value is not None and not is_storable_text(value):
             return Page([], None)
+    for column, value in named:
         if value is not None:
-            query = query.where(
-                *(_status_is(value) if column is runs.c.status else [column == value])
-            )
+            query = query.where(column == value)
+    # A session's or an actor's runs are found by their index, their status checked on
+    # each: the index of runs by status would hold the tenant's many others.
+    by_status = filters.session_id is None and filters.actor_id is None
+    if filters.status is not None:
+        query = query.where(*_status_is(filters.status, by_status))
     query = _searched(query, filters)
     if filters.awaiting_resume:
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
-        query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL), ~pending)
+        query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL, by_status), ~pending)
     found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
     if not notice:
         return found
@@ -383,12 +387,15 @@ def _noticed(rows: Sequence[RunSummary], guard: TenantGuard, metadata: bool) -> 
     return noticed
 
 
-def _status_is(status: str) -> list[ColumnElement[bool]]:
+def _status_is(status: str, by_index: bool = True) -> list[ColumnElement[bool]]:
     """Runs with ``status``: on PostgreSQL, a walk of the index of runs not completed.
 
     That index leaves completed runs out; saying so in the query, with the
     value written out, lets the planner use it even for a prepared statement.
+    Without ``by_index``, the status is checked on the runs another index finds.
     """
+    if not by_index:
+        return [sql.unindexed(runs.c.status) == status]
     condition = [runs.c.status == status]
     if status != RunStatus.COMPLETED:
         condition.append(runs.c.status != literal_column(f"'{RunStatus.COMPLETED}'"))
@@ -591,19 +598,20 @@ def runs_awaiting_resume(run_ids: Sequence[str], *, tenant: TenantGuard = UNSET)
     if not run_ids:
         return frozenset()
     ctx = context()
-    # The statuses are parameters, not written out as the lists' are: no partial index
-    # (all runs waiting, all approvals pending) can serve the statement, so its plan looks
-    # each run up by its key, and its approvals by their run.
+    # Each run is looked up by its key, its approvals by their run: neither the status
+    # nor the tenant is a condition an index could serve (all the tenant's waiting runs),
+    # and the approvals' status is a parameter, which no partial index of pending
+    # approvals matches.
     pending = exists().where(
         approvals.c.run_id == runs.c.id, approvals.c.status == ApprovalStatus.PENDING
     )
     query = select(runs.c.id).where(
         _among(ctx, runs.c.id, [uuid.UUID(run_id) for run_id in run_ids]),
-        runs.c.status == RunStatus.WAITING_FOR_APPROVAL,
+        sql.unindexed(runs.c.status) == RunStatus.WAITING_FOR_APPROVAL,
         ~pending,
     )
     if tenant is not UNSET:
-        query = query.where(runs.c.tenant_id == tenant)
+        query = query.where(sql.unindexed(runs.c.tenant_id) == tenant)
     with ctx.storage.read() as conn:
         return frozenset(str(key) for key in conn.execute(query).scalars())
 

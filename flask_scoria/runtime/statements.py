@@ -28,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -35,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.expression import ClauseElement
+from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 from ..statuses import ApprovalStatus, StepStatus
 from ..storage import COMMIT_WITHOUT_WAITING, database_error
@@ -467,6 +468,17 @@ def lost_race(exc: BaseException) -> bool:
     deadlock: the transaction may simply be tried again.
     """
     return sqlstate(exc) in _LOST_RACE
+
+
+def unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``column`` as an expression no index holds (``column || ''``), for a condition to be
+    checked on the rows another index finds.
+
+    Without statistics of the tables (SQLite's, until ``ANALYZE``), a planner may
+    start from the index of ``column`` and walk every row with that value (every
+    running run, say) to find the few the query asks for.
+    """
+    return column.concat(literal_column("''"))
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -261,7 +261,13 @@ def stale_condition(now: datetime, registry: HandlerRegistry) -> ColumnElement[b
         and_(steps.c.kind == kind, steps.c.started_at <= now - timedelta(seconds=timeout))
         for kind, timeout in sorted(registry.timeouts().items())
     ]
-    return and_(steps.c.status == StepStatus.RUNNING, or_(steps.c.lease_expires_at < now, *late))
+    # Every running step holds a lease: saying so walks the index of leases, whatever
+    # the timeouts, not every step ever stored.
+    return and_(
+        steps.c.status == StepStatus.RUNNING,
+        steps.c.lease_expires_at.is_not(None),
+        or_(steps.c.lease_expires_at < now, *late),
+    )
 
 
 def stale_error(change: RunChange, step: Row, reason: EventType, timeout: float | None) -> Row:

@@ -53,10 +53,9 @@ _RUN_COLUMNS = [column.label(f"runs_{column.key}") for column in runs.c]
 #: Written out, so that every plan of these statements, a prepared one's too, can walk
 #: the partial index of queued steps in order of when they fall due, not every step.
 _IS_QUEUED = steps.c.status == literal_column(f"'{StepStatus.QUEUED}'")
-#: The run's status as an expression no index holds: a database without statistics of
-#: the tables (SQLite's, until ``ANALYZE``) would otherwise start from the index of
-#: runs by status and walk every running run, its write lock held, at each claim.
-_RUN_IS_RUNNING = runs.c.status.concat(literal_column("''")) == RunStatus.RUNNING
+#: Not by the index of runs by status, which holds every running run: checked on the
+#: run of each queued step found, since a claim holds SQLite's write lock.
+_RUN_IS_RUNNING = sql.unindexed(runs.c.status) == RunStatus.RUNNING
 #: The oldest due queued step of a running run, with its run's columns; on
 #: PostgreSQL the run is locked, skipping runs another worker holds.
 _DUE_STEP = (
