@@ -291,18 +291,21 @@ class CrudFlow:
         self.seconds = 0.0
 
     def run(self, runs: int) -> None:
-        crud_run, crud_step = self.models
-        session = self.db.session
         with self.app.app_context():
+            session = self.db.session
             began = time.perf_counter()
             for _ in range(runs):
-                run = crud_run(id=str(uuid.uuid4()), status="waiting")
-                step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
-                session.add_all([run, step])
-                session.commit()
-                run.status = step.status = "completed"
-                session.commit()
+                self.roundtrip(session)
             self.seconds += time.perf_counter() - began
+
+    def roundtrip(self, session: Any) -> None:
+        crud_run, crud_step = self.models
+        run = crud_run(id=str(uuid.uuid4()), status="waiting")
+        step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
+        session.add_all([run, step])
+        session.commit()
+        run.status = step.status = "completed"
+        session.commit()
 
     def close(self) -> None:
         with self.app.app_context():
@@ -337,25 +340,19 @@ class ApprovalCrudFlow(CrudFlow):
         with self.app.app_context():
             db.create_all()
 
-    def run(self, runs: int) -> None:
+    def roundtrip(self, session: Any) -> None:
         crud_run, crud_step = self.models
-        crud_approval = self.approval_model
-        session = self.db.session
-        with self.app.app_context():
-            began = time.perf_counter()
-            for _ in range(runs):
-                run = crud_run(id=str(uuid.uuid4()), status="waiting_for_approval")
-                step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
-                approval = crud_approval(
-                    id=str(uuid.uuid4()), run_id=run.id, step_id=step.id, status="pending"
-                )
-                session.add_all([run, step, approval])
-                session.commit()
-                approval.status, approval.decided_by = "approved", "operator"
-                session.commit()
-                run.status = step.status = "completed"
-                session.commit()
-            self.seconds += time.perf_counter() - began
+        run = crud_run(id=str(uuid.uuid4()), status="waiting_for_approval")
+        step = crud_step(id=str(uuid.uuid4()), run_id=run.id, status="waiting")
+        approval = self.approval_model(
+            id=str(uuid.uuid4()), run_id=run.id, step_id=step.id, status="pending"
+        )
+        session.add_all([run, step, approval])
+        session.commit()
+        approval.status, approval.decided_by = "approved", "operator"
+        session.commit()
+        run.status = step.status = "completed"
+        session.commit()
 
 
 def split(total: int, parts: int) -> list[int]:
