@@ -610,24 +610,32 @@ def generic_plan(engine: sa.Engine, statement: str, parameters: dict[str, Any]) 
 def test_inbox_and_handoff_pages_walk_their_own_index(
     operator_app: Flask, ops: FlaskClient, runtime: Scoria
 ) -> None:
-    """The inbox reads only the tenant's pending approvals, a run page only that run's
-    handoffs, each in page order from an index."""
+    """The inbox reads only the tenant's pending approvals (and counts them, for the badge
+    of every page), a run page only that run's handoffs, each in page order from an index."""
     start(operator_app, tenant="globex")
     start(operator_app)
     chained = start(operator_app, kind="chain", runtime={"metadata": {"levels": 3}})
-    for url, table, index in (
-        ("/scoria/approvals", "scoria_approvals", "ix_scoria_approvals_tenant_pending_requested"),
-        (f"/scoria/workflows/{chained}", "scoria_handoffs", "ix_scoria_handoffs_run_created"),
+    for url, table, index, count in (
+        (
+            "/scoria/approvals",
+            "scoria_approvals",
+            "ix_scoria_approvals_tenant_pending_requested",
+            2,
+        ),
+        (f"/scoria/workflows/{chained}", "scoria_handoffs", "ix_scoria_handoffs_run_created", 1),
     ):
         with recorded_queries(runtime, operator_app) as statements:
             page(ops, url)
-        [(statement, parameters)] = [
+        ordered = [
             (sql, params)
             for sql, params in statements
             if f"FROM {table}" in sql and "ORDER BY" in sql
         ]
-        plan = query_plan(runtime.storage(operator_app).engine, statement, parameters)
-        assert index in plan and f"SCAN {table} " not in plan and "Seq Scan" not in plan, plan
+        assert len(ordered) == count, ordered
+        for statement, parameters in ordered:
+            plan = query_plan(runtime.storage(operator_app).engine, statement, parameters)
+            assert index in plan and f"SCAN {table} " not in plan, plan
+            assert "Seq Scan" not in plan, plan
 
 
 def test_which_listed_runs_await_resume_is_asked_by_key(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from test_operator import TENANT, operator_app, ops
+from test_operator import TENANT, generic_plan, operator_app, ops, recorded_queries
 
 import flask_scoria as scoria
 from flask_scoria.runtime import RunFilters, list_runs, reads, tables
@@ -74,3 +75,29 @@ def test_the_prompt_search_reads_a_bounded_number_of_runs(
         assert list_runs(RunFilters(prompt_contains="needle"), tenant=TENANT).rows == []
         hay = list_runs(RunFilters(prompt_contains="hay"), tenant=TENANT).rows
         assert sorted(run.run_id for run in hay) == sorted(newer)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_prompt_search_plan_stops_at_the_newest_runs(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    """Also in a plan made for any search: one that matches nothing does not read the
+    tenant's runs beyond the newest ones."""
+    runtime = operator_app.extensions["scoria"]
+    engine = runtime.storage(operator_app).engine
+    with engine.begin() as conn:  # a tenant with many runs, for the planner's statistics
+        conn.exec_driver_sql(
+            "INSERT INTO scoria_runs (id, tenant_id, root_role_id, status, version,"
+            " last_event_sequence, last_step_sequence, created_at, updated_at, metadata)"
+            " SELECT gen_random_uuid(), %(tenant)s, 'executor', 'completed', 1, 1, 1,"
+            ' now() - i * interval \'1 minute\', now(), \'{"payload": {"prompt": "hay"}}\''
+            " FROM generate_series(1, 5000) i",
+            {"tenant": TENANT},
+        )
+        conn.exec_driver_sql("ANALYZE scoria_runs")
+    with recorded_queries(runtime, operator_app) as statements:
+        shown(ops, "prompt=needle")
+    [(statement, parameters)] = [(sql, params) for sql, params in statements if "LIKE" in sql]
+    plan = generic_plan(engine, statement, parameters)
+    assert "Seq Scan" not in plan, plan
+    assert re.search(r"Index Cond: \(.*created_at >= ", plan), plan

@@ -426,13 +426,20 @@ def _searched(query: Select[Any], filters: RunFilters) -> Select[Any]:
         if not is_storable_text(text):
             return query.where(false())
         newest = (
-            query.with_only_columns(runs.c.id)
+            query.with_only_columns(runs.c.created_at)
             .order_by(runs.c.created_at.desc(), runs.c.id.desc())
             .limit(PROMPT_SCAN)
+            .subquery()
         )
+        # Read first, so that the plan of the search knows where the walk of the runs in
+        # order stops: a search that matches nothing reads the newest, not all of them.
+        with context().storage.read() as conn:
+            oldest = conn.execute(select(func.min(newest.c.created_at))).scalar()
+        if oldest is None:
+            return query.where(false())
         prompt = func.lower(runs.c.metadata["payload"]["prompt"].as_string())
         query = query.where(
-            runs.c.id.in_(newest.scalar_subquery()), prompt.contains(text.lower(), autoescape=True)
+            runs.c.created_at >= oldest, prompt.contains(text.lower(), autoescape=True)
         )
     return query
 
@@ -482,7 +489,15 @@ def pending_approvals(
 
 def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
     """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
-    waiting = select(approvals.c.id).where(*_decidable(tenant_id)).limit(up_to).subquery()
+    # In the inbox's order: its index, holding pending approvals only, is walked from the
+    # newest, where a planner that finds pending ones rare would scan the table for them.
+    waiting = (
+        select(approvals.c.id)
+        .where(*_decidable(tenant_id))
+        .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
+        .limit(up_to)
+        .subquery()
+    )
     with context().storage.read() as conn:
         return conn.execute(select(func.count()).select_from(waiting)).scalar_one()
 
