@@ -257,7 +257,7 @@ class CrudFlow:
     """A hand-written Flask-SQLAlchemy CRUD flow: no events, no compare-and-set, no leases."""
 
     #: How its tables' names start, so that two CRUD flows can share a database.
-    tables = "crud"
+    table_prefix = "crud"
 
     def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
         self.app = Flask("crud", instance_path=tempfile.mkdtemp())
@@ -265,7 +265,20 @@ class CrudFlow:
         if engine_options:
             self.app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
         self.db = db = SQLAlchemy(self.app)
-        prefix = self.tables
+        self.define_models()
+        with self.app.app_context():
+            level = os.environ.get(SQLITE_SYNCHRONOUS)
+            if level and db.engine.dialect.name == "sqlite":
+
+                def set_level(dbapi_connection: Any, _record: Any) -> None:
+                    dbapi_connection.execute(f"PRAGMA synchronous={level}")
+
+                sa.event.listen(db.engine, "connect", set_level)
+            db.create_all()
+        self.seconds = 0.0
+
+    def define_models(self) -> None:
+        db, prefix = self.db, self.table_prefix
 
         class CrudRun(db.Model):  # type: ignore[name-defined,misc]
             __tablename__ = f"{prefix}_run"
@@ -279,16 +292,6 @@ class CrudFlow:
             status: Mapped[str]
 
         self.models = (CrudRun, CrudStep)
-        with self.app.app_context():
-            level = os.environ.get(SQLITE_SYNCHRONOUS)
-            if level and db.engine.dialect.name == "sqlite":
-
-                def set_level(dbapi_connection: Any, _record: Any) -> None:
-                    dbapi_connection.execute(f"PRAGMA synchronous={level}")
-
-                sa.event.listen(db.engine, "connect", set_level)
-            db.create_all()
-        self.seconds = 0.0
 
     def run(self, runs: int) -> None:
         with self.app.app_context():
@@ -322,14 +325,14 @@ class ApprovalCrudFlow(CrudFlow):
     events, compare-and-set or leases.
     """
 
-    tables = "approval_crud"
+    table_prefix = "approval_crud"
 
-    def __init__(self, uri: str, engine_options: dict[str, Any] | None = None) -> None:
-        super().__init__(uri, engine_options)
+    def define_models(self) -> None:
+        super().define_models()
         db = self.db
 
         class CrudApproval(db.Model):  # type: ignore[name-defined,misc]
-            __tablename__ = f"{self.tables}_approval"
+            __tablename__ = f"{self.table_prefix}_approval"
             id: Mapped[str] = mapped_column(primary_key=True)
             run_id: Mapped[str]
             step_id: Mapped[str]
@@ -337,8 +340,6 @@ class ApprovalCrudFlow(CrudFlow):
             decided_by: Mapped[str | None]
 
         self.approval_model = CrudApproval
-        with self.app.app_context():
-            db.create_all()
 
     def roundtrip(self, session: Any) -> None:
         crud_run, crud_step = self.models

@@ -599,11 +599,12 @@ def generic_plan(engine: sa.Engine, statement: str, parameters: dict[str, Any]) 
     arguments = ", ".join(literal(parameters[name]) for name in names)
     with engine.connect() as conn:
         conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        conn.exec_driver_sql(f"PREPARE listed AS {prepared}")
-        try:
-            rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE listed({arguments})").all()
-        finally:  # the rollback that returns the connection to the pool keeps it
-            conn.exec_driver_sql("DEALLOCATE listed")
+        # A name of its own: the rollback that returns the connection to the pool keeps
+        # a prepared statement, and a failed EXPLAIN leaves no way to deallocate it.
+        name = f"plan_{uuid.uuid4().hex}"
+        conn.exec_driver_sql(f"PREPARE {name} AS {prepared}")
+        rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arguments})").all()
+        conn.exec_driver_sql(f"DEALLOCATE {name}")
         return " | ".join(str(row[0]) for row in rows)
 
 

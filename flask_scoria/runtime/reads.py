@@ -408,7 +408,11 @@ _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 
 
 def _searched(query: Select[Any], filters: RunFilters) -> Select[Any]:
-    """``query`` narrowed by the runs list's search fields."""
+    """``query`` narrowed by the runs list's search fields.
+
+    A prompt search reads first where the newest :data:`PROMPT_SCAN` runs that
+    ``query`` matches begin, and searches the runs created since.
+    """
     prefix = filters.run_id_prefix
     if prefix is not None:
         prefix = prefix.replace("-", "").lower()
@@ -489,8 +493,9 @@ def pending_approvals(
 
 def count_pending_approvals(tenant_id: str, *, up_to: int) -> int:
     """How many of the tenant's approvals wait for a decision, counting at most ``up_to``."""
-    # In the inbox's order: its index, holding pending approvals only, is walked from the
-    # newest, where a planner that finds pending ones rare would scan the table for them.
+    # In the inbox's order, so that its index, which holds pending approvals only, is
+    # walked from the newest: a planner that expects many matches would otherwise scan
+    # the table, hoping to reach the limit early, and read all of it for a tenant with few.
     waiting = (
         select(approvals.c.id)
         .where(*_decidable(tenant_id))

@@ -50,8 +50,9 @@ def prune_runs(
             return conn.execute(count).scalar_one()
     oldest_first = select(runs.c.id).where(*conditions).limit(batch_size).with_for_update()
     if tenant_id is not UNSET:
-        # The order of the tenant's index of runs by creation: a plan made for any
-        # tenant and cutoff walks it, as it walks it for the values it knows.
+        # In the order of the tenant's index of runs by creation, so that a prepared
+        # statement's plan, made for any tenant and cutoff, walks that index too rather
+        # than scanning the table.
         oldest_first = oldest_first.order_by(runs.c.created_at)
     pruned = 0
     while True:
