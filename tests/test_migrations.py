@@ -10,7 +10,7 @@ import sysconfig
 import textwrap
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -528,4 +528,65 @@ def test_event_types_are_one_enumerated_type_on_postgresql(empty_database_uri: s
             gone = conn.exec_driver_sql("SELECT to_regtype('scoria_event_type')").scalar()
         assert gone is None
     finally:
+        engine.dispose()
+
+
+def test_upgrading_gives_queued_steps_without_a_time_one(
+    empty_database_uri: str, tmp_path: Path
+) -> None:
+    """Steps queued before ``scoria_0002`` had no ``not_before``: due at once, and still
+    claimed once a worker looks for due steps only by their time."""
+    engine = sa.create_engine(empty_database_uri)
+    app = create_test_app(empty_database_uri, tmp_path / "instance")
+    executed: list[str] = []
+    app.extensions["scoria"].handler("work")(lambda step, run: executed.append(step.id))
+    now = datetime.now(UTC)
+    try:
+        schema.upgrade(engine, "scoria_0005")
+        queued = {}
+        with engine.begin() as conn:
+            for name, not_before in (("untimed", None), ("later", now + timedelta(days=1))):
+                run_id, step_id = uuid.uuid4(), uuid.uuid4()
+                conn.execute(
+                    sa.insert(tables.runs).values(
+                        id=run_id,
+                        tenant_id="t-1",
+                        root_role_id="executor",
+                        status="running",
+                        version=1,
+                        last_event_sequence=0,
+                        last_step_sequence=1,
+                        current_step_id=step_id,
+                        metadata={},
+                        created_at=now,
+                        started_at=now,
+                        updated_at=now,
+                    )
+                )
+                conn.execute(
+                    sa.insert(tables.steps).values(
+                        id=step_id,
+                        run_id=run_id,
+                        sequence=1,
+                        kind="work",
+                        role_id="executor",
+                        status="queued",
+                        attempt=1,
+                        not_before=not_before,
+                    )
+                )
+                queued[name] = step_id
+        schema.upgrade(engine)
+        with engine.connect() as conn:
+            times = dict(
+                conn.execute(sa.select(tables.steps.c.id, tables.steps.c.not_before)).all()
+            )
+        assert now <= times[queued["untimed"]] <= datetime.now(UTC)
+        assert times[queued["later"]] == now + timedelta(days=1)
+        with app.app_context():
+            done = scoria.dispatch_queued()
+        assert [run.status for run in done] == ["completed"]
+        assert executed == [str(queued["untimed"])]
+    finally:
+        app.extensions["scoria"].storage(app).engine.dispose()
         engine.dispose()

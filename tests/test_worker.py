@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,9 +262,11 @@ def test_a_worker_finds_the_next_due_step_by_the_index_of_queued_steps(
             )
             plan = query_plan(engine, expanded.statement, positional)
             first = plan.split(" | ")[0]
-            assert "scoria_steps USING INDEX ix_scoria_steps_queued" in first, plan
+            # A range of times, which ends at the first step not yet due (or due).
+            assert "scoria_steps USING INDEX ix_scoria_steps_queued (not_before" in first, plan
             assert "TEMP B-TREE" not in plan and "ix_scoria_runs" not in plan, plan
             continue
         plan = generic_plan(engine, expanded.statement, expanded.parameters)
         assert "ix_scoria_steps_queued" in plan and "Sort" not in plan, plan
         assert "Seq Scan on scoria_steps" not in plan, plan
+        assert re.search(r"Index Cond: \(not_before [<>]", plan), plan
