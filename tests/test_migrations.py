@@ -59,9 +59,11 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_database_
         engine.dispose()
 
 
-def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.UUID:
-    """A run paused for approval, with its step, approval and events, in the columns of
-    ``revision`` (``scoria_0001`` or ``scoria_0002``)."""
+def insert_run(
+    conn: sa.Connection, tenant: str, revision: str, run_status: str, **step: Any
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """A run in ``run_status`` and its one step (in that status too, unless ``step`` says
+    otherwise), in the columns of ``revision`` (``scoria_0001`` or later); their ids."""
     run_id, step_id = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
     later = revision != "scoria_0001"
@@ -72,7 +74,7 @@ def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.U
             actor_id=None,
             tenant_id=tenant,
             root_role_id="executor",
-            status="waiting_for_approval",
+            status=run_status,
             version=3,
             last_event_sequence=3,
             last_step_sequence=1,
@@ -86,14 +88,15 @@ def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.U
         )
     )
     conn.execute(
-        sa.insert(tables.steps).values(
+        sa.insert(tables.steps)
+        .values(
             id=step_id,
             run_id=run_id,
             parent_step_id=None,
             sequence=1,
             kind="approval",
             role_id="executor",
-            status="waiting_for_approval",
+            status=run_status,
             attempt=1,
             handoff_input=None,
             projected_context=None,
@@ -105,7 +108,17 @@ def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.U
             completed_at=None,
             **({"input": {"n": 1}, "not_before": None, "trace_context": None} if later else {}),
         )
+        .values(**step)
     )
+    return run_id, step_id
+
+
+def insert_paused_run(conn: sa.Connection, tenant: str, revision: str) -> uuid.UUID:
+    """A run paused for approval, with its step, approval and events, in the columns of
+    ``revision`` (``scoria_0001`` or ``scoria_0002``)."""
+    run_id, step_id = insert_run(conn, tenant, revision, "waiting_for_approval")
+    now = datetime.now(UTC)
+    later = revision != "scoria_0001"
     conn.execute(
         sa.insert(tables.approvals).values(
             id=uuid.uuid4(),
@@ -546,36 +559,15 @@ def test_upgrading_gives_queued_steps_without_a_time_one(
         queued = {}
         with engine.begin() as conn:
             for name, not_before in (("untimed", None), ("later", now + timedelta(days=1))):
-                run_id, step_id = uuid.uuid4(), uuid.uuid4()
-                conn.execute(
-                    sa.insert(tables.runs).values(
-                        id=run_id,
-                        tenant_id="t-1",
-                        root_role_id="executor",
-                        status="running",
-                        version=1,
-                        last_event_sequence=0,
-                        last_step_sequence=1,
-                        current_step_id=step_id,
-                        metadata={},
-                        created_at=now,
-                        started_at=now,
-                        updated_at=now,
-                    )
+                _, queued[name] = insert_run(
+                    conn,
+                    "t-1",
+                    "scoria_0005",
+                    "running",
+                    kind="work",
+                    status="queued",
+                    not_before=not_before,
                 )
-                conn.execute(
-                    sa.insert(tables.steps).values(
-                        id=step_id,
-                        run_id=run_id,
-                        sequence=1,
-                        kind="work",
-                        role_id="executor",
-                        status="queued",
-                        attempt=1,
-                        not_before=not_before,
-                    )
-                )
-                queued[name] = step_id
         schema.upgrade(engine)
         with engine.connect() as conn:
             times = dict(
