@@ -58,8 +58,6 @@ _NAV_COUNT_LIMIT = 99
 _SHOWN = 25
 #: ... and this many handoffs: each is a card of its own.
 _HANDOFFS_SHOWN = 10
-#: How much of each run's prompt a list of runs reads; it shows two lines of it.
-_PROMPT_CHARS = 300
 #: What a decision form sends as ``return_to`` to come back to the inbox.
 _INBOX = "approvals"
 
@@ -177,9 +175,7 @@ def runs() -> str:
     tenant = current_scope().tenant_id
     page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
     awaiting = _awaiting_resume(page, every=awaiting_resume)
-    return render_template(
-        "scoria/runs.html", page=page, filters=filters, awaiting=awaiting, prompts=_prompts(page)
-    )
+    return render_template("scoria/runs.html", page=page, filters=filters, awaiting=awaiting)
 
 
 @bp.get("/sessions/<path:session_id>")
@@ -191,26 +187,7 @@ def session_runs(session_id: str) -> str:
     # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
     shown = storable_text(session_id)
     awaiting = _awaiting_resume(page)
-    return render_template(
-        "scoria/session.html",
-        page=page,
-        session_id=shown,
-        awaiting=awaiting,
-        prompts=_prompts(page),
-    )
-
-
-def _prompts(page: runtime.Page[RunSummary]) -> dict[str, str]:
-    """The start of each listed run's prompt, redacted as the run's page shows it."""
-    found = runtime.prompts_of(
-        [run.run_id for run in page.rows], tenant=current_scope().tenant_id, chars=_PROMPT_CHARS
-    )
-    extra = _redact_keys()
-    shown = {
-        run_id: present.prompt({"payload": {"prompt": text}}, extra)
-        for run_id, text in found.items()
-    }
-    return {run_id: text for run_id, text in shown.items() if text}
+    return render_template("scoria/session.html", page=page, session_id=shown, awaiting=awaiting)
 
 
 def _awaiting_resume(page: runtime.Page[RunSummary], *, every: bool = False) -> frozenset[str]:

@@ -24,7 +24,6 @@ from .reads import get_run_window as get_run_window
 from .reads import list_runs as list_runs
 from .reads import list_runs_for_session as list_runs_for_session
 from .reads import pending_approvals as pending_approvals
-from .reads import prompts_of as prompts_of
 from .reads import recover_expired_leases as recover_expired_leases
 from .reads import run_status as run_status
 from .reads import runs_awaiting_resume as runs_awaiting_resume

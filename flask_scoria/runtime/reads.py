@@ -636,29 +636,6 @@ def runs_awaiting_resume(run_ids: Sequence[str], *, tenant: TenantGuard = UNSET)
         return frozenset(str(key) for key in conn.execute(query).scalars())
 
 
-def prompts_of(
-    run_ids: Sequence[str], *, tenant: TenantGuard = UNSET, chars: int = 300
-) -> dict[str, str]:
-    """The first ``chars`` characters of the prompt (``metadata["payload"]["prompt"]``,
-    where it is text) of each of ``run_ids`` (of ``tenant``, unless :data:`UNSET`) that
-    has one, by run id; for a page of runs, each found by its key."""
-    if not run_ids:
-        return {}
-    ctx = context()
-    prompt = runs.c.metadata["payload"]["prompt"]
-    if ctx.storage.is_sqlite:
-        is_text = func.json_type(runs.c.metadata, "$.payload.prompt") == "text"
-    else:
-        is_text = func.jsonb_typeof(prompt) == "string"
-    query = select(runs.c.id, func.substr(prompt.as_string(), 1, chars)).where(
-        _among(ctx, runs.c.id, [uuid.UUID(run_id) for run_id in run_ids]), is_text
-    )
-    if tenant is not UNSET:
-        query = query.where(sql.unindexed(runs.c.tenant_id) == tenant)
-    with ctx.storage.read() as conn:
-        return {str(key): text for key, text in conn.execute(query).all()}
-
-
 def _among(
     ctx: RuntimeContext, column: ColumnElement[Any], run_ids: list[uuid.UUID]
 ) -> ColumnElement[bool]:
