@@ -275,6 +275,7 @@ def test_pages_fit_the_screen_in_both_schemes(
     background = "rgb(15, 18, 25)" if scheme == "dark" else "rgb(245, 246, 248)"
     for name, path in [
         ("runs", "/scoria/workflows"),
+        ("session", "/scoria/sessions/chat-with-a-rather-long-session-identifier-0042"),
         ("inbox", "/scoria/approvals"),
         ("run-waiting", f"/scoria/workflows/{waiting}"),
         ("run-completed", f"/scoria/workflows/{done}"),
