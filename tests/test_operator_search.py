@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
-from test_operator import TENANT, generic_plan, operator_app, ops, recorded_queries
+from test_operator import TENANT, generic_plan, operator_app, ops, query_plan, recorded_queries
 
 import flask_scoria as scoria
 from flask_scoria.runtime import RunFilters, list_runs, reads, tables
@@ -101,3 +101,22 @@ def test_a_prompt_search_plan_stops_at_the_newest_runs(
     plan = generic_plan(engine, statement, parameters)
     assert "Seq Scan" not in plan, plan
     assert re.search(r"Index Cond: \([^|]*created_at >= ", plan), plan
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_long_run_id_prefix_is_found_by_the_key(operator_app: Flask, ops: FlaskClient) -> None:
+    """A plan made without statistics: a pasted run id (or its first eight digits) looks
+    its runs up by their key, not through all the tenant's runs; a short prefix, which
+    may match hours of runs, walks them in page order."""
+    runtime = operator_app.extensions["scoria"]
+    engine = runtime.storage(operator_app).engine
+    with operator_app.app_context():
+        run_id = start("trains")
+    for prefix, by_key in ((run_id, True), (run_id[:8], True), (run_id[:6], False)):
+        with recorded_queries(runtime, operator_app) as statements:
+            assert run_id[-8:] in shown(ops, f"id={prefix}&actor=&session=s")
+        [(statement, parameters)] = [
+            (sql, params) for sql, params in statements if "ORDER BY" in sql and "id >=" in sql
+        ]
+        plan = query_plan(engine, statement, parameters).split(" | ")[0]
+        assert ("(id>? AND id<?)" in plan) is by_key, (prefix, plan)

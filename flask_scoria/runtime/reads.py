@@ -333,8 +333,16 @@ def list_runs(
     the page, and one whose recording fails is listed as it was found.
     """
     query = select(runs) if metadata else select(*_WITHOUT_METADATA)
+    # Runs whose ids start with this many digits were created within a minute or so:
+    # found by their key, every other filter checked on each, not by the other indexes.
+    prefix = (filters.run_id_prefix or "").replace("-", "")
+    by_key = len(prefix) >= KEY_PREFIX_DIGITS
+
+    def matches(column: ColumnElement[Any], value: object) -> ColumnElement[bool]:
+        return (sql.unindexed(column) if by_key else column) == value
+
     if tenant is not UNSET:
-        query = query.where(runs.c.tenant_id == tenant)
+        query = query.where(matches(runs.c.tenant_id, tenant))
     named = (
         (runs.c.session_id, filters.session_id),
         (runs.c.actor_id, filters.actor_id),
@@ -345,10 +353,10 @@ def list_runs(
             return Page([], None)
     for column, value in named:
         if value is not None:
-            query = query.where(column == value)
+            query = query.where(matches(column, value))
     # A session's or an actor's runs are found by their index, their status checked on
     # each: the index of runs by status would hold the tenant's many others.
-    by_status = filters.session_id is None and filters.actor_id is None
+    by_status = filters.session_id is None and filters.actor_id is None and not by_key
     if filters.status is not None:
         query = query.where(*_status_is(filters.status, by_status))
     query = _searched(query, filters)
@@ -404,6 +412,9 @@ def _status_is(status: str, by_index: bool = True) -> list[ColumnElement[bool]]:
 
 #: How many of the newest matching runs a prompt search reads.
 PROMPT_SCAN = 2000
+#: A run id prefix with this many hex digits (32 bits of a UUIDv7's milliseconds) names
+#: the runs created within about a minute: few enough to find by the key, then sort.
+KEY_PREFIX_DIGITS = 8
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 
 
