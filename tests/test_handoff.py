@@ -269,6 +269,24 @@ def test_handler_returning_a_handoff_creates_the_child() -> None:
     assert (child.kind, child.role_id, child.status) == ("review", "critic", "completed")
 
 
+def test_a_child_whose_kind_runs_elsewhere_is_queued_for_a_worker(runtime: Scoria) -> None:
+    """Queued with the time it falls due, as every queued step is, so that a worker that
+    registers its kind claims it."""
+
+    def plan(step: scoria.StepView, run: scoria.RunSummary) -> Handoff:
+        return Handoff("critic", "review", HANDOFF_INPUT, CONTEXT)
+
+    run = scoria.start_run(
+        scoria.identity(IDENTITY), initial_step={"kind": "plan"}, handlers={"plan": plan}
+    )
+    child = scoria.get_run_detail(run.run_id).steps[1]
+    assert (child.kind, child.status) == ("review", "queued")
+    assert scoria.get_run(run.run_id).current_step_id == child.id
+    runtime.handler("review")(review)
+    assert [done.run_id for done in scoria.dispatch_queued()] == [run.run_id]
+    assert scoria.get_run(run.run_id).status == "completed"
+
+
 def test_handler_returning_an_unsafe_handoff_fails_its_step() -> None:
     def leak(step: scoria.StepView, run: scoria.RunSummary) -> Handoff:
         return Handoff("critic", "review", {}, {"chatHistory": ["hi"]})

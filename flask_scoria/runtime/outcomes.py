@@ -286,9 +286,12 @@ def _handoff(done: Finished, outcome: Handoff) -> Recorded:
     except InvalidHandoff as exc:
         error = {"type": "invalid_handoff", "code": exc.code, "message": exc.message}
         return _fail(done, Fail(error))
-    _, result = record_handoff(done.tx, done.step_id, spec)
+    child, result = record_handoff(done.tx, done.step_id, spec)
     recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=done.tx.now)
-    claim_next(done.tx, done.handlers)
+    # The run's current step: claimed here, or queued with its time for the process
+    # that runs its kind (as a handoff run's first child is).
+    done.tx.set(current_step_id=child["id"])
+    claim_step(done.tx, child, done.handlers, None)
     return recorded
 
 
