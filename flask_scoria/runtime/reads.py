@@ -335,8 +335,8 @@ def list_runs(
     query = select(runs) if metadata else select(*_WITHOUT_METADATA)
     # Runs whose ids start with this many digits were created within a minute or so:
     # found by their key, every other filter checked on each, not by the other indexes.
-    prefix = (filters.run_id_prefix or "").replace("-", "")
-    by_key = len(prefix) >= KEY_PREFIX_DIGITS
+    digits = _id_digits(filters.run_id_prefix)
+    by_key = digits is not None and len(digits) >= KEY_PREFIX_DIGITS
 
     def matches(column: ColumnElement[Any], value: object) -> ColumnElement[bool]:
         return (sql.unindexed(column) if by_key else column) == value
@@ -359,7 +359,7 @@ def list_runs(
     by_status = filters.session_id is None and filters.actor_id is None and not by_key
     if filters.status is not None:
         query = query.where(*_status_is(filters.status, by_status))
-    query = _searched(query, filters)
+    query = _searched(query, filters, digits)
     if filters.awaiting_resume:
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
         query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL, by_status), ~pending)
@@ -418,19 +418,23 @@ KEY_PREFIX_DIGITS = 8
 _HEX = re.compile(r"^[0-9a-f]{1,32}$")
 
 
-def _searched(query: Select[Any], filters: RunFilters) -> Select[Any]:
-    """``query`` narrowed by the runs list's search fields.
+def _id_digits(prefix: str | None) -> str | None:
+    """A run id prefix as the digits it gives, without dashes, in lower case."""
+    return None if prefix is None else prefix.replace("-", "").lower()
+
+
+def _searched(query: Select[Any], filters: RunFilters, digits: str | None) -> Select[Any]:
+    """``query`` narrowed by the runs list's search fields, ``digits`` those of the run id
+    prefix (:func:`_id_digits`).
 
     A prompt search reads first where the newest :data:`PROMPT_SCAN` runs that
     ``query`` matches begin, and searches the runs created since.
     """
-    prefix = filters.run_id_prefix
-    if prefix is not None:
-        prefix = prefix.replace("-", "").lower()
-        if not _HEX.match(prefix):
+    if digits is not None:
+        if not _HEX.match(digits):
             return query.where(false())
-        low = uuid.UUID(prefix.ljust(32, "0"))
-        high = uuid.UUID(prefix.ljust(32, "f"))
+        low = uuid.UUID(digits.ljust(32, "0"))
+        high = uuid.UUID(digits.ljust(32, "f"))
         query = query.where(runs.c.id >= low, runs.c.id <= high)
     if filters.created_from is not None:
         query = query.where(runs.c.created_at >= filters.created_from)

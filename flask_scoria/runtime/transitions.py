@@ -129,11 +129,7 @@ def _approve_at_once(
     written = one_statement.approve(ctx, key, guard, expected, who, note, edited, claiming, resumed)
     if written is None:
         return None
-    approval = {
-        "approval_id": str(written.approval["id"]),
-        "decision": ApprovalStatus.APPROVED,
-        "decided_by": who,
-    }
+    approval = _decision(written.approval["id"], ApprovalStatus.APPROVED, who)
     sent: list[Signal] = [(signals.approval_decided, {"approval": approval})]
     if resume:
         sent.append((signals.run_resumed, {}))
@@ -195,6 +191,12 @@ def _continue(
     tx.event(EventType.RESUME_REQUESTED, step["id"], _resume_payload(requested_by))
     tx.signal(signals.run_resumed)
     claim_step(tx, step, handlers, approval, from_status=StepStatus.WAITING_FOR_APPROVAL)
+
+
+def _decision(approval_id: uuid.UUID, decision: ApprovalStatus, decided_by: str) -> Row:
+    """The payload of an ``approval_decided`` event and signal (the one-statement approval
+    writes the event's in its SQL)."""
+    return {"approval_id": str(approval_id), "decision": decision, "decided_by": decided_by}
 
 
 def _resume_payload(requested_by: str | None) -> Row | None:
@@ -383,7 +385,7 @@ def _decide(
             _not_pending(tx, expected, edited is not None)
             return False
         step_id = decided["step_id"]
-        payload = {"approval_id": str(decided["id"]), "decision": decision, "decided_by": who}
+        payload = _decision(decided["id"], decision, who)
         tx.event(EventType.APPROVAL_DECIDED, step_id, payload)
         tx.signal(signals.approval_decided, approval=payload)
         if decision == ApprovalStatus.REJECTED:
