@@ -101,6 +101,14 @@ def database_uri(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         engine.dispose()
         yield uri
         return
+    if request.node.get_closest_marker("own_database"):
+        # TRUNCATE keeps the statistics an ANALYZE gathered, and the next test's plans.
+        with throwaway_postgres_database("scoria_own") as own:
+            engine = sa.create_engine(own)
+            schema.upgrade(engine)
+            engine.dispose()
+            yield own
+        return
     uri = request.getfixturevalue("postgres_url")
     yield uri
     engine = sa.create_engine(uri)

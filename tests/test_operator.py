@@ -639,6 +639,7 @@ def test_inbox_and_handoff_pages_walk_their_own_index(
             assert "Seq Scan" not in plan, plan
 
 
+@pytest.mark.own_database
 def test_which_listed_runs_await_resume_is_asked_by_key(
     operator_app: Flask, ops: FlaskClient, runtime: Scoria, backend: str
 ) -> None:

@@ -77,6 +77,7 @@ def test_the_prompt_search_reads_a_bounded_number_of_runs(
         assert sorted(run.run_id for run in hay) == sorted(newer)
 
 
+@pytest.mark.own_database
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_prompt_search_plan_stops_at_the_newest_runs(
     operator_app: Flask, ops: FlaskClient
