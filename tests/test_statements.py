@@ -422,3 +422,36 @@ def test_a_postgresql_connection_leaves_autocommit_when_returned(
             scoria.approve_run(run.run_id, decided_by="operator", resume=True)
         assert mode() == (False, "IDLE")
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """A statement run again on a connection reuses its cursor, which holds no result in
+    between; two runs of one statement at once each get a cursor of their own."""
+    options = {"pool_size": 1, "max_overflow": 0}
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
+    app.extensions["scoria"].handler("approval")(ask_then_work)
+    storage = app.extensions["scoria"].storage(app)
+    with app.app_context():
+        first = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+        second = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+    with storage.autocommit() as conn:
+        kept = conn.connection.info["scoria_cursors"]
+        assert kept, "a transition's statements leave their cursors behind"
+        assert all(cursor.pgresult is None and not cursor.closed for cursor in kept.values())
+        by_id = sql.RUN_BY_ID
+        one = by_id.send(conn, {"b_run_id": uuid.UUID(first.run_id)})
+        other = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
+        assert other.cursor is not one.cursor
+        rows = [one.first(), other.first()]
+        cursor = other.cursor
+        assert [row["id"] for row in rows if row] == [
+            uuid.UUID(first.run_id),
+            uuid.UUID(second.run_id),
+        ]
+        again = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
+        assert again.cursor is cursor
+        assert again.first() is not None
+    storage.engine.dispose()

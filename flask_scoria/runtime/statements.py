@@ -138,15 +138,17 @@ class Prepared:
         """Execute once per row of parameters (all with the same keys)."""
         compiled = self._compile(conn.dialect, frozenset(rows[0]))
         if len(rows) == 1:
-            _run(conn, compiled, compiled.parameters(rows[0]), many=False).close()
+            _release(conn, compiled, _run(conn, compiled, compiled.parameters(rows[0]), many=False))
         else:
-            _run(conn, compiled, [compiled.parameters(row) for row in rows], many=True).close()
+            values = [compiled.parameters(row) for row in rows]
+            _release(conn, compiled, _run(conn, compiled, values, many=True))
 
     def rowcount(self, conn: Connection, params: RowLike) -> int:
         """Execute and return how many rows the statement changed."""
-        cursor = self.execute(conn, params)
+        compiled = self._compile(conn.dialect, frozenset(params))
+        cursor = _run(conn, compiled, compiled.parameters(params), many=False)
         count: int = cursor.rowcount
-        cursor.close()
+        _release(conn, compiled, cursor)
         return count
 
     def expect_one(self, conn: Connection, params: RowLike, *, defer: bool = False) -> None:
@@ -170,7 +172,7 @@ class Prepared:
             if unmatched(exc):
                 raise Conflict from None
             raise
-        cursor.close()
+        _release(conn, compiled, cursor)
 
     def send(self, conn: Connection, params: RowLike) -> Sent:
         """Execute; in a pipeline, the result is read only when asked for."""
@@ -197,13 +199,13 @@ class Sent:
     def first(self) -> Row | None:
         """The first row of the result as a dict keyed by column key, or ``None``."""
         values = _fetch(self.conn, self.compiled, self.cursor.fetchone)
-        self.cursor.close()
+        _release(self.conn, self.compiled, self.cursor)
         return None if values is None else self.compiled.row(values)
 
     def all(self) -> list[Row]:
         """Every row of the result as dicts keyed by column key."""
         rows = _fetch(self.conn, self.compiled, self.cursor.fetchall)
-        self.cursor.close()
+        _release(self.conn, self.compiled, self.cursor)
         return [self.compiled.row(values) for values in rows]
 
 
@@ -285,7 +287,7 @@ class Batch:
         }
         if locking:
             params["locked_run_id"] = self.locking
-        _run(self.conn, combined, params, many=False).close()
+        _release(self.conn, combined, _run(self.conn, combined, params, many=False))
 
 
 class NotAlone(Exception):
@@ -312,6 +314,8 @@ _COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 #: A ``pyformat`` placeholder, or an escaped ``%``.
 _PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
+#: The key of a psycopg connection's info that holds its idle cursors (:func:`_release`).
+_KEPT_CURSORS = "scoria_cursors"
 
 
 #: The first part of a statement that is its own transaction: the run's lock.
@@ -404,8 +408,10 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
         driver: Any = dbapi_connection.driver_connection
         native = _native_cursor(driver.cursor_factory)
     if native is not None:
-        cursor = native(driver)
         sql, names = compiled.native
+        cursor = _kept_cursors(dbapi_connection).pop(sql, None)
+        if cursor is None:
+            cursor = native(driver)
         if many:
             values: Any = [tuple([row[name] for name in names]) for row in params]
         else:
@@ -422,6 +428,35 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
         cursor.close()
         raise database_error(conn, exc, compiled.sql, params, cursor) from exc
     return cursor
+
+
+def _kept_cursors(dbapi_connection: Any) -> dict[str, Any]:
+    """The idle cursors of a connection, by the statement each last ran."""
+    kept: dict[str, Any] = dbapi_connection.info.setdefault(_KEPT_CURSORS, {})
+    return kept
+
+
+def _release(conn: Connection, compiled: _Compiled, cursor: Any) -> None:
+    """Done with a cursor of :func:`_run`: keep a native one for its statement's next run.
+
+    A psycopg cursor that runs the same statement text again keeps the
+    adapters it chose for its parameters and result columns; a new cursor
+    looks them all up again, which costs more than the rest of the client's
+    work for a transition's statement. The kept cursor drops its result at
+    once. Outside pipeline mode only: a pipelined statement's result arrives
+    later. The connection's info, and the cursors in it, go with a
+    connection that is replaced.
+    """
+    dbapi_connection = conn.connection
+    if compiled.positional is None and conn.dialect.driver == "psycopg":
+        driver: Any = dbapi_connection.driver_connection
+        reset = getattr(cursor, "_reset", None)  # psycopg's: drops the result, not the adapters
+        native = _native_cursor(driver.cursor_factory)
+        if reset is not None and type(cursor) is native and not driver.pgconn.pipeline_status:
+            reset()
+            _kept_cursors(dbapi_connection)[compiled.native[0]] = cursor
+            return
+    cursor.close()
 
 
 @lru_cache(maxsize=16)
