@@ -429,7 +429,8 @@ def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
     database_uri: str, tmp_path: Path
 ) -> None:
     """A statement run again on a connection reuses its cursor, which holds no result in
-    between; two runs of one statement at once each get a cursor of their own."""
+    between; two runs of one statement at once each get a cursor of their own; a pipelined
+    statement, whose result arrives later, keeps none."""
     options = {"pool_size": 1, "max_overflow": 0}
     app = create_test_app(database_uri, tmp_path / "instance", SCORIA_ENGINE_OPTIONS=options)
     app.extensions["scoria"].handler("approval")(ask_then_work)
@@ -437,11 +438,15 @@ def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
     with app.app_context():
         first = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
         second = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+    by_id = sql.RUN_BY_ID
+    with storage.write(pipeline=True) as conn:
+        assert by_id.first(conn, {"b_run_id": uuid.UUID(first.run_id)}) is not None
     with storage.autocommit() as conn:
         kept = conn.connection.info["scoria_cursors"]
         assert kept, "a transition's statements leave their cursors behind"
+        sql_text = by_id._compile(conn.dialect, frozenset({"b_run_id"})).native[0]
+        assert sql_text not in kept, "a pipelined statement's cursor is closed, not kept"
         assert all(cursor.pgresult is None and not cursor.closed for cursor in kept.values())
-        by_id = sql.RUN_BY_ID
         one = by_id.send(conn, {"b_run_id": uuid.UUID(first.run_id)})
         other = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
         assert other.cursor is not one.cursor
