@@ -446,7 +446,11 @@ def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
         assert kept, "a transition's statements leave their cursors behind"
         sql_text = by_id._compile(conn.dialect, frozenset({"b_run_id"})).native[0]
         assert sql_text not in kept, "a pipelined statement's cursor is closed, not kept"
-        assert all(cursor.pgresult is None and not cursor.closed for cursor in kept.values())
+        # No result stays behind, in the cursor or in its adapters.
+        assert all(
+            cursor.pgresult is None and cursor._tx.pgresult is None and not cursor.closed
+            for cursor in kept.values()
+        )
         one = by_id.send(conn, {"b_run_id": uuid.UUID(first.run_id)})
         other = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
         assert other.cursor is not one.cursor

@@ -441,22 +441,36 @@ def _release(conn: Connection, compiled: _Compiled, cursor: Any) -> None:
 
     A psycopg cursor that runs the same statement text again keeps the
     adapters it chose for its parameters and result columns; a new cursor
-    looks them all up again, which costs more than the rest of the client's
-    work for a transition's statement. The kept cursor drops its result at
-    once. Outside pipeline mode only: a pipelined statement's result arrives
-    later. The connection's info, and the cursors in it, go with a
-    connection that is replaced.
+    looks them all up again, the largest part of the client's work for a
+    transition's statement. The kept cursor holds no result. Outside
+    pipeline mode only: a pipelined statement's result arrives later. The
+    connection's info, and the cursors in it, go with a connection that is
+    replaced.
     """
     dbapi_connection = conn.connection
     if compiled.positional is None and conn.dialect.driver == "psycopg":
         driver: Any = dbapi_connection.driver_connection
-        reset = getattr(cursor, "_reset", None)  # psycopg's: drops the result, not the adapters
         native = _native_cursor(driver.cursor_factory)
-        if reset is not None and type(cursor) is native and not driver.pgconn.pipeline_status:
-            reset()
+        if type(cursor) is native and not driver.pgconn.pipeline_status and _forget_result(cursor):
             _kept_cursors(dbapi_connection)[compiled.native[0]] = cursor
             return
     cursor.close()
+
+
+def _forget_result(cursor: Any) -> bool:
+    """Let a psycopg cursor drop its result and keep its adapters; ``False`` where this
+    psycopg has no way to (the cursor is then closed instead).
+
+    Not psycopg's public API: the cursor's ``_reset`` and its adapters'
+    ``Transformer``, which holds on to the last result as well.
+    """
+    reset = getattr(cursor, "_reset", None)
+    adapters: Any = getattr(cursor, "_tx", None)
+    if reset is None or not hasattr(adapters, "set_pgresult"):
+        return False
+    reset()
+    adapters.set_pgresult(None, set_loaders=False)
+    return True
 
 
 @lru_cache(maxsize=16)
