@@ -22,6 +22,9 @@ RECONNECT_MAX_DELAY = 2.0
 PING_AFTER_IDLE = 1.0
 #: SQLSTATEs of a lost connection: connection exceptions, and the server shutting down.
 _LOST = ("08", "57P01", "57P02", "57P03")
+#: The key of a pooled connection's info under which flask-scoria's statements keep their
+#: idle cursors: only on the own engine's PostgreSQL connections, which nothing else uses.
+KEPT_CURSORS = "scoria_cursors"
 
 
 def create_standalone_engine(
@@ -39,8 +42,9 @@ def create_standalone_engine(
     (see :func:`ping_when_idle`). SQLite files get WAL
     journaling, the configured ``synchronous`` level and a busy timeout;
     PostgreSQL connections get a connect timeout and a statement timeout
-    (``0``: none). ``engine_options`` win over all of these. Nothing
-    connects until the first query.
+    (``0``: none), and a place to keep the runtime's idle cursors
+    (:data:`KEPT_CURSORS`). ``engine_options`` win over all of these.
+    Nothing connects until the first query.
     """
     options = dict(engine_options)
     connect_args = dict(options.pop("connect_args", {}))
@@ -57,10 +61,18 @@ def create_standalone_engine(
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous, busy_timeout)
-    elif "pool_pre_ping" not in options:
+        return engine
+    event.listen(engine, "connect", _keep_cursors)
+    if "pool_pre_ping" not in options:
         # A file has no server to close its connections.
         ping_when_idle(engine)
     return engine
+
+
+def _keep_cursors(_dbapi_connection: Any, record: Any) -> None:
+    """Give a new connection of the own engine a place for its idle cursors (SQLAlchemy
+    empties a connection's info when it replaces the connection)."""
+    record.info[KEPT_CURSORS] = {}
 
 
 def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE) -> None:

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from _helpers import IDENTITY, ask_then_work, succeed
 from conftest import create_test_app
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.dialects import postgresql
 
 import flask_scoria as scoria
@@ -453,9 +454,9 @@ def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
         )
         one = by_id.send(conn, {"b_run_id": uuid.UUID(first.run_id)})
         other = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
-        assert other.cursor is not one.cursor
-        rows = [one.first(), other.first()]
         cursor = other.cursor
+        assert cursor is not one.cursor
+        rows = [one.first(), other.first()]
         assert [row["id"] for row in rows if row] == [
             uuid.UUID(first.run_id),
             uuid.UUID(second.run_id),
@@ -463,4 +464,28 @@ def test_a_connection_keeps_one_idle_cursor_per_statement_without_its_result(
         again = by_id.send(conn, {"b_run_id": uuid.UUID(second.run_id)})
         assert again.cursor is cursor
         assert again.first() is not None
+        with pytest.raises(AttributeError):
+            again.first()  # read once: its cursor may be running another statement
+        # The least recently used cursors go once a connection keeps too many.
+        for number in range(100):
+            sql.Prepared(sa.select(sa.literal(number).label(f"n{number}"))).first(conn, {})
+        assert len(kept) == sql._KEPT_CURSORS_MAX
+        assert cursor.closed and sql_text not in kept
     storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_host_engine_keeps_no_cursors(database_uri: str, tmp_path: Path) -> None:
+    """The host app's connections may change their adapters or encoding: each statement
+    gets a new cursor there."""
+    app = Flask("host", instance_path=str(tmp_path / "instance"))
+    app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
+    db = SQLAlchemy(app)
+    scoria.Scoria(app, db=db).handler("approval")(ask_then_work)
+    with app.app_context():
+        run = scoria.start_run(IDENTITY, initial_step={"kind": "approval"})
+        scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+        assert scoria.get_run(run.run_id).status == "completed"
+        with db.engine.connect() as conn:
+            assert "scoria_cursors" not in conn.connection.info
+        db.engine.dispose()

@@ -39,7 +39,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 from ..statuses import ApprovalStatus, StepStatus
-from ..storage import COMMIT_WITHOUT_WAITING, database_error
+from ..storage import COMMIT_WITHOUT_WAITING, KEPT_CURSORS, database_error
 from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
 
 Processor = Callable[[Any], Any] | None
@@ -200,12 +200,14 @@ class Sent:
         """The first row of the result as a dict keyed by column key, or ``None``."""
         values = _fetch(self.conn, self.compiled, self.cursor.fetchone)
         _release(self.conn, self.compiled, self.cursor)
+        self.cursor = None  # the cursor may run another statement now
         return None if values is None else self.compiled.row(values)
 
     def all(self) -> list[Row]:
         """Every row of the result as dicts keyed by column key."""
         rows = _fetch(self.conn, self.compiled, self.cursor.fetchall)
         _release(self.conn, self.compiled, self.cursor)
+        self.cursor = None
         return [self.compiled.row(values) for values in rows]
 
 
@@ -314,8 +316,9 @@ _COMBINED_MAX = 512
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 #: A ``pyformat`` placeholder, or an escaped ``%``.
 _PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
-#: The key of a psycopg connection's info that holds its idle cursors (:func:`_release`).
-_KEPT_CURSORS = "scoria_cursors"
+#: How many idle cursors a connection keeps at most (:func:`_release`); the least recently
+#: used one goes first.
+_KEPT_CURSORS_MAX = 64
 
 
 #: The first part of a statement that is its own transaction: the run's lock.
@@ -409,7 +412,8 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
         native = _native_cursor(driver.cursor_factory)
     if native is not None:
         sql, names = compiled.native
-        cursor = _kept_cursors(dbapi_connection).pop(sql, None)
+        kept = dbapi_connection.info.get(KEPT_CURSORS)
+        cursor = None if kept is None else kept.pop(sql, None)
         if cursor is None:
             cursor = native(driver)
         if many:
@@ -430,46 +434,50 @@ def _run(conn: Connection, compiled: _Compiled, params: Any, *, many: bool) -> A
     return cursor
 
 
-def _kept_cursors(dbapi_connection: Any) -> dict[str, Any]:
-    """The idle cursors of a connection, by the statement each last ran."""
-    kept: dict[str, Any] = dbapi_connection.info.setdefault(_KEPT_CURSORS, {})
-    return kept
-
-
 def _release(conn: Connection, compiled: _Compiled, cursor: Any) -> None:
     """Done with a cursor of :func:`_run`: keep a native one for its statement's next run.
 
     A psycopg cursor that runs the same statement text again keeps the
     adapters it chose for its parameters and result columns; a new cursor
     looks them all up again, the largest part of the client's work for a
-    transition's statement. The kept cursor holds no result. Outside
-    pipeline mode only: a pipelined statement's result arrives later. The
-    connection's info, and the cursors in it, go with a connection that is
-    replaced.
+    transition's statement. Kept on the own engine's connections only
+    (:data:`~flask_scoria.storage.KEPT_CURSORS`): a host's code could change
+    a shared connection's adapters or encoding, which a kept cursor would
+    not see. The kept cursor holds no result. Outside pipeline mode only: a
+    pipelined statement's result arrives later.
     """
+    if conn.closed or conn.invalidated:
+        cursor.close()
+        return
     dbapi_connection = conn.connection
-    if compiled.positional is None and conn.dialect.driver == "psycopg":
-        driver: Any = dbapi_connection.driver_connection
-        native = _native_cursor(driver.cursor_factory)
-        if type(cursor) is native and not driver.pgconn.pipeline_status and _forget_result(cursor):
-            _kept_cursors(dbapi_connection)[compiled.native[0]] = cursor
-            return
-    cursor.close()
+    kept = dbapi_connection.info.get(KEPT_CURSORS)
+    driver: Any = dbapi_connection.driver_connection
+    if (
+        kept is None
+        or cursor.connection is not driver
+        or type(cursor) is not _native_cursor(driver.cursor_factory)
+        or driver.pgconn.pipeline_status
+        or not _forget_result(cursor)
+    ):
+        cursor.close()
+        return
+    kept[compiled.native[0]] = cursor
+    if len(kept) > _KEPT_CURSORS_MAX:
+        kept.pop(next(iter(kept))).close()
 
 
 def _forget_result(cursor: Any) -> bool:
-    """Let a psycopg cursor drop its result and keep its adapters; ``False`` where this
-    psycopg has no way to (the cursor is then closed instead).
+    """Let a psycopg cursor drop its result and keep its adapters; ``False`` if it could not.
 
     Not psycopg's public API: the cursor's ``_reset`` and its adapters'
-    ``Transformer``, which holds on to the last result as well.
+    ``Transformer``, which holds on to the last result as well. A psycopg
+    that has neither, or takes them otherwise, closes its cursors as before.
     """
-    reset = getattr(cursor, "_reset", None)
-    adapters: Any = getattr(cursor, "_tx", None)
-    if reset is None or not hasattr(adapters, "set_pgresult"):
+    try:
+        cursor._reset()
+        cursor._tx.set_pgresult(None, set_loaders=False)
+    except Exception:
         return False
-    reset()
-    adapters.set_pgresult(None, set_loaders=False)
     return True
 
 
