@@ -140,7 +140,8 @@ def _own_history(engine: Engine) -> Engine:
     if schema.mounted_in_host_history(engine):
         raise click.ClickException(
             "the scoria revisions are recorded in your app's alembic_version (mounted in its"
-            " history); migrate them with your app's own commands, e.g. flask db upgrade heads"
+            " history); migrate them with your app's own commands (flask db upgrade heads,"
+            " flask db downgrade)"
         )
     return engine
 
