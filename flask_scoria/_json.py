@@ -96,8 +96,9 @@ def is_storable_text(text: str) -> bool:
 
 
 def serialized_size(value: object) -> int:
-    """The bytes of ``value`` as compact JSON, the measure of every size cap."""
-    return len(json.dumps(value, separators=(",", ":")).encode())
+    """The bytes of ``value`` as compact JSON in UTF-8, the measure of every size cap."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def oversized(value: object, cap: int, what: str, key: str) -> str | None:

@@ -13,6 +13,7 @@ from flask import Flask
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from ._json import MAX_DEPTH
 from .policy import EXECUTORS, MAX_SECONDS
 from .redaction import normalize_key
 
@@ -103,7 +104,7 @@ def read_settings(app: Flask) -> Settings:
         raise ValueError(f"SCORIA_URL_PREFIX must be a path such as '/scoria', not {prefix!r}.")
     lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float, maximum=MAX_SECONDS)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)
-    max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int)
+    max_depth = _number(config, "SCORIA_HANDOFF_MAX_DEPTH", int, maximum=MAX_DEPTH)
     max_steps = _number(config, "SCORIA_MAX_STEPS", int)
     busy_timeout = _number(
         config, "SCORIA_SQLITE_BUSY_TIMEOUT", float, allow_zero=True, maximum=_MAX_TIMEOUT

@@ -77,8 +77,11 @@ class NoPendingApproval(ScoriaError):
     def __init__(
         self, run_id: str, approval_id: str | None = None, *, expired: bool = False
     ) -> None:
+        shown = approval_id
+        if approval_id is not None and not (len(approval_id) <= 80 and approval_id.isprintable()):
+            shown = short_repr(approval_id)  # a caller's malformed id, as given
         if expired:
-            named = "its latest approval" if approval_id is None else f"approval {approval_id}"
+            named = "its latest approval" if shown is None else f"approval {shown}"
             super().__init__(
                 f"Run {run_id} has no approval to decide: {named} expired undecided;"
                 " resume_run asks again."
@@ -86,7 +89,7 @@ class NoPendingApproval(ScoriaError):
         elif approval_id is None:
             super().__init__(f"Run {run_id} has no approval to decide.")
         else:
-            super().__init__(f"Run {run_id} has no approval {approval_id}.")
+            super().__init__(f"Run {run_id} has no approval {shown}.")
         self.run_id = run_id
         self.approval_id = approval_id
 

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from .config import DEFAULTS, OWN_ENGINE_KEYS, Settings, read_settings
+from .errors import short_repr
 from .policy import HandlerPolicy, Retry
 from .runtime import Handler, LeaseKeeper, load_handler
 from .state import AppState, OperatorScopeResolver, Registry, app_state, register
@@ -120,6 +121,12 @@ class Scoria:
         """
         if not isinstance(kind, str) or not kind.strip():
             raise ValueError("A handler kind must be a non-empty string.")
+        # As start_run, Next and Handoff read a kind: stripped, printable, 64 at most.
+        kind = kind.strip()
+        if len(kind) > 64 or not kind.isprintable():
+            raise ValueError(
+                f"A handler kind must be printable and at most 64 characters: {short_repr(kind)}."
+            )
         policy = HandlerPolicy(executor, Retry() if retry is None else retry, timeout)
         if executor == "celery":
             from . import celery_tasks  # noqa: F401  (registers the Celery tasks)

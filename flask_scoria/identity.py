@@ -112,7 +112,8 @@ def identity(value: object = None) -> Identity:
     empty identity. Ids are read from ``actor_id`` / ``tenant_id`` /
     ``session_id``, falling back to the aliases ``actor``, ``current_user``,
     ``user``, ``tenant``, ``current_tenant`` (their ``id``) and ``session``
-    (its ``id`` or the string itself). Ints and UUIDs become strings, blank
+    (its ``id`` or the string itself). ``metadata`` is a mapping's key, or an
+    object's attribute when that is a mapping. Ints and UUIDs become strings, blank
     strings become ``None``. Raises :class:`InvalidIdentity` for values that
     cannot be an id or metadata that is not JSON.
     """
@@ -140,11 +141,15 @@ def identity(value: object = None) -> Identity:
     session_id = normalize_id(read("session_id"), "session_id")
     if session_id is None:
         session_id = _id_of(read("session"), "session")
+    metadata = read("metadata")
+    if not isinstance(value, Mapping) and not isinstance(metadata, Mapping):
+        # An object's ``metadata`` may mean something else: a SQLAlchemy model's tables.
+        metadata = None
     return Identity(
         actor_id=actor_id,
         tenant_id=tenant_id,
         session_id=session_id,
-        metadata=_metadata(read("metadata")),
+        metadata=_metadata(metadata),
     )
 
 

@@ -89,6 +89,7 @@ def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
         ("SCORIA_URL_PREFIX", "//ops", "SCORIA_URL_PREFIX"),
         ("SCORIA_STEP_LEASE_SECONDS", 0, "SCORIA_STEP_LEASE_SECONDS"),
         ("SCORIA_HANDOFF_MAX_DEPTH", -1, "SCORIA_HANDOFF_MAX_DEPTH"),
+        ("SCORIA_HANDOFF_MAX_DEPTH", 65, "SCORIA_HANDOFF_MAX_DEPTH"),
         ("SCORIA_STEP_LEASE_SECONDS", "soon", "SCORIA_STEP_LEASE_SECONDS"),
         ("SCORIA_HANDOFF_MAX_BYTES", None, "SCORIA_HANDOFF_MAX_BYTES"),
         ("SCORIA_HANDOFF_MAX_BYTES", True, "SCORIA_HANDOFF_MAX_BYTES"),
@@ -195,6 +196,20 @@ def test_handler_kind_must_be_named(tmp_path: Path) -> None:
     runtime = Scoria()
     with pytest.raises(ValueError, match="non-empty"):
         runtime.handler(" ")
+    for unreadable in ("k" * 65, "tab\tkind"):
+        with pytest.raises(ValueError, match="at most 64"):
+            runtime.handler(unreadable)
+
+
+def test_a_handler_kind_is_registered_as_start_run_reads_it(tmp_path: Path) -> None:
+    app = Flask("padded", instance_path=str(tmp_path))
+    runtime = Scoria(app)
+    runtime.handler(" review ")(lambda step, run: {"ok": True})
+    assert list(runtime.handlers) == ["review"]
+    with app.app_context():
+        schema.upgrade(runtime.storage(app).engine)
+        run = scoria.start_run({"tenant_id": "t"}, initial_step={"kind": " review"})
+    assert run.status == "completed"
 
 
 def test_a_relative_sqlite_path_is_in_the_instance_folder(

@@ -208,6 +208,7 @@ UNSAFE_KEYS = [
         ({"projected_context": {"draft": "x" * 70_000}}, "projected_context_too_large"),
         ({"projected_context": nested(17)}, "projected_context_too_deep"),
         ({"projected_context": {"list": [nested(16)]}}, "projected_context_too_deep"),
+        ({"projected_context": {"tuple": (nested(80),)}}, "projected_context_too_deep"),
     ],
 )
 def test_rejected_handoffs_write_nothing(app: Flask, overrides: dict[str, Any], code: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, g, session
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import flask_scoria as scoria
 from flask_scoria import Identity
@@ -68,6 +69,24 @@ def test_metadata_is_a_json_copy() -> None:
     found = scoria.identity({"metadata": source})
     assert found.metadata == {"channel": "web", "tags": ["a", "b"]}
     assert scoria.identity({}).metadata == {}
+
+
+def test_an_objects_metadata_counts_only_when_it_is_a_mapping() -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(Base):
+        __tablename__ = "account"
+        actor_id: Mapped[str] = mapped_column(primary_key=True)
+        tenant_id: Mapped[str]
+
+    # A model's ``metadata`` is its tables' MetaData, no identity metadata.
+    found = scoria.identity(Account(actor_id="u-1", tenant_id="acme"))
+    assert (found.actor_id, found.tenant_id, found.metadata) == ("u-1", "acme", {})
+    tagged = SimpleNamespace(actor_id="u-2", metadata={"channel": "web"})
+    assert scoria.identity(tagged).metadata == {"channel": "web"}
+    with pytest.raises(scoria.InvalidIdentity):
+        scoria.identity(SimpleNamespace(metadata={"when": object()}))
 
 
 @pytest.mark.parametrize(

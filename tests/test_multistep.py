@@ -274,6 +274,42 @@ def test_approve_and_resume_and_keyed_starts_race_across_processes(
     assert_one_keyed_run(app, key, by_race[1])
 
 
+def test_a_start_whose_earlier_keyed_run_is_pruned_meanwhile_writes_its_own(app: Flask) -> None:
+    """Between the start that finds the key taken and its look for that run, the run
+    ended and was pruned: the key is free, and the start writes its run after all."""
+    engine = app.extensions["scoria"].storage(app).engine
+    connections = Counter[str]()
+    earlier: list[scoria.RunSummary] = []
+
+    def start_keyed() -> scoria.RunSummary:
+        return scoria.start_run(IDENTITY, idempotency_key="order-7")
+
+    @sa.event.listens_for(engine, "checkout")
+    def meanwhile(*_: Any) -> None:
+        if connections["armed"] != 1:
+            return
+        connections["armed"] = 0
+        connections["taken"] += 1
+        # The start looks for the key (1), writes (2), finds the key taken, looks again (3).
+        if connections["taken"] == 2:  # another start takes the key first
+            earlier.append(start_keyed())
+        elif connections["taken"] == 3:  # that run has ended, and is pruned
+            assert scoria.prune_runs(older_than=timedelta(microseconds=1)) == 1
+        connections["armed"] = 1
+
+    with app.app_context():
+        connections["armed"] = 1
+        started = start_keyed()
+        connections["armed"] = 0
+        assert connections["taken"] == 4  # the start wrote again
+        assert started.run_id != earlier[0].run_id
+        assert started.status == "completed"
+        assert start_keyed() == started
+        with pytest.raises(scoria.RunNotFound):
+            scoria.get_run(earlier[0].run_id)
+    sa.event.remove(engine, "checkout", meanwhile)
+
+
 def test_the_same_key_in_two_tenants_makes_two_runs(app_ctx: None) -> None:
     def start_as(tenant: str | None) -> scoria.RunSummary:
         return scoria.start_run(

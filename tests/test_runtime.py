@@ -143,6 +143,40 @@ def test_unknown_return_is_invalid_handler_result(returned: Any) -> None:
     assert only_step(run.run_id).error_envelope["type"] == "invalid_handler_result"  # type: ignore[index]
 
 
+class Unreadable(dict[str, Any]):
+    """A result whose items cannot be read."""
+
+    def items(self) -> Any:
+        raise RuntimeError("no items today")
+
+
+class ReviewHandoff(scoria.Handoff):
+    """An app's own kind of handoff."""
+
+
+def test_a_result_that_cannot_be_read_fails_the_step() -> None:
+    run = start({"work": lambda step, run: Succeed(Unreadable(a=1))})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope or {}
+    assert error["type"] == "invalid_handler_result"
+    assert "RuntimeError: no items today" in error["message"]
+
+
+def test_an_outcome_of_a_subclass_is_recorded_as_its_class() -> None:
+    run = start({"work": lambda step, run: ReviewHandoff("critic", "review")})
+    assert run.status == "running"
+    parent, child = scoria.get_run_detail(run.run_id).steps
+    assert (parent.status, child.kind, child.role_id) == ("completed", "review", "critic")
+
+
+def test_an_approval_that_expires_at_once_is_refused() -> None:
+    run = start({"work": lambda step, run: scoria.WaitForApproval("publish", expires_in=0)})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope or {}
+    assert error["type"] == "invalid_handler_result"
+    assert "expires_in must be more than 0" in error["message"]
+
+
 def test_handler_sees_its_approval_after_resume() -> None:
     run = start({"work": ask_then_work})
     assert run.status == "waiting_for_approval"
@@ -682,6 +716,49 @@ def test_a_malformed_approval_id_on_another_tenants_run_looks_like_an_unknown_ru
     for target in (run_id, str(uuid.uuid4())):
         with pytest.raises(scoria.RunNotFound):
             scoria.approve_run(target, decided_by="ops", approval_id="nope", tenant_id="other")
+
+
+def test_the_identitys_metadata_never_overwrites_the_runs() -> None:
+    tagged = {**IDENTITY, "metadata": {"channel": "web"}}
+    run = scoria.start_run(tagged, runtime={"metadata": {"payload": 1}})
+    assert scoria.get_run(run.run_id).metadata == {"payload": 1, "identity": {"channel": "web"}}
+    with pytest.raises(scoria.InvalidRunOptions, match="'identity' key"):
+        scoria.start_run(tagged, runtime={"metadata": {"identity": "mine"}})
+    # Without metadata of its own, the identity leaves the key to the run.
+    plain = scoria.start_run(IDENTITY, runtime={"metadata": {"identity": "mine"}})
+    assert scoria.get_run(plain.run_id).metadata == {"identity": "mine"}
+
+
+def test_sizes_are_counted_in_utf8(app: Flask) -> None:
+    cap = app.config["SCORIA_MAX_METADATA_BYTES"]
+    # Two bytes each in UTF-8 (six as a JSON escape): fits, at about half the cap.
+    accented = "é" * (cap // 4)
+    run = start(runtime={"metadata": {"text": accented}})
+    assert scoria.get_run(run.run_id).metadata == {"text": accented}
+    with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_MAX_METADATA_BYTES"):
+        start(runtime={"metadata": {"text": "é" * (cap // 2)}})
+
+
+def test_an_initial_input_is_capped_like_a_next_steps(app: Flask) -> None:
+    cap = app.config["SCORIA_HANDOFF_MAX_BYTES"]
+
+    def start_with(text: str) -> scoria.RunSummary:
+        step = {"kind": "work", "input": {"text": text}}
+        return scoria.start_run(IDENTITY, initial_step=step)
+
+    with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_HANDOFF_MAX_BYTES"):
+        start_with("x" * cap)
+    assert scoria.list_runs_for_session("session-1") == []
+    assert start_with("x" * (cap - 20)).status == "running"
+
+
+def test_a_malformed_approval_id_is_shown_escaped() -> None:
+    run_id = paused_run()
+    with pytest.raises(scoria.NoPendingApproval) as info:
+        scoria.approve_run(run_id, decided_by="ops", approval_id="\ud800" + "x" * 200)
+    message = info.value.message
+    assert len(message) < 200 and "\\ud800" in message
+    message.encode("utf-8")  # printable, loggable
 
 
 @pytest.mark.parametrize("metadata", [[], "", 0, False])

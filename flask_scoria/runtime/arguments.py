@@ -127,7 +127,9 @@ def role_name(value: object, name: str) -> str:
     return require_name(value, name, error=InvalidRunOptions)
 
 
-def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None:
+def initial_step_spec(value: object, root_role_id: str, max_bytes: int) -> dict[str, Any] | None:
+    """The checked ``initial_step`` of :func:`start_run`; its ``input`` is capped at
+    ``max_bytes`` serialized, as a ``Next`` step's is (``SCORIA_HANDOFF_MAX_BYTES``)."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -146,11 +148,17 @@ def initial_step_spec(value: object, root_role_id: str) -> dict[str, Any] | None
     step_input = None
     if given is not None:
         step_input = json_object(given, what="initial_step input", error=InvalidRunOptions)
+        too_large = oversized(
+            step_input, max_bytes, "initial_step input", "SCORIA_HANDOFF_MAX_BYTES"
+        )
+        if too_large is not None:
+            raise InvalidRunOptions(too_large)
     return {"kind": kind, "role_id": role_id, "sequence": sequence, "input": step_input}
 
 
 def run_metadata(runtime: object, ident: Identity, max_bytes: int) -> dict[str, Any]:
-    """The metadata to store on a new run: ``runtime["metadata"]`` and the identity's.
+    """The metadata to store on a new run: ``runtime["metadata"]``, with the identity's
+    under ``"identity"``.
 
     Larger than ``max_bytes`` serialized, it is refused.
     """
@@ -166,7 +174,12 @@ def run_metadata(runtime: object, ident: Identity, max_bytes: int) -> dict[str, 
         {} if given is None else given, what="runtime metadata", error=InvalidRunOptions
     )
     if ident.metadata:
-        metadata.setdefault("identity", dict(ident.metadata))
+        if "identity" in metadata:
+            raise InvalidRunOptions(
+                "runtime metadata has an 'identity' key, where the identity's metadata is"
+                " stored: rename the key, or pass the identity without metadata."
+            )
+        metadata["identity"] = dict(ident.metadata)
     too_large = oversized(metadata, max_bytes, "runtime metadata", "SCORIA_MAX_METADATA_BYTES")
     if too_large is not None:
         raise InvalidRunOptions(too_large + " Store large payloads elsewhere and keep a reference.")

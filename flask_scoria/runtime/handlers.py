@@ -168,6 +168,12 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         return _normalize(value)
     except _BadResult as exc:
         return _invalid(exc.message)
+    except Exception as exc:  # a returned value whose own methods raise when read
+        log.exception("The result of the handler for step %s could not be read.", step.id)
+        return _invalid(
+            f"The handler's {type(value).__name__} could not be read:"
+            f" {type(exc).__name__}: {storable_text(safe_str(exc, 2000))}"
+        )
 
 
 def _normalize(value: object) -> Outcome:
@@ -199,7 +205,7 @@ def _normalize(value: object) -> Outcome:
             arguments,
             value.reason,
             editable=value.editable,
-            expires_in=seconds(value.expires_in, "WaitForApproval expires_in", _BadResult),
+            expires_in=_expiry(value.expires_in),
         )
     if isinstance(value, Fail):
         error = value.error
@@ -207,7 +213,14 @@ def _normalize(value: object) -> Outcome:
             error = {"message": error if isinstance(error, str) else short_repr(error, 2000)}
         return Fail(json_object(error, what="handler error", error=_BadResult))
     if isinstance(value, Handoff):
-        return value
+        # The class itself, as for every outcome: a subclass would find no recorder.
+        return Handoff(
+            value.delegated_role_id,
+            value.delegated_kind,
+            value.handoff_input,
+            value.projected_context,
+            value.capability_tags,
+        )
     if isinstance(value, Next):
         kind = require_name(value.kind, "Next kind", error=_BadResult, limit=64)
         role = None
@@ -224,6 +237,14 @@ def _normalize(value: object) -> Outcome:
         f"Handler returned a {type(value).__name__}; return Succeed, WaitForApproval,"
         " Fail, Handoff, Next, a dict or None."
     )
+
+
+def _expiry(value: object) -> float | None:
+    """A ``WaitForApproval``'s ``expires_in`` in seconds: more than zero, or ``None``."""
+    expires_in = seconds(value, "WaitForApproval expires_in", _BadResult)
+    if expires_in == 0:
+        raise _BadResult("WaitForApproval expires_in must be more than 0 seconds, or None.")
+    return expires_in
 
 
 def seconds(value: object, what: str, error: ErrorFactory) -> float | None:

@@ -59,8 +59,10 @@ def validate_handoff(
     )
     payload = _payload(handoff_input, "handoff_input", "invalid_handoff_input")
     _cap_size(payload, "handoff_input", max_bytes)
+    if isinstance(projected_context, Mapping):
+        # Before the copy, which refuses any payload past 64 levels as invalid.
+        _check_depth(projected_context, max_depth)
     context = _payload(projected_context, "projected_context", "invalid_projected_context")
-    _check_depth(context, max_depth)
     _check_keys(context, "")
     _cap_size(context, "projected_context", max_bytes)
     return HandoffSpec(role, kind, payload, context, _tags(capability_tags))
@@ -82,14 +84,14 @@ def _cap_size(value: JSONObject, what: str, max_bytes: int) -> None:
 
 
 def _check_depth(value: object, max_depth: int, depth: int = 1) -> None:
-    if isinstance(value, dict | list):
+    if isinstance(value, Mapping | list | tuple):
         if depth > max_depth:
             raise InvalidHandoff(
                 "projected_context_too_deep",
                 f"projected_context is nested deeper than {max_depth} levels"
                 " (SCORIA_HANDOFF_MAX_DEPTH).",
             )
-        items = value.values() if isinstance(value, dict) else value
+        items = value.values() if isinstance(value, Mapping) else value
         for item in items:
             _check_depth(item, max_depth, depth + 1)
 

@@ -18,7 +18,7 @@ from typing import Any
 from .. import signals
 from .._ids import uuid7
 from .._json import oversized
-from ..errors import InvalidHandoff
+from ..errors import InvalidHandoff, short_repr
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
@@ -268,7 +268,7 @@ def _raised(done: Finished, outcome: Raised) -> Recorded:
 
 
 def _handoff(done: Finished, outcome: Handoff) -> Recorded:
-    beyond = _beyond_max_steps(done, f"Handoff to {outcome.delegated_kind!r}")
+    beyond = _beyond_max_steps(done, f"Handoff to {short_repr(outcome.delegated_kind)}")
     if beyond is not None:
         return _fail(done, beyond)
     try:

@@ -21,7 +21,7 @@ from .outcomes import drive
 from .rows import summary_from_row
 from .steps import claim_step, log, new_step_row
 from .tables import Row
-from .transaction import DuplicateStart, NewRun, utcnow
+from .transaction import MAX_ATTEMPTS, DuplicateStart, NewRun, utcnow
 
 
 def _new_run(
@@ -78,18 +78,27 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
     """Write the new run, then execute the step it claimed, if any.
 
     If a start with the same idempotency key won the race, its run is returned
-    instead, and nothing of this one is written or executed. A
+    instead, and nothing of this one is written or executed (unless that run
+    was pruned meanwhile: then this one is written after all). A
     :class:`StorageError` after the run was written names it in ``run_id``.
     The run's first commit does not wait for the disk when its step runs
     here (see :attr:`~.transaction.RunChange.flushes`): a crash of the
     database server meanwhile can lose it, which is said as well.
     """
-    try:
-        row = new.insert(ctx.storage)
-    except DuplicateStart:
-        earlier = _started_before(ctx, ident, new.run["idempotency_key"])
-        assert earlier is not None  # the key is unique and runs are deleted only when ended
-        return earlier
+    for _attempt in range(MAX_ATTEMPTS):
+        try:
+            row = new.insert(ctx.storage)
+            break
+        except DuplicateStart:
+            earlier = _started_before(ctx, ident, new.run["idempotency_key"])
+            if earlier is not None:
+                return earlier
+            # The earlier run ended and was pruned meanwhile: its key is free again.
+    else:
+        raise StorageError(
+            f"Run {new.run_id} could not be written: its idempotency key was taken and freed"
+            f" again {MAX_ATTEMPTS} times. Start it again."
+        )
     new.send(ctx.app, row)
     try:
         return summary_from_row(drive(ctx, resolver, new.claim, row))
@@ -128,9 +137,9 @@ def start_run(
     """
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
-    step_spec = initial_step_spec(initial_step, role)
-    key = idempotency_name(idempotency_key, InvalidRunOptions)
     ctx = context()
+    step_spec = initial_step_spec(initial_step, role, ctx.handoff_max_bytes)
+    key = idempotency_name(idempotency_key, InvalidRunOptions)
     metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     resolver = Handlers(handlers, ctx.registry)
     earlier = _started_before(ctx, ident, key)
