@@ -301,6 +301,57 @@ def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     assert line.startswith("Attempt 1 waited out its approval") and "approval_expired" in line
 
 
+def test_the_attempt_history_shows_errors_redacted(app: Flask, ops: FlaskClient) -> None:
+    dsn = "postgresql://app:TYPEPW@db/prod"
+
+    def leaky(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return Fail({"type": dsn, "message": f"could not reach {dsn}"})
+
+    app.extensions["scoria"].handler("leaky")(leaky)
+    run_id = start(app, kind="leaky")
+    assert post(ops, run_id, "retry").status_code == 303
+    html = run_page(ops, run_id)
+    lines = re.findall(r'data-attempt-event="step_failed">(.*?)</li>', html, re.S)
+    assert len(lines) == 2 and all("postgresql://app:[REDACTED]@db/prod" in line for line in lines)
+    assert "TYPEPW" not in html
+
+
+def test_shown_text_writes_out_its_direction_controls(app: Flask, ops: FlaskClient) -> None:
+    def two_asks(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("first")
+        return WaitForApproval("sec\u202eond") if step.attempt == 1 else Succeed()
+
+    def delegate(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return scoria.Handoff("critic", "review", capability_tags=["ta\u202eg"])
+
+    app.extensions["scoria"].handler("two_asks")(two_asks)
+    run_id = start(app, kind="two_asks")
+    response = approve_with(ops, run_id)
+    assert response.status_code == 303
+    told = page(ops, response.location)
+    assert "sec\\u202eond" in told and "\u202e" not in told
+    app.extensions["scoria"].handler("delegate")(delegate)
+    tagged = run_page(ops, start(app, kind="delegate"))
+    assert "ta\\u202eg" in tagged and "\u202e" not in tagged
+
+
+@pytest.mark.parametrize("session_id", ["../../../account/delete", "a//b", "tail/", "./x"])
+def test_a_session_whose_id_a_browser_would_resolve_links_to_the_filtered_list(
+    app: Flask, ops: FlaskClient, session_id: str
+) -> None:
+    with app.app_context():
+        who = {"actor_id": "alice", "tenant_id": TENANT, "session_id": session_id}
+        run_id = scoria.start_run(who, initial_step={"kind": "fixed"}).run_id
+    html = run_page(ops, run_id)
+    (link,) = re.findall(r'<dt>Session</dt><dd><a class="mono" href="([^"]+)"', html)
+    assert link.startswith("/scoria/workflows?session=")
+    assert run_id in page(ops, html_unescape(link))
+    # An id without such segments keeps its own page.
+    plain = start(app, kind="fixed")
+    assert 'href="/scoria/sessions/sess-1"' in run_page(ops, plain)
+
+
 def post(client: FlaskClient, run_id: str, action: str, **form: str) -> Any:
     token = csrf(run_page(client, run_id))
     return client.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token, **form})
@@ -474,7 +525,15 @@ def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient)
 
 
 @pytest.mark.parametrize(
-    "query", ["?events_before=0", "?steps_before=x", "?events_before=-1", "?handoffs_after=junk"]
+    "query",
+    [
+        "?events_before=0",
+        "?steps_before=x",
+        "?events_before=-1",
+        "?handoffs_after=junk",
+        "?steps_before=²",  # a digit to str.isdigit, none to int()
+        "?events_before=٣",  # an Arabic-Indic three
+    ],
 )
 def test_a_malformed_run_page_position_is_a_clear_400(
     app: Flask, ops: FlaskClient, query: str

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import create_test_app
 from flask import Flask
 from flask.testing import FlaskClient
 from test_operator import TENANT, generic_plan, operator_app, ops, query_plan, recorded_queries
@@ -53,6 +55,36 @@ def test_search_by_prompt_id_prefix_and_dates(operator_app: Flask, ops: FlaskCli
     assert ops.get("/scoria/workflows?from=yesterday").status_code == 400
     # The day after the last one a date can name.
     assert ops.get("/scoria/workflows?until=9999-12-31").status_code == 400
+
+
+def test_the_prompt_search_matches_only_what_redaction_shows(
+    database_uri: str, tmp_path: Path
+) -> None:
+    app = create_test_app(database_uri, tmp_path / "i", SCORIA_REDACT_KEYS=["ssn"])
+    app.extensions["scoria"].operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops"})
+    client = app.test_client()
+    with app.app_context():
+        leaky = start("reach me at postgresql://u:hunter2@db/prod about the invoice")
+        secret = scoria.start_run(
+            {"tenant_id": TENANT},
+            runtime={"metadata": {"payload": {"prompt": "mine", "ssn": "123-45-6789"}}},
+        ).run_id
+        hidden = scoria.start_run(
+            {"tenant_id": TENANT},
+            runtime={"metadata": {"payload": {"ssn": "1", "prompt": "ok"}}},
+        ).run_id
+    assert leaky in shown(client, "prompt=invoice")
+    for guess in ("hunter2", "u:hunter", "123-45"):
+        assert leaky not in shown(client, f"prompt={guess}")
+        assert secret not in shown(client, f"prompt={guess}")
+    assert secret in shown(client, "prompt=mine") and hidden in shown(client, "prompt=ok")
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_a_search_too_long_for_the_database_is_a_400(ops: FlaskClient) -> None:
+    response = ops.get("/scoria/workflows?prompt=" + "é" * 25_001)
+    assert response.status_code == 400 and "1000 characters" in response.text
+    assert ops.get("/scoria/workflows?prompt=" + "%25" * 1000).status_code == 200
 
 
 def test_the_prompt_search_reads_a_bounded_number_of_runs(

@@ -98,11 +98,21 @@ def masked(text: str | None) -> str | None:
 def prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str | None:
     """The run's prompt, ``metadata["payload"]["prompt"]`` (as the runs list searches
     it), redacted, its first ``VALUE_CHARS`` characters; ``None`` if it has no text there."""
-    payload = redact(metadata, extra).get("payload")
-    text = payload.get("prompt") if isinstance(payload, Mapping) else None
-    if not isinstance(text, str) or not text.strip():
+    text = _redacted_prompt(metadata, extra)
+    if not text.strip():
         return None
     return visible(text[:VALUE_CHARS])
+
+
+def searched_prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str:
+    """The whole redacted prompt in lower case, as the runs list's search matches it."""
+    return _redacted_prompt(metadata, extra).lower()
+
+
+def _redacted_prompt(metadata: Mapping[str, Any], extra: frozenset[str]) -> str:
+    payload = redact(metadata, extra).get("payload")
+    text = payload.get("prompt") if isinstance(payload, Mapping) else None
+    return text if isinstance(text, str) else ""
 
 
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:
@@ -267,8 +277,11 @@ _ATTEMPT_ENDS = frozenset({EventType.STEP_FAILED, EventType.STEP_TIMEOUT, EventT
 _ATTEMPT_STARTS = frozenset({EventType.STEP_STARTED})
 
 
-def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt]:
-    """A step's failed attempts, oldest first, from its events in a run's timeline.
+def failed_attempts(
+    events: Sequence[Event], attempt: int, extra: frozenset[str] = frozenset()
+) -> list[FailedAttempt]:
+    """A step's failed attempts, oldest first, from its events in a run's timeline,
+    their errors redacted.
 
     Each failure is numbered by the ``step_started`` event of its attempt; ``attempt``
     (the step's attempt now) numbers one whose start is older than the events given.
@@ -281,7 +294,9 @@ def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt
         if event.event_type in _ATTEMPT_STARTS:
             current, open_end = _number(payload.get("attempt"), current), None
         elif event.event_type in _ATTEMPT_ENDS:
-            open_end = FailedAttempt(current, event.event_type, event.created_at, payload)
+            open_end = FailedAttempt(
+                current, event.event_type, event.created_at, redact(payload, extra)
+            )
             failed.append(open_end)
         elif event.event_type == EventType.RETRY_REQUESTED:
             # An operator's retry names the attempt it starts: the open failure is the one before.
@@ -296,7 +311,7 @@ def failed_attempts(events: Sequence[Event], attempt: int) -> list[FailedAttempt
                 failed[-1] = replace(open_end, attempt=number, retry_at=due)
             else:
                 error = payload.get("error")
-                shown = error if isinstance(error, Mapping) else {}
+                shown = redact(error, extra) if isinstance(error, Mapping) else {}
                 failed.append(FailedAttempt(number, "step_failed", event.created_at, shown, due))
             open_end = None
     return failed

@@ -60,6 +60,8 @@ _SHOWN = 25
 _HANDOFFS_SHOWN = 10
 #: What a decision form sends as ``return_to`` to come back to the inbox.
 _INBOX = "approvals"
+#: The longest text a prompt search takes (SQLite refuses patterns of 50,000 bytes).
+_PROMPT_SEARCH_CHARS = 1000
 
 
 def _redact_keys() -> frozenset[str]:
@@ -76,12 +78,13 @@ def _page_helpers() -> dict[str, Any]:
         "scope": g.get("_scoria_scope"),
         "pretty": partial(present.pretty, extra=extra),
         "editable": partial(present.editable, extra=extra),
-        "failed_attempts": present.failed_attempts,
+        "failed_attempts": partial(present.failed_attempts, extra=extra),
         "masked": present.masked,
         "visible": present.visible,
         "preview": partial(present.preview, extra=extra),
         "previewed_whole": partial(present.previewed_whole, extra=extra),
         "prompt": partial(present.prompt, extra=extra),
+        "session_url": _session_url,
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
@@ -148,6 +151,15 @@ def _page_url(after: str | None) -> str:
     return url_for(request.endpoint or "scoria.runs", **args)
 
 
+def _session_url(session_id: str) -> str:
+    """The link to a session's page, or to the runs list filtered by the session when
+    its id holds empty, ``.`` or ``..`` segments, which a browser or the router would
+    resolve into another address."""
+    if any(part in ("", ".", "..") for part in session_id.split("/")):
+        return url_for("scoria.runs", session=session_id)
+    return url_for("scoria.session_runs", session_id=session_id)
+
+
 @bp.get("/")
 def index() -> BaseResponse:
     """The runs list is the operator's home."""
@@ -172,8 +184,15 @@ def runs() -> str:
         created_until=_day("until", after=True),
         prompt_contains=_arg("prompt"),
     )
+    searched = filters.prompt_contains
+    if searched is not None and len(searched) > _PROMPT_SEARCH_CHARS:
+        abort(400, description=f"Search a prompt for {_PROMPT_SEARCH_CHARS} characters at most.")
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
+    page = runtime.list_runs(
+        filters, tenant=tenant, after=_cursor(), metadata=searched is not None, notice=True
+    )
+    if searched is not None:
+        page = _prompts_shown_with(page, searched)
     awaiting = _awaiting_resume(page, every=awaiting_resume)
     return render_template("scoria/runs.html", page=page, filters=filters, awaiting=awaiting)
 
@@ -188,6 +207,18 @@ def session_runs(session_id: str) -> str:
     shown = storable_text(session_id)
     awaiting = _awaiting_resume(page)
     return render_template("scoria/session.html", page=page, session_id=shown, awaiting=awaiting)
+
+
+def _prompts_shown_with(page: runtime.Page[RunSummary], text: str) -> runtime.Page[RunSummary]:
+    """The runs of ``page`` whose prompt holds ``text`` as the operator sees it, redacted.
+
+    The database searches the stored prompts: what redaction hides must not match, or
+    a search would tell it one guess at a time. A page may then hold fewer runs.
+    """
+    extra = _redact_keys()
+    needle = text.lower()
+    rows = [run for run in page.rows if needle in present.searched_prompt(run.metadata, extra)]
+    return runtime.Page(rows, page.next_cursor)
 
 
 def _awaiting_resume(page: runtime.Page[RunSummary], *, every: bool = False) -> frozenset[str]:
@@ -481,6 +512,6 @@ def _sequence(name: str) -> int | None:
     text = request.args.get(name)
     if not text:
         return None
-    if not text.isdigit() or not 0 < int(text) < 2**31:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**31:
         abort(400, description="The page link is malformed; start again from the newest.")
     return int(text)
