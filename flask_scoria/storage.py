@@ -274,6 +274,8 @@ class Storage:
                     driver.execute("COMMIT")
             except error as exc:
                 # Results, and their errors, arrive when the pipeline is synced.
+                if _stuck(driver):
+                    conn.invalidate(exc)
                 raise database_error(conn, exc, "COMMIT", None, None) from exc
 
     @contextmanager
@@ -306,6 +308,20 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def _stuck(driver: Any) -> bool:
+    """Whether a psycopg connection whose pipeline failed can no longer be used: it was
+    lost, or its pipeline could not end (its connection broke while results were due,
+    and psycopg says "cannot exit pipeline mode while busy")."""
+    from psycopg import pq
+
+    pgconn = driver.pgconn
+    return bool(
+        driver.closed
+        or pgconn.status == pq.ConnStatus.BAD
+        or pgconn.pipeline_status != pq.PipelineStatus.OFF
+    )
 
 
 @contextmanager
@@ -373,10 +389,12 @@ def database_error(
     """The :class:`DBAPIError` SQLAlchemy would raise for ``exc``; invalidates a lost connection."""
     sqlstate = getattr(exc, "sqlstate", None) or ""
     # A server shutting the connection down may say so before the socket closes.
-    invalidated = sqlstate.startswith(_LOST) or conn.dialect.is_disconnect(
-        exc, conn.connection, cursor
+    invalidated = (
+        conn.invalidated
+        or sqlstate.startswith(_LOST)
+        or conn.dialect.is_disconnect(exc, conn.connection, cursor)
     )
-    if invalidated:
+    if invalidated and not conn.invalidated:
         conn.invalidate(exc)
     error: StatementError = DBAPIError.instance(
         sql,
@@ -391,8 +409,16 @@ def database_error(
 
 def _hint(reason: str) -> str | None:
     """What to do about the common causes of ``reason``."""
-    if "scoria_" in reason and ("no such table" in reason or "does not exist" in reason):
+    missing = ("no such table: scoria_", 'relation "scoria_', 'type "scoria_')
+    if any(what in reason for what in missing) and (
+        "no such table" in reason or "does not exist" in reason
+    ):
         return "The scoria_* tables are missing: run `flask scoria db upgrade`."
+    if "statement timeout" in reason:
+        return (
+            "A statement ran longer than SCORIA_STATEMENT_TIMEOUT allows: the database was"
+            " busy, or another transaction held a lock the statement waited for."
+        )
     if "readonly database" in reason or "unable to open database file" in reason:
         return (
             "The SQLite file, or its folder, is read-only for this process (or opened with"

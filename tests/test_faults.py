@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, ask_then_work, counting_handler, executions, row_counts, succeed
+from _helpers import (
+    IDENTITY,
+    ask_then_work,
+    counting_handler,
+    counting_once_approved,
+    executions,
+    row_counts,
+    succeed,
+)
+from _proxy import HOWS, losing_proxy
 from conftest import create_test_app
 from flask import Flask
 
@@ -25,6 +34,7 @@ from flask_scoria.runtime.context import context
 from flask_scoria.runtime.worker import Worker
 from flask_scoria.state import app_state
 from flask_scoria.storage import PING_AFTER_IDLE
+from flask_scoria.storage import _hint as storage_hint
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
 ASK = {"work": ask_then_work}
@@ -235,6 +245,21 @@ def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
     ):
         scoria.start_run(IDENTITY)
     assert info.value.run_id is None
+    assert info.value.hint is not None and "flask scoria db upgrade" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("reason", "missing"),
+    [
+        ('relation "scoria_runs" does not exist', True),
+        ('type "scoria_event_type" does not exist', True),
+        ("no such table: scoria_steps", True),
+        ("operator does not exist: scoria_event_type = text", False),
+        ('column "scoria_extra" does not exist', False),
+    ],
+)
+def test_the_missing_tables_hint_names_only_missing_tables(reason: str, missing: bool) -> None:
+    assert (storage_hint(reason) is not None) is missing
 
 
 @only_postgres
@@ -262,10 +287,11 @@ def test_the_own_engine_times_out(database_uri: str, tmp_path: Path) -> None:
             assert conn.connection.driver_connection.info.get_parameters()["connect_timeout"]
         with (
             app.app_context(),
-            pytest.raises(scoria.StorageError, match="statement timeout"),
+            pytest.raises(scoria.StorageError, match="statement timeout") as info,
             app.extensions["scoria"].storage(app).read() as conn,
         ):
             conn.exec_driver_sql("SELECT pg_sleep(2)")
+        assert info.value.hint is not None and "SCORIA_STATEMENT_TIMEOUT" in info.value.hint
 
 
 TENANT = IDENTITY["tenant_id"]
@@ -552,3 +578,68 @@ def test_a_lease_renewal_whose_connection_dropped_is_retried_at_once(
             ).scalar_one()
     assert renewed.total_seconds() > 60
     assert "Could not renew" not in caplog.text
+
+
+#: Who decides, resumes or cancels in the tests of lost replies: the proxy's marker.
+LOSER = "lost-reply-operator"
+
+VERBS: dict[str, Any] = {
+    "approve": lambda run_id: scoria.approve_run(run_id, decided_by=LOSER),
+    "approve-and-resume": lambda run_id: scoria.approve_run(run_id, decided_by=LOSER, resume=True),
+    "reject": lambda run_id: scoria.reject_run(run_id, decided_by=LOSER),
+    "resume": lambda run_id: scoria.resume_run(run_id, requested_by=LOSER),
+    "cancel": lambda run_id: scoria.cancel_run(run_id, cancelled_by=LOSER),
+}
+#: The status each verb leaves the run in.
+AFTER = {
+    "approve": "waiting_for_approval",
+    "approve-and-resume": "completed",
+    "reject": "rejected",
+    "resume": "completed",
+    "cancel": "cancelled",
+}
+
+
+@only_postgres
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("pipelines", [True, False], ids=["pipelined", "statement-by-statement"])
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_a_change_whose_connection_failed_as_it_was_sent_is_done_once(
+    database_uri: str, tmp_path: Path, verb: str, pipelines: bool, how: str
+) -> None:
+    """The connection failed once the change was sent: after the server committed it
+    and before its answer came, at once whatever the server did with it, or as the
+    server ended its process. The call tries again on a fresh connection; where the
+    first commit went through, it finds its own change there and returns it as done.
+    The handler of a claimed step runs once, at once."""
+    counter = tmp_path / "executions"
+    with (
+        losing_proxy(database_uri) as (proxy, through_proxy),
+        configured_app(
+            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
+        ) as app,
+    ):
+        app.extensions["scoria"].storage(app).pipelines = pipelines
+        app.extensions["scoria"].handler("gated")(counting_once_approved)
+        with app.app_context():
+            run_id = scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "gated"},
+                runtime={"metadata": {"counter": str(counter)}},
+            ).run_id
+            if verb == "resume":
+                scoria.approve_run(run_id, decided_by="operator")
+            proxy.fail_next(LOSER, how)
+            done = VERBS[verb](run_id)
+            # A connection whose server process ended after it answered may be back in
+            # the pool; reads are not retried (see docs/operations.md).
+            app.extensions["scoria"].storage(app).engine.dispose()
+            detail = scoria.get_run_detail(run_id)
+    assert proxy.failed == 1
+    assert done.run_id == run_id and done.status == AFTER[verb] == detail.summary.status
+    assert len(executions(counter)) == (1 if AFTER[verb] == "completed" else 0)
+    types = [event.event_type for event in detail.events]
+    assert [event.sequence for event in detail.events] == list(range(1, len(types) + 1))
+    assert types.count("approval_decided") == (0 if verb in ("resume", "cancel") else 1) + (
+        verb == "resume"
+    )

@@ -288,16 +288,16 @@ def stale_error(change: RunChange, step: Row, reason: EventType, timeout: float 
             "timeout": timeout,
         }
     change.warn(
-        "Step %s (kind %r) of run %s lost its lease: the process executing it stopped"
-        " before it finished.",
+        "Step %s (kind %r) of run %s lost its lease: the process executing it stopped,"
+        " or could not reach the database to record its outcome, before it finished.",
         step["id"],
         step["kind"],
         step["run_id"],
     )
     return {
         "type": "lease_expired",
-        "message": "The process executing this step stopped before it finished;"
-        " resume_run retries the step.",
+        "message": "The process executing this step stopped, or could not reach the"
+        " database to record its outcome, before it finished; resume_run retries the step.",
         "lease_expired_at": step["lease_expires_at"].isoformat(),
     }
 

@@ -66,6 +66,14 @@ class MustFlush(Exception):
     """A change begun without waiting for the disk turned out to need it."""
 
 
+class AlreadyWritten(Exception):
+    """The run as a change whose connection dropped wrote it: its commit went through."""
+
+    def __init__(self, run: Row) -> None:
+        super().__init__()
+        self.run = run
+
+
 @dataclass
 class Claim:
     """A step this process moved to ``running``, with the lease token it holds."""
@@ -391,6 +399,15 @@ class Tx(RunChange):
         """Update one approval only if it still matches ``expect``; else raise :class:`Conflict`."""
         self._write_one(*sql.update_if(approvals, approval_id, expect, values))
 
+    def wrote(self, run: Row) -> bool:
+        """Whether ``run`` is the run as this change's commit wrote it: a retry after a
+        dropped connection finds out so whether that commit went through."""
+        return (
+            bool(self.changes or self.new_events)
+            and run["version"] == self.run["version"] + 1
+            and run["updated_at"] == self.now
+        )
+
     def commit(self) -> Row:
         """Compare-and-set the run, then append the events."""
         if any(statement.writes for statement, _, _ in self.ahead):
@@ -447,7 +464,8 @@ def transact(
     If the step a handler held was lost meanwhile, the outcome is ``None``
     and the run is returned as it now is. A transaction whose connection
     dropped is tried again on a fresh one, a bounded number of times; if its
-    commit went through after all, the compare-and-set of the next try tells.
+    commit went through after all (only its answer was lost), the next try
+    finds the run as that commit wrote it, and returns that change as made.
 
     The checks of the writes travel with the commit; if one failed, the
     transaction is decided again with each write checked as it goes, which
@@ -472,12 +490,15 @@ def transact(
     defer = True
     flush = not (claims and ctx.storage.relaxes_at_begin)
     alone = known is not None and ctx.storage.pipelines
+    #: The change of a try whose connection dropped as it committed, and its outcome.
+    unsure: tuple[Tx, T] | None = None
     for attempt in range(MAX_ATTEMPTS):
+        deciding: list[tuple[Tx, T]] = []
         try:
             if alone and known is not None:
                 alone = False
                 try:
-                    return _alone(ctx, known, decide)
+                    return _alone(ctx, known, decide, deciding)
                 except sql.NotAlone:
                     pass  # a transaction, on the same known run
                 except BaseException:
@@ -496,6 +517,8 @@ def transact(
                     locked = sql.RUN_BY_ID_FOR_UPDATE.send(conn, {"b_run_id": run_id})
                     sent = [(s, p, s.send(conn, p)) for s, p in ahead(now)]
                     row = checked_run(locked.first(), run_id, guard)
+                if unsure is not None and unsure[0].wrote(row):
+                    raise AlreadyWritten(row)
                 tx = Tx(
                     conn,
                     row,
@@ -509,7 +532,12 @@ def transact(
                 outcome = decide(tx)
                 if tx.flushes and not flush:
                     raise MustFlush
+                deciding.append((tx, outcome))
                 new_row = tx.commit()
+        except AlreadyWritten as written:
+            assert unsure is not None
+            tx, outcome = unsure
+            new_row = written.run
         except MustFlush:
             flush = True
             continue
@@ -531,6 +559,8 @@ def transact(
             dropped += 1
             if not ctx.storage.retry_after(exc, dropped):
                 raise
+            if deciding:
+                unsure = deciding[-1]
             continue
         tx.send(ctx.app, new_row)
         return outcome, new_row, tx.claim
@@ -540,7 +570,7 @@ def transact(
 
 
 def _alone(
-    ctx: RuntimeContext, row: Row, decide: Callable[[Tx], T]
+    ctx: RuntimeContext, row: Row, decide: Callable[[Tx], T], deciding: list[tuple[Tx, T]]
 ) -> tuple[T | None, Row, Claim | None]:
     """Decide on ``row`` and write the change as one statement, its own transaction.
 
@@ -549,13 +579,15 @@ def _alone(
     updates anything, as every transaction does. Raises
     :class:`~.statements.NotAlone` before writing anything when the change
     needs a transaction; ``StorageError`` when the statement failed, its
-    compare-and-set included.
+    compare-and-set included. The change about to be written is appended to
+    ``deciding``.
     """
     with ctx.storage.autocommit() as conn:
         now = utcnow()
         expiry = ctx.keeper.expiry(now)
         tx = Tx(conn, row, now, expiry, ctx.registry, defer=True, batch=True, alone=True)
         outcome = decide(tx)
+        deciding.append((tx, outcome))
         new_row = tx.commit()
     tx.send(ctx.app, new_row)
     return outcome, new_row, tx.claim
