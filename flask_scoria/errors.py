@@ -24,7 +24,8 @@ class RunNotFound(ScoriaError):
 
     def __init__(self, run_id: object) -> None:
         super().__init__(f"No run found for run_id {short_repr(run_id)}.")
-        self.run_id = run_id
+        #: The id as given, as text.
+        self.run_id: str = run_id if isinstance(run_id, str) else safe_str(run_id, 200)
 
 
 class RunNotResumable(ScoriaError):

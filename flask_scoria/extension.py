@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast, overload
 
 from flask import Flask
 from sqlalchemy import Engine
@@ -13,12 +13,23 @@ from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from .config import DEFAULTS, OWN_ENGINE_KEYS, Settings, read_settings
 from .errors import short_repr
-from .policy import HandlerPolicy, Retry
+from .policy import Executor, HandlerPolicy, Retry
 from .runtime import Handler, LeaseKeeper, load_handler
 from .state import AppState, OperatorScopeResolver, Registry, app_state, register
 from .storage import Storage, create_standalone_engine
 
-F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=Handler)
+R = TypeVar("R", bound=OperatorScopeResolver)
+
+
+class Registers(Protocol):
+    """What :meth:`Scoria.handler` returns: it registers a handler, or a
+    ``"module:function"`` string naming one, and returns it unchanged."""
+
+    @overload
+    def __call__(self, fn: H, /) -> H: ...
+    @overload
+    def __call__(self, fn: str, /) -> str: ...
 
 
 class Scoria:
@@ -106,10 +117,10 @@ class Scoria:
         self,
         kind: str,
         *,
-        executor: str | None = None,
+        executor: Executor | None = None,
         retry: Retry | None = None,
         timeout: float | None = None,
-    ) -> Callable[[F], F]:
+    ) -> Registers:
         """Register the handler for steps of ``kind``.
 
         A handler is ``fn(step, run)`` returning an outcome; per-call
@@ -131,14 +142,14 @@ class Scoria:
         if executor == "celery":
             from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
 
-        def decorator(fn: F) -> F:
+        def decorator(fn: Any) -> Any:
             self.registry.handlers[kind] = load_handler(fn, kind)
             self.registry.policies[kind] = policy
             return fn
 
-        return decorator
+        return cast(Registers, decorator)
 
-    def operator_scope(self, fn: F) -> F:
+    def operator_scope(self, fn: R) -> R:
         """Register the resolver that grants operator access.
 
         It returns ``{"tenant_id": ..., "actor_id": ...}`` for an operator of

@@ -68,3 +68,5 @@ class Next:
 
 
 Outcome = Succeed | WaitForApproval | Fail | Handoff | Next
+#: What a handler returns: an outcome, a mapping (its result, as ``Succeed``'s) or ``None``.
+HandlerResult = Outcome | Mapping[str, Any] | None

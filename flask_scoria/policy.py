@@ -6,9 +6,11 @@ import math
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 #: Where queued steps run: in the calling process, in ``flask scoria worker``, in Celery.
-EXECUTORS = ("inline", "worker", "celery")
+Executor = Literal["inline", "worker", "celery"]
+EXECUTORS: tuple[Executor, ...] = ("inline", "worker", "celery")
 
 #: The longest delay, timeout or expiry anything may ask for: ten years.
 MAX_SECONDS = 10 * 365 * 24 * 3600.0

@@ -14,14 +14,14 @@ from werkzeug.utils import import_string
 
 from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
 from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
-from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
+from ..outcomes import Fail, Handoff, HandlerResult, Next, Outcome, Succeed, WaitForApproval
 from ..policy import DEFAULT_POLICY, MAX_SECONDS, HandlerPolicy
 from ..readback import RunSummary, StepView
 from .arguments import require_name
 
 log = logging.getLogger("flask_scoria")
 
-Handler = Callable[[StepView, RunSummary], Any]
+Handler = Callable[[StepView, RunSummary], HandlerResult]
 
 #: The most of a traceback an error envelope keeps, in bytes (its last frames).
 TRACEBACK_BYTES = 8 * 1024

@@ -15,7 +15,7 @@ from ..statuses import EventType, RunStatus, StepStatus
 from . import statements as sql
 from .arguments import idempotency_name, initial_step_spec, require_name, role_name, run_metadata
 from .context import RuntimeContext, context
-from .handlers import Handlers
+from .handlers import Handler, Handlers
 from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
@@ -123,7 +123,7 @@ def start_run(
     root_role_id: str = "executor",
     initial_step: Mapping[str, object] | None = None,
     runtime: Mapping[str, object] | None = None,
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
     idempotency_key: str | None = None,
 ) -> RunSummary:
     """Start a new run for ``identity`` and return its summary.
@@ -167,7 +167,7 @@ def start_handoff_run(
     handoff_input: Mapping[str, object],
     projected_context: Mapping[str, object],
     capability_tags: object = (),
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
     runtime: Mapping[str, object] | None = None,
     idempotency_key: str | None = None,
 ) -> RunSummary:

@@ -30,7 +30,7 @@ from .arguments import (
     tenant_guard,
 )
 from .context import RuntimeContext, context
-from .handlers import Handlers
+from .handlers import Handler, Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .statements import Conflict
@@ -45,7 +45,7 @@ _CANCELLABLE = (RunStatus.RUNNING, RunStatus.WAITING_FOR_APPROVAL, RunStatus.FAI
 def dispatch(
     run_id: str,
     *,
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
@@ -70,7 +70,7 @@ def dispatch(
 def resume_run(
     run_id: str,
     *,
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
     requested_by: str | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
@@ -269,7 +269,7 @@ def approve_run(
     arguments: Mapping[str, object] | None = None,
     approval_id: str | None = None,
     resume: bool = False,
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
@@ -333,7 +333,7 @@ def _decide(
     *,
     edited: Row | None = None,
     resume: bool = False,
-    handlers: Mapping[str, object] | None = None,
+    handlers: Mapping[str, Handler | str] | None = None,
 ) -> RunSummary:
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
