@@ -11,11 +11,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from _helpers import blocking_handler, counting_handler, counting_once_approved
+from _helpers import block_then_count, blocking_handler, counting_handler, counting_once_approved
 from conftest import create_test_app
 from flask import Flask
 
-from flask_scoria import Retry, RunSummary, StepView
+from flask_scoria import Next, Retry, RunSummary, StepView
+
+
+def in_a_task(step: StepView, run: RunSummary) -> Next:
+    """Go on with a step of ``in_another_task``, saying which Celery task ran this one."""
+    from celery import current_task
+
+    return Next("in_another_task", {"first_task": current_task.request.id})
+
+
+def in_another_task(step: StepView, run: RunSummary) -> dict[str, Any]:
+    """Say which Celery task ran this step, and which ran the one before."""
+    from celery import current_task
+
+    return {"first_task": step.input["first_task"], "task": current_task.request.id}
 
 
 def noop(step: StepView, run: RunSummary) -> None:
@@ -67,7 +81,8 @@ def celery_init_app(app: Flask) -> Any:
 
 
 def create_app(database_uri: str | None = None, **config: Any) -> Flask:
-    """The test app: handlers ``count``, ``block`` (retried once), ``approved`` and ``noop``."""
+    """The test app: handlers ``count``, ``block`` (retried once), ``approved``, ``noop``,
+    ``block_then_count`` and the two steps ``in_a_task`` and ``in_another_task``."""
     env = os.environ
     broker = config.pop("broker", env.get("SCORIA_TEST_BROKER"))
     settings = {
@@ -93,6 +108,9 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("block", retry=Retry(attempts=2, delay=0))(blocking_handler)
     runtime.handler("approved")(counting_once_approved)
     runtime.handler("noop")(noop)
+    runtime.handler("block_then_count")(block_then_count)
+    runtime.handler("in_a_task")(in_a_task)
+    runtime.handler("in_another_task")(in_another_task)
     if broker:
         celery_init_app(app)
     if env.get("SCORIA_TEST_SPANS"):

@@ -73,6 +73,12 @@ def blocking_handler(step: scoria.StepView, run: scoria.RunSummary) -> dict[str,
     return {"released": release.exists()}
 
 
+def block_then_count(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Next:
+    """Block as :func:`blocking_handler` does, then go on with a ``count`` step."""
+    blocking_handler(step, run)
+    return scoria.Next("count")
+
+
 def executions(counter: Path) -> list[str]:
     """The lines ``counting_handler`` wrote, one per execution."""
     return counter.read_text().splitlines() if counter.exists() else []

@@ -102,6 +102,22 @@ def test_celery_executes_every_step_once_even_when_each_task_is_sent_twice(
     rig.close()
 
 
+def test_each_celery_step_runs_in_a_task_of_its_own(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """The step a Celery step leads to is sent as a task of its own (with its own time
+    limit), not run on in the task of the step before."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    rig.worker(processes, concurrency=2)
+    run_id = rig.start("in_a_task", {}).run_id
+    wait_for(lambda: statuses(rig.app, [run_id]) == ["completed"], 60, "the run")
+    with rig.app.app_context():
+        second = scoria.get_run_detail(run_id).steps[-1]
+    result = second.result_envelope or {}
+    assert result["task"] and result["first_task"] and result["task"] != result["first_task"]
+    rig.close()
+
+
 def test_celery_and_a_flask_worker_share_the_steps_on_rabbitmq(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

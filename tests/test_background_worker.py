@@ -224,6 +224,34 @@ def test_sigterm_lets_the_running_handler_finish(
     app.extensions["scoria"].storage(app).engine.dispose()
 
 
+def test_sigterm_leaves_the_next_step_of_a_run_queued(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """A stopping worker lets the running handler finish and claims nothing more, not
+    even the step that handler's Next queues: that one waits for the next worker."""
+    app = create_app(database_uri)
+    env = process_env(database_uri, tmp_path)
+    files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
+    worker = processes.worker(env, "--interval", "0.2")
+    with app.app_context():
+        run_id = scoria.start_run(
+            WHO, initial_step={"kind": "block_then_count"}, runtime={"metadata": files}
+        ).run_id
+    wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    Path(files["release"]).touch()
+    assert worker.wait(timeout=30) == 0
+    with app.app_context():
+        first, second = scoria.get_run_detail(run_id).steps
+    assert (first.status, second.kind, second.status) == ("completed", "count", "queued")
+    assert len(executions(Path(files["counter"]))) == 1
+    next_worker = processes.worker(env, "--interval", "0.2")
+    wait_for(lambda: statuses(app, [run_id]) == ["completed"], 60, "the next worker")
+    next_worker.send_signal(signal.SIGTERM)
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
 def test_an_approval_with_resume_queues_the_step_for_the_workers(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

@@ -28,6 +28,9 @@ RUN_STEP_TASK = "flask_scoria.run_step"
 #: message unacknowledged; RabbitMQ's consumer timeout is 30 minutes). Later
 #: steps are sent by the periodic ``flask_scoria.recover`` task once due.
 MAX_COUNTDOWN = 15 * 60.0
+#: Seconds a step's Celery soft time limit adds to its kind's timeout: the task starts
+#: before it claims the step, whose deadline counts from the claim.
+TIME_LIMIT_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,9 @@ def send_to_celery(
         if countdown > 0:
             options["countdown"] = countdown
     if timeout is not None:
-        options["soft_time_limit"] = timeout
+        # Past the step's own deadline, which starts at the claim inside the task: the
+        # limit's exception is then recorded as the step's timeout.
+        options["soft_time_limit"] = timeout + TIME_LIMIT_GRACE
     try:
         celery.send_task(RUN_STEP_TASK, args=[str(run_id), str(step_id)], **options)
     except Exception:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
 
 from werkzeug.utils import import_string
 
 from .._json import ErrorFactory, check_text, json_copy, json_object, storable_text
 from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
-from ..outcomes import Fail, Handoff, HandlerResult, Next, Outcome, Succeed, WaitForApproval
+from ..outcomes import Fail, HandlerResult, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..policy import DEFAULT_POLICY, MAX_SECONDS, HandlerPolicy
 from ..readback import RunSummary, StepView
 from .arguments import require_name
@@ -87,14 +87,21 @@ _PER_CALL = HandlerPolicy(executor="inline")
 class Handlers:
     """Resolves a step kind: per-call handlers first, then the registry.
 
-    ``local``: run every step here, whatever its executor (a worker or a
-    Celery task executing queued steps).
+    ``local``: run every step here, whatever its executor (a worker executing
+    queued steps). Once ``stopping`` is set, no step is claimed to run here
+    any more: a worker shutting down leaves the next steps queued.
     """
 
     def __init__(
-        self, per_call: object, registry: Mapping[str, Handler], *, local: bool = False
+        self,
+        per_call: object,
+        registry: Mapping[str, Handler],
+        *,
+        local: bool = False,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.local = local
+        self.stopping = stopping
         if per_call is None:
             per_call = {}
         if not isinstance(per_call, Mapping):
@@ -123,6 +130,8 @@ class Handlers:
 
     def runs_here(self, kind: str) -> bool:
         """Whether a step of ``kind`` is executed by this process once claimed."""
+        if self.stopping is not None and self.stopping.is_set():
+            return False
         return self.local or self.policy(kind).executor == "inline"
 
     def kinds_run_here(self) -> list[str]:

@@ -49,10 +49,11 @@ def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row
     ``SCORIA_INLINE_RETRY_WAIT`` seconds is waited for and executed too.
     """
     while claim is not None:
+        kind = claim.step["kind"]
         recorded, row, claim = _execute(ctx, handlers, claim, row)
         if claim is None and recorded is not None and recorded.due is not None:
             wait = (recorded.due - utcnow()).total_seconds()
-            if not handlers.local and wait <= ctx.inline_retry_wait:
+            if not handlers.local and handlers.runs_here(kind) and wait <= ctx.inline_retry_wait:
                 time.sleep(max(wait, 0))
                 next_due = partial(dispatch_next, handlers=handlers)
                 _, row, claim = transact(ctx, row["id"], UNSET, next_due, claims=True)

@@ -158,7 +158,9 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     """Claim and execute one queued step if it is due; ``None`` if it was not claimed.
 
     A step already claimed, finished or cancelled is left alone, so a
-    repeated request executes the step once.
+    repeated request executes the step once. A step that this one leads to
+    runs where its kind runs, as after a call: a Celery kind's in a task of
+    its own, under its own time limit.
     """
     ctx = context()
     handlers = Handlers(None, ctx.registry, local=True)
@@ -182,7 +184,7 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead, claims=True)
     if claim is None:
         return None
-    return _execute_claimed(ctx.app, handlers, row, claim)
+    return _execute_claimed(ctx.app, Handlers(None, ctx.registry), row, claim)
 
 
 #: Due steps of running runs, oldest first, whose kinds are in ``kinds``.
@@ -322,7 +324,7 @@ class Worker:
                 # A pooled connection that dropped; the next pass listens on a fresh one,
                 # and this one claims what is due meanwhile.
                 log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
-        handlers = Handlers(None, ctx.registry, local=True)
+        handlers = Handlers(None, ctx.registry, local=True, stopping=self._stopping)
         while not self._stopping.is_set() and self._slots.acquire(blocking=False):
             try:
                 claimed = claim_due(ctx, handlers)
