@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ def in_another_task(step: StepView, run: RunSummary) -> dict[str, Any]:
     from celery import current_task
 
     return {"first_task": step.input["first_task"], "task": current_task.request.id}
+
+
+def sleepy(step: StepView, run: RunSummary) -> None:
+    """Sleep past the kind's timeout of one second."""
+    time.sleep(10)
 
 
 def noop(step: StepView, run: RunSummary) -> None:
@@ -82,7 +88,8 @@ def celery_init_app(app: Flask) -> Any:
 
 def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     """The test app: handlers ``count``, ``block`` (retried once), ``approved``, ``noop``,
-    ``block_then_count`` and the two steps ``in_a_task`` and ``in_another_task``."""
+    ``block_then_count``, the two steps ``in_a_task`` and ``in_another_task``, and
+    ``sleepy`` (with a timeout)."""
     env = os.environ
     broker = config.pop("broker", env.get("SCORIA_TEST_BROKER"))
     settings = {
@@ -111,6 +118,7 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("block_then_count")(block_then_count)
     runtime.handler("in_a_task")(in_a_task)
     runtime.handler("in_another_task")(in_another_task)
+    runtime.handler("sleepy", timeout=1.0)(sleepy)
     if broker:
         celery_init_app(app)
     if env.get("SCORIA_TEST_SPANS"):

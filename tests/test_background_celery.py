@@ -62,9 +62,9 @@ class CeleryRig:
         lease = env.get("SCORIA_TEST_LEASE")
         return {} if lease is None else {"SCORIA_STEP_LEASE_SECONDS": float(lease)}
 
-    def worker(self, processes: Processes, concurrency: int = 8) -> Any:
+    def worker(self, processes: Processes, concurrency: int = 8, pool: str = "threads") -> Any:
         command = [sys.executable, "-m", "celery", "-A", "_celeryapp:celery_app", "worker"]
-        options = ["--pool", "threads", "--concurrency", str(concurrency), "-Q", self.queue]
+        options = ["--pool", pool, "--concurrency", str(concurrency), "-Q", self.queue]
         quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
         return processes.start([*command, *options, *quiet], self.env)
 
@@ -115,6 +115,22 @@ def test_each_celery_step_runs_in_a_task_of_its_own(
         second = scoria.get_run_detail(run_id).steps[-1]
     result = second.result_envelope or {}
     assert result["task"] and result["first_task"] and result["task"] != result["first_task"]
+    rig.close()
+
+
+def test_the_soft_time_limit_is_recorded_as_the_steps_timeout(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """With the prefork pool the time limit interrupts the handler; it falls past the
+    step's own deadline, so the step fails with ``step_timeout``."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    rig.worker(processes, concurrency=1, pool="prefork")
+    run_id = rig.start("sleepy", {}).run_id
+    wait_for(lambda: statuses(rig.app, [run_id]) == ["failed"], 60, "the run to fail")
+    with rig.app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    assert (detail.steps[0].error_envelope or {})["type"] == "step_timeout"
+    assert "step_timeout" in [event.event_type for event in detail.events]
     rig.close()
 
 
