@@ -86,6 +86,20 @@ def test_an_inline_step_span_is_a_child_of_the_request(
     }
 
 
+def test_a_delayed_next_step_is_queued_once_while_a_trace_is_recorded(
+    app: Flask, runtime: scoria.Scoria, spans: InMemorySpanExporter
+) -> None:
+    runtime.handler("first")(lambda step, run: scoria.Next("later", delay=60))
+    runtime.handler("later")(lambda step, run: None)
+    add_start_view(app, "first")
+    run_id = app.test_client().post("/start").get_json()["run_id"]
+    with app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    queued = [event for event in detail.events if event.event_type == "step_queued"]
+    assert len(queued) == 1 and queued[0].step_id == detail.steps[-1].id
+    assert detail.steps[-1].status == "queued"
+
+
 def test_a_worker_process_continues_the_request_trace(
     database_uri: str, tmp_path: Path, processes: Processes, spans: InMemorySpanExporter
 ) -> None:

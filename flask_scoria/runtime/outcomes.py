@@ -252,7 +252,12 @@ def _next(done: Finished, outcome: Next) -> Recorded:
     recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=tx.now)
     tx.event(EventType.STEP_COMPLETED, done.step_id)
     tx.set(current_step_id=step["id"])
-    if not claim_step(tx, step, done.handlers, None) and step["not_before"] is not None:
+    claimed = claim_step(tx, step, done.handlers, None)
+    told = any(
+        event["event_type"] == EventType.STEP_QUEUED and event["step_id"] == step["id"]
+        for event in tx.new_events
+    )
+    if not claimed and not told and step["not_before"] is not None:
         tx.event(EventType.STEP_QUEUED, step["id"], {"not_before": step["not_before"].isoformat()})
     return recorded
 
