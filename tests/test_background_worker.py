@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from _background import create_app
@@ -203,19 +204,37 @@ def test_sigterm_stops_an_idle_worker_at_once(
     assert "worker stopped" in processes.output(worker)
 
 
-def test_sigterm_lets_the_running_handler_finish(
-    database_uri: str, tmp_path: Path, processes: Processes
-) -> None:
+class Stopping(NamedTuple):
+    """A worker sent SIGTERM while the handler of a run's step blocks."""
+
+    app: Flask
+    env: dict[str, str]
+    files: dict[str, str]
+    run_id: str
+    worker: subprocess.Popen[bytes]
+
+
+def stop_while_blocked(
+    database_uri: str, tmp_path: Path, processes: Processes, kind: str
+) -> Stopping:
+    """Start a worker and a run of ``kind`` (a blocking handler), then SIGTERM the worker."""
     app = create_app(database_uri)
     env = process_env(database_uri, tmp_path)
     files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
     worker = processes.worker(env, "--interval", "0.2")
     with app.app_context():
         run_id = scoria.start_run(
-            WHO, initial_step={"kind": "block"}, runtime={"metadata": files}
+            WHO, initial_step={"kind": kind}, runtime={"metadata": files}
         ).run_id
     wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
     worker.send_signal(signal.SIGTERM)
+    return Stopping(app, env, files, run_id, worker)
+
+
+def test_sigterm_lets_the_running_handler_finish(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    app, _, files, run_id, worker = stop_while_blocked(database_uri, tmp_path, processes, "block")
     time.sleep(0.5)
     assert worker.poll() is None, "the worker left before its handler finished"
     Path(files["release"]).touch()
@@ -229,16 +248,8 @@ def test_sigterm_leaves_the_next_step_of_a_run_queued(
 ) -> None:
     """A stopping worker lets the running handler finish and claims nothing more, not
     even the step that handler's Next queues: that one waits for the next worker."""
-    app = create_app(database_uri)
-    env = process_env(database_uri, tmp_path)
-    files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
-    worker = processes.worker(env, "--interval", "0.2")
-    with app.app_context():
-        run_id = scoria.start_run(
-            WHO, initial_step={"kind": "block_then_count"}, runtime={"metadata": files}
-        ).run_id
-    wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
-    worker.send_signal(signal.SIGTERM)
+    stopping = stop_while_blocked(database_uri, tmp_path, processes, "block_then_count")
+    app, env, files, run_id, worker = stopping
     time.sleep(0.3)
     Path(files["release"]).touch()
     assert worker.wait(timeout=30) == 0
