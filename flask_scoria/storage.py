@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -116,6 +117,9 @@ _RELAXABLE_LEVEL = "scoria_synchronous"
 
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> None:
     memory = engine.url.database in (None, "", ":memory:")
+    path = None if memory or engine.url.query.get("uri") else engine.url.database
+    if path is not None:
+        _reopen_a_replaced_file(engine, path)
 
     @event.listens_for(engine, "connect")
     def _set_pragmas(dbapi_connection: Any, record: Any) -> None:
@@ -135,6 +139,35 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
         if wal and synchronous in _SYNCED_COMMITS:
             # The level a transaction that need not wait for the disk returns to.
             record.info[_RELAXABLE_LEVEL] = synchronous
+
+
+def _reopen_a_replaced_file(engine: Engine, path: str) -> None:
+    """Retire a pooled connection whose SQLite file was deleted or replaced since it
+    opened it, rather than lend it out: its writes would go to a file nobody else
+    reads, and be lost with it. The next connection opens what is at ``path`` now."""
+
+    @event.listens_for(engine, "connect")
+    def _opened(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_OPENED_FILE] = _file_identity(path)
+
+    @event.listens_for(engine, "checkout")
+    def _lent(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        opened = record.info.get(_OPENED_FILE)
+        if opened is not None and _file_identity(path) != opened:
+            raise DisconnectionError(f"The SQLite file {path} was deleted or replaced.")
+
+
+#: The key of a pooled SQLite connection's info that holds the identity of its file.
+_OPENED_FILE = "scoria_opened_file"
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``; ``None`` if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _journal_in_wal(cursor: Any, busy_timeout: float, error: type[Exception]) -> bool:

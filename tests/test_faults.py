@@ -487,6 +487,23 @@ def test_a_read_only_sqlite_file_can_be_read_and_says_why_writes_fail(
 ASK = {"work": ask_then_work}
 
 
+def test_a_deleted_sqlite_file_is_not_written_to_in_silence(tmp_path: Path) -> None:
+    """Connections that opened a file since deleted (or replaced) are not lent out: their
+    writes would be lost with the file. The next call meets the empty file, and says so."""
+    uri = f"sqlite:///{tmp_path / 'runs.sqlite3'}"
+    with configured_app(uri, tmp_path) as app:
+        schema.upgrade(app.extensions["scoria"].storage(app).engine)
+        with app.app_context():
+            kept = scoria.start_run(IDENTITY)
+            for suffix in ("", "-wal", "-shm"):
+                (tmp_path / f"runs.sqlite3{suffix}").unlink(missing_ok=True)
+            with pytest.raises(scoria.StorageError) as info:
+                scoria.start_run(IDENTITY)
+            assert info.value.hint is not None and "db upgrade" in info.value.hint
+            with pytest.raises(scoria.StorageError):
+                scoria.get_run(kept.run_id)
+
+
 @only_postgres
 def test_without_pipeline_mode_the_runtime_works_the_same(app: Flask) -> None:
     """Another driver, or a libpq older than 14: each write is checked as it goes."""
