@@ -119,7 +119,8 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
     memory = engine.url.database in (None, "", ":memory:")
     path = None if memory or engine.url.query.get("uri") else engine.url.database
     if path is not None:
-        _reopen_a_replaced_file(engine, path)
+        # As the driver opens it: made absolute once, not against each later working folder.
+        _reopen_a_replaced_file(engine, os.path.abspath(path))
 
     @event.listens_for(engine, "connect")
     def _set_pragmas(dbapi_connection: Any, record: Any) -> None:
@@ -141,6 +142,10 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
             record.info[_RELAXABLE_LEVEL] = synchronous
 
 
+#: The key of a pooled SQLite connection's info that holds the identity of its file.
+_OPENED_FILE = "scoria_opened_file"
+
+
 def _reopen_a_replaced_file(engine: Engine, path: str) -> None:
     """Retire a pooled connection whose SQLite file was deleted or replaced since it
     opened it, rather than lend it out: its writes would go to a file nobody else
@@ -155,10 +160,6 @@ def _reopen_a_replaced_file(engine: Engine, path: str) -> None:
         opened = record.info.get(_OPENED_FILE)
         if opened is not None and _file_identity(path) != opened:
             raise DisconnectionError(f"The SQLite file {path} was deleted or replaced.")
-
-
-#: The key of a pooled SQLite connection's info that holds the identity of its file.
-_OPENED_FILE = "scoria_opened_file"
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

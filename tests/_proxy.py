@@ -38,19 +38,22 @@ class LosingProxy:
         self._lock = threading.Lock()
         self._marker: bytes | None = None
         self._how = HOWS[0]
+        self._refuse = self._refusing = 0
         #: How many connections it failed.
         self.failed = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def fail_next(self, marker: str | bytes, how: str = "on commit") -> None:
+    def fail_next(self, marker: str | bytes, how: str = "on commit", *, refuse: int = 0) -> None:
         """Fail the connection of the next transaction whose statements carry ``marker``:
         ``"on commit"`` loses the server's reply once the transaction committed; ``"at
         once"`` closes the connection as soon as they are passed on, whatever the server
-        then does with them; ``"terminate"`` has the server end its process then."""
+        then does with them; ``"terminate"`` has the server end its process then. The
+        ``refuse`` connections opened next after that are closed at once."""
         assert how in HOWS
         with self._lock:
             self._marker = marker.encode() if isinstance(marker, str) else marker
             self._how = how
+            self._refuse = refuse
 
     def _take(self, data: bytes) -> str | None:
         """How to fail the connection if ``data`` carries the marker, else ``None``."""
@@ -59,7 +62,15 @@ class LosingProxy:
                 return None
             self._marker = None
             self.failed += 1
+            self._refusing = self._refuse
             return self._how
+
+    def _refused(self) -> bool:
+        with self._lock:
+            if self._refusing <= 0:
+                return False
+            self._refusing -= 1
+            return True
 
     def _accept(self) -> None:
         while True:
@@ -67,6 +78,9 @@ class LosingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self._refused():
+                client.close()
+                continue
             server = socket.create_connection(self.upstream)
             threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
 

@@ -660,3 +660,32 @@ def test_a_change_whose_connection_failed_as_it_was_sent_is_done_once(
     assert types.count("approval_decided") == (0 if verb in ("resume", "cancel") else 1) + (
         verb == "resume"
     )
+
+
+@only_postgres
+@pytest.mark.parametrize("resume", [False, True], ids=["approve", "approve-and-resume"])
+def test_a_lost_answer_that_cannot_be_checked_is_a_storage_error(
+    database_uri: str, tmp_path: Path, resume: bool
+) -> None:
+    """The approval's answer was lost and the database cannot be reached to see whether
+    it committed: the call says so, rather than report somebody else's decision."""
+    counter = tmp_path / "executions"
+    with (
+        losing_proxy(database_uri) as (proxy, through_proxy),
+        configured_app(
+            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
+        ) as app,
+    ):
+        app.extensions["scoria"].handler("gated")(counting_once_approved)
+        with app.app_context():
+            run_id = scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "gated"},
+                runtime={"metadata": {"counter": str(counter)}},
+            ).run_id
+            proxy.fail_next(LOSER, refuse=1)
+            with pytest.raises(scoria.StorageError):
+                scoria.approve_run(run_id, decided_by=LOSER, resume=resume)
+            app.extensions["scoria"].storage(app).engine.dispose()
+            (approval,) = scoria.get_run_detail(run_id).approvals
+    assert (approval.status, approval.decided_by) == ("approved", LOSER)

@@ -81,6 +81,16 @@ def test_the_prompt_search_matches_only_what_redaction_shows(
     app.extensions["scoria"].storage(app).engine.dispose()
 
 
+def test_runs_whose_match_redaction_hides_do_not_hide_older_matches(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    with operator_app.app_context():
+        older = start("deploy to prod")
+        for _ in range(reads.PAGE_SIZE + 1):
+            start("connect to postgresql://u:prod@db/app")
+    assert older in shown(ops, "prompt=prod")
+
+
 def test_a_search_too_long_for_the_database_is_a_400(ops: FlaskClient) -> None:
     response = ops.get("/scoria/workflows?prompt=" + "é" * 25_001)
     assert response.status_code == 400 and "1000 characters" in response.text

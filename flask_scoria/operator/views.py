@@ -62,6 +62,8 @@ _HANDOFFS_SHOWN = 10
 _INBOX = "approvals"
 #: The longest text a prompt search takes (SQLite refuses patterns of 50,000 bytes).
 _PROMPT_SEARCH_CHARS = 1000
+#: How many pages a prompt search reads on while redaction leaves none of their runs.
+_SEARCH_PAGES = 5
 
 
 def _redact_keys() -> frozenset[str]:
@@ -188,11 +190,12 @@ def runs() -> str:
     if searched is not None and len(searched) > _PROMPT_SEARCH_CHARS:
         abort(400, description=f"Search a prompt for {_PROMPT_SEARCH_CHARS} characters at most.")
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(
-        filters, tenant=tenant, after=_cursor(), metadata=searched is not None, notice=True
-    )
-    if searched is not None:
-        page = _prompts_shown_with(page, searched)
+    if searched is None:
+        page = runtime.list_runs(
+            filters, tenant=tenant, after=_cursor(), metadata=False, notice=True
+        )
+    else:
+        page = _prompts_shown_with(filters, tenant, searched)
     awaiting = _awaiting_resume(page, every=awaiting_resume)
     return render_template("scoria/runs.html", page=page, filters=filters, awaiting=awaiting)
 
@@ -209,15 +212,24 @@ def session_runs(session_id: str) -> str:
     return render_template("scoria/session.html", page=page, session_id=shown, awaiting=awaiting)
 
 
-def _prompts_shown_with(page: runtime.Page[RunSummary], text: str) -> runtime.Page[RunSummary]:
-    """The runs of ``page`` whose prompt holds ``text`` as the operator sees it, redacted.
+def _prompts_shown_with(
+    filters: runtime.RunFilters, tenant: str, text: str
+) -> runtime.Page[RunSummary]:
+    """A page of the runs whose prompt holds ``text`` as the operator sees it, redacted.
 
     The database searches the stored prompts: what redaction hides must not match, or
-    a search would tell it one guess at a time. A page may then hold fewer runs.
+    a search would tell it one guess at a time. A page may then hold fewer runs; one
+    left with none reads on, a few pages at most, so that older matches stay in reach.
     """
     extra = _redact_keys()
     needle = text.lower()
-    rows = [run for run in page.rows if needle in present.searched_prompt(run.metadata, extra)]
+    after = _cursor()
+    for _ in range(_SEARCH_PAGES):
+        page = runtime.list_runs(filters, tenant=tenant, after=after, notice=True)
+        rows = [run for run in page.rows if needle in present.searched_prompt(run.metadata, extra)]
+        if rows or page.next_cursor is None:
+            break
+        after = runtime.Cursor.decode(page.next_cursor)
     return runtime.Page(rows, page.next_cursor)
 
 

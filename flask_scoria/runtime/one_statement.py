@@ -139,7 +139,11 @@ def _write(
             row = statement.first(conn, params)
     except StorageError as exc:
         if ctx.storage.retry_after(exc, 1):
-            return _written_before(ctx, run_id, params)
+            try:
+                return _written_before(ctx, run_id, params)
+            except StorageError:
+                # Whether it committed cannot be told: the caller must not be told more.
+                raise exc from None
         if sql.unmatched(exc) or sql.lost_race(exc):
             return None  # the transaction that follows finds out what happened
         raise
@@ -153,24 +157,22 @@ def _write(
 
 def _written_before(ctx: RuntimeContext, run_id: uuid.UUID, params: Row) -> Written | None:
     """What the statement with ``params`` wrote, if its connection dropped after it
-    committed (only its answer was lost); ``None`` if it did not commit, or if this
-    cannot be read now: the transaction that follows then finds out.
+    committed (only its answer was lost); ``None`` if it did not commit: the
+    transaction that follows then decides. Raises ``StorageError`` when it
+    cannot be read.
 
     Its writes carry its time (``b_now``) and its claim's lease token (``b_token``).
     """
-    try:
-        with ctx.storage.read() as conn:
-            run = sql.RUN_BY_ID.first(conn, {"b_run_id": run_id})
-            if run is None or run["updated_at"] != params["b_now"]:
-                return None
-            if params.get("b_approval_id") is None:
-                approval = sql.LATEST_APPROVAL_OF_RUN.first(conn, {"b_run_id": run_id})
-            else:
-                by_id = {"b_run_id": run_id, "b_approval_id": params["b_approval_id"]}
-                approval = sql.APPROVAL_OF_RUN.first(conn, by_id)
-            step = sql.STEP_BY_ID.first(conn, {"b_step_id": run["current_step_id"]})
-    except StorageError:
-        return None
+    with ctx.storage.read() as conn:
+        run = sql.RUN_BY_ID.first(conn, {"b_run_id": run_id})
+        if run is None or run["updated_at"] != params["b_now"]:
+            return None
+        if params.get("b_approval_id") is None:
+            approval = sql.LATEST_APPROVAL_OF_RUN.first(conn, {"b_run_id": run_id})
+        else:
+            by_id = {"b_run_id": run_id, "b_approval_id": params["b_approval_id"]}
+            approval = sql.APPROVAL_OF_RUN.first(conn, by_id)
+        step = sql.STEP_BY_ID.first(conn, {"b_step_id": run["current_step_id"]})
     if approval is None:
         return None
     claimed = step is not None and step["lease_token"] == params["b_token"]
