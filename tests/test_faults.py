@@ -22,7 +22,7 @@ from _helpers import (
     row_counts,
     succeed,
 )
-from _proxy import HOWS, losing_proxy
+from _proxy import HOWS, LosingProxy, losing_proxy
 from conftest import create_test_app
 from flask import Flask
 
@@ -617,6 +617,29 @@ AFTER = {
 }
 
 
+@contextmanager
+def gated_run_behind_a_proxy(
+    database_uri: str, tmp_path: Path
+) -> Iterator[tuple[LosingProxy, Flask, str]]:
+    """An app whose connections go through a :class:`LosingProxy`, and a run of it that
+    waits for approval; its handler counts its executions in ``tmp_path/executions``."""
+    counter = tmp_path / "executions"
+    with (
+        losing_proxy(database_uri) as (proxy, through_proxy),
+        configured_app(
+            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
+        ) as app,
+    ):
+        app.extensions["scoria"].handler("gated")(counting_once_approved)
+        with app.app_context():
+            run_id = scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "gated"},
+                runtime={"metadata": {"counter": str(counter)}},
+            ).run_id
+        yield proxy, app, run_id
+
+
 @only_postgres
 @pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("pipelines", [True, False], ids=["pipelined", "statement-by-statement"])
@@ -630,20 +653,9 @@ def test_a_change_whose_connection_failed_as_it_was_sent_is_done_once(
     first commit went through, it finds its own change there and returns it as done.
     The handler of a claimed step runs once, at once."""
     counter = tmp_path / "executions"
-    with (
-        losing_proxy(database_uri) as (proxy, through_proxy),
-        configured_app(
-            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
-        ) as app,
-    ):
+    with gated_run_behind_a_proxy(database_uri, tmp_path) as (proxy, app, run_id):
         app.extensions["scoria"].storage(app).pipelines = pipelines
-        app.extensions["scoria"].handler("gated")(counting_once_approved)
         with app.app_context():
-            run_id = scoria.start_run(
-                IDENTITY,
-                initial_step={"kind": "gated"},
-                runtime={"metadata": {"counter": str(counter)}},
-            ).run_id
             if verb == "resume":
                 scoria.approve_run(run_id, decided_by="operator")
             proxy.fail_next(LOSER, how)
@@ -669,23 +681,11 @@ def test_a_lost_answer_that_cannot_be_checked_is_a_storage_error(
 ) -> None:
     """The approval's answer was lost and the database cannot be reached to see whether
     it committed: the call says so, rather than report somebody else's decision."""
-    counter = tmp_path / "executions"
-    with (
-        losing_proxy(database_uri) as (proxy, through_proxy),
-        configured_app(
-            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
-        ) as app,
-    ):
-        app.extensions["scoria"].handler("gated")(counting_once_approved)
+    with gated_run_behind_a_proxy(database_uri, tmp_path) as (proxy, app, run_id):
+        proxy.fail_next(LOSER, refuse=1)
+        with app.app_context(), pytest.raises(scoria.StorageError):
+            scoria.approve_run(run_id, decided_by=LOSER, resume=resume)
+        app.extensions["scoria"].storage(app).engine.dispose()
         with app.app_context():
-            run_id = scoria.start_run(
-                IDENTITY,
-                initial_step={"kind": "gated"},
-                runtime={"metadata": {"counter": str(counter)}},
-            ).run_id
-            proxy.fail_next(LOSER, refuse=1)
-            with pytest.raises(scoria.StorageError):
-                scoria.approve_run(run_id, decided_by=LOSER, resume=resume)
-            app.extensions["scoria"].storage(app).engine.dispose()
             (approval,) = scoria.get_run_detail(run_id).approvals
     assert (approval.status, approval.decided_by) == ("approved", LOSER)
