@@ -110,9 +110,17 @@ def searched_prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozens
 
 
 def _redacted_prompt(metadata: Mapping[str, Any], extra: frozenset[str]) -> str:
-    payload = redact(metadata, extra).get("payload")
+    """The prompt as :func:`redact` leaves it in ``metadata``, ``""`` if there is none.
+
+    Only its path is redacted, not the whole metadata: a search does this for each
+    run it reads.
+    """
+    payload = metadata.get("payload")
     text = payload.get("prompt") if isinstance(payload, Mapping) else None
-    return text if isinstance(text, str) else ""
+    if not isinstance(text, str):
+        return ""
+    shown = redact({"payload": {"prompt": text}}, extra)["payload"]
+    return str(shown["prompt"]) if isinstance(shown, Mapping) else ""
 
 
 def pretty(value: object, extra: frozenset[str] = frozenset()) -> str:

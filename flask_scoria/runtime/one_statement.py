@@ -143,7 +143,7 @@ def _write(
                 return _written_before(ctx, run_id, params)
             except StorageError:
                 # Whether it committed cannot be told: the caller must not be told more.
-                raise exc from None
+                raise exc from exc.__cause__
         if sql.unmatched(exc) or sql.lost_race(exc):
             return None  # the transaction that follows finds out what happened
         raise
