@@ -18,6 +18,7 @@ from test_concurrency import paused_run, race_across_processes, race_threads
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Next, Succeed, WaitForApproval
+from flask_scoria.runtime import transaction
 
 
 def start(handlers: dict[str, Any], kind: str = "plan", **options: Any) -> scoria.RunSummary:
@@ -61,6 +62,36 @@ def test_a_three_step_run_passes_input_from_step_to_step(app_ctx: None) -> None:
         "next_kind": "search",
     }
     assert [event.event_type for event in detail.events].count("step_completed") == 3
+
+
+def test_a_handler_changing_the_run_metadata_changes_nothing_else(app_ctx: None) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def plan(step: scoria.StepView, run: scoria.RunSummary) -> Next:
+        run.metadata["flag"] = "set by plan"
+        run.metadata["payload"]["prompt"] = "changed"
+        return Next("answer")
+
+    def answer(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        seen.append(run.metadata)
+        return Succeed({})
+
+    metadata = {"payload": {"prompt": "rail policy"}}
+    done = start({"plan": plan, "answer": answer}, runtime={"metadata": metadata})
+
+    assert done.status == "completed"
+    assert seen == [metadata] and done.metadata == metadata
+    assert scoria.get_run(done.run_id).metadata == metadata
+
+
+def test_per_call_handler_kinds_are_read_as_step_kinds_are(app_ctx: None) -> None:
+    work = {"work ": lambda step, run: Succeed({"ran": step.kind})}
+    done = start(work, kind="work ")
+    assert done.status == "completed"
+    assert scoria.get_run_detail(done.run_id).steps[0].result_envelope == {"ran": "work"}
+    for kind in ["", "  ", "k" * 65, "a\nb", 7]:
+        with pytest.raises(scoria.InvalidRunOptions, match="handlers key"):
+            start({kind: work["work "]}, kind="work")
 
 
 def test_a_delayed_step_does_not_run_before_its_time(app_ctx: None) -> None:
@@ -135,6 +166,44 @@ def test_the_handler_sees_the_edited_arguments(app_ctx: None) -> None:
     assert approval.arguments == {"to": "all@example.com"}
     assert approval.edited_arguments == {"to": "team@example.com"}
     assert detail.steps[0].result_envelope == {"sent_to": "team@example.com"}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_second_approval_requested_by_a_clock_behind_still_gates_the_step(
+    app_ctx: None, monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    real = transaction.utcnow
+
+    def two_gates(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        """Ask the manager, then the CFO (from a process whose clock is a minute behind)."""
+        if step.approval is None:
+            return WaitForApproval("manager_ok")
+        if step.approval.tool_name == "manager_ok":
+            monkeypatch.setattr(transaction, "utcnow", lambda: real() - timedelta(minutes=1))
+            return WaitForApproval("cfo_ok")
+        return {"paid_after": step.approval.tool_name}
+
+    handlers = {"pay": two_gates}
+    run_id = start(handlers, kind="pay").run_id
+    scoria.approve_run(run_id, decided_by="manager", resume=True, handlers=handlers)
+    monkeypatch.setattr(transaction, "utcnow", real)
+    manager, cfo = scoria.get_run_detail(run_id).approvals
+    assert (manager.tool_name, cfo.tool_name, cfo.status) == ("manager_ok", "cfo_ok", "pending")
+    assert cfo.requested_at > manager.requested_at
+
+    with pytest.raises(scoria.ApprovalPending):
+        scoria.resume_run(run_id, handlers=handlers)
+    if fused:
+        done = scoria.approve_run(run_id, decided_by="cfo", resume=True, handlers=handlers)
+    else:
+        scoria.approve_run(run_id, decided_by="cfo")
+        done = scoria.resume_run(run_id, handlers=handlers)
+
+    assert done.status == "completed"
+    detail = scoria.get_run_detail(run_id)
+    decided = [(approval.tool_name, approval.decided_by) for approval in detail.approvals]
+    assert decided == [("manager_ok", "manager"), ("cfo_ok", "cfo")]
+    assert detail.steps[0].result_envelope == {"paid_after": "cfo_ok"}
 
 
 def test_editing_a_non_editable_approval_writes_nothing(app: Flask, app_ctx: None) -> None:

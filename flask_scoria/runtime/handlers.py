@@ -111,9 +111,9 @@ class Handlers:
             )
         self._per_call: dict[str, Handler] = {}
         for kind, handler in per_call.items():
-            if not isinstance(kind, str) or not kind:
-                raise InvalidRunOptions(f"handler kinds must be strings, not {short_repr(kind)}.")
-            self._per_call[kind] = load_handler(handler, kind)
+            # As a step's kind is read: stripped, printable, 64 characters at most.
+            name = require_name(kind, "A handlers key", error=InvalidRunOptions, limit=64)
+            self._per_call[name] = load_handler(handler, name)
         self._registry = registry
 
     def get(self, kind: str) -> Handler | None:

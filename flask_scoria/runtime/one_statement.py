@@ -224,11 +224,8 @@ def _approve_statement(by_id: bool, claim: bool) -> sql.Prepared:
 @cache
 def _resume_statement() -> sql.Prepared:
     locked = _locked(RunStatus.WAITING_FOR_APPROVAL)
-    approval = (
-        select(approvals)
-        .where(approvals.c.id == sql.LATEST_APPROVAL_ID, select(locked.c.id).exists())
-        .cte("approval")
-    )
+    current_step_id = select(locked.c.current_step_id).scalar_subquery()
+    approval = sql.latest_approval_of_step(current_step_id).cte("approval")
     approved = select(approval.c.id).where(approval.c.status == ApprovalStatus.APPROVED).exists()
     claimed = _claimed(select(locked.c.current_step_id).where(approved).scalar_subquery())
     run = _moved_run(claimed, claimed, 2)

@@ -7,10 +7,11 @@ Each outcome type has one recorder here; a new outcome needs its class in
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -20,6 +21,7 @@ from .._ids import uuid7
 from .._json import oversized
 from ..errors import InvalidHandoff, short_repr
 from ..outcomes import Fail, Handoff, Next, Outcome, Succeed, WaitForApproval
+from ..readback import RunSummary
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
 from . import tracing
@@ -40,6 +42,9 @@ from .steps import (
 )
 from .tables import Row
 from .transaction import Claim, Tx, transact, utcnow
+
+#: The least time between two approvals of a step, as the second one's request records it.
+_TICK = timedelta(microseconds=1)
 
 
 def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row) -> Row:
@@ -71,11 +76,18 @@ def _execute(
         step["trace_context"], str(row["id"]), step["kind"], step["attempt"]
     ) as span:
         with ctx.keeper.hold(ctx.storage, step["id"], claim.token, deadline):
-            outcome = run_handler(claim.handler, view, summary_from_row(row))
+            outcome = run_handler(claim.handler, view, _handler_summary(row))
         record = partial(record_outcome, ctx=ctx, handlers=handlers, claim=claim, outcome=outcome)
         recorded, row, next_claim = transact(ctx, row["id"], UNSET, record, known=row)
         span.status("discarded" if recorded is None else recorded.status)
     return recorded, row, next_claim
+
+
+def _handler_summary(row: Row) -> RunSummary:
+    """The run as a handler is given it, with a metadata of its own: what the handler
+    changes there is neither stored nor seen by the caller or by later steps."""
+    run = summary_from_row(row)
+    return replace(run, metadata=copy.deepcopy(run.metadata)) if run.metadata else run
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,10 @@ def _succeed(done: Finished, outcome: Succeed) -> Recorded:
 def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
     tx = done.tx
     recorded = done.finish(StepStatus.WAITING_FOR_APPROVAL)
+    # A step's approvals are ordered by when they were requested: this one comes after
+    # the one its handler saw, even from a process whose clock is behind.
+    seen = done.claim.approval
+    requested_at = tx.now if seen is None else max(tx.now, seen.requested_at + _TICK)
     approval = {
         "id": uuid7(),
         "run_id": tx.run_id,
@@ -189,7 +205,7 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
         "tool_name": outcome.tool_name,
         "arguments": outcome.arguments,
         "reason": outcome.reason,
-        "requested_at": tx.now,
+        "requested_at": requested_at,
         "decided_by": None,
         "decided_at": None,
         "note": None,

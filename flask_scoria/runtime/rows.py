@@ -21,7 +21,7 @@ from ..readback import (
     StepView,
 )
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
-from .tables import Row, RowLike, approvals, events, handoffs, steps
+from .tables import APPROVALS_NEWEST_FIRST, Row, RowLike, approvals, events, handoffs, steps
 
 _DECIDED = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED)
 
@@ -226,7 +226,7 @@ def latest_approvals(conn: Connection, run_id: uuid.UUID, limit: int) -> list[Ap
     query = (
         select(approvals)
         .where(approvals.c.run_id == run_id)
-        .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
+        .order_by(*APPROVALS_NEWEST_FIRST)
         .limit(limit)
     )
     return [approval_from_row(row) for row in reversed(list(conn.execute(query).mappings()))]

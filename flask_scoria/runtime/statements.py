@@ -24,6 +24,7 @@ from sqlalchemy import (
     Boolean,
     Connection,
     Dialect,
+    Select,
     Table,
     bindparam,
     func,
@@ -40,7 +41,16 @@ from sqlalchemy.sql.expression import ClauseElement, ColumnElement
 
 from ..statuses import ApprovalStatus, StepStatus
 from ..storage import COMMIT_WITHOUT_WAITING, KEPT_CURSORS, database_error
-from .tables import Row, RowLike, approvals, events, handoffs, runs, steps
+from .tables import (
+    APPROVALS_NEWEST_FIRST,
+    Row,
+    RowLike,
+    approvals,
+    events,
+    handoffs,
+    runs,
+    steps,
+)
 
 Processor = Callable[[Any], Any] | None
 T = TypeVar("T")
@@ -622,7 +632,7 @@ EXPIRED_APPROVAL_OF_RUN = Prepared(
 _LATEST_APPROVAL = (
     select(approvals)
     .where(approvals.c.run_id == bindparam("b_run_id"))
-    .order_by(approvals.c.requested_at.desc(), approvals.c.id.desc())
+    .order_by(*APPROVALS_NEWEST_FIRST)
     .limit(1)
 )
 LATEST_APPROVAL_OF_RUN = Prepared(_LATEST_APPROVAL)
@@ -633,12 +643,24 @@ _CURRENT_STEP_ID = (
 )
 #: The current step of the run ``b_run_id``.
 CURRENT_STEP_OF_RUN = Prepared(select(steps).where(steps.c.id == _CURRENT_STEP_ID))
-#: The run's latest approval next to the run's current step, in one row whose step
+
+
+def latest_approval_of_step(step_id: ColumnElement[Any]) -> Select[Any]:
+    """The latest approval of the step ``step_id`` of the run ``b_run_id``."""
+    return (
+        select(approvals)
+        .where(approvals.c.run_id == bindparam("b_run_id"), approvals.c.step_id == step_id)
+        .order_by(*APPROVALS_NEWEST_FIRST)
+        .limit(1)
+    )
+
+
+#: The latest approval of the run's current step next to the step, in one row whose step
 #: columns are prefixed ``steps_``; no row when either is missing.
 LATEST_APPROVAL_WITH_STEP = Prepared(
-    _LATEST_APPROVAL.add_columns(
-        *(column.label(f"steps_{column.key}") for column in steps.c)
-    ).join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
+    latest_approval_of_step(_CURRENT_STEP_ID)
+    .add_columns(*(column.label(f"steps_{column.key}") for column in steps.c))
+    .join_from(approvals, steps, steps.c.id == approvals.c.step_id)
 )
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
@@ -650,7 +672,7 @@ LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
             approvals.c.status == ApprovalStatus.REJECTED,
         ),
     )
-    .order_by(approvals.c.decided_at.desc(), approvals.c.id.desc())
+    .order_by(*APPROVALS_NEWEST_FIRST)
     .limit(1)
 )
 #: What a decision requires of its approval: still pending and not expired at

@@ -20,12 +20,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     false,
     text,
 )
 
 from .._types import JSONPayload, JSONRecord, UTCDateTime, UUIDType
-from ..statuses import EventType
+from ..statuses import ApprovalStatus, EventType
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -205,6 +206,14 @@ approvals = Table(
         sqlite_where=_EXPIRING,
         postgresql_where=_EXPIRING,
     ),
+)
+
+#: A run's approvals, newest first: its pending one (a run waits for one at a time) before
+#: the decided ones, whatever the clock of the process that requested each one said.
+APPROVALS_NEWEST_FIRST = (
+    case((approvals.c.status == ApprovalStatus.PENDING, 0), else_=1),
+    approvals.c.requested_at.desc(),
+    approvals.c.id.desc(),
 )
 
 #: One entry of a run's timeline, numbered by ``sequence`` per run.
