@@ -62,6 +62,20 @@ def publish(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return Succeed({"published": True})
 
 
+#: Arguments a row shows whole, one of them a long text that wraps on several lines.
+REFUND = {
+    "amount": "1500 EUR",
+    "callback_url": "https://payments.example.com/refunds/confirm?order=123456&amount=1500&c=EUR",
+    "to": "billing@example.com",
+}
+
+
+def refund(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    if step.approval is None:
+        return WaitForApproval("refund", REFUND)
+    return Succeed({"refunded": True})
+
+
 def delegate(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     return Handoff(
         "critic",
@@ -90,6 +104,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     runtime.operator_scope(lambda: {"tenant_id": TENANT, "actor_id": "ops-oncall"})
     runtime.handler("send")(review_then_send)
     runtime.handler("publish")(publish)
+    runtime.handler("refund")(refund)
     runtime.handler("delegate")(delegate)
     runtime.handler("review")(review)
     runtime.handler("flaky")(flaky)
@@ -253,6 +268,22 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
     with app.app_context():
         assert scoria.get_run(first).status == "completed"
         assert scoria.get_run(second).status == "rejected"
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_an_inbox_row_offering_approve_shows_every_argument_uncut(
+    app: Flask, base: str, open_page: Callable[..., Any], width: int
+) -> None:
+    run_id = start(app, "refund")
+    page = open_page(width=width)
+    page.goto(f"{base}/scoria/approvals")
+    row = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{run_id}"]'))
+    assert row.locator("button", has_text="Approve").is_visible()
+    values = row.locator(".preview dd")
+    assert values.all_inner_texts() == [REFUND[key] for key in sorted(REFUND)]
+    for value in values.all():
+        assert value.evaluate("e => e.scrollHeight <= e.clientHeight"), value.inner_text()
+    shoot(page, f"inbox-whole-{width}")
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])

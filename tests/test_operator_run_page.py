@@ -125,6 +125,49 @@ def test_a_password_masked_in_a_url_keeps_its_requested_value(app: Flask, ops: F
     assert detail(app, run_id).approvals[0].edited_arguments == {"dsn": other}
 
 
+@pytest.mark.parametrize(
+    "edited",
+    [
+        # A recipient added: the list's length changed, so no item keeps its secret.
+        {"to": [{"to": "a@example.com", "api_key": "[REDACTED]"}, {"to": "b@example.com"}]},
+        # A secret moved to a key of another name.
+        {"to": [{"to": "a@example.com", "token": "[REDACTED]"}]},
+        # A URL whose host changed, its password still masked.
+        {
+            "to": [{"to": "a@example.com", "api_key": "[REDACTED]"}],
+            "smtp": "smtp://bot:[REDACTED]@mx2",
+        },
+    ],
+)
+def test_a_hidden_value_out_of_its_place_is_refused(
+    app: Flask, ops: FlaskClient, edited: dict[str, Any]
+) -> None:
+    requested = {"to": [{"to": "a@example.com", "api_key": "K-1"}], "smtp": "smtp://bot:pw@mx1"}
+
+    def send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("send", requested, editable=True)
+        return Succeed({"sent": step.approval.edited_arguments})
+
+    run_id = start(app, kind="send", handlers={"send": send})
+    response = approve_with(ops, run_id, arguments=json.dumps(edited))
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert "stands for a hidden value" in html and "Nothing was decided." in html
+    assert "K-1" not in html and "pw@" not in html
+    assert detail(app, run_id).approvals[0].status == "pending"
+    # In its place, it is kept.
+    kept = {
+        "to": [{"to": "c@example.com", "api_key": "[REDACTED]"}],
+        "smtp": "smtp://bot:[REDACTED]@mx1",
+    }
+    assert approve_with(ops, run_id, arguments=json.dumps(kept)).status_code == 303
+    assert detail(app, run_id).approvals[0].edited_arguments == {
+        "to": [{"to": "c@example.com", "api_key": "K-1"}],
+        "smtp": "smtp://bot:pw@mx1",
+    }
+
+
 def test_arguments_too_long_to_edit_are_approved_as_requested(app: Flask, ops: FlaskClient) -> None:
     requested = {"body": "x" * 20_000}
 
@@ -392,6 +435,17 @@ def test_retry_a_failed_run_and_see_its_traceback(app: Flask, ops: FlaskClient) 
     assert [event.payload for event in retried] == [{"attempt": 2, "requested_by": "ops"}]
 
 
+def test_a_failed_step_without_a_registered_handler_offers_no_retry(
+    app: Flask, ops: FlaskClient
+) -> None:
+    failing = {"own": lambda step, run: Fail({"type": "Down"})}
+    run_id = start(app, kind="own", handlers=failing)
+    assert run_status(app, run_id) == "failed"
+    html = run_page(ops, run_id)
+    assert "Retry failed step" not in html
+    assert "No handler is registered for <code>own</code> in this app" in html
+
+
 @pytest.mark.parametrize("action", ["cancel", "retry"])
 def test_actions_need_the_csrf_token_and_the_tenant(
     app: Flask, ops: FlaskClient, action: str
@@ -556,6 +610,9 @@ def test_the_run_window_read_matches_the_full_detail(app: Flask) -> None:
     assert (window.step_count, window.event_count, window.handoff_count) == (31, 73, 12)
     assert [event.sequence for event in part.events] == list(range(10, 20))
     assert part.older_events == 10
+    for before in ({"events_before": 2**63}, {"steps_before": 2**31}):
+        with app.app_context(), pytest.raises(scoria.InvalidRunOptions, match="from 1 to"):
+            scoria.runtime.get_run_window(run_id, **before)
 
 
 def test_the_run_window_pages_through_handoffs_with_its_own_cursor(app: Flask) -> None:

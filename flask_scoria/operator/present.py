@@ -203,12 +203,26 @@ def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -
     password is still masked, back to its requested value.
 
     The form shows secrets redacted; an operator who does not touch one keeps it.
+    Raises :class:`ArgumentsError` when a ``[REDACTED]`` is left that stands for no
+    requested value (moved, or in a list whose length changed): the tool would be
+    given the placeholder instead of the secret.
     """
+    restored = _restore(edited, requested, extra)
+    if _mentions(restored, REDACTED) and not _mentions(requested, REDACTED):
+        raise ArgumentsError(
+            f"{REDACTED} stands for a hidden value, which is kept only in its own place"
+            " (the same key, in a list of the same length). Type the value itself there,"
+            " or leave that part as it was requested."
+        )
+    return restored
+
+
+def _restore(edited: Any, requested: Any, extra: frozenset[str]) -> Any:
     if isinstance(edited, str) and isinstance(requested, str):
         return requested if edited == mask_passwords(requested, REDACTED) else edited
     if isinstance(edited, list) and isinstance(requested, list | tuple):
         if len(edited) == len(requested):
-            return [unredact(a, b, extra) for a, b in zip(edited, requested, strict=True)]
+            return [_restore(a, b, extra) for a, b in zip(edited, requested, strict=True)]
         return edited
     if not (isinstance(edited, dict) and isinstance(requested, Mapping)):
         return edited
@@ -217,8 +231,19 @@ def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -
         if value == REDACTED and key in requested and is_secret_key(key, extra):
             restored[key] = requested[key]
         else:
-            restored[key] = unredact(value, requested.get(key), extra)
+            restored[key] = _restore(value, requested.get(key), extra)
     return restored
+
+
+def _mentions(value: Any, text: str) -> bool:
+    """Whether ``text`` is in a key or a string anywhere in the JSON ``value``."""
+    if isinstance(value, str):
+        return text in value
+    if isinstance(value, Mapping):
+        return any(text in str(key) or _mentions(item, text) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_mentions(item, text) for item in value)
+    return False
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
@@ -233,11 +258,7 @@ def preview(
     context: Mapping[str, Any] | None, extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """The first keys of a projected context, sorted, with short values."""
-    shown = redact(context or {}, extra)
-    return [
-        (visible(key), visible(truncate(_text(item))))
-        for key, item in sorted(shown.items())[:PREVIEW_KEYS]
-    ]
+    return [(visible(key), visible(truncate(_text(item)))) for key, item in _first(context, extra)]
 
 
 def previewed_whole(
@@ -245,12 +266,20 @@ def previewed_whole(
 ) -> bool:
     """Whether :func:`preview` shows every key and value of ``arguments`` uncut, as it
     shows them: redacted, their hidden characters escaped."""
-    shown = redact(arguments or {}, extra)
-    return len(shown) <= PREVIEW_KEYS and all(
-        len(visible(str(key)).encode()) <= PREVIEW_BYTES
+    return len(arguments or {}) <= PREVIEW_KEYS and all(
+        len(visible(key).encode()) <= PREVIEW_BYTES
         and len(visible(_text(value)).encode()) <= PREVIEW_BYTES
-        for key, value in shown.items()
+        for key, value in _first(arguments, extra)
     )
+
+
+def _first(mapping: Mapping[str, Any] | None, extra: frozenset[str]) -> list[tuple[str, Any]]:
+    """The first ``PREVIEW_KEYS`` keys of ``mapping``, sorted, with their redacted values;
+    the others' values are not looked at, however large."""
+    if not mapping:
+        return []
+    keys = sorted(mapping)[:PREVIEW_KEYS]
+    return list(redact({key: mapping[key] for key in keys}, extra).items())
 
 
 def _text(value: object) -> str:

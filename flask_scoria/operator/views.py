@@ -285,6 +285,11 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
         pending=pending,
         decided=[item for item in window.approvals if item.status != ApprovalStatus.PENDING],
         kinds={item.step_id: runtime.step_kind(run_id, item.step_id) for item in pending},
+        failed_kind=(
+            runtime.step_kind(run_id, window.summary.current_step_id)
+            if window.summary.status == RunStatus.FAILED
+            else None
+        ),
         refused=refused,
     )
 
@@ -313,14 +318,14 @@ def approve(run_id: str) -> ResponseReturnValue:
     if text is None:
         return _decide(run_id, actions.approve, "approved", "Approved.")
     approval_id = request.form.get("approval_id", "").strip()
+    shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
+    requested = shown.arguments if shown else None
     try:
         edited = present.parse_arguments(text, app_state().settings.result_max_bytes)
+        edited = present.unredact(edited, requested, _redact_keys())
     except present.ArgumentsError as exc:
         form = ArgumentsForm(approval_id, text, str(exc), request.form.get("note", ""))
         return _run_page(run_id, form), 422
-    shown = runtime.get_approval(run_id, approval_id, tenant_id=current_scope().tenant_id)
-    requested = shown.arguments if shown else None
-    edited = present.unredact(edited, requested, _redact_keys())
     arguments = None if edited == (requested or {}) else edited
     return _decide(run_id, partial(actions.approve, arguments=arguments), "approved", "Approved.")
 
