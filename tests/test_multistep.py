@@ -266,6 +266,14 @@ def test_deciding_an_expired_approval_before_any_read_records_the_expiry(app_ctx
     assert detail.approvals[0].status == "expired" and detail.approvals[0].decided_by is None
 
 
+def test_dispatch_answers_as_a_read_does_for_an_expired_approval(app_ctx: None) -> None:
+    run = start({"plan": lambda step, run: WaitForApproval("publish", expires_in=0.2)})
+    time.sleep(0.3)
+    assert scoria.dispatch(run.run_id).status == "failed"
+    detail = scoria.get_run_detail(run.run_id)
+    assert detail.summary.status == "failed" and detail.approvals[0].status == "expired"
+
+
 def test_approve_and_resume_in_one_call(app_ctx: None, tmp_path: Path) -> None:
     counter = tmp_path / "executions"
 

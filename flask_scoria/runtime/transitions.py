@@ -34,7 +34,14 @@ from .handlers import Handler, Handlers
 from .outcomes import drive
 from .rows import approval_from_row, split_prefixed, summary_from_row
 from .statements import Conflict
-from .steps import claim_next, claim_step, decided_approval, expire_approval, expire_leases
+from .steps import (
+    claim_next,
+    claim_step,
+    decided_approval,
+    expire_approval,
+    expire_leases,
+    notice_expiry,
+)
 from .tables import Row, RowLike
 from .transaction import Claim, Signal, Tx, send_signals, transact
 
@@ -52,7 +59,8 @@ def dispatch(
     """Execute the queued steps of a ``running`` run whose handlers are known.
 
     On a run in any other state, or whose steps are already claimed, nothing
-    changes. Concurrent dispatchers never execute one step twice.
+    changes, but for an expired lease or approval, recorded as a read records
+    it. Concurrent dispatchers never execute one step twice.
     """
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
@@ -60,7 +68,7 @@ def dispatch(
     resolver = Handlers(handlers, ctx.registry)
 
     def decide(tx: Tx) -> None:
-        if not expire_leases(tx) and tx.status() == RunStatus.RUNNING:
+        if not notice_expiry(tx) and tx.status() == RunStatus.RUNNING:
             claim_next(tx, resolver)
 
     _, row, claim = transact(ctx, key, guard, decide, claims=True)
