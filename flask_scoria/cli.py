@@ -356,7 +356,7 @@ def dispatch_command(run_id: str, as_json: bool) -> None:
 def _not_nan(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
     """``value``, unless it is NaN (which every range check lets through)."""
     if math.isnan(value):
-        raise click.BadParameter("nan is not a number of seconds.")
+        raise click.BadParameter("nan is not a number.")
     return value
 
 
@@ -410,7 +410,9 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
 @scoria_cli.command("prune")
 @click.option(
     "--days",
-    type=click.FloatRange(min=0, min_open=True),
+    # At most a thousand years: a cutoff a date can hold.
+    type=click.FloatRange(min=0, min_open=True, max=365_000),
+    callback=_not_nan,
     required=True,
     help="Delete runs that ended more than this many days ago.",
 )

@@ -689,3 +689,46 @@ def test_a_lost_answer_that_cannot_be_checked_is_a_storage_error(
         with app.app_context():
             (approval,) = scoria.get_run_detail(run_id).approvals
     assert (approval.status, approval.decided_by) == ("approved", LOSER)
+
+
+@only_postgres
+@pytest.mark.parametrize("how", HOWS)
+def test_a_worker_claim_whose_connection_failed_runs_its_step_once(
+    database_uri: str, tmp_path: Path, how: str
+) -> None:
+    """The connection of a worker's claim failed as it committed: a claim that went
+    through is executed at once (not left running until its lease expires, which would
+    spend an attempt the handler never had); one that did not is claimed again."""
+    counter = tmp_path / "executions"
+    with (
+        losing_proxy(database_uri) as (proxy, through_proxy),
+        configured_app(
+            through_proxy,
+            tmp_path,
+            SCORIA_EXECUTOR="worker",
+            SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False},
+        ) as app,
+    ):
+        app.extensions["scoria"].handler("count")(counting_handler)
+        with app.app_context():
+            run = scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "count"},
+                runtime={"metadata": {"counter": str(counter)}},
+            )
+            (step,) = scoria.get_run_detail(run.run_id).steps
+            proxy.fail_next(uuid.UUID(step.id).bytes, how)
+            try:
+                done = scoria.dispatch_queued()
+            except scoria.StorageError:  # failed before its commit: nothing was claimed
+                done = []
+            if not done:  # the claim did not go through: the next look claims the step
+                app.extensions["scoria"].storage(app).engine.dispose()
+                done = scoria.dispatch_queued()
+            app.extensions["scoria"].storage(app).engine.dispose()
+            detail = scoria.get_run_detail(run.run_id)
+    assert proxy.failed == 1
+    assert [summary.status for summary in done] == ["completed"] == [detail.summary.status]
+    assert len(executions(counter)) == 1
+    assert detail.steps[0].attempt == 1
+    assert "lease_expired" not in [event.event_type for event in detail.events]

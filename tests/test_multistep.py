@@ -206,6 +206,69 @@ def test_a_second_approval_requested_by_a_clock_behind_still_gates_the_step(
     assert detail.steps[0].result_envelope == {"paid_after": "cfo_ok"}
 
 
+def test_an_approval_asked_again_after_expiry_by_a_clock_behind_is_the_one_resumed(
+    app_ctx: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = transaction.utcnow
+    asked: list[str] = []
+
+    def pay(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("manager_ok")
+        if step.approval.tool_name == "manager_ok":
+            asked.append("cfo_ok")
+            expires_in = 0.2 if len(asked) == 1 else None
+            return WaitForApproval("cfo_ok", {"to": "x"}, editable=True, expires_in=expires_in)
+        return {"edited": step.approval.edited_arguments, "by": step.approval.decided_by}
+
+    handlers = {"pay": pay}
+    run_id = start(handlers, kind="pay").run_id
+    scoria.approve_run(run_id, decided_by="manager", resume=True, handlers=handlers)
+    time.sleep(0.3)
+    assert scoria.get_run(run_id).status == "failed"  # the CFO's approval expired
+    monkeypatch.setattr(transaction, "utcnow", lambda: real() - timedelta(minutes=1))
+    assert scoria.resume_run(run_id, handlers=handlers).status == "waiting_for_approval"
+    monkeypatch.setattr(transaction, "utcnow", real)
+    scoria.approve_run(run_id, decided_by="cfo", arguments={"to": "edited"})
+
+    done = scoria.resume_run(run_id, handlers=handlers)
+    assert done.status == "completed"
+    result = scoria.get_run_detail(run_id).steps[0].result_envelope
+    assert result == {"edited": {"to": "edited"}, "by": "cfo"}
+
+
+def test_the_next_steps_approval_by_a_clock_behind_is_its_own(
+    app_ctx: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = transaction.utcnow
+
+    def plan(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("plan_ok")
+        monkeypatch.setattr(transaction, "utcnow", lambda: real() - timedelta(minutes=1))
+        return Next("act")
+
+    def act(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("act_ok")
+        return {"tool": step.approval.tool_name, "by": step.approval.decided_by}
+
+    handlers = {"plan": plan, "act": act}
+    run_id = start(handlers).run_id
+    scoria.approve_run(run_id, decided_by="planner", resume=True, handlers=handlers)
+    monkeypatch.setattr(transaction, "utcnow", real)
+    scoria.approve_run(run_id, decided_by="boss")
+    with pytest.raises(scoria.ApprovalAlreadyDecided, match="already approved by 'boss'"):
+        scoria.approve_run(run_id, decided_by="someone else")
+
+    done = scoria.resume_run(run_id, handlers=handlers)
+    assert done.status == "completed"
+    assert scoria.get_run_detail(run_id).steps[-1].result_envelope == {
+        "tool": "act_ok",
+        "by": "boss",
+    }
+
+
 def test_editing_a_non_editable_approval_writes_nothing(app: Flask, app_ctx: None) -> None:
     run = start({"plan": lambda step, run: WaitForApproval("send_email", {"to": "x"})})
     engine = app.extensions["scoria"].storage(app).engine

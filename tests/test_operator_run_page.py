@@ -128,8 +128,12 @@ def test_a_password_masked_in_a_url_keeps_its_requested_value(app: Flask, ops: F
 @pytest.mark.parametrize(
     "edited",
     [
-        # A recipient added: the list's length changed, so no item keeps its secret.
-        {"to": [{"to": "a@example.com", "api_key": "[REDACTED]"}, {"to": "b@example.com"}]},
+        # A recipient added: the list's length changed, so no item keeps its secret
+        # (though the requested arguments hold the text [REDACTED] elsewhere).
+        {
+            "to": [{"to": "a@example.com", "api_key": "[REDACTED]"}, {"to": "b@example.com"}],
+            "subject": "Logs [REDACTED] by policy",
+        },
         # A secret moved to a key of another name.
         {"to": [{"to": "a@example.com", "token": "[REDACTED]"}]},
         # A URL whose host changed, its password still masked.
@@ -142,7 +146,11 @@ def test_a_password_masked_in_a_url_keeps_its_requested_value(app: Flask, ops: F
 def test_a_hidden_value_out_of_its_place_is_refused(
     app: Flask, ops: FlaskClient, edited: dict[str, Any]
 ) -> None:
-    requested = {"to": [{"to": "a@example.com", "api_key": "K-1"}], "smtp": "smtp://bot:pw@mx1"}
+    requested = {
+        "to": [{"to": "a@example.com", "api_key": "K-1"}],
+        "smtp": "smtp://bot:pw@mx1",
+        "subject": "Logs [REDACTED] by policy",
+    }
 
     def send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
         if step.approval is None:
@@ -156,15 +164,17 @@ def test_a_hidden_value_out_of_its_place_is_refused(
     assert "stands for a hidden value" in html and "Nothing was decided." in html
     assert "K-1" not in html and "pw@" not in html
     assert detail(app, run_id).approvals[0].status == "pending"
-    # In its place, it is kept.
+    # In its place, it is kept; in prose, the text is the operator's.
     kept = {
         "to": [{"to": "c@example.com", "api_key": "[REDACTED]"}],
         "smtp": "smtp://bot:[REDACTED]@mx1",
+        "subject": "Your card [REDACTED] was replaced",
     }
     assert approve_with(ops, run_id, arguments=json.dumps(kept)).status_code == 303
     assert detail(app, run_id).approvals[0].edited_arguments == {
         "to": [{"to": "c@example.com", "api_key": "K-1"}],
         "smtp": "smtp://bot:pw@mx1",
+        "subject": "Your card [REDACTED] was replaced",
     }
 
 

@@ -203,47 +203,45 @@ def unredact(edited: Any, requested: Any, extra: frozenset[str] = frozenset()) -
     password is still masked, back to its requested value.
 
     The form shows secrets redacted; an operator who does not touch one keeps it.
-    Raises :class:`ArgumentsError` when a ``[REDACTED]`` is left that stands for no
-    requested value (moved, or in a list whose length changed): the tool would be
-    given the placeholder instead of the secret.
+    Raises :class:`ArgumentsError` for a ``[REDACTED]`` that stands for a hidden value
+    (a whole value, or a password in a text) where no requested value is behind it:
+    moved to another key, or in a list whose length changed. The tool would be given
+    the placeholder instead of the secret.
     """
-    restored = _restore(edited, requested, extra)
-    if _mentions(restored, REDACTED) and not _mentions(requested, REDACTED):
-        raise ArgumentsError(
-            f"{REDACTED} stands for a hidden value, which is kept only in its own place"
-            " (the same key, in a list of the same length). Type the value itself there,"
-            " or leave that part as it was requested."
-        )
-    return restored
-
-
-def _restore(edited: Any, requested: Any, extra: frozenset[str]) -> Any:
-    if isinstance(edited, str) and isinstance(requested, str):
-        return requested if edited == mask_passwords(requested, REDACTED) else edited
-    if isinstance(edited, list) and isinstance(requested, list | tuple):
-        if len(edited) == len(requested):
-            return [_restore(a, b, extra) for a, b in zip(edited, requested, strict=True)]
+    if isinstance(edited, str):
+        if isinstance(requested, str) and edited == mask_passwords(requested, REDACTED):
+            return requested
+        if edited != requested and _hides_a_value(edited):
+            raise ArgumentsError(
+                f"{REDACTED} stands for a hidden value, which is kept only in its own place"
+                " (the same key, in a list of the same length). Type the value itself there,"
+                " or leave that part as it was requested."
+            )
         return edited
-    if not (isinstance(edited, dict) and isinstance(requested, Mapping)):
+    if isinstance(edited, list):
+        same = isinstance(requested, list | tuple) and len(requested) == len(edited)
+        return [
+            unredact(item, requested[index] if same else None, extra)
+            for index, item in enumerate(edited)
+        ]
+    if not isinstance(edited, dict):
         return edited
+    asked = requested if isinstance(requested, Mapping) else {}
     restored = {}
     for key, value in edited.items():
-        if value == REDACTED and key in requested and is_secret_key(key, extra):
-            restored[key] = requested[key]
+        if value == REDACTED and key in asked and is_secret_key(key, extra):
+            restored[key] = asked[key]
         else:
-            restored[key] = _restore(value, requested.get(key), extra)
+            restored[key] = unredact(value, asked.get(key), extra)
     return restored
 
 
-def _mentions(value: Any, text: str) -> bool:
-    """Whether ``text`` is in a key or a string anywhere in the JSON ``value``."""
-    if isinstance(value, str):
-        return text in value
-    if isinstance(value, Mapping):
-        return any(text in str(key) or _mentions(item, text) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(_mentions(item, text) for item in value)
-    return False
+def _hides_a_value(text: str) -> bool:
+    """Whether ``[REDACTED]`` stands in ``text`` for a hidden value: the whole text, or
+    where the password of a URL or a connection string is masked."""
+    if REDACTED not in text:
+        return False
+    return text == REDACTED or mask_passwords(text.replace(REDACTED, "x"), REDACTED) == text
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:

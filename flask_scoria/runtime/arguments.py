@@ -40,18 +40,19 @@ def run_uuid(run_id: object) -> uuid.UUID:
     return parsed
 
 
-#: The largest value of an integer column (PostgreSQL's ``integer``), the bound of every
-#: count and sequence a caller passes.
-_LARGEST_INT = 2**31 - 1
+#: The largest value of an integer column (PostgreSQL's ``integer``): the bound of a
+#: number a caller passes that a statement compares or limits with.
+LARGEST_INT = 2**31 - 1
 #: The largest first step sequence; handoffs number their steps after it.
 MAX_SEQUENCE = 1_000_000
 
 
-def int_in_range(value: object, name: str, maximum: int = _LARGEST_INT) -> int:
-    """``value`` if it is an int from 1 to ``maximum`` (by default, the largest a
-    database's integer column holds)."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
-        raise InvalidRunOptions(f"{name} must be an int from 1 to {maximum}.")
+def int_in_range(value: object, name: str, maximum: int | None = None) -> int:
+    """``value`` if it is an int from 1 to ``maximum`` (no bound when ``None``)."""
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or too_big:
+        bound = "a positive int" if maximum is None else f"an int from 1 to {maximum}"
+        raise InvalidRunOptions(f"{name} must be {bound}.")
     return value
 
 

@@ -168,7 +168,7 @@ def _written_before(ctx: RuntimeContext, run_id: uuid.UUID, params: Row) -> Writ
         if run is None or run["updated_at"] != params["b_now"]:
             return None
         if params.get("b_approval_id") is None:
-            approval = sql.LATEST_APPROVAL_OF_RUN.first(conn, {"b_run_id": run_id})
+            approval = sql.LATEST_APPROVAL.first(conn, {"b_run_id": run_id})
         else:
             by_id = {"b_run_id": run_id, "b_approval_id": params["b_approval_id"]}
             approval = sql.APPROVAL_OF_RUN.first(conn, by_id)

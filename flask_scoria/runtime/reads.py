@@ -41,7 +41,7 @@ from ..identity import normalize_id
 from ..readback import Approval, DelegatedHandoff, Event, RunDetail, RunSummary, Step
 from ..statuses import ApprovalStatus, RunStatus
 from . import statements as sql
-from .arguments import UNSET, TenantGuard, int_in_range, run_uuid, tenant_guard
+from .arguments import LARGEST_INT, UNSET, TenantGuard, int_in_range, run_uuid, tenant_guard
 from .context import RuntimeContext, context
 from .handlers import HandlerRegistry
 from .rows import (
@@ -252,7 +252,7 @@ def get_run_window(
     handoff_limit = int_in_range(handoff_limit or limit, "handoff_limit", 500)
     for name, value in (("steps_before", steps_before), ("events_before", events_before)):
         if value is not None:
-            int_in_range(value, name)
+            int_in_range(value, name, LARGEST_INT)
     ctx = context()
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)

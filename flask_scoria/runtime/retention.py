@@ -8,7 +8,7 @@ from sqlalchemy import ColumnElement, delete, func, select
 
 from ..errors import InvalidRunOptions
 from ..statuses import RunStatus
-from .arguments import UNSET, TenantGuard, int_in_range, tenant_guard
+from .arguments import LARGEST_INT, UNSET, TenantGuard, int_in_range, tenant_guard
 from .context import context
 from .tables import approvals, events, handoffs, runs, steps
 from .transaction import utcnow
@@ -35,7 +35,7 @@ def prune_runs(
     """
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
-    int_in_range(batch_size, "batch_size")
+    int_in_range(batch_size, "batch_size", LARGEST_INT)
     if not isinstance(dry_run, bool):
         raise InvalidRunOptions("dry_run must be True or False.")
     try:

@@ -222,14 +222,16 @@ def latest_rows(
 
 
 def latest_approvals(conn: Connection, run_id: uuid.UUID, limit: int) -> list[Approval]:
-    """The run's ``limit`` latest approvals, oldest first."""
+    """The run's ``limit`` latest approvals (its pending one among them), in the order
+    they were requested."""
     query = (
         select(approvals)
         .where(approvals.c.run_id == run_id)
         .order_by(*APPROVALS_NEWEST_FIRST)
         .limit(limit)
     )
-    return [approval_from_row(row) for row in reversed(list(conn.execute(query).mappings()))]
+    latest = [approval_from_row(row) for row in conn.execute(query).mappings()]
+    return sorted(latest, key=lambda approval: (approval.requested_at, approval.id))
 
 
 def window_steps(rows: Sequence[RowMapping], approval_list: Sequence[Approval]) -> list[Step]:

@@ -629,15 +629,6 @@ EXPIRED_APPROVAL_OF_RUN = Prepared(
     .limit(1)
 )
 
-_LATEST_APPROVAL = (
-    select(approvals)
-    .where(approvals.c.run_id == bindparam("b_run_id"))
-    .order_by(*APPROVALS_NEWEST_FIRST)
-    .limit(1)
-)
-LATEST_APPROVAL_OF_RUN = Prepared(_LATEST_APPROVAL)
-#: The id of the latest approval of the run ``b_run_id``.
-LATEST_APPROVAL_ID = _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery()
 _CURRENT_STEP_ID = (
     select(runs.c.current_step_id).where(runs.c.id == bindparam("b_run_id")).scalar_subquery()
 )
@@ -655,12 +646,19 @@ def latest_approval_of_step(step_id: ColumnElement[Any]) -> Select[Any]:
     )
 
 
-#: The latest approval of the run's current step next to the step, in one row whose step
-#: columns are prefixed ``steps_``; no row when either is missing.
+#: The latest approval of the current step of the run ``b_run_id``: the one it waits for,
+#: or else the one it was decided on (its pending one is always on that step).
+LATEST_APPROVAL = Prepared(latest_approval_of_step(_CURRENT_STEP_ID))
+#: Its id.
+LATEST_APPROVAL_ID = (
+    latest_approval_of_step(_CURRENT_STEP_ID).with_only_columns(approvals.c.id).scalar_subquery()
+)
+#: The latest approval next to the run's current step, in one row whose step columns are
+#: prefixed ``steps_``; no row when either is missing.
 LATEST_APPROVAL_WITH_STEP = Prepared(
     latest_approval_of_step(_CURRENT_STEP_ID)
     .add_columns(*(column.label(f"steps_{column.key}") for column in steps.c))
-    .join_from(approvals, steps, steps.c.id == approvals.c.step_id)
+    .join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
 )
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)

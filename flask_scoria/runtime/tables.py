@@ -208,10 +208,16 @@ approvals = Table(
     ),
 )
 
-#: A run's approvals, newest first: its pending one (a run waits for one at a time) before
-#: the decided ones, whatever the clock of the process that requested each one said.
+#: A run's approvals, newest first: its pending one (a run waits for one at a time), then
+#: the decided ones, then those that expired or were cancelled, which decide nothing;
+#: whatever the clock of the process that requested each one said.
 APPROVALS_NEWEST_FIRST = (
-    case((approvals.c.status == ApprovalStatus.PENDING, 0), else_=1),
+    case(
+        (approvals.c.status == ApprovalStatus.PENDING, 0),
+        (approvals.c.status == ApprovalStatus.APPROVED, 1),
+        (approvals.c.status == ApprovalStatus.REJECTED, 1),
+        else_=2,
+    ),
     approvals.c.requested_at.desc(),
     approvals.c.id.desc(),
 )

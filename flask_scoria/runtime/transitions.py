@@ -172,7 +172,7 @@ def _current_step(tx: Tx) -> Row | None:
 
 
 def _latest_approval(tx: Tx) -> Approval | None:
-    row = tx.first(sql.LATEST_APPROVAL_OF_RUN, {"b_run_id": tx.run_id})
+    row = tx.first(sql.LATEST_APPROVAL, {"b_run_id": tx.run_id})
     return None if row is None else approval_from_row(row)
 
 

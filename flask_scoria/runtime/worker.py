@@ -85,6 +85,7 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
     kinds = sorted(ctx.registry)
     if not kinds:
         return None
+    tx: Tx | None = None
     try:
         with ctx.storage.write() as conn:
             now = utcnow()
@@ -103,9 +104,31 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
     except StorageError as exc:
         if sql.lost_race(exc):  # aborted for a concurrent claim: look again later
             return None
+        if tx is not None and tx.claim is not None and ctx.storage.retry_after(exc, 1):
+            return _claimed_before(ctx, tx, tx.claim, exc)
         raise
     tx.send(ctx.app, row)
     return None if tx.claim is None else (row, tx.claim)
+
+
+def _claimed_before(
+    ctx: RuntimeContext, tx: Tx, claim: Claim, exc: StorageError
+) -> tuple[Row, Claim] | None:
+    """The claim whose connection dropped as it committed, if the commit went through
+    (only its answer was lost: the step holds the claim's lease); ``None`` if it did
+    not, and the step waits for the next look. Raises ``exc`` when it cannot be read.
+    """
+    try:
+        with ctx.storage.read() as conn:
+            step = sql.STEP_BY_ID.first(conn, {"b_step_id": claim.step["id"]})
+            if step is None or step["lease_token"] != claim.token:
+                return None
+            row = sql.RUN_BY_ID.first(conn, {"b_run_id": step["run_id"]})
+    except StorageError:
+        raise exc from exc.__cause__
+    assert row is not None
+    tx.send(ctx.app, row)
+    return row, claim
 
 
 def next_due(ctx: RuntimeContext) -> datetime | None:
