@@ -618,26 +618,34 @@ AFTER = {
 
 
 @contextmanager
-def gated_run_behind_a_proxy(
-    database_uri: str, tmp_path: Path
+def run_behind_a_proxy(
+    database_uri: str, tmp_path: Path, handler: Any, **config: object
 ) -> Iterator[tuple[LosingProxy, Flask, str]]:
-    """An app whose connections go through a :class:`LosingProxy`, and a run of it that
-    waits for approval; its handler counts its executions in ``tmp_path/executions``."""
-    counter = tmp_path / "executions"
+    """An app whose connections go through a :class:`LosingProxy`, and a run of it whose
+    first step's ``handler`` may count its executions in ``tmp_path/executions``."""
     with (
         losing_proxy(database_uri) as (proxy, through_proxy),
         configured_app(
-            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}
+            through_proxy, tmp_path, SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False}, **config
         ) as app,
     ):
-        app.extensions["scoria"].handler("gated")(counting_once_approved)
+        app.extensions["scoria"].handler("first")(handler)
         with app.app_context():
             run_id = scoria.start_run(
                 IDENTITY,
-                initial_step={"kind": "gated"},
-                runtime={"metadata": {"counter": str(counter)}},
+                initial_step={"kind": "first"},
+                runtime={"metadata": {"counter": str(tmp_path / "executions")}},
             ).run_id
         yield proxy, app, run_id
+
+
+@contextmanager
+def gated_run_behind_a_proxy(
+    database_uri: str, tmp_path: Path
+) -> Iterator[tuple[LosingProxy, Flask, str]]:
+    """:func:`run_behind_a_proxy`, its run waiting for approval."""
+    with run_behind_a_proxy(database_uri, tmp_path, counting_once_approved) as made:
+        yield made
 
 
 @only_postgres
@@ -701,32 +709,24 @@ def test_a_worker_claim_whose_connection_failed_runs_its_step_once(
     spend an attempt the handler never had); one that did not is claimed again."""
     counter = tmp_path / "executions"
     with (
-        losing_proxy(database_uri) as (proxy, through_proxy),
-        configured_app(
-            through_proxy,
-            tmp_path,
-            SCORIA_EXECUTOR="worker",
-            SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False},
-        ) as app,
+        run_behind_a_proxy(database_uri, tmp_path, counting_handler, SCORIA_EXECUTOR="worker") as (
+            proxy,
+            app,
+            run_id,
+        ),
+        app.app_context(),
     ):
-        app.extensions["scoria"].handler("count")(counting_handler)
-        with app.app_context():
-            run = scoria.start_run(
-                IDENTITY,
-                initial_step={"kind": "count"},
-                runtime={"metadata": {"counter": str(counter)}},
-            )
-            (step,) = scoria.get_run_detail(run.run_id).steps
-            proxy.fail_next(uuid.UUID(step.id).bytes, how)
-            try:
-                done = scoria.dispatch_queued()
-            except scoria.StorageError:  # failed before its commit: nothing was claimed
-                done = []
-            if not done:  # the claim did not go through: the next look claims the step
-                app.extensions["scoria"].storage(app).engine.dispose()
-                done = scoria.dispatch_queued()
+        (step,) = scoria.get_run_detail(run_id).steps
+        proxy.fail_next(uuid.UUID(step.id).bytes, how)
+        try:
+            done = scoria.dispatch_queued()
+        except scoria.StorageError:  # failed before its commit: nothing was claimed
+            done = []
+        if not done:  # the claim did not go through: the next look claims the step
             app.extensions["scoria"].storage(app).engine.dispose()
-            detail = scoria.get_run_detail(run.run_id)
+            done = scoria.dispatch_queued()
+        app.extensions["scoria"].storage(app).engine.dispose()
+        detail = scoria.get_run_detail(run_id)
     assert proxy.failed == 1
     assert [summary.status for summary in done] == ["completed"] == [detail.summary.status]
     assert len(executions(counter)) == 1
