@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from _background import create_app
-from conftest import REDIS_URL, require_service
+from conftest import REDIS_URL, create_test_app, require_service
 from flask import Flask
 from test_background_celery import CeleryRig
 from test_background_worker import WHO, Processes, process_env, stop, wait_for
@@ -98,6 +98,30 @@ def test_a_delayed_next_step_is_queued_once_while_a_trace_is_recorded(
     queued = [event for event in detail.events if event.event_type == "step_queued"]
     assert len(queued) == 1 and queued[0].step_id == detail.steps[-1].id
     assert detail.steps[-1].status == "queued"
+
+
+def test_each_step_a_worker_executes_in_a_row_continues_the_request_trace(
+    database_uri: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_EXECUTOR="worker")
+    runtime = app.extensions["scoria"]
+    runtime.handler("chain")(lambda step, run: scoria.Next("quick"))
+    runtime.handler("quick")(lambda step, run: None)
+    add_start_view(app, "chain")
+    app.test_client().post("/start")
+    with app.app_context():
+        (done,) = scoria.dispatch_queued()  # as a worker: both steps, one after the other
+    assert done.status == "completed"
+    (request,) = [span for span in spans.get_finished_spans() if span.name == "POST /start"]
+    steps = [span for span in spans.get_finished_spans() if span.name == "scoria.step"]
+    assert [dict(span.attributes or {})["scoria.step.kind"] for span in steps] == [
+        "chain",
+        "quick",
+    ]
+    for span in steps:
+        assert span.context.trace_id == request.context.trace_id
+        assert span.parent is not None and span.parent.span_id == request.context.span_id
+    runtime.storage(app).engine.dispose()
 
 
 def test_a_worker_process_continues_the_request_trace(

@@ -53,9 +53,12 @@ def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row
     A retry of a step executed here that falls due within
     ``SCORIA_INLINE_RETRY_WAIT`` seconds is waited for and executed too.
     """
+    # The steps claimed here after the first join the trace the first joined, as those a
+    # request executes join the request's.
+    trace = None if claim is None else claim.step["trace_context"]
     while claim is not None:
         kind = claim.step["kind"]
-        recorded, row, claim = _execute(ctx, handlers, claim, row)
+        recorded, row, claim = _execute(ctx, handlers, claim, row, trace)
         if claim is None and recorded is not None and recorded.due is not None:
             wait = (recorded.due - utcnow()).total_seconds()
             if not handlers.local and handlers.runs_here(kind) and wait <= ctx.inline_retry_wait:
@@ -66,15 +69,15 @@ def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row
 
 
 def _execute(
-    ctx: RuntimeContext, handlers: Handlers, claim: Claim, row: Row
+    ctx: RuntimeContext, handlers: Handlers, claim: Claim, row: Row, trace: Row | None
 ) -> tuple[Recorded | None, Row, Claim | None]:
-    """Run the handler of ``claim`` in its span, then record its outcome."""
+    """Run the handler of ``claim`` in its span (joining its own trace context, else
+    ``trace``), then record its outcome."""
     step = claim.step
     deadline = step_deadline(step, handlers.policy(step["kind"]).timeout)
     view = step_view_from_row(step, claim.approval)
-    with tracing.step_span(
-        step["trace_context"], str(row["id"]), step["kind"], step["attempt"]
-    ) as span:
+    headers = step["trace_context"] or trace
+    with tracing.step_span(headers, str(row["id"]), step["kind"], step["attempt"]) as span:
         with ctx.keeper.hold(ctx.storage, step["id"], claim.token, deadline):
             outcome = run_handler(claim.handler, view, _handler_summary(row))
         record = partial(record_outcome, ctx=ctx, handlers=handlers, claim=claim, outcome=outcome)
