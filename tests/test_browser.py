@@ -197,6 +197,11 @@ def fits(page: Any) -> None:
     assert width <= page.evaluate("window.innerWidth"), page.url
 
 
+def row_of(page: Any, run_id: str) -> Any:
+    """The list row that links to the run ``run_id``."""
+    return page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{run_id}"]'))
+
+
 def test_approve_in_the_browser(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
     start(app, None)
     run_id = start(app, "send")
@@ -251,12 +256,12 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
     page.goto(f"{base}/scoria/approvals")
     assert page.locator("#pending-count").inner_text() == "2"
     # An email whose body the row cuts is approved from its run's page, where it is whole.
-    long = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{second}"]'))
+    long = row_of(page, second)
     assert "[REDACTED]" in long.inner_text() and "Q3 travel summary" in long.inner_text()
     assert long.locator("button", has_text="Approve").count() == 0
     assert long.locator("a", has_text="Review to approve").is_visible()
     shoot(page, "inbox")
-    row = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{first}"]'))
+    row = row_of(page, first)
     row.locator("button", has_text="Approve").click()
     page.wait_for_url(f"{base}/scoria/approvals")
     assert f"Run …{first[-8:]}: Approved. The run is now completed." in page.inner_text("main")
@@ -277,7 +282,7 @@ def test_an_inbox_row_offering_approve_shows_every_argument_uncut(
     run_id = start(app, "refund")
     page = open_page(width=width)
     page.goto(f"{base}/scoria/approvals")
-    row = page.locator("tr", has=page.locator(f'a[href="/scoria/workflows/{run_id}"]'))
+    row = row_of(page, run_id)
     assert row.locator("button", has_text="Approve").is_visible()
     values = row.locator(".preview dd")
     assert values.all_inner_texts() == [REFUND[key] for key in sorted(REFUND)]

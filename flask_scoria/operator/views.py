@@ -529,6 +529,6 @@ def _sequence(name: str) -> int | None:
     text = request.args.get(name)
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**31:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= runtime.LARGEST_INT:
         abort(400, description="The page link is malformed; start again from the newest.")
     return int(text)

@@ -6,6 +6,7 @@ never from the modules below it. The public verbs are re-exported on the
 package top level.
 """
 
+from .arguments import LARGEST_INT as LARGEST_INT
 from .arguments import UNSET as UNSET
 from .arguments import TenantGuard as TenantGuard
 from .handlers import Handler as Handler

@@ -648,17 +648,16 @@ def latest_approval_of_step(step_id: ColumnElement[Any]) -> Select[Any]:
 
 #: The latest approval of the current step of the run ``b_run_id``: the one it waits for,
 #: or else the one it was decided on (its pending one is always on that step).
-LATEST_APPROVAL = Prepared(latest_approval_of_step(_CURRENT_STEP_ID))
+_LATEST_APPROVAL = latest_approval_of_step(_CURRENT_STEP_ID)
+LATEST_APPROVAL = Prepared(_LATEST_APPROVAL)
 #: Its id.
-LATEST_APPROVAL_ID = (
-    latest_approval_of_step(_CURRENT_STEP_ID).with_only_columns(approvals.c.id).scalar_subquery()
-)
+LATEST_APPROVAL_ID = _LATEST_APPROVAL.with_only_columns(approvals.c.id).scalar_subquery()
 #: The latest approval next to the run's current step, in one row whose step columns are
 #: prefixed ``steps_``; no row when either is missing.
 LATEST_APPROVAL_WITH_STEP = Prepared(
-    latest_approval_of_step(_CURRENT_STEP_ID)
-    .add_columns(*(column.label(f"steps_{column.key}") for column in steps.c))
-    .join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
+    _LATEST_APPROVAL.add_columns(
+        *(column.label(f"steps_{column.key}") for column in steps.c)
+    ).join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
 )
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
