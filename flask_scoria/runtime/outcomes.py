@@ -214,7 +214,7 @@ def _wait_for_approval(done: Finished, outcome: WaitForApproval) -> Recorded:
         "note": None,
         "editable": outcome.editable,
         "edited_arguments": None,
-        "expires_at": _after(tx.now, outcome.expires_in),
+        "expires_at": _after(requested_at, outcome.expires_in),
         "tenant_id": tx.run["tenant_id"],
     }
     tx.add_approval(approval)
