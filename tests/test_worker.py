@@ -197,6 +197,32 @@ def test_worker_process_waits_out_a_locked_database(tmp_path: Path) -> None:
     assert len(executions(counter)) == 1
 
 
+def test_a_signal_while_the_worker_holds_its_wake_up_lock_stops_it(tmp_path: Path) -> None:
+    """A signal handler runs between two instructions of the main thread, even one that
+    holds the lock waking the worker takes: noting the signal must not wait for it."""
+    script = tmp_path / "signalled.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal
+            from flask import Flask
+            from flask_scoria.runtime.worker import Worker, _handle_signals
+
+            worker = Worker(Flask("w"), concurrency=1, interval=600, on_dispatched=print)
+            _handle_signals(worker._on_signal)
+            with worker._freed._cond:
+                os.kill(os.getpid(), signal.SIGTERM)
+                noted = "noted"
+            print(noted, worker._stop_requested(), worker._freed.is_set())
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout) == (0, "noted True True\n"), result.stderr
+
+
 def test_each_worker_run_gets_a_fresh_app_context(
     app: Flask, runtime: Scoria, runner: FlaskCliRunner, tmp_path: Path
 ) -> None:

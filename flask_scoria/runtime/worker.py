@@ -247,8 +247,8 @@ def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[st
     ]
 
 
-#: The longest a worker waiting for a notification goes without looking whether it was
-#: stopped, in seconds.
+#: The longest a waiting worker goes without looking whether a signal stopped it, in
+#: seconds.
 STOP_CHECK = 0.5
 
 
@@ -261,17 +261,10 @@ class _Listener:
         )
         self._conn.exec_driver_sql(f"LISTEN {CHANNEL}")
 
-    def wait(self, timeout: float, stopping: threading.Event) -> None:
-        """Return on a notification, after ``timeout`` seconds, or soon after ``stopping``
-        is set (it is looked at every :data:`STOP_CHECK` seconds)."""
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a notification; return whether one came."""
         driver: Any = self._conn.connection.driver_connection
-        deadline = time.monotonic() + timeout
-        while not stopping.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            for _ in driver.notifies(timeout=min(left, STOP_CHECK), stop_after=1):
-                return
+        return any(True for _ in driver.notifies(timeout=timeout, stop_after=1))
 
     def close(self) -> None:
         self._conn.invalidate()
@@ -298,6 +291,7 @@ class Worker:
         self.interval = interval
         self.on_dispatched = on_dispatched
         self._stopping = threading.Event()
+        self._signalled = False
         self._slots = threading.Semaphore(concurrency)
         self._freed = threading.Event()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="scoria-worker")
@@ -311,12 +305,25 @@ class Worker:
         self._stopping.set()
         self._freed.set()
 
+    def _on_signal(self, *_: object) -> None:
+        # A signal handler runs between two instructions of the main thread, which may
+        # hold the lock an event's set() takes: only note the signal, the loop stops.
+        if self._signalled or self._stopping.is_set():
+            os._exit(1)
+        self._signalled = True
+
+    def _stop_requested(self) -> bool:
+        """Whether the worker is stopping; turns a noted signal into :meth:`stop`."""
+        if self._signalled and not self._stopping.is_set():
+            self.stop()
+        return self._stopping.is_set()
+
     def run(self, on_started: Callable[[], None] = lambda: None) -> None:
         """Claim and execute due steps until stopped; ``on_started`` once signals stop it."""
-        previous = _handle_signals(self.stop)
+        previous = _handle_signals(self._on_signal)
         on_started()
         try:
-            while not self._stopping.is_set():
+            while not self._stop_requested():
                 try:
                     with self.app.app_context():
                         wake = self._pass(context())
@@ -348,7 +355,7 @@ class Worker:
                 # and this one claims what is due meanwhile.
                 log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
         handlers = Handlers(None, ctx.registry, local=True, stopping=self._stopping)
-        while not self._stopping.is_set() and self._slots.acquire(blocking=False):
+        while not self._stop_requested() and self._slots.acquire(blocking=False):
             try:
                 claimed = claim_due(ctx, handlers)
             except BaseException:
@@ -388,17 +395,23 @@ class Worker:
 
     def _wait(self, timeout: float) -> None:
         """Wait for a queued step (NOTIFY), a freed thread, a due time or a stop."""
-        if self._stopping.is_set():
-            return
-        if self._listener is None or not self._has_free_slot():
-            self._freed.wait(timeout)
-            self._freed.clear()
-            return
-        try:
-            self._listener.wait(timeout, self._stopping)
-        except Exception as exc:
-            log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
-            self._close_listener()
+        deadline = time.monotonic() + timeout
+        while not self._stop_requested():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._listener is None or not self._has_free_slot():
+                if self._freed.wait(min(left, STOP_CHECK)):
+                    self._freed.clear()
+                    return
+                continue
+            try:
+                if self._listener.wait(min(left, STOP_CHECK)):
+                    return
+            except Exception as exc:
+                log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
+                self._close_listener()
+                return
 
     def _has_free_slot(self) -> bool:
         if self._slots.acquire(blocking=False):
