@@ -4,9 +4,10 @@ Adopt in the order ``identity -> start -> inspect -> resume``::
 
     import flask_scoria as scoria
 
-    who = scoria.identity({"actor_id": user.id, "session_id": sid})
+    who = scoria.identity({"actor_id": user.id, "tenant_id": org.id, "session_id": sid})
     run = scoria.start_run(who, initial_step={"kind": "approval"})
-    scoria.get_run(run.run_id)
+    scoria.get_run(run.run_id)  # waiting_for_approval, if the handler asked
+    scoria.approve_run(run.run_id, decided_by="ops-1")
     scoria.resume_run(run.run_id)
 """
 
