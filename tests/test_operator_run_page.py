@@ -230,6 +230,30 @@ def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> No
     assert detail(app, run_id).approvals[0].edited_arguments is None
 
 
+def test_a_second_tab_approving_other_arguments_is_told_they_were_not_taken(
+    app: Flask, ops: FlaskClient
+) -> None:
+    run_id = start(app, kind="review")
+    html = run_page(ops, run_id)
+    found = re.search(r'name="approval_id" value="([^"]+)"', html)
+    assert found
+    form = {"csrf_token": csrf(html), "approval_id": found.group(1)}
+    url = f"/scoria/workflows/{run_id}/approve"
+    as_requested = json.dumps({**REQUESTED, "smtp_password": "[REDACTED]"})
+    assert ops.post(url, data={**form, "arguments": as_requested}).status_code == 303
+    # The same form again is the same decision: no error.
+    again = ops.post(url, data={**form, "arguments": as_requested}, follow_redirects=True)
+    assert "Approved. The run is now completed." in again.get_data(as_text=True)
+
+    edited = json.dumps({**REQUESTED, "to": "boss@example.com", "smtp_password": "[REDACTED]"})
+    for changed in ({"arguments": edited}, {"arguments": as_requested, "note": "checked"}):
+        other = ops.post(url, data={**form, **changed}, follow_redirects=True)
+        said = html_unescape(other.get_data(as_text=True))
+        assert "already approved by 'ops'" in said and "Approved." not in said
+    approval = detail(app, run_id).approvals[0]
+    assert (approval.edited_arguments, approval.note) == (None, None)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -406,8 +430,14 @@ def test_a_session_whose_id_a_browser_would_resolve_links_to_the_filtered_list(
 
 
 def post(client: FlaskClient, run_id: str, action: str, **form: str) -> Any:
-    token = csrf(run_page(client, run_id))
-    return client.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": token, **form})
+    """Send the run page's form of ``action``, with its hidden fields."""
+    return client.post(f"/scoria/workflows/{run_id}/{action}", data=page_form(client, run_id, form))
+
+
+def page_form(client: FlaskClient, run_id: str, form: dict[str, str]) -> dict[str, str]:
+    html = run_page(client, run_id)
+    shown = dict(re.findall(r'name="(csrf_token|attempt)" value="([^"]*)"', html))
+    return {**shown, **form}
 
 
 def test_cancel_a_waiting_run(app: Flask, ops: FlaskClient) -> None:
@@ -445,6 +475,30 @@ def test_retry_a_failed_run_and_see_its_traceback(app: Flask, ops: FlaskClient) 
     assert [event.payload for event in retried] == [{"attempt": 2, "requested_by": "ops"}]
 
 
+def test_a_retry_form_sent_again_retries_once(app: Flask, ops: FlaskClient) -> None:
+    calls: list[int] = []
+
+    def down(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        calls.append(step.attempt)
+        return Fail({"type": "Down"})
+
+    app.extensions["scoria"].handler("down")(down)
+    run_id = start(app, kind="down")
+    form = page_form(ops, run_id, {})
+    assert form["attempt"] == "1"
+    url = f"/scoria/workflows/{run_id}/retry"
+    first = ops.post(url, data=form)
+    assert "Retried. The run is now failed." in page(ops, first.location)
+    # A double click, a second tab: the attempt that page showed was retried already.
+    again = html_unescape(page(ops, ops.post(url, data=form).location))
+    assert "was retried since attempt 1 failed: its attempt 2 failed in turn" in again
+    assert calls == [1, 2]
+    for attempt in ("", "x", "0"):
+        sent = ops.post(url, data={**form, "attempt": attempt})
+        assert sent.status_code == (303 if attempt == "0" else 400)
+    assert calls == [1, 2]
+
+
 def test_a_failed_step_without_a_registered_handler_offers_no_retry(
     app: Flask, ops: FlaskClient
 ) -> None:
@@ -454,6 +508,11 @@ def test_a_failed_step_without_a_registered_handler_offers_no_retry(
     html = run_page(ops, run_id)
     assert "Retry failed step" not in html
     assert "No handler is registered for <code>own</code> in this app" in html
+    # Sent anyway (a page from before a deploy removed the handler): refused, as shown.
+    form = {"csrf_token": csrf(run_page(ops, start(app, kind="fixed"))), "attempt": "1"}
+    response = ops.post(f"/scoria/workflows/{run_id}/retry", data=form)
+    assert "No handler is registered in this app" in page(ops, response.location)
+    assert run_status(app, run_id) == "failed"
 
 
 @pytest.mark.parametrize("action", ["cancel", "retry"])
@@ -467,11 +526,11 @@ def test_actions_need_the_csrf_token_and_the_tenant(
         ops.post(f"/scoria/workflows/{run_id}/{action}", data={"csrf_token": "forged"}).status_code
         == 400
     )
-    token = csrf(run_page(ops, run_id))
+    form = page_form(ops, run_id, {})
     other = start(app, kind="flaky" if action == "retry" else "fixed", tenant="globex")
-    response = ops.post(f"/scoria/workflows/{other}/{action}", data={"csrf_token": token})
+    response = ops.post(f"/scoria/workflows/{other}/{action}", data=form)
     assert response.status_code == 404
-    unknown = ops.post(f"/scoria/workflows/{uuid.uuid4()}/{action}", data={"csrf_token": token})
+    unknown = ops.post(f"/scoria/workflows/{uuid.uuid4()}/{action}", data=form)
     assert unknown.status_code == 404
     # Opened again with GET (a reload of a refused form's answer): the run's page, no action.
     reloaded = ops.get(f"/scoria/workflows/{run_id}/{action}")

@@ -47,6 +47,10 @@ def test_search_by_prompt_id_prefix_and_dates(operator_app: Flask, ops: FlaskCli
     assert trains in by_id
     assert trains in shown(ops, f"id={trains}") and hotels not in shown(ops, f"id={trains}")
     assert trains not in shown(ops, "id=not-hex") and hotels not in shown(ops, "id=not-hex")
+    # Whitespace is stripped before dashes are dropped: what is left is no prefix.
+    assert ops.get("/scoria/workflows?id=ab%0A-").status_code == 200
+    assert trains not in shown(ops, "id=ab%0A-")
+    assert ops.get(f"/scoria/workflows?after=1.{trains.replace('-', '')}%0A").status_code == 400
 
     today = datetime.now(UTC).date()
     assert trains in shown(ops, f"from={today}&until={today}")

@@ -283,6 +283,28 @@ def test_failed_step_is_retried_in_place() -> None:
     assert detail.summary.completed_at is not None
 
 
+def test_a_retry_names_the_attempt_it_saw_fail() -> None:
+    failing = {"work": lambda step, run: Fail("transient")}
+    run = start(failing)
+    for bad in (0, -1, True, "1", 1.0, 2**31):
+        with pytest.raises(scoria.InvalidRunOptions, match="attempt"):
+            scoria.resume_run(run.run_id, handlers=failing, attempt=bad)
+    assert only_step(run.run_id).attempt == 1
+    assert scoria.resume_run(run.run_id, handlers=failing, attempt=1).status == "failed"
+    with pytest.raises(scoria.RunNotResumable, match="was retried since attempt 1") as info:
+        scoria.resume_run(run.run_id, handlers=failing, attempt=1)
+    assert info.value.status == "failed"
+    assert only_step(run.run_id).attempt == 2
+    retried = scoria.resume_run(run.run_id, handlers={"work": succeed}, attempt=2)
+    assert retried.status == "completed"
+    # An approved pause is no failed attempt to retry.
+    approved = paused_run()
+    scoria.approve_run(approved, decided_by="ops")
+    with pytest.raises(scoria.RunNotResumable, match="attempt 1 is no longer the one to retry"):
+        scoria.resume_run(approved, handlers={"work": succeed}, attempt=1)
+    assert scoria.get_run(approved).status == "waiting_for_approval"
+
+
 def test_resume_and_retry_record_who_asked() -> None:
     paused = paused_run()
     scoria.approve_run(paused, decided_by="ops")

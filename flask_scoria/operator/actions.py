@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .. import runtime
-from ..errors import InvalidRunOptions
+from ..errors import InvalidRunOptions, RunNotResumable
 from ..readback import RunSummary
 from ..state import app_state
 from .access import OperatorScope
@@ -26,14 +26,13 @@ def approve(
     per-call handlers.
     """
     paused = runtime.get_run(run_id, tenant_id=scope.tenant_id)
-    kind = runtime.step_kind(run_id, paused.current_step_id)
     return runtime.approve_run(
         run_id,
         decided_by=_decider(scope),
         note=note,
         arguments=arguments,
         approval_id=approval_id,
-        resume=kind in app_state().registry.handlers,
+        resume=_registered_kind(paused) is not None,
         tenant_id=scope.tenant_id,
     )
 
@@ -56,10 +55,29 @@ def cancel(run_id: str, scope: OperatorScope, reason: str | None) -> RunSummary:
     )
 
 
-def retry(run_id: str, scope: OperatorScope) -> RunSummary:
+def retry(run_id: str, scope: OperatorScope, attempt: int | None = None) -> RunSummary:
     """Resume the run with the registered handlers, as the operator: retry the failed step of
-    a ``failed`` run, or continue an approved one that waits for ``resume_run``."""
-    return runtime.resume_run(run_id, requested_by=_decider(scope), tenant_id=scope.tenant_id)
+    a ``failed`` run (at ``attempt``, the one the page showed), or continue an approved one
+    that waits for ``resume_run``."""
+    run = runtime.get_run(run_id, tenant_id=scope.tenant_id)
+    if _registered_kind(run) is None:
+        raise RunNotResumable(
+            run_id,
+            run.status,
+            "No handler is registered in this app for the kind of the run's current step:"
+            " your app resumes the run with resume_run, given a handler for it.",
+        )
+    return runtime.resume_run(
+        run_id, requested_by=_decider(scope), attempt=attempt, tenant_id=scope.tenant_id
+    )
+
+
+def _registered_kind(run: RunSummary) -> str | None:
+    """The kind of the run's current step, if this app has a handler registered for it."""
+    head = runtime.step_head(run.run_id, run.current_step_id)
+    if head is None or head.kind not in app_state().registry.handlers:
+        return None
+    return head.kind
 
 
 def _decider(scope: OperatorScope) -> str:

@@ -265,6 +265,11 @@ class ArgumentsForm:
     note: str = ""
 
 
+def _kind(run_id: str, step_id: str) -> str | None:
+    head = runtime.step_head(run_id, step_id)
+    return None if head is None else head.kind
+
+
 def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
     scope = current_scope()
     window = runtime.get_run_window(
@@ -284,9 +289,9 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
         tree=present.step_tree(window.steps),
         pending=pending,
         decided=[item for item in window.approvals if item.status != ApprovalStatus.PENDING],
-        kinds={item.step_id: runtime.step_kind(run_id, item.step_id) for item in pending},
-        failed_kind=(
-            runtime.step_kind(run_id, window.summary.current_step_id)
+        kinds={item.step_id: _kind(run_id, item.step_id) for item in pending},
+        failed=(
+            runtime.step_head(run_id, window.summary.current_step_id)
             if window.summary.status == RunStatus.FAILED
             else None
         ),
@@ -327,7 +332,8 @@ def approve(run_id: str) -> ResponseReturnValue:
         form = ArgumentsForm(approval_id, text, str(exc), request.form.get("note", ""))
         return _run_page(run_id, form), 422
     arguments = None if edited == (requested or {}) else edited
-    return _decide(run_id, partial(actions.approve, arguments=arguments), "approved", "Approved.")
+    approve = partial(actions.approve, arguments=arguments)
+    return _decide(run_id, approve, "approved", "Approved.", arguments)
 
 
 @bp.post("/workflows/<run_id>/reject")
@@ -349,7 +355,10 @@ def cancel(run_id: str) -> BaseResponse:
 def retry(run_id: str) -> BaseResponse:
     """Retry, as the operator, the failed step of a ``failed`` run."""
     check_csrf()
-    return _act(run_id, actions.retry, "Retried.")
+    attempt = request.form.get("attempt", type=int)
+    if attempt is None:
+        abort(400, description="The form names no attempt. Reload the page and retry again.")
+    return _act(run_id, partial(actions.retry, attempt=attempt), "Retried.")
 
 
 @bp.post("/workflows/<run_id>/resume")
@@ -405,7 +414,10 @@ def _act(
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
-def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
+def _decide(
+    run_id: str, action: Any, decision: str, done: str, arguments: object = None
+) -> BaseResponse:
+    """Decide the approval the form names; ``arguments`` are the edited ones sent."""
     approval_id = request.form.get("approval_id", "").strip()
     if not approval_id:
         abort(400, description="The form names no approval. Reload the page and decide again.")
@@ -418,7 +430,13 @@ def _decide(run_id: str, action: Any, decision: str, done: str) -> BaseResponse:
     try:
         summary = action(run_id, scope, approval_id, text)
     except ApprovalAlreadyDecided as exc:
-        if exc.decided_by != scope.actor_id or exc.decision != decision:
+        stored = runtime.get_approval(run_id, approval_id, tenant_id=scope.tenant_id)
+        if (
+            exc.decided_by != scope.actor_id
+            or exc.decision != decision
+            or stored is None
+            or (stored.note, stored.edited_arguments) != (text, arguments)
+        ):
             flash(exc.message, "error")
             return back
         # The same operator sent the same decision again (a double click, a second tab).

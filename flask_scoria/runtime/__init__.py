@@ -17,6 +17,7 @@ from .reads import Page as Page
 from .reads import PendingApproval as PendingApproval
 from .reads import RunFilters as RunFilters
 from .reads import RunWindow as RunWindow
+from .reads import StepHead as StepHead
 from .reads import count_pending_approvals as count_pending_approvals
 from .reads import get_approval as get_approval
 from .reads import get_run as get_run
@@ -28,7 +29,7 @@ from .reads import pending_approvals as pending_approvals
 from .reads import recover_expired_leases as recover_expired_leases
 from .reads import run_status as run_status
 from .reads import runs_awaiting_resume as runs_awaiting_resume
-from .reads import step_kind as step_kind
+from .reads import step_head as step_head
 from .retention import prune_runs as prune_runs
 from .start import start_handoff_run as start_handoff_run
 from .start import start_run as start_run

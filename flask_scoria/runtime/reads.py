@@ -68,7 +68,7 @@ T = TypeVar("T")
 #: Rows on one page of a list, unless the caller asks for another number.
 PAGE_SIZE = 50
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_CURSOR = re.compile(r"^(\d{1,20})\.([0-9a-f]{32})$")
+_CURSOR = re.compile(r"(\d{1,20})\.([0-9a-f]{32})")
 # Inline, so that the planner matches the partial index of pending approvals
 # even with a generic plan.
 _PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
@@ -94,7 +94,7 @@ class Cursor:
     @classmethod
     def decode(cls, text: str) -> Cursor | None:
         """The position ``encode`` wrote, or ``None`` for anything else."""
-        match = _CURSOR.match(text)
+        match = _CURSOR.fullmatch(text)
         parsed = parse_uuid(match.group(2)) if match else None
         if match is None or parsed is None:
             return None
@@ -415,7 +415,7 @@ PROMPT_SCAN = 2000
 #: A run id prefix with this many hex digits (32 bits of a UUIDv7's milliseconds) names
 #: the runs created within about a minute: few enough to find by the key, then sort.
 KEY_PREFIX_DIGITS = 8
-_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_HEX = re.compile(r"[0-9a-f]{1,32}")
 
 
 def _id_digits(prefix: str | None) -> str | None:
@@ -431,7 +431,7 @@ def _searched(query: Select[Any], filters: RunFilters, digits: str | None) -> Se
     ``query`` matches begin, and searches the runs created since.
     """
     if digits is not None:
-        if not _HEX.match(digits):
+        if not _HEX.fullmatch(digits):
             return query.where(false())
         low = uuid.UUID(digits.ljust(32, "0"))
         high = uuid.UUID(digits.ljust(32, "f"))
@@ -537,16 +537,26 @@ def get_approval(
     return None if row is None else approval_from_row(row)
 
 
-def step_kind(run_id: str, step_id: str | None) -> str | None:
-    """The kind of one step of a run whose tenant the caller already checked."""
+@dataclass(frozen=True)
+class StepHead:
+    """What an operator's form needs of a step: its kind and attempt."""
+
+    kind: str
+    attempt: int
+
+
+def step_head(run_id: str, step_id: str | None) -> StepHead | None:
+    """The kind and attempt of one step of a run whose tenant the caller already checked."""
     run_key, step_key = parse_uuid(run_id), parse_uuid(step_id)
     if run_key is None or step_key is None:
         return None
     with context().storage.read() as conn:
-        kind: str | None = conn.execute(
-            select(steps.c.kind).where(steps.c.run_id == run_key, steps.c.id == step_key)
-        ).scalar()
-    return kind
+        row = conn.execute(
+            select(steps.c.kind, steps.c.attempt).where(
+                steps.c.run_id == run_key, steps.c.id == step_key
+            )
+        ).first()
+    return None if row is None else StepHead(row.kind, row.attempt)
 
 
 def _run_page_row(row: Row) -> tuple[RunSummary, Cursor]:

@@ -21,10 +21,12 @@ from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import one_statement
 from . import statements as sql
 from .arguments import (
+    LARGEST_INT,
     UNSET,
     TenantGuard,
     approval_key,
     decider,
+    int_in_range,
     optional_text,
     run_uuid,
     tenant_guard,
@@ -80,6 +82,7 @@ def resume_run(
     *,
     handlers: Mapping[str, Handler | str] | None = None,
     requested_by: str | None = None,
+    attempt: int | None = None,
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
@@ -89,27 +92,29 @@ def resume_run(
     recorded on the ``resume_requested`` or ``retry_requested`` event. Raises
     :class:`ApprovalPending` while the approval is undecided and
     :class:`RunNotResumable` in any state other than an approved pause or
-    ``failed``.
+    ``failed``. With ``attempt``, only a ``failed`` run whose failed step is at
+    that attempt is retried, so that a page or a job retries what it saw once.
     """
     key = run_uuid(run_id)
     guard = tenant_guard(tenant_id, identity)
     who = None if requested_by is None else decider(requested_by, "requested_by")
+    seen = None if attempt is None else int_in_range(attempt, "attempt", LARGEST_INT)
     ctx = context()
     resolver = Handlers(handlers, ctx.registry)
 
     def decide(tx: Tx) -> None:
         expire_leases(tx)
         status = tx.status()
-        if status == RunStatus.WAITING_FOR_APPROVAL:
+        if status == RunStatus.WAITING_FOR_APPROVAL and seen is None:
             _resume_approved(tx, resolver, who)
         elif status == RunStatus.FAILED:
-            _retry_failed(tx, resolver, who)
+            _retry_failed(tx, resolver, who, seen)
         else:
             raise RunNotResumable(
-                str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status)
+                str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status, seen)
             )
 
-    if ctx.storage.pipelines and (claiming := resolver.kinds_run_here()):
+    if ctx.storage.pipelines and seen is None and (claiming := resolver.kinds_run_here()):
         written = one_statement.resume(ctx, key, guard, claiming, _resume_payload(who))
         if written is not None:
             return _drive_written(ctx, resolver, written, [(signals.run_resumed, {})])
@@ -158,7 +163,9 @@ def _drive_written(
     return summary_from_row(drive(ctx, handlers, claim, written.run))
 
 
-def _not_resumable_message(run_id: str, status: str) -> str:
+def _not_resumable_message(run_id: str, status: str, attempt: int | None) -> str:
+    if attempt is not None:
+        return f"Run {run_id} is {status}: attempt {attempt} is no longer the one to retry."
     if status == RunStatus.RUNNING:
         return f"Run {run_id} is running; call dispatch() to execute its queued steps."
     return f"Run {run_id} is {status} and cannot be resumed."
@@ -212,11 +219,20 @@ def _resume_payload(requested_by: str | None) -> Row | None:
     return None if requested_by is None else {"requested_by": requested_by}
 
 
-def _retry_failed(tx: Tx, handlers: Handlers, requested_by: str | None) -> None:
+def _retry_failed(
+    tx: Tx, handlers: Handlers, requested_by: str | None, seen: int | None = None
+) -> None:
     step = _current_step(tx)
     if step is None or step["status"] != StepStatus.FAILED:
         raise RunNotResumable(
             str(tx.run_id), RunStatus.FAILED, f"Run {tx.run_id} has no failed step to retry."
+        )
+    if seen is not None and step["attempt"] != seen:
+        raise RunNotResumable(
+            str(tx.run_id),
+            RunStatus.FAILED,
+            f"Run {tx.run_id} was retried since attempt {seen} failed: its attempt"
+            f" {step['attempt']} failed in turn. Retry that one, if it should be.",
         )
     attempt = step["attempt"] + 1
     tx.set(status=RunStatus.RUNNING, completed_at=None)
