@@ -33,6 +33,21 @@ def in_another_task(step: StepView, run: RunSummary) -> dict[str, Any]:
     return {"first_task": step.input["first_task"], "task": current_task.request.id}
 
 
+def timed_then_inline(step: StepView, run: RunSummary) -> Next:
+    """A step with a timeout of one second, going on with a longer ``inline`` one."""
+    from celery import current_task
+
+    return Next("slow_inline", {"first_task": current_task.request.id})
+
+
+def slow_inline(step: StepView, run: RunSummary) -> dict[str, Any]:
+    """Take longer than the step before may, then say which Celery task ran this one."""
+    from celery import current_task
+
+    time.sleep(2.5)
+    return {"first_task": step.input["first_task"], "task": current_task.request.id}
+
+
 def sleepy(step: StepView, run: RunSummary) -> None:
     """Sleep past the kind's timeout of one second."""
     time.sleep(10)
@@ -88,8 +103,9 @@ def celery_init_app(app: Flask) -> Any:
 
 def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     """The test app: handlers ``count``, ``block`` (retried once), ``approved``, ``noop``,
-    ``block_then_count``, the two steps ``in_a_task`` and ``in_another_task``, and
-    ``sleepy`` (with a timeout)."""
+    ``block_then_count``, the two steps ``in_a_task`` and ``in_another_task``,
+    ``sleepy`` (with a timeout), and ``timed_then_inline`` (with a timeout) leading to
+    ``slow_inline`` (executor ``inline``)."""
     env = os.environ
     broker = config.pop("broker", env.get("SCORIA_TEST_BROKER"))
     settings = {
@@ -119,6 +135,8 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("in_a_task")(in_a_task)
     runtime.handler("in_another_task")(in_another_task)
     runtime.handler("sleepy", timeout=1.0)(sleepy)
+    runtime.handler("timed_then_inline", timeout=1.0)(timed_then_inline)
+    runtime.handler("slow_inline", executor="inline")(slow_inline)
     if broker:
         celery_init_app(app)
     if env.get("SCORIA_TEST_SPANS"):

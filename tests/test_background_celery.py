@@ -134,6 +134,24 @@ def test_the_soft_time_limit_is_recorded_as_the_steps_timeout(
     rig.close()
 
 
+def test_a_step_after_one_with_a_time_limit_runs_in_a_task_without_it(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """An ``inline`` kind runs on in the task of the step before, but not under that
+    step's time limit: it is sent as a task of its own, with its own limit (none)."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    rig.worker(processes, concurrency=1, pool="prefork")
+    run_id = rig.start("timed_then_inline", {}).run_id
+    wait_for(lambda: statuses(rig.app, [run_id]) in (["completed"], ["failed"]), 60, "the run")
+    with rig.app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    second = detail.steps[-1]
+    assert (detail.summary.status, second.error_envelope) == ("completed", None)
+    result = second.result_envelope or {}
+    assert result["task"] != result["first_task"]
+    rig.close()
+
+
 def test_celery_and_a_flask_worker_share_the_steps_on_rabbitmq(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -134,6 +135,27 @@ def test_failure_outcomes(handler: Any, expected: dict[str, Any]) -> None:
         assert 'raise ValueError("boom")' in envelope.pop("traceback")
     assert envelope == expected
     assert event_types(run.run_id)[-2:] == ["step_failed", "run_failed"]
+
+
+@pytest.mark.parametrize("raised", [SystemExit(2), asyncio.CancelledError()])
+def test_a_handler_raising_past_exception_fails_its_step(raised: BaseException) -> None:
+    """A library calling sys.exit(), an SDK cancelled: the step fails, the caller goes on."""
+
+    def exits(step: scoria.StepView, run: scoria.RunSummary) -> None:
+        raise raised
+
+    run = start({"work": exits})
+    assert run.status == "failed"
+    error = only_step(run.run_id).error_envelope or {}
+    assert error["type"] == type(raised).__name__
+
+
+def test_ctrl_c_in_a_handler_is_not_a_failure() -> None:
+    def interrupted(step: scoria.StepView, run: scoria.RunSummary) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        start({"work": interrupted})
 
 
 @pytest.mark.parametrize("returned", [42, "done", object(), Succeed({"x": object()})])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -88,8 +87,9 @@ class Handlers:
     """Resolves a step kind: per-call handlers first, then the registry.
 
     ``local``: run every step here, whatever its executor (a worker executing
-    queued steps). Once ``stopping`` is set, no step is claimed to run here
-    any more: a worker shutting down leaves the next steps queued.
+    queued steps). Once ``stopping()`` is true, no step is claimed to run here
+    any more: a worker shutting down leaves the next steps queued. ``elsewhere``:
+    the executor every kind's steps are sent to instead of running here.
     """
 
     def __init__(
@@ -98,10 +98,12 @@ class Handlers:
         registry: Mapping[str, Handler],
         *,
         local: bool = False,
-        stopping: threading.Event | None = None,
+        stopping: Callable[[], bool] | None = None,
+        elsewhere: str | None = None,
     ) -> None:
         self.local = local
         self.stopping = stopping
+        self.elsewhere = elsewhere
         if per_call is None:
             per_call = {}
         if not isinstance(per_call, Mapping):
@@ -122,15 +124,17 @@ class Handlers:
 
     def policy(self, kind: str) -> HandlerPolicy:
         """Where and how steps of ``kind`` run (per-call handlers: inline, one attempt)."""
-        if kind in self._per_call:
-            return _PER_CALL
-        if isinstance(self._registry, HandlerRegistry):
-            return self._registry.policy(kind)
-        return _PER_CALL
+        if kind in self._per_call or not isinstance(self._registry, HandlerRegistry):
+            policy = _PER_CALL
+        else:
+            policy = self._registry.policy(kind)
+        if self.elsewhere is None:
+            return policy
+        return replace(policy, executor=self.elsewhere)
 
     def runs_here(self, kind: str) -> bool:
         """Whether a step of ``kind`` is executed by this process once claimed."""
-        if self.stopping is not None and self.stopping.is_set():
+        if self.stopping is not None and self.stopping():
             return False
         return self.local or self.policy(kind).executor == "inline"
 
@@ -164,7 +168,9 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
     """Call ``handler`` and turn whatever happens into a storable outcome."""
     try:
         value = handler(step, run)
-    except Exception as exc:
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:  # SystemExit from a library, asyncio's CancelledError
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
         return Raised(
             {

@@ -183,7 +183,8 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     A step already claimed, finished or cancelled is left alone, so a
     repeated request executes the step once. A step that this one leads to
     runs where its kind runs, as after a call: a Celery kind's in a task of
-    its own, under its own time limit.
+    its own, under its own time limit. After a step with a timeout, whose time
+    limit the task is under, every step goes on in a task of its own.
     """
     ctx = context()
     handlers = Handlers(None, ctx.registry, local=True)
@@ -207,7 +208,9 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead, claims=True)
     if claim is None:
         return None
-    return _execute_claimed(ctx.app, Handlers(None, ctx.registry), row, claim)
+    timed = ctx.registry.policy(claim.step["kind"]).timeout is not None
+    onward = Handlers(None, ctx.registry, elsewhere="celery" if timed else None)
+    return _execute_claimed(ctx.app, onward, row, claim)
 
 
 #: Due steps of running runs, oldest first, whose kinds are in ``kinds``.
@@ -312,6 +315,10 @@ class Worker:
             os._exit(1)
         self._signalled = True
 
+    def _stop_noted(self) -> bool:
+        """Whether a stop was asked for, by a call or a signal (from any thread)."""
+        return self._signalled or self._stopping.is_set()
+
     def _stop_requested(self) -> bool:
         """Whether the worker is stopping; turns a noted signal into :meth:`stop`."""
         if self._signalled and not self._stopping.is_set():
@@ -354,7 +361,7 @@ class Worker:
                 # A pooled connection that dropped; the next pass listens on a fresh one,
                 # and this one claims what is due meanwhile.
                 log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
-        handlers = Handlers(None, ctx.registry, local=True, stopping=self._stopping)
+        handlers = Handlers(None, ctx.registry, local=True, stopping=self._stop_noted)
         while not self._stop_requested() and self._slots.acquire(blocking=False):
             try:
                 claimed = claim_due(ctx, handlers)
@@ -377,7 +384,7 @@ class Worker:
             while claimed is not None:
                 self.on_dispatched(_execute_claimed(self.app, handlers, *claimed))
                 claimed = None
-                if not self._stopping.is_set():
+                if not self._stop_noted():
                     with self.app.app_context():
                         claimed = claim_due(context(), handlers)
         except StorageError as exc:
