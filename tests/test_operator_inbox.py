@@ -251,6 +251,25 @@ def test_a_row_looks_only_at_the_arguments_it_previews(monkeypatch: pytest.Monke
     assert len(looked_at) <= 9
 
 
+def test_a_row_reads_only_the_head_of_a_long_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    split = "postgresql://u:" + "p" * 20_000 + "@db/prod"
+    arguments = {"body": "lorem " * 1_000_000, "dsn": split, "list": ["x" * 10**6]}
+    masked: list[int] = []
+    mask = present.mask_passwords
+
+    def measuring(text: str, replacement: str) -> str:
+        masked.append(len(text))
+        return mask(text, replacement)
+
+    monkeypatch.setattr(present, "mask_passwords", measuring)
+    shown = dict(present.preview(arguments))
+    assert not present.previewed_whole(arguments)
+    assert shown["body"].startswith("lorem lorem") and shown["body"].endswith("...")
+    # Cut inside its password, the URL is still masked.
+    assert shown["dsn"].startswith("postgresql://u:[REDACTED]") and "ppp" not in shown["dsn"]
+    assert max(masked) <= present.VALUE_CHARS + 1
+
+
 def test_decide_from_the_inbox(app: Flask, ops: FlaskClient) -> None:
     approved, rejected = start(app, kind="send_short"), start(app, kind="send_short")
     theirs = start(app, tenant=OTHER, kind="send_short")

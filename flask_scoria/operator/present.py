@@ -272,12 +272,25 @@ def previewed_whole(
 
 
 def _first(mapping: Mapping[str, Any] | None, extra: frozenset[str]) -> list[tuple[str, Any]]:
-    """The first ``PREVIEW_KEYS`` keys of ``mapping``, sorted, with their redacted values;
-    the others' values are not looked at, however large."""
+    """The first ``PREVIEW_KEYS`` keys of ``mapping``, sorted, with their redacted values,
+    their texts cut (:func:`_cut`); the others' values are not looked at, however large."""
     if not mapping:
         return []
     keys = sorted(mapping)[:PREVIEW_KEYS]
-    return list(redact({key: mapping[key] for key in keys}, extra).items())
+    return list(redact({key: _cut(mapping[key]) for key in keys}, extra).items())
+
+
+def _cut(value: Any) -> Any:
+    """``value`` with each text longer than ``VALUE_CHARS`` characters cut there, far past
+    what a preview shows. An ``@`` ends a cut text, so that a URL's password that the cut
+    splits is still masked."""
+    if isinstance(value, str):
+        return value if len(value) <= VALUE_CHARS else value[:VALUE_CHARS] + "@"
+    if isinstance(value, Mapping):
+        return {key: _cut(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cut(item) for item in value]
+    return value
 
 
 def _text(value: object) -> str:
