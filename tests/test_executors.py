@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -116,8 +117,11 @@ def test_the_celery_task_executes_its_named_step_once(worker_app: Flask) -> None
         other = scoria.start_run(WHO, initial_step={"kind": "gate"})
         step_id = run.current_step_id
         assert step_id is not None
-        # a step named with another run's id is left alone
+        # a step named with another run's id is left alone, as is a run deleted since
+        # (or a message that names no step)
         assert execute_step(other.run_id, step_id) is None
+        assert execute_step(str(uuid.uuid4()), step_id) is None
+        assert execute_step("not-a-run", "not-a-step") is None
         paused = execute_step(run.run_id, step_id)
         assert paused is not None and paused.status == "waiting_for_approval"
         # a second delivery of the same task

@@ -689,7 +689,10 @@ def recover_expired_leases() -> list[str]:
         )
     recovered = []
     for key in run_ids:
-        expired, _, _ = transact(ctx, key, UNSET, notice_expiry)
+        try:
+            expired, _, _ = transact(ctx, key, UNSET, notice_expiry)
+        except RunNotFound:
+            continue  # deleted since it was read
         if expired:
             recovered.append(str(key))
     return recovered

@@ -20,7 +20,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -31,7 +30,8 @@ from flask import Flask, current_app
 from sqlalchemy import Connection, bindparam, func, literal_column, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import StorageError
+from .._ids import parse_uuid
+from ..errors import RunNotFound, StorageError
 from ..readback import RunSummary
 from ..statuses import RunStatus, StepStatus
 from . import statements as sql
@@ -188,7 +188,10 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     """
     ctx = context()
     handlers = Handlers(None, ctx.registry, local=True)
-    run_key, step_key = uuid.UUID(run_id), uuid.UUID(step_id)
+    run_key, step_key = parse_uuid(run_id), parse_uuid(step_id)
+    if run_key is None or step_key is None:
+        log.warning("Asked to execute step %r of run %r: not the ids of a step.", step_id, run_id)
+        return None
 
     def decide(tx: Tx) -> None:
         if tx.status() != RunStatus.RUNNING:
@@ -205,7 +208,11 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     ahead: list[tuple[sql.Prepared, RowLike]] = [
         (_STEP_AND_RUNNING, {"b_run_id": run_key, "b_step_id": step_key})
     ]
-    _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead, claims=True)
+    try:
+        _, row, claim = transact(ctx, run_key, UNSET, decide, ahead=lambda _now: ahead, claims=True)
+    except RunNotFound:
+        log.info("Step %s was not executed: its run %s was deleted.", step_id, run_id)
+        return None
     if claim is None:
         return None
     timed = ctx.registry.policy(claim.step["kind"]).timeout is not None
