@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, cast, overload
+from weakref import ref
 
 from flask import Flask
 from sqlalchemy import Engine
@@ -75,7 +77,7 @@ class Scoria:
                     stacklevel=2,
                 )
         keeper = LeaseKeeper(settings.step_lease_seconds)
-        source = self._host_engine if engine is None else (lambda: engine)
+        source = partial(self._host_engine, ref(app)) if engine is None else (lambda: engine)
         register(app, AppState(self, settings, self.registry, keeper, source))
         app.extensions["scoria"] = self
 
@@ -166,9 +168,11 @@ class Scoria:
         """The storage of ``app`` (default: the current app)."""
         return self._state(app).storage
 
-    def _host_engine(self) -> Engine:
+    def _host_engine(self, app: ref[Flask]) -> Engine:
+        """The Flask-SQLAlchemy engine of ``app``, whichever app's context is current."""
         try:
-            engine: Engine = self.db.engine
+            with cast(Flask, app()).app_context():
+                engine: Engine = self.db.engine
         except RuntimeError as exc:
             raise RuntimeError(
                 "Scoria(db=db) runs on the Flask-SQLAlchemy engine: call db.init_app(app)"

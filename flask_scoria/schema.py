@@ -62,6 +62,10 @@ def _alembic(engine: Engine) -> Iterator[Config]:
         enforced = _suspend_foreign_keys(connection)
         try:
             with connection.begin():
+                if connection.dialect.name == "sqlite":
+                    # pysqlite leaves DDL outside any transaction: without this, a
+                    # revision that fails halfway keeps what it did, and never reruns.
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
                 config = Config()
                 config.set_main_option("script_location", str(migrations_path()))
                 config.attributes["connection"] = connection

@@ -231,7 +231,8 @@ class Storage:
         dropped = isinstance(cause, DBAPIError) and cause.connection_invalidated
         if not dropped or tries > self.reconnect_attempts:
             return False
-        delay = min(RECONNECT_MAX_DELAY, RECONNECT_DELAY * 2 ** (tries - 1))
+        # Doubling stops long before RECONNECT_MAX_DELAY; any number of tries stays a float.
+        delay = min(RECONNECT_MAX_DELAY, RECONNECT_DELAY * 2 ** min(tries - 1, 32))
         time.sleep(random.uniform(delay / 2, delay))
         return True
 

@@ -26,7 +26,9 @@ from test_background_worker import (
 )
 
 import flask_scoria as scoria
+from flask_scoria.runtime import execute_step
 from flask_scoria.runtime.tables import runs
+from flask_scoria.runtime.worker import resend_due_celery_steps
 
 pytest.importorskip("celery")
 
@@ -149,6 +151,31 @@ def test_a_step_after_one_with_a_time_limit_runs_in_a_task_without_it(
     assert (detail.summary.status, second.error_envelope) == ("completed", None)
     result = second.result_envelope or {}
     assert result["task"] != result["first_task"]
+    rig.close()
+
+
+def test_a_step_sent_on_from_a_time_limited_task_is_sent_again_if_lost(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """An ``inline`` step that a task under a time limit queued for Celery, whose send
+    was lost, is sent again by ``flask_scoria.recover`` as a Celery kind's would be."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    rig.app.extensions["scoria"].handler("timed_here", timeout=30)(
+        lambda step, run: scoria.Next("slow_inline")
+    )
+    run = rig.start("timed_here", {})
+    with rig.app.app_context():
+        celery = rig.app.extensions.pop("celery")  # the send of the next step fails
+        try:
+            assert execute_step(run.run_id, str(run.current_step_id)) is not None
+        finally:
+            rig.app.extensions["celery"] = celery
+        detail = scoria.get_run_detail(run.run_id)
+        second = detail.steps[-1]
+        assert (second.kind, second.status) == ("slow_inline", "queued")
+        queued = [e.payload for e in detail.events if e.event_type == "step_queued"]
+        assert queued[-1]["executor"] == "celery"
+        assert resend_due_celery_steps(0) == [second.id]
     rig.close()
 
 

@@ -48,6 +48,27 @@ def test_host_engine_is_used_and_host_session_is_left_alone(
         db.engine.dispose()
 
 
+def test_each_app_of_a_shared_db_gets_its_own_engine(tmp_path: Path) -> None:
+    """One ``SQLAlchemy`` and one ``Scoria`` for two apps (an app factory's tests): an
+    app's storage is its own engine, whichever app's context is current."""
+    db = SQLAlchemy()
+    runtime = Scoria(db=db)
+    apps = []
+    for name in ("a", "b"):
+        app = Flask(name, instance_path=str(tmp_path / name))
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / name}.sqlite3"
+        db.init_app(app)
+        runtime.init_app(app)
+        apps.append(app)
+    first, second = apps
+    with first.app_context():
+        assert str(runtime.storage(second).engine.url).endswith("b.sqlite3")
+        assert str(runtime.storage(first).engine.url).endswith("a.sqlite3")
+    for app in apps:
+        with app.app_context():
+            db.engine.dispose()
+
+
 def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_path: Path) -> None:
     """A flushed, uncommitted host write does not block or leak into a scoria write."""
     app, db, note = make_host_app(postgres_url, tmp_path / "instance")

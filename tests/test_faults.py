@@ -33,7 +33,7 @@ from flask_scoria.runtime import tables
 from flask_scoria.runtime.context import context
 from flask_scoria.runtime.worker import Worker
 from flask_scoria.state import app_state
-from flask_scoria.storage import PING_AFTER_IDLE
+from flask_scoria.storage import PING_AFTER_IDLE, RECONNECT_MAX_DELAY, Storage
 from flask_scoria.storage import _hint as storage_hint
 
 only_postgres = pytest.mark.parametrize("backend", ["postgresql"])
@@ -732,3 +732,19 @@ def test_a_worker_claim_whose_connection_failed_runs_its_step_once(
     assert len(executions(counter)) == 1
     assert detail.steps[0].attempt == 1
     assert "lease_expired" not in [event.event_type for event in detail.events]
+
+
+def test_any_number_of_reconnect_attempts_waits_at_most_the_longest_delay() -> None:
+    """``SCORIA_RECONNECT_ATTEMPTS`` set very high ("retry for ever"): the thousandth
+    try after a dropped connection still waits, where the delay's doubling overflowed."""
+    engine = sa.create_engine("sqlite://")
+    storage = Storage(engine, reconnect_attempts=10_000)
+    dropped = StorageError("connection dropped")
+    dropped.__cause__ = sa.exc.DBAPIError(
+        "SELECT 1", None, Exception("gone"), connection_invalidated=True
+    )
+    began = time.monotonic()
+    assert storage.retry_after(dropped, 1_100)
+    assert time.monotonic() - began <= RECONNECT_MAX_DELAY + 0.5
+    assert not storage.retry_after(dropped, 10_001)
+    engine.dispose()

@@ -200,6 +200,27 @@ def test_upgrading_keeps_the_runs_of_the_first_revision(
         engine.dispose()
 
 
+def test_a_revision_that_fails_changes_nothing_and_runs_again(empty_database_uri: str) -> None:
+    engine = sa.create_engine(empty_database_uri)
+    try:
+        schema.upgrade(engine, "scoria_0001")
+        with engine.begin() as conn:  # in the way of an index scoria_0002 builds
+            conn.exec_driver_sql("CREATE TABLE in_the_way (x INTEGER)")
+            conn.exec_driver_sql("CREATE INDEX ix_scoria_steps_queued ON in_the_way (x)")
+        with pytest.raises(sa.exc.DatabaseError, match="ix_scoria_steps_queued"):
+            schema.upgrade(engine)
+        assert schema.current_revision(engine) == "scoria_0001"
+        step_columns = {column["name"] for column in sa.inspect(engine).get_columns("scoria_steps")}
+        assert "not_before" not in step_columns
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE in_the_way")
+        schema.upgrade(engine)
+        assert schema.current_revision(engine) == schema.head_revision()
+        assert schema.differences(engine) == []
+    finally:
+        engine.dispose()
+
+
 def test_migrating_through_the_cli_keeps_every_row(empty_database_uri: str, tmp_path: Path) -> None:
     """``flask scoria db`` migrates on the app's engine, which enforces SQLite's foreign keys:
     rebuilding ``scoria_runs`` must not delete the rows that reference it."""

@@ -253,7 +253,8 @@ def test_a_row_looks_only_at_the_arguments_it_previews(monkeypatch: pytest.Monke
 
 def test_a_row_reads_only_the_head_of_a_long_text(monkeypatch: pytest.MonkeyPatch) -> None:
     split = "postgresql://u:" + "p" * 20_000 + "@db/prod"
-    arguments = {"body": "lorem " * 1_000_000, "dsn": split, "list": ["x" * 10**6]}
+    quoted = "host=db password='" + "correct horse " * 2_000 + "'"
+    arguments = {"body": "lorem " * 1_000_000, "dsn": split, "list": ["x" * 10**6], "q": quoted}
     masked: list[int] = []
     mask = present.mask_passwords
 
@@ -267,7 +268,8 @@ def test_a_row_reads_only_the_head_of_a_long_text(monkeypatch: pytest.MonkeyPatc
     assert shown["body"].startswith("lorem lorem") and shown["body"].endswith("...")
     # Cut inside its password, the URL is still masked.
     assert shown["dsn"].startswith("postgresql://u:[REDACTED]") and "ppp" not in shown["dsn"]
-    assert max(masked) <= present.VALUE_CHARS + 1
+    assert "horse" not in present.preview({"q": quoted})[0][1]
+    assert max(masked) <= present.VALUE_CHARS + 2
 
 
 def test_decide_from_the_inbox(app: Flask, ops: FlaskClient) -> None:

@@ -282,10 +282,10 @@ def _first(mapping: Mapping[str, Any] | None, extra: frozenset[str]) -> list[tup
 
 def _cut(value: Any) -> Any:
     """``value`` with each text longer than ``VALUE_CHARS`` characters cut there, far past
-    what a preview shows. An ``@`` ends a cut text, so that a URL's password that the cut
-    splits is still masked."""
+    what a preview shows. A quote and an ``@`` end a cut text, so that a password that
+    the cut splits is still masked, of a URL or quoted in a connection string."""
     if isinstance(value, str):
-        return value if len(value) <= VALUE_CHARS else value[:VALUE_CHARS] + "@"
+        return value if len(value) <= VALUE_CHARS else value[:VALUE_CHARS] + "'@"
     if isinstance(value, Mapping):
         return {key: _cut(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

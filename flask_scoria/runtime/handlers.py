@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import traceback
+from asyncio import CancelledError
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -89,7 +91,7 @@ class Handlers:
     ``local``: run every step here, whatever its executor (a worker executing
     queued steps). Once ``stopping()`` is true, no step is claimed to run here
     any more: a worker shutting down leaves the next steps queued. ``elsewhere``:
-    the executor every kind's steps are sent to instead of running here.
+    the executor the steps of ``inline`` kinds with a handler are sent to instead.
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class Handlers:
             policy = _PER_CALL
         else:
             policy = self._registry.policy(kind)
-        if self.elsewhere is None:
+        if self.elsewhere is None or policy.executor != "inline" or self.get(kind) is None:
             return policy
         return replace(policy, executor=self.elsewhere)
 
@@ -168,9 +170,10 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
     """Call ``handler`` and turn whatever happens into a storable outcome."""
     try:
         value = handler(step, run)
-    except (KeyboardInterrupt, GeneratorExit):
-        raise
-    except BaseException as exc:  # SystemExit from a library, asyncio's CancelledError
+    except (Exception, CancelledError, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and threading.current_thread() is threading.main_thread():
+            raise  # a server's signal handler ending the process (gunicorn's sync workers)
+        # Off the main thread, SystemExit is a library calling sys.exit().
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
         return Raised(
             {

@@ -27,13 +27,13 @@ from types import FrameType
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, bindparam, func, literal_column, or_, select
+from sqlalchemy import Connection, and_, bindparam, func, literal_column, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .._ids import parse_uuid
 from ..errors import RunNotFound, StorageError
 from ..readback import RunSummary
-from ..statuses import RunStatus, StepStatus
+from ..statuses import EventType, RunStatus, StepStatus
 from . import statements as sql
 from .arguments import UNSET, int_in_range
 from .context import RuntimeContext, context
@@ -44,7 +44,7 @@ from .reads import recover_expired_leases
 from .rows import split_prefixed, summary_from_row
 from .statements import Conflict
 from .steps import claim_step, decided_approval, expire_leases
-from .tables import Row, RowLike, runs, steps
+from .tables import Row, RowLike, events, runs, steps
 from .transaction import Claim, Tx, transact, utcnow
 
 log = logging.getLogger("flask_scoria")
@@ -220,14 +220,31 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     return _execute_claimed(ctx.app, onward, row, claim)
 
 
-#: Due steps of running runs, oldest first, whose kinds are in ``kinds``.
+#: Whether the step was queued for Celery whatever its kind's executor (by a task
+#: under a time limit, see :func:`execute_step`).
+_QUEUED_FOR_CELERY = (
+    select(events.c.sequence)
+    .where(
+        events.c.run_id == steps.c.run_id,
+        events.c.step_id == steps.c.id,
+        events.c.event_type == EventType.STEP_QUEUED,
+        events.c.payload["executor"].as_string() == "celery",
+    )
+    .exists()
+)
+
+#: Due steps of running runs, oldest first, whose kinds are in ``kinds``, or in
+#: ``inline_kinds`` and queued for Celery.
 _OVERDUE = (
     select(steps.c.run_id, steps.c.id, steps.c.kind, steps.c.not_before)
     .join(runs, runs.c.id == steps.c.run_id)
     .where(
         _IS_QUEUED,
         steps.c.not_before <= bindparam("before"),
-        steps.c.kind.in_(bindparam("kinds", expanding=True)),
+        or_(
+            steps.c.kind.in_(bindparam("kinds", expanding=True)),
+            and_(steps.c.kind.in_(bindparam("inline_kinds", expanding=True)), _QUEUED_FOR_CELERY),
+        ),
         _RUN_IS_RUNNING,
     )
     .order_by(steps.c.not_before)
@@ -238,18 +255,20 @@ _OVERDUE = (
 def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[str]:
     """Send the Celery task again for steps due more than ``resend_after`` seconds ago.
 
-    Only steps of kinds whose executor is ``"celery"``, at most ``limit``,
-    oldest first. Returns their ids.
+    Only steps queued for Celery (of kinds whose executor is ``"celery"``, or
+    sent on from a task under a time limit), at most ``limit``, oldest first.
+    Returns their ids.
     """
     ctx = context()
-    kinds = [
-        kind for kind in sorted(ctx.registry) if ctx.registry.policy(kind).executor == "celery"
-    ]
+    executors = {kind: ctx.registry.policy(kind).executor for kind in sorted(ctx.registry)}
+    kinds = [kind for kind, executor in executors.items() if executor == "celery"]
     if not kinds:
         return []
+    inline_kinds = [kind for kind, executor in executors.items() if executor == "inline"]
     before = utcnow() - timedelta(seconds=resend_after)
+    params = {"before": before, "kinds": kinds, "inline_kinds": inline_kinds, "limit": limit}
     with ctx.storage.read() as conn:
-        rows = conn.execute(_OVERDUE, {"before": before, "kinds": kinds, "limit": limit}).all()
+        rows = conn.execute(_OVERDUE, params).all()
     return [
         str(row.id)
         for row in rows
