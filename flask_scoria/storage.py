@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
 
 from .errors import StorageError
@@ -49,15 +49,16 @@ def create_standalone_engine(
     """
     options = dict(engine_options)
     connect_args = dict(options.pop("connect_args", {}))
-    backend = make_url(uri).get_backend_name()
+    url = make_url(uri)
+    backend = url.get_backend_name()
     if backend == "sqlite":
         connect_args.setdefault("timeout", busy_timeout)
         connect_args.setdefault("check_same_thread", False)
     elif backend == "postgresql":
-        # libpq takes whole seconds, and treats less than 2 as 2.
-        connect_args.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
-        milliseconds = math.ceil(statement_timeout * 1000)
-        connect_args.setdefault("options", f"-c statement_timeout={milliseconds}")
+        if "connect_timeout" not in url.query:
+            # libpq takes whole seconds, and treats less than 2 as 2.
+            connect_args.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+        connect_args.setdefault("options", _server_options(url, statement_timeout))
     options["connect_args"] = connect_args
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
@@ -68,6 +69,17 @@ def create_standalone_engine(
         # A file has no server to close its connections.
         ping_when_idle(engine)
     return engine
+
+
+def _server_options(url: URL, statement_timeout: float) -> str:
+    """The URL's own ``options`` (a ``search_path``, say), with the statement timeout
+    unless they set one."""
+    given = url.query.get("options") or ()
+    text = given if isinstance(given, str) else " ".join(given)
+    if "statement_timeout" in text:
+        return text
+    milliseconds = math.ceil(statement_timeout * 1000)
+    return f"{text} -c statement_timeout={milliseconds}".strip()
 
 
 def _keep_cursors(_dbapi_connection: Any, record: Any) -> None:

@@ -279,6 +279,27 @@ def test_the_own_engine_replaces_a_connection_that_died_in_the_pool(
 
 
 @only_postgres
+def test_the_urls_own_options_and_connect_timeout_are_kept(
+    database_uri: str, tmp_path: Path
+) -> None:
+    url = sa.make_url(database_uri).update_query_dict(
+        {"options": "-c search_path=elsewhere,public", "connect_timeout": "7"}
+    )
+    uri = url.render_as_string(hide_password=False)
+    with configured_app(uri, tmp_path, SCORIA_STATEMENT_TIMEOUT=0.2) as app:
+        engine = app.extensions["scoria"].storage(app).engine
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW search_path").scalar() == "elsewhere,public"
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "200ms"
+            parameters = conn.connection.driver_connection.info.get_parameters()
+            assert parameters["connect_timeout"] == "7"
+    own = url.update_query_dict({"options": "-c statement_timeout=1s"})
+    with configured_app(own.render_as_string(hide_password=False), tmp_path) as app:
+        with app.extensions["scoria"].storage(app).engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "1s"
+
+
+@only_postgres
 def test_the_own_engine_times_out(database_uri: str, tmp_path: Path) -> None:
     with configured_app(database_uri, tmp_path, SCORIA_STATEMENT_TIMEOUT=0.2) as app:
         engine = app.extensions["scoria"].storage(app).engine
