@@ -295,7 +295,8 @@ def test_the_urls_own_options_and_connect_timeout_are_kept(
             assert parameters["connect_timeout"] == "7"
     own = url.update_query_dict({"options": "-c statement_timeout=1s"})
     with configured_app(own.render_as_string(hide_password=False), tmp_path) as app:
-        with app.extensions["scoria"].storage(app).engine.connect() as conn:
+        engine = app.extensions["scoria"].storage(app).engine
+        with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "1s"
 
 
