@@ -468,9 +468,10 @@ def _hint(reason: str) -> str | None:
         )
     if "readonly database" in reason or "unable to open database file" in reason:
         return (
-            "The SQLite file, or its folder, is read-only for this process (or opened with"
-            " mode=ro): flask-scoria writes the file and creates its -wal and -shm files next"
-            " to it."
+            "The SQLite file's folder does not exist (a relative path is relative to the"
+            " working directory), or the file or its folder is read-only for this process"
+            " (or opened with mode=ro): flask-scoria writes the file and creates its -wal"
+            " and -shm files next to it."
         )
     if "database is locked" in reason:
         return (

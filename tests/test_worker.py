@@ -277,7 +277,7 @@ def test_a_worker_finds_the_next_due_step_by_the_index_of_queued_steps(
     for statement, parameters in (
         (_DUE_STEP, {"now": now, "kinds": ["x"]}),
         (_NEXT_DUE, {"now": now, "kinds": ["x"]}),
-        (_OVERDUE, {"before": now, "kinds": ["x"], "limit": 100}),
+        (_OVERDUE, {"before": now, "kinds": ["x"], "inline_kinds": ["y"], "limit": 100}),
     ):
         expanded = statement.compile(engine).construct_expanded_state(parameters)
         if engine.dialect.name == "sqlite":

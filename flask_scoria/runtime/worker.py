@@ -331,6 +331,9 @@ class Worker:
         """Stop claiming steps; a second call while stopping exits at once."""
         if self._stopping.is_set():
             os._exit(1)  # the leases of the steps still running expire and they are retried
+        self._stop_claiming()
+
+    def _stop_claiming(self) -> None:
         self._stopping.set()
         self._freed.set()
 
@@ -346,9 +349,9 @@ class Worker:
         return self._signalled or self._stopping.is_set()
 
     def _stop_requested(self) -> bool:
-        """Whether the worker is stopping; turns a noted signal into :meth:`stop`."""
-        if self._signalled and not self._stopping.is_set():
-            self.stop()
+        """Whether the worker is stopping; a noted signal stops it as :meth:`stop` does."""
+        if self._signalled:
+            self._stop_claiming()
         return self._stopping.is_set()
 
     def run(self, on_started: Callable[[], None] = lambda: None) -> None:
