@@ -1,10 +1,11 @@
-"""Time-ordered ids."""
+"""Ids: time-ordered UUIDs, reading them, and the text an id given by a host may hold."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+import unicodedata
 import uuid
 
 _lock = threading.Lock()
@@ -39,3 +40,14 @@ def parse_uuid(value: object) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         return None
+
+
+#: Unicode categories no id may hold: control characters, lone surrogates (no database
+#: stores them), and line and paragraph separators.
+_NOT_IN_IDS = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def is_id_text(text: str) -> bool:
+    """Whether ``text`` may be an id: spaces of any script (a no-break space in a company's
+    name) and joiners (in an emoji, in Persian) may, control characters may not."""
+    return text.isprintable() or not any(unicodedata.category(char) in _NOT_IN_IDS for char in text)

@@ -9,6 +9,7 @@ from typing import Any
 
 import flask
 
+from ._ids import is_id_text
 from ._json import json_object
 from .errors import InvalidIdentity
 
@@ -170,8 +171,8 @@ def normalize_id(value: object, name: str) -> str | None:
         return None
     if len(text) > MAX_ID_LENGTH:
         raise InvalidIdentity(f"{name} is longer than {MAX_ID_LENGTH} characters.")
-    if not text.isprintable():
-        raise InvalidIdentity(f"{name} contains control or non-printable characters.")
+    if not is_id_text(text):
+        raise InvalidIdentity(f"{name} contains control characters or line breaks.")
     return text
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _helpers import UNSAFE_NAMES, row_counts
+from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
@@ -65,6 +67,15 @@ def assert_seed_evidence(detail: scoria.RunDetail, child_status: str) -> None:
     assert child.projected_context == CONTEXT
     assert child.parent_step_id == root.id
     assert detail.handoffs[0].id == delegated.handoff_id
+
+
+def test_a_handoff_run_needs_room_for_two_steps(database_uri: str, tmp_path: Path) -> None:
+    app = create_test_app(database_uri, tmp_path / "one-step", SCORIA_MAX_STEPS=1)
+    with app.app_context():
+        with pytest.raises(scoria.InvalidRunOptions, match="SCORIA_MAX_STEPS is 1"):
+            handoff()
+        assert scoria.list_runs_for_session("assistant-session") == []
+    app.extensions["scoria"].storage(app).engine.dispose()
 
 
 @pytest.mark.runtime_to_handoff
@@ -209,6 +220,7 @@ UNSAFE_KEYS = [
         ({"projected_context": nested(17)}, "projected_context_too_deep"),
         ({"projected_context": {"list": [nested(16)]}}, "projected_context_too_deep"),
         ({"projected_context": {"tuple": (nested(80),)}}, "projected_context_too_deep"),
+        ({"capability_tags": [f"tag-{n}" for n in range(33)]}, "invalid_capability_tags"),
     ],
 )
 def test_rejected_handoffs_write_nothing(app: Flask, overrides: dict[str, Any], code: str) -> None:
@@ -242,8 +254,10 @@ def test_safe_lookalikes_and_caps_at_the_limit_are_accepted() -> None:
         "secretary": "Ann",
         "deep": nested(15),
     }
-    run = handoff(projected_context=context)
-    assert scoria.get_run_detail(run.run_id).delegated_handoffs[0].projected_context == context
+    tags = [f"{n:02}" + "t" * 62 for n in range(32)]
+    run = handoff(projected_context=context, capability_tags=tags)
+    (delegated,) = scoria.get_run_detail(run.run_id).delegated_handoffs
+    assert (delegated.projected_context, list(delegated.capability_tags)) == (context, tags)
     assert handoff(projected_context=nested(16)).status == "running"
 
 

@@ -115,6 +115,27 @@ def test_invalid_identity(value: Any) -> None:
     assert info.value.code == "invalid_identity"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Société\u00a0Générale",
+        "山田\u3000太郎",
+        "\U0001f469\u200d\U0001f4bb",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    ],
+)
+def test_ids_in_any_script_are_ids(text: str) -> None:
+    """A no-break or ideographic space, a joiner in an emoji or in Persian: ids as given."""
+    found = scoria.identity({"actor_id": text, "tenant_id": text, "session_id": text})
+    assert (found.actor_id, found.tenant_id, found.session_id) == (text, text, text)
+
+
+@pytest.mark.parametrize("text", ["a\tb", "a\u2028b", "a\u2029b", "a\x85b", "a\ud800b"])
+def test_control_characters_and_line_breaks_are_no_ids(text: str) -> None:
+    with pytest.raises(scoria.InvalidIdentity, match="control characters or line breaks"):
+        scoria.identity({"session_id": text})
+
+
 def test_from_session_and_from_g_inside_a_request() -> None:
     app = Flask("identity_app")
     app.secret_key = "identity-secret"

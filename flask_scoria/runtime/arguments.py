@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Final
 
-from .._ids import parse_uuid
+from .._ids import is_id_text, parse_uuid
 from .._json import ErrorFactory, check_text, json_object, oversized
 from ..errors import InvalidIdentity, InvalidRunOptions, RunNotFound
 from ..identity import NO_IDS, Identity, normalize_id
@@ -118,11 +118,15 @@ def require_name(value: object, what: str, *, error: ErrorFactory, limit: int = 
 
 
 def idempotency_name(value: object, error: ErrorFactory) -> str | None:
-    """An idempotency key: ``None``, or a printable string of 1 to 255 characters."""
+    """An idempotency key: ``None``, or a string of 1 to 255 characters, without control
+    characters or line breaks."""
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not value.isprintable():
-        raise error("idempotency_key must be a printable string of 1 to 255 characters.")
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not is_id_text(value):
+        raise error(
+            "idempotency_key must be a string of 1 to 255 characters, without control"
+            " characters or line breaks."
+        )
     return value
 
 

@@ -114,18 +114,24 @@ def _check_keys(value: object, path: str) -> None:
             _check_keys(item, f"{path}[{index}]")
 
 
+#: The most capability tags one handoff may carry.
+MAX_CAPABILITY_TAGS = 32
+
+
 def _tags(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, Sequence) or not all(
-        isinstance(tag, str) and tag.strip() and len(tag) <= 64 for tag in value
+    if (
+        not isinstance(value, Sequence)
+        or len(value) > MAX_CAPABILITY_TAGS
+        or not all(isinstance(tag, str) and tag.strip() and len(tag) <= 64 for tag in value)
     ):
         raise InvalidHandoff(
             "invalid_capability_tags",
-            "capability_tags must be a string or a list of non-empty strings of at most 64"
-            " characters.",
+            f"capability_tags must be a string or a list of at most {MAX_CAPABILITY_TAGS}"
+            " non-empty strings of at most 64 characters.",
         )
     invalid = partial(InvalidHandoff, "invalid_capability_tags")
     return [check_text(tag.strip(), what="capability_tags", error=invalid) for tag in value]

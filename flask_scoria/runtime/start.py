@@ -192,6 +192,11 @@ def start_handoff_run(
         max_bytes=ctx.handoff_max_bytes,
         max_depth=ctx.handoff_max_depth,
     )
+    if ctx.max_steps < 2:
+        raise InvalidRunOptions(
+            "A handoff run has two steps (its root and the delegated one); SCORIA_MAX_STEPS"
+            f" is {ctx.max_steps}."
+        )
     metadata = run_metadata(runtime, ident, ctx.max_metadata_bytes)
     key = idempotency_name(idempotency_key, InvalidRunOptions)
     resolver = Handlers(handlers, ctx.registry)
