@@ -311,7 +311,9 @@ def verify_runtime_to_handoff(
         "4. get_run_detail returns delegated_handoffs",
         entry is not None
         and (entry.delegated_role_id, entry.delegated_kind) == ("critic", kind)
-        and entry.projected_context == context,
+        and entry.projected_context == context
+        # The app's own handler for the kind ran the child: it must not have failed.
+        and not (registered and entry.child_status == "failed"),
         f"{len(delegated)} handoff(s); child {entry.child_status if entry else '-'}"
         + ("" if registered else f" (no handler for {kind!r}: the child waits for one)"),
     )

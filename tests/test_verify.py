@@ -92,6 +92,19 @@ def test_the_handoff_lane_takes_a_payload_too(tmp_path: Path) -> None:
     assert seen == [{"draft": "x"}]
 
 
+def test_the_handoff_lane_fails_when_the_apps_handler_fails_the_child(tmp_path: Path) -> None:
+    app = host(tmp_path)
+    runtime = app.extensions["scoria"]
+    runtime.operator_scope(operator_scope)
+
+    @runtime.handler("review")
+    def review(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        raise RuntimeError("the review model is down")
+
+    found = outcomes(app, "runtime-to-handoff")
+    assert found["4. get_run_detail returns delegated_handoffs"] == "FAIL"
+
+
 @pytest.mark.parametrize(
     ("tenants", "outcome", "detail"),
     [

@@ -22,7 +22,10 @@ HOST = "127.0.0.1"
 
 
 def main() -> None:
-    port = int(os.environ.get("PORT", "5000"))
+    text = os.environ.get("PORT", "5000")
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        sys.exit(f"PORT must be a port number from 1 to 65535, not {text!r}: make demo PORT=5001")
+    port = int(text)
     app = create_app()
     with app.app_context():
         prepare()

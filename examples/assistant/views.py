@@ -120,7 +120,8 @@ def csrf_token() -> str:
 def check_csrf() -> None:
     if request.method == "POST":
         sent = request.form.get("csrf_token", "")
-        if not hmac.compare_digest(sent, session.get("csrf", "")) or not sent:
+        expected = str(session.get("csrf", ""))
+        if not sent or not hmac.compare_digest(sent.encode(), expected.encode()):
             raise FormExpired()
 
 
@@ -214,6 +215,9 @@ def create_run() -> Response:
             " Shorten it and ask again."
         )
         return redirect(url_for("assistant.conversation"))
+    if "\x00" in prompt:
+        flash("Your question holds a NUL character, which cannot be stored. Ask it without.")
+        return redirect(url_for("assistant.conversation"))
     started = scoria.start_run(
         current_identity(),
         root_role_id="executor",
@@ -227,18 +231,21 @@ def create_run() -> Response:
 
 
 def _start_key(prompt: str) -> str:
-    """The start's idempotency key: this member, this form, this question.
+    """The start's idempotency key: this member, this conversation, this form, this
+    question.
 
     The form's hidden ``form_key`` is made when the form is shown, so a double
     submit carries the same one. The question's digest is part of the key, so
     that a form shown again by the Back button starts a new run for a new
-    question.
+    question; the conversation is, so that an old form sent again in a new
+    conversation asks there, instead of bringing back the old conversation's run.
     """
     form_key = request.form.get("form_key", "")
     if not 0 < len(form_key) <= FORM_KEY_LIMIT:
         raise BadRequest("The form has no valid key. Reload the page and ask again.")
     digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
-    return f"ask:{session['actor_id']}:{form_key}:{digest}"
+    conversation = session["assistant_session_id"]
+    return f"ask:{session['actor_id']}:{conversation}:{form_key}:{digest}"
 
 
 #: How much of a question titles and lists show.
@@ -386,9 +393,11 @@ def submit_draft() -> Response:
     draft_answer = request.form.get("draft_answer", "").strip()
     if not draft_answer:
         abort(400, "The draft answer is empty.")
+    # Checked before the turn is recorded, so a refused draft leaves no run behind.
     if len(draft_answer) > DRAFT_LIMIT:
-        # Checked before the turn is recorded, so a refused draft leaves no run behind.
         abort(400, f"The draft answer is longer than {DRAFT_LIMIT} characters.")
+    if "\x00" in draft_answer:
+        abort(400, "The draft answer holds a NUL character, which cannot be stored.")
     identity = current_identity()
     started = scoria.start_run(identity, root_role_id="executor")
     session["last_scoria_run_id"] = started.run_id

@@ -181,6 +181,38 @@ def test_a_double_submit_starts_one_run(app: Flask, client: FlaskClient) -> None
     assert ask(client, "Order 40 chairs", form_key) != first
 
 
+def test_an_old_form_sent_in_a_new_conversation_asks_there(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    form_key = uuid.uuid4().hex
+    first = ask(client, "Order 40 chairs", form_key)
+    assert post(client, "/conversations").status_code == 302
+    again = ask(client, "Order 40 chairs", form_key)  # the Back button, a stale tab
+    assert again != first
+    with app.app_context():
+        run = scoria.get_run(again)
+    assert run.session_id == session_value(client, "assistant_session_id")
+
+
+def test_text_that_cannot_be_stored_is_refused_before_anything_is_written(
+    app: Flask, client: FlaskClient
+) -> None:
+    sign_in(client, "alice")
+    conversation = session_value(client, "assistant_session_id")
+    asked = post(client, "/assistant/runs", prompt="a\x00b", form_key=uuid.uuid4().hex)
+    assert asked.status_code == 302
+    assert "NUL character" in client.get(asked.location).get_data(as_text=True)
+    drafted = post(client, "/assistant/drafts", draft_answer="policy \x00")
+    assert drafted.status_code == 400
+    with app.app_context():
+        assert scoria.list_runs_for_session(conversation) == []
+
+
+def test_a_csrf_token_of_any_text_is_a_refused_form(client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    response = client.post("/logout", data={"csrf_token": "\u00e9t\u00e9"})
+    assert response.status_code == 400
+
+
 @pytest.mark.parametrize("form_key", [None, "", "k" * (views.FORM_KEY_LIMIT + 1)])
 def test_the_ask_form_needs_its_key(client: FlaskClient, form_key: str | None) -> None:
     sign_in(client, "alice")
