@@ -10,6 +10,7 @@ are credentials too, but a handoff may carry them, as its contract says.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 UNSAFE_NAMES = frozenset(
     {
@@ -61,6 +62,7 @@ UNSAFE_SUFFIXES = (
     "_secret",
     "_password",
     "_api_key",
+    "_apikey",
     "_cookie",
     "_header",
     "_credentials",
@@ -111,7 +113,10 @@ _NON_ALNUM = re.compile(r"[^0-9A-Za-z]+")
 
 
 def normalize_key(key: str) -> str:
-    """``requestHeaders``, ``Request-Headers`` -> ``request_headers``."""
+    """``requestHeaders``, ``Request-Headers`` -> ``request_headers``; letters of other
+    widths and forms (full-width ones) are read as the letters they stand for."""
+    if not key.isascii():
+        key = unicodedata.normalize("NFKC", key)
     key = _ACRONYM_BOUNDARY.sub(r"\1_\2", key)
     key = _CAMEL_BOUNDARY.sub(r"\1_\2", key)
     return _NON_ALNUM.sub("_", key).strip("_").lower()

@@ -168,6 +168,9 @@ UNSAFE_KEYS = [
     "client_secret",
     "db_password",
     "stripe_api_key",
+    "x_apikey",
+    "\uff54\uff4f\uff4b\uff45\uff4e",  # full-width "token"
+    "\uff21\uff30\uff29_\uff2b\uff25\uff39",  # full-width "API_KEY"
     "session_cookie",
     "auth_header",
     "aws_credentials",
