@@ -36,7 +36,8 @@ CHROMIUM_ARGS = [
 ]
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 TENANT = "acme"
-WIDTHS = {"desktop": 1280, "phone": 390}
+#: Where the lists are tables (1280, 1180), cards on a wide screen (1024), on a phone (390).
+WIDTHS = {"desktop": 1280, "small-desktop": 1180, "laptop": 1024, "phone": 390}
 LONG_NOTE = "checked-with-finance-" * 12
 
 

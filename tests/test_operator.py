@@ -245,6 +245,7 @@ def test_handoff_run_shows_its_delegated_evidence(operator_app: Flask, ops: Flas
     preview = section.split('class="preview"')[1].split("</dl>")[0]
     assert re.findall(r"<dt>(\w+)</dt>", preview) == ["audience", "budget", "policy"]
     assert "p" * 77 + "..." in preview and "p" * 78 not in preview
+    assert '<p class="more">1 more in the full context below</p>' in section  # zeta
     assert "Trains are fine." in section and "read-only" in section
     assert "no handler is registered for <code>review</code>" in html
 
