@@ -773,6 +773,9 @@ def test_an_approval_without_a_handler_here_says_the_app_resumes(
     assert 'id="awaiting-resume"' in html and f"flask scoria resume {run_id}" in html
     status = html.split('id="run-status">')[1].split("</span>")[0]
     assert ">approved, awaiting resume" in status
+    # Its step says the same, not "waiting for approval".
+    step = html.split('<div class="step-head">')[1].split("</strong>")[0]
+    assert 'data-status="waiting_for_approval">approved, awaiting resume</span>' in step
     assert 'name="approval_id"' not in html
     # Without a registered handler the operator cannot resume it here: the app does.
     assert f"/scoria/workflows/{run_id}/resume" not in html
