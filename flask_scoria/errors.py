@@ -93,6 +93,8 @@ class NoPendingApproval(ScoriaError):
             super().__init__(f"Run {run_id} has no approval {shown}.")
         self.run_id = run_id
         self.approval_id = approval_id
+        #: Whether the approval expired before anyone decided it.
+        self.expired = expired
 
 
 class InvalidIdentity(ScoriaError):

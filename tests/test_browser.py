@@ -359,6 +359,24 @@ def test_the_page_refreshes_when_the_run_moves(
     assert page.locator("button.copy").first.is_visible()
 
 
+def test_copy_works_where_the_clipboard_api_does_not(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    """Served over plain HTTP from another host, a page has no ``navigator.clipboard``."""
+    run_id = start(app, "send")
+    page = open_page()
+    page.add_init_script(
+        "Object.defineProperty(navigator, 'clipboard', {value: undefined});"
+        "document.addEventListener('copy', e => { const f = e.target;"
+        " window.copied = f.value.substring(f.selectionStart, f.selectionEnd); });"
+    )
+    page.goto(f"{base}/scoria/workflows/{run_id}")
+    button = page.locator("h1 button.copy")
+    button.click()
+    assert button.inner_text() == "copied"
+    assert page.evaluate("window.copied") == run_id
+
+
 def test_a_note_being_typed_is_kept_when_the_run_moves(
     app: Flask, base: str, open_page: Callable[..., Any]
 ) -> None:

@@ -364,15 +364,26 @@ def test_editing_a_fixed_approval_is_refused_with_the_reason(app: Flask, ops: Fl
 
 def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="review")
+    form = page_form(ops, run_id, {})
+    found = re.search(r'name="approval_id" value="([^"]+)"', run_page(ops, run_id))
+    assert found
     engine = app.extensions["scoria"].storage(app).engine
     past = datetime.now(UTC) - timedelta(minutes=5)
     with engine.begin() as conn:
         conn.execute(tables.approvals.update().values(expires_at=past))
+    # Approved from a page opened before it expired: told so, in words, on the run page.
+    late = ops.post(
+        f"/scoria/workflows/{run_id}/approve",
+        data={**form, "approval_id": found.group(1), "return_to": "approvals"},
+    )
+    assert late.location == f"/scoria/workflows/{run_id}"
+    told = html_unescape(page(ops, late.location))
+    assert "This approval expired before anyone decided it" in told
     inbox = page(ops, "/scoria/approvals")  # nobody can decide it any more
     assert run_id not in inbox and "Nothing is waiting for a decision." in inbox
     html = run_page(ops, run_id)
     assert 'data-status="expired"' in html and "nobody decided before" in html
-    assert "Retry failed step" in html
+    assert "Ask for approval again" in html and "Retry failed step" not in html
     assert post(ops, run_id, "retry").status_code == 303  # the handler asks again
     (line,) = re.findall(r'data-attempt-event="step_failed">(.*?)</li>', run_page(ops, run_id))
     assert line.startswith("Attempt 1 waited out its approval") and "approval_expired" in line

@@ -27,7 +27,13 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .. import runtime
 from .._json import storable_text
-from ..errors import ApprovalAlreadyDecided, RunNotFound, ScoriaError, StorageError
+from ..errors import (
+    ApprovalAlreadyDecided,
+    NoPendingApproval,
+    RunNotFound,
+    ScoriaError,
+    StorageError,
+)
 from ..readback import RunSummary
 from ..state import app_state
 from ..statuses import ApprovalStatus, RunStatus, StepStatus
@@ -414,6 +420,13 @@ def _act(
     return redirect(url_for("scoria.run", run_id=run_id), code=303)
 
 
+#: What an operator is told who decides an approval that expired meanwhile.
+_EXPIRED = (
+    "This approval expired before anyone decided it, and the run failed. Ask for approval"
+    " again to have it decided anew."
+)
+
+
 def _decide(
     run_id: str, action: Any, decision: str, done: str, arguments: object = None
 ) -> BaseResponse:
@@ -443,6 +456,12 @@ def _decide(
         summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
     except RunNotFound:
         raise
+    except NoPendingApproval as exc:
+        if not exc.expired:
+            flash(exc.message, "error")
+            return back
+        flash(_EXPIRED, "error")
+        return redirect(url_for("scoria.run", run_id=run_id), code=303)
     except ScoriaError as exc:
         flash(exc.message, "error")
         return back

@@ -539,24 +539,28 @@ def get_approval(
 
 @dataclass(frozen=True)
 class StepHead:
-    """What an operator's form needs of a step: its kind and attempt."""
+    """What an operator's form needs of a step: its kind, attempt, and the ``type`` of
+    its error, if it failed with one."""
 
     kind: str
     attempt: int
+    error_type: str | None = None
 
 
 def step_head(run_id: str, step_id: str | None) -> StepHead | None:
-    """The kind and attempt of one step of a run whose tenant the caller already checked."""
+    """The kind, attempt and error type of one step of a run whose tenant the caller
+    already checked."""
     run_key, step_key = parse_uuid(run_id), parse_uuid(step_id)
     if run_key is None or step_key is None:
         return None
+    error_type = steps.c.error_envelope["type"].as_string().label("error_type")
     with context().storage.read() as conn:
         row = conn.execute(
-            select(steps.c.kind, steps.c.attempt).where(
+            select(steps.c.kind, steps.c.attempt, error_type).where(
                 steps.c.run_id == run_key, steps.c.id == step_key
             )
         ).first()
-    return None if row is None else StepHead(row.kind, row.attempt)
+    return None if row is None else StepHead(row.kind, row.attempt, row.error_type)
 
 
 def _run_page_row(row: Row) -> tuple[RunSummary, Cursor]:

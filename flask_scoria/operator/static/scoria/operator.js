@@ -55,12 +55,33 @@
   function setupCopy() {
     document.addEventListener("click", function (event) {
       var button = event.target.closest("button[data-copy]");
-      if (!button || !navigator.clipboard) return;
-      navigator.clipboard.writeText(button.getAttribute("data-copy")).then(function () {
-        button.textContent = "copied";
+      if (!button) return;
+      var text = button.getAttribute("data-copy");
+      var said = function (what) {
+        button.textContent = what;
         setTimeout(function () { button.textContent = "copy"; }, 1500);
-      });
+      };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(function () { said("copied"); });
+      } else {
+        // Served over plain HTTP, the page may not use the clipboard's API.
+        said(copyBySelecting(text) ? "copied" : "select to copy");
+      }
     });
+  }
+
+  function copyBySelecting(text) {
+    var field = document.createElement("textarea");
+    field.value = text;
+    field.setAttribute("readonly", "");
+    field.style.position = "fixed";
+    field.style.opacity = "0";
+    document.body.appendChild(field);
+    field.select();
+    var done = false;
+    try { done = document.execCommand("copy"); } catch (error) { done = false; }
+    document.body.removeChild(field);
+    return done;
   }
 
   // Answers after which asking again cannot help: signed out, or the run is gone.
