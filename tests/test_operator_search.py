@@ -95,6 +95,24 @@ def test_runs_whose_match_redaction_hides_do_not_hide_older_matches(
     assert older in shown(ops, "prompt=prod")
 
 
+def test_a_prompt_search_reads_the_prompt_not_the_whole_metadata(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    with operator_app.app_context():
+        heavy = scoria.start_run(
+            {"tenant_id": TENANT},
+            runtime={"metadata": {"payload": {"prompt": "Heavy trains"}, "blob": "b" * 200_000}},
+        ).run_id
+        plain = start("plain trains")
+    with recorded_queries(operator_app.extensions["scoria"], operator_app) as statements:
+        page = shown(ops, "prompt=trains")
+    assert heavy in page and plain in page
+    listed = [sql for sql, _ in statements if "scoria_runs.created_at DESC" in sql]
+    column = re.compile(r"(SELECT|,)\s*scoria_runs\.metadata\s*(,|FROM\b)")
+    whole = [sql for sql in listed if column.search(sql)]
+    assert listed and not whole, whole
+
+
 def test_a_search_too_long_for_the_database_is_a_400(ops: FlaskClient) -> None:
     response = ops.get("/scoria/workflows?prompt=" + "é" * 25_001)
     assert response.status_code == 400 and "1000 characters" in response.text

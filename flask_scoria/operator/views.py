@@ -231,7 +231,9 @@ def _prompts_shown_with(
     needle = text.lower()
     after = _cursor()
     for _ in range(_SEARCH_PAGES):
-        page = runtime.list_runs(filters, tenant=tenant, after=after, notice=True)
+        page = runtime.list_runs(
+            filters, tenant=tenant, after=after, metadata="prompt", notice=True
+        )
         rows = [run for run in page.rows if needle in present.searched_prompt(run.metadata, extra)]
         if rows or page.next_cursor is None:
             break

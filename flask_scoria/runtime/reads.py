@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -76,6 +76,11 @@ _PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
 _WITHOUT_METADATA = (
     *(column for column in runs.c if column.key != "metadata"),
     null().label("metadata"),
+)
+#: The columns of a run with only the prompt of its metadata, read by the database.
+_WITH_PROMPT = (
+    *(column for column in runs.c if column.key != "metadata"),
+    runs.c.metadata[("payload", "prompt")].label("prompt"),
 )
 
 
@@ -319,20 +324,24 @@ def list_runs(
     tenant: TenantGuard = UNSET,
     after: Cursor | None = None,
     limit: int = PAGE_SIZE,
-    metadata: bool = True,
+    metadata: bool | Literal["prompt"] = True,
     notice: bool = False,
 ) -> Page[RunSummary]:
     """Runs matching ``filters`` (of ``tenant``, unless :data:`UNSET`), newest first.
 
     The page starts after ``after``; ties in creation time are broken by
     ``run_id``, descending. Without ``metadata`` the runs' metadata is not
-    read (each summary's is ``{}``). A filter no run can match, such as text
+    read (each summary's is ``{}``); with ``"prompt"`` only its
+    ``payload.prompt`` is (what a prompt search compares). A filter no run can match, such as text
     with a NUL character, gives an empty page. With ``notice`` the expired
     leases and approvals of the runs found are recorded, as reading each run
     would record them: a run that no longer matches the status filter leaves
     the page, and one whose recording fails is listed as it was found.
     """
-    query = select(runs) if metadata else select(*_WITHOUT_METADATA)
+    if metadata == "prompt":
+        query, project = select(*_WITH_PROMPT), _prompt_page_row
+    else:
+        query, project = select(runs) if metadata else select(*_WITHOUT_METADATA), _run_page_row
     # Runs whose ids start with this many digits were created within a minute or so:
     # found by their key, every other filter checked on each, not by the other indexes.
     digits = _id_digits(filters.run_id_prefix)
@@ -363,11 +372,11 @@ def list_runs(
     if filters.awaiting_resume:
         pending = exists().where(approvals.c.run_id == runs.c.id, approvals.c.status == _PENDING)
         query = query.where(*_status_is(RunStatus.WAITING_FOR_APPROVAL, by_status), ~pending)
-    found = _page(query, (runs.c.created_at, runs.c.id), after, limit, _run_page_row)
+    found = _page(query, (runs.c.created_at, runs.c.id), after, limit, project)
     if not notice:
         return found
     status = RunStatus.WAITING_FOR_APPROVAL if filters.awaiting_resume else filters.status
-    noticed = _noticed(found.rows, tenant, metadata)
+    noticed = _noticed(found.rows, tenant, bool(metadata))
     return Page([run for run in noticed if status in (None, run.status)], found.next_cursor)
 
 
@@ -565,6 +574,12 @@ def step_head(run_id: str, step_id: str | None) -> StepHead | None:
 
 def _run_page_row(row: Row) -> tuple[RunSummary, Cursor]:
     return summary_from_row(row), Cursor(row["created_at"], row["id"])
+
+
+def _prompt_page_row(row: Row) -> tuple[RunSummary, Cursor]:
+    prompt = row.pop("prompt")
+    row["metadata"] = {} if prompt is None else {"payload": {"prompt": prompt}}
+    return _run_page_row(row)
 
 
 def _pending_page_row(row: Row) -> tuple[PendingApproval, Cursor]:
