@@ -267,7 +267,7 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
     page.wait_for_url(f"{base}/scoria/approvals")
     assert f"Run …{first[-8:]}: Approved. The run is now completed." in page.inner_text("main")
     assert page.locator("#pending-count").inner_text() == "1"
-    page.locator("tr", has_text=second[-8:]).locator("button", has_text="Reject").click()
+    row_of(page, second).locator("button", has_text="Reject").click()
     page.wait_for_url(f"{base}/scoria/approvals")
     assert "Rejected. The run is now rejected." in page.inner_text("main")
     assert "Nothing is waiting for a decision." in page.inner_text("main")

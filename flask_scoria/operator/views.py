@@ -458,13 +458,11 @@ def _decide(
         summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
     except RunNotFound:
         raise
-    except NoPendingApproval as exc:
-        if not exc.expired:
-            flash(exc.message, "error")
-            return back
-        flash(_EXPIRED, "error")
-        return redirect(url_for("scoria.run", run_id=run_id), code=303)
     except ScoriaError as exc:
+        if isinstance(exc, NoPendingApproval) and exc.expired:
+            # Asked again from the run's page: that is where the operator goes next.
+            flash(_EXPIRED, "error")
+            return redirect(url_for("scoria.run", run_id=run_id), code=303)
         flash(exc.message, "error")
         return back
     flash(_outcome(done, summary, inbox), "ok")

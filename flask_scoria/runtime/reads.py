@@ -72,16 +72,11 @@ _CURSOR = re.compile(r"(\d{1,20})\.([0-9a-f]{32})")
 # Inline, so that the planner matches the partial index of pending approvals
 # even with a generic plan.
 _PENDING: ColumnElement[str] = literal_column(f"'{ApprovalStatus.PENDING}'")
+_BUT_METADATA = tuple(column for column in runs.c if column.key != "metadata")
 #: A run's columns with its metadata left out (read as ``None``), for what does not show it.
-_WITHOUT_METADATA = (
-    *(column for column in runs.c if column.key != "metadata"),
-    null().label("metadata"),
-)
+_WITHOUT_METADATA = (*_BUT_METADATA, null().label("metadata"))
 #: The columns of a run with only the prompt of its metadata, read by the database.
-_WITH_PROMPT = (
-    *(column for column in runs.c if column.key != "metadata"),
-    runs.c.metadata[("payload", "prompt")].label("prompt"),
-)
+_WITH_PROMPT = (*_BUT_METADATA, runs.c.metadata[("payload", "prompt")].label("prompt"))
 
 
 @dataclass(frozen=True)
@@ -332,8 +327,8 @@ def list_runs(
     The page starts after ``after``; ties in creation time are broken by
     ``run_id``, descending. Without ``metadata`` the runs' metadata is not
     read (each summary's is ``{}``); with ``"prompt"`` only its
-    ``payload.prompt`` is (what a prompt search compares). A filter no run can match, such as text
-    with a NUL character, gives an empty page. With ``notice`` the expired
+    ``payload.prompt`` is (what a prompt search compares). A filter no run
+    can match, such as text with a NUL character, gives an empty page. With ``notice`` the expired
     leases and approvals of the runs found are recorded, as reading each run
     would record them: a run that no longer matches the status filter leaves
     the page, and one whose recording fails is listed as it was found.

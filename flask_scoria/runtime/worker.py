@@ -340,7 +340,7 @@ class Worker:
     def _on_signal(self, *_: object) -> None:
         # A signal handler runs between two instructions of the main thread, which may
         # hold the lock an event's set() takes: only note the signal, the loop stops.
-        if self._signalled or self._stopping.is_set():
+        if self._stop_noted():
             os._exit(1)
         self._signalled = True
 
