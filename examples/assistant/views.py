@@ -273,6 +273,7 @@ def _remember_turn(run_id: str, *, title: str) -> None:
 def show_run(run_id: str) -> str:
     """One run, read back through the facade with the user's tenant as guard."""
     detail = scoria.get_run_detail(run_id, tenant_id=session["tenant_id"])
+    _members_own(detail.summary)
     sent = _result_with(detail, "answer")
     return render_template(
         "assistant/run.html",
@@ -296,13 +297,22 @@ def show_run(run_id: str) -> str:
 @login_required
 def run_status(run_id: str) -> dict[str, Any]:
     """What the run page polls: it reloads when ``updated_at`` moves."""
-    run = scoria.get_run(run_id, tenant_id=session["tenant_id"])
+    run = _members_own(scoria.get_run(run_id, tenant_id=session["tenant_id"]))
     return {
         "run_id": run.run_id,
         "status": run.status,
         "updated_at": run.updated_at.isoformat(),
         "final": run.status in FINAL_STATUSES,
     }
+
+
+def _members_own(run: scoria.RunSummary) -> scoria.RunSummary:
+    """``run`` if the signed-in member started it: the tenant guard keeps other
+    tenants out, this keeps a colleague's questions private. Another member's run
+    is not found, as another tenant's is."""
+    if run.actor_id != session["actor_id"]:
+        raise scoria.RunNotFound(run.run_id)
+    return run
 
 
 def _result_with(detail: scoria.RunDetail, key: str) -> Mapping[str, Any]:
@@ -369,6 +379,7 @@ def _resumable(detail: scoria.RunDetail) -> bool:
 @login_required
 def resume(run_id: str) -> Response:
     """Resume after approval, by the exact run_id; the run keeps its id."""
+    _members_own(scoria.get_run(run_id, tenant_id=session["tenant_id"]))
     try:
         scoria.resume_run(run_id, tenant_id=session["tenant_id"])
     except scoria.ApprovalPending:

@@ -328,6 +328,21 @@ def test_another_tenant_sees_not_found(client: FlaskClient) -> None:
     assert post(client, f"/assistant/runs/{run_id}/resume").status_code == 404
 
 
+def test_a_colleague_in_the_same_tenant_sees_not_found(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    run_id = ask(client, "my own question")
+    with app.app_context():
+        scoria.approve_run(run_id, decided_by="ops")
+    sign_in(client, "bob")
+    for path in (f"/assistant/runs/{run_id}", f"/assistant/runs/{run_id}/status.json"):
+        assert client.get(path).status_code == 404
+    assert post(client, f"/assistant/runs/{run_id}/resume").status_code == 404
+    with app.app_context():
+        assert scoria.get_run(run_id).status == "waiting_for_approval"
+    sign_in(client, "alice")
+    assert client.get(f"/assistant/runs/{run_id}").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("user_id", "scope"),
     [("ops", {"tenant_id": "acme", "actor_id": "ops"}), ("alice", None), (None, None)],
