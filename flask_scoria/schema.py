@@ -16,6 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 from .runtime import metadata
+from .storage import begin_sqlite
 
 #: The table that records which flask-scoria revision a database is at.
 VERSION_TABLE = "scoria_alembic_version"
@@ -65,7 +66,7 @@ def _alembic(engine: Engine) -> Iterator[Config]:
                 if connection.dialect.name == "sqlite":
                     # pysqlite leaves DDL outside any transaction: without this, a
                     # revision that fails halfway keeps what it did, and never reruns.
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                    begin_sqlite(connection, "IMMEDIATE")
                 config = Config()
                 config.set_main_option("script_location", str(migrations_path()))
                 config.attributes["connection"] = connection

@@ -293,7 +293,7 @@ class Storage:
             try:
                 conn.begin()
                 if self.is_sqlite:
-                    conn.connection.cursor().execute("BEGIN IMMEDIATE").close()
+                    begin_sqlite(conn, "IMMEDIATE")
                 elif not flush:
                     commit_without_waiting(conn)
                 yield conn
@@ -351,10 +351,30 @@ class Storage:
         """A connection whose queries all see the database at one moment."""
         with self._errors(), self.engine.connect() as conn:
             if self.is_sqlite:
-                conn.exec_driver_sql("BEGIN")
+                conn.begin()
+                begin_sqlite(conn, "DEFERRED")
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+def begin_sqlite(conn: Connection, mode: str) -> None:
+    """Start the SQLite transaction of ``conn``, which SQLAlchemy has begun, in ``mode``
+    (``IMMEDIATE``: holding the write lock from the start).
+
+    pysqlite leaves ``BEGIN`` to its first write. A host engine that sends its own
+    on SQLAlchemy's ``begin`` event (SQLAlchemy's recipe for pysqlite) has
+    already started one, deferred and empty: it is committed first, since SQLite
+    cannot start a transaction inside another.
+    """
+    driver: Any = conn.connection.driver_connection
+    cursor = driver.cursor()
+    try:
+        if driver.in_transaction:
+            cursor.execute("COMMIT")
+        cursor.execute(f"BEGIN {mode}")
+    finally:
+        cursor.close()
 
 
 def _stuck(driver: Any) -> bool:

@@ -84,6 +84,34 @@ def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_
         db.engine.dispose()
 
 
+def test_a_host_sqlite_engine_that_sends_its_own_begin(tmp_path: Path) -> None:
+    """SQLAlchemy's recipe for pysqlite (the driver's own transactions off, ``BEGIN``
+    sent on the ``begin`` event) leaves a transaction open when flask-scoria starts
+    its own: migrations, writes and snapshot reads still work, and so does the host."""
+    app, db, note = make_host_app(f"sqlite:///{tmp_path / 'host.sqlite3'}", tmp_path / "i")
+    runtime = app.extensions["scoria"]
+    runtime.handler("ask")(
+        lambda step, run: {"done": True} if step.approval else scoria.WaitForApproval("send")
+    )
+    with app.app_context():
+        sa.event.listen(
+            db.engine, "connect", lambda dbapi, _: setattr(dbapi, "isolation_level", None)
+        )
+        sa.event.listen(db.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        db.engine.dispose()
+        schema.upgrade(db.engine)
+        run = scoria.start_run(scoria.identity({"actor_id": "a"}), initial_step={"kind": "ask"})
+        assert run.status == "waiting_for_approval"
+        scoria.approve_run(run.run_id, decided_by="ops")
+        assert scoria.resume_run(run.run_id).status == "completed"
+        assert scoria.get_run_detail(run.run_id).steps[0].result_envelope == {"done": True}
+        db.session.add(note(text="the host's own write"))
+        db.session.commit()
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 1
+        db.session.remove()
+        db.engine.dispose()
+
+
 def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
     app = Flask("default_db", instance_path=str(tmp_path / "instance"))
     runtime = Scoria(app)
