@@ -276,6 +276,29 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
         assert scoria.get_run(second).status == "rejected"
 
 
+def test_the_inbox_says_when_approvals_arrive_or_go(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    first = start(app, "publish")
+    page = open_page()
+    page.goto(f"{base}/scoria/approvals")
+    live = page.locator("[data-inbox-live]")
+    assert not live.is_visible()
+    start(app, "publish")
+    page.locator("#pending-count", has_text="2").wait_for(timeout=15_000)
+    live.filter(has_text="changed since this page loaded").wait_for(timeout=5_000)
+    # The rows stay as they were until the operator reloads.
+    assert page.locator("tbody tr").count() == 1
+    shoot(page, "inbox-changed")
+    live.locator("a", has_text="reload to see them").click()
+    page.wait_for_url(f"{base}/scoria/approvals")
+    assert page.locator("tbody tr").count() == 2 and not live.is_visible()
+    with app.app_context():
+        scoria.reject_run(first, decided_by="a-colleague")
+    live.filter(has_text="changed since this page loaded").wait_for(timeout=15_000)
+    assert page.locator("#pending-count").inner_text() == "1"
+
+
 @pytest.mark.parametrize("width", [1280, 390])
 def test_an_inbox_row_offering_approve_shows_every_argument_uncut(
     app: Flask, base: str, open_page: Callable[..., Any], width: int
@@ -402,7 +425,8 @@ def test_the_poller_stops_when_the_run_is_gone(
     page = open_page(failed_loads=True)
     polls: list[int] = []
     page.on(
-        "response", lambda response: "status.json" in response.url and polls.append(response.status)
+        "response",
+        lambda response: f"{run_id}/status.json" in response.url and polls.append(response.status),
     )
     page.goto(f"{base}/scoria/workflows/{run_id}")
     engine = app.extensions["scoria"].storage(app).engine

@@ -8,6 +8,7 @@ test, so that ``url_for`` works in the test body.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -125,6 +126,32 @@ def test_the_nav_counts_this_tenants_pending_approvals(app: Flask, ops: FlaskCli
         del stored["operator"]
     refused = html(ops, url_for("scoria.approvals"), 403)
     assert pending_count(refused) is None and "acme" not in refused
+
+
+def test_the_approvals_status_is_this_tenants(app: Flask, ops: FlaskClient) -> None:
+    """What the pages poll: the nav's count and the newest approval, of this tenant only."""
+    url = url_for("scoria.approvals_status")
+    assert ops.get(url).get_json() == {"waiting": "0", "newest": None}
+    first = start(app)
+    start(app, tenant=OTHER)
+    with app.app_context():
+        (mine,) = scoria.get_run_detail(first).approvals
+    assert ops.get(url).get_json() == {"waiting": "1", "newest": mine.id}
+    later = start(app)
+    state = ops.get(url).get_json()
+    assert state["waiting"] == "2" and state["newest"] not in (mine.id, None)
+    with app.app_context():
+        scoria.reject_run(later, decided_by="ops")
+    assert ops.get(url).get_json() == {"waiting": "1", "newest": mine.id}
+    inbox = html(ops, url_for("scoria.approvals"))
+    assert f'data-inbox-newest="{mine.id}"' in inbox and f'data-inbox-url="{url}"' in inbox
+    # A later page (here: after the newest row) does not say which row comes first.
+    with app.app_context():
+        after = runtime.Cursor(mine.requested_at, uuid.UUID(mine.id)).encode()
+    assert "data-inbox-newest" not in html(ops, url_for("scoria.approvals", after=after))
+    refused = app.test_client().get(url)
+    assert refused.status_code == 403 and refused.get_json()["error"] == "Forbidden"
+    assert "data-inbox-url" not in refused.get_data(as_text=True)
 
 
 def test_an_expired_approval_leaves_the_inbox_and_its_run_is_shown_failed(

@@ -256,6 +256,14 @@ def approvals() -> str:
     return render_template("scoria/approvals.html", page=page)
 
 
+@bp.get("/approvals/status.json")
+def approvals_status() -> Response:
+    """What every operator page polls: the navigation's count of approvals waiting, and
+    the newest of them, by which the inbox tells that it changed."""
+    newest = runtime.pending_approvals(current_scope().tenant_id, limit=1).rows
+    return jsonify(waiting=_pending_count(), newest=str(newest[0].approval.id) if newest else None)
+
+
 @bp.get("/workflows/<run_id>")
 def run(run_id: str) -> str:
     """One run: its latest steps, events and handoffs, older ones a page at a time."""
@@ -507,13 +515,13 @@ def _http_error(exc: HTTPException) -> ResponseReturnValue:
 
 
 def _error_page(exc: HTTPException) -> ResponseReturnValue:
-    """The error as a page, or as JSON for ``status.json``, whose poller reads no HTML.
+    """The error as a page, or as JSON for a ``status.json``, whose poller reads no HTML.
 
     A 404 says the same whatever the reason, so that another tenant's run
     cannot be told apart from an unknown one.
     """
     status = exc.code or 500
-    if request.endpoint == "scoria.run_status":
+    if request.endpoint in ("scoria.run_status", "scoria.approvals_status"):
         return _json_error(status, exc)
     if status == 404:
         return render_template("scoria/not_found.html"), 404

@@ -1,5 +1,5 @@
-// Operator pages: times in the viewer's time zone, copy buttons, and reloading a run page
-// when the run moves.
+// Operator pages: times in the viewer's time zone, copy buttons, reloading a run page
+// when the run moves, and the count of approvals waiting kept current.
 (function () {
   "use strict";
   document.documentElement.classList.add("js");
@@ -155,11 +155,57 @@
     later(delay);
   }
 
+  // The navigation's count of approvals waiting follows new requests and decisions made
+  // elsewhere; the inbox's first page says when it no longer shows what is waiting. It
+  // does not reload itself: the rows would move under the operator's pointer.
+  function watchApprovals() {
+    var url = document.body.getAttribute("data-inbox-url");
+    if (!url) return;
+    var count = document.getElementById("pending-count");
+    var live = document.querySelector("[data-inbox-live]");
+    var shown = count ? count.textContent : null;
+    var delay = 3000;
+    function later(wait) {
+      setTimeout(check, wait);
+    }
+    function check() {
+      if (document.hidden) { later(delay); return; }
+      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (response) {
+          if (FINAL.indexOf(response.status) !== -1) return;
+          delay = Math.min(delay * 1.5, 30000);
+          if (!response.ok) { later(delay); return; }
+          return response.json().then(function (state) {
+            if (count && state.waiting !== null) {
+              count.textContent = state.waiting;
+              count.title = state.waiting + " waiting for a decision";
+              count.classList.toggle("count-zero", state.waiting === "0");
+            }
+            var newest = state.newest || "";
+            if (live && (newest !== live.getAttribute("data-inbox-newest") ||
+                         (state.waiting !== null && state.waiting !== shown))) {
+              live.textContent = "The approvals waiting changed since this page loaded: ";
+              var reload = document.createElement("a");
+              reload.href = live.getAttribute("data-inbox-page");
+              reload.textContent = "reload to see them";
+              live.appendChild(reload);
+              live.classList.add("changed");
+              live = null;
+            }
+            later(delay);
+          });
+        })
+        .catch(function () { later(30000); });
+    }
+    later(delay);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     setupCopy();
     showLocalTimes();
     refreshTimes();
     setInterval(refreshTimes, 30000);
     poll();
+    watchApprovals();
   });
 })();
