@@ -202,6 +202,31 @@ def test_a_read_notices_a_timeout_while_the_handler_still_runs(
     assert [each.getMessage() for each in caplog.records].count(said) == 1
 
 
+def test_a_per_call_handler_keeps_its_kinds_timeout_and_retries(
+    app: Flask, runtime: Scoria
+) -> None:
+    """A per-call handler replaces the registered function, not its kind's policy: the
+    call that runs it and every read of the run judge its step alike."""
+    runtime.handler("draft", timeout=0.2, retry=Retry(attempts=2, delay=0.01))(Flaky(0))
+
+    def slow(step: scoria.StepView, run: scoria.RunSummary) -> Succeed:
+        time.sleep(0.4 if step.attempt == 1 else 0)
+        return Succeed({"attempt": step.attempt})
+
+    with app.app_context():
+        run = scoria.start_run(WHO, initial_step={"kind": "draft"}, handlers={"draft": slow})
+        assert run.status == "completed"
+        assert only_step(run.run_id).result_envelope == {"attempt": 2}
+        types = [event.event_type for event in events(run.run_id)]
+        assert types[2:4] == ["step_timeout", "retry_scheduled"]
+        # A kind nobody registered: one attempt, no timeout.
+        unknown = scoria.start_run(
+            WHO, initial_step={"kind": "sketch"}, handlers={"sketch": Flaky(1)}
+        )
+        assert unknown.status == "failed"
+        assert only_step(unknown.run_id).attempt == 1
+
+
 def test_a_retry_due_later_waits_for_a_worker_and_never_runs_early(
     app: Flask, runtime: Scoria
 ) -> None:

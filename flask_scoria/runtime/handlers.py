@@ -125,9 +125,16 @@ class Handlers:
         return self._per_call.get(kind) or self._registry.get(kind)
 
     def policy(self, kind: str) -> HandlerPolicy:
-        """Where and how steps of ``kind`` run (per-call handlers: inline, one attempt)."""
-        if kind in self._per_call or not isinstance(self._registry, HandlerRegistry):
+        """Where and how steps of ``kind`` run.
+
+        A per-call handler runs inline, with the retries and timeout its kind has
+        in the registry (one attempt, no timeout, for a kind not registered): those
+        that every other process reading the run applies to the step.
+        """
+        if not isinstance(self._registry, HandlerRegistry):
             policy = _PER_CALL
+        elif kind in self._per_call:
+            policy = replace(self._registry.policy(kind), executor=_PER_CALL.executor)
         else:
             policy = self._registry.policy(kind)
         if self.elsewhere is None or policy.executor != "inline" or self.get(kind) is None:
