@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,35 @@ def test_handler_returning_an_unsafe_handoff_fails_its_step() -> None:
     assert step.error_envelope["type"] == "invalid_handoff"
     assert step.error_envelope["code"] == "unsafe_projected_context"
     assert detail.handoffs == [] and detail.delegated_handoffs == []
+
+
+class Unreadable(Mapping[str, Any]):
+    """A payload that says it has a key, then raises when walked (a closed backend's view)."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("backend gone")
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("field", ["handoff_input", "projected_context"])
+def test_a_handoff_whose_payload_cannot_be_read_fails_its_step(field: str) -> None:
+    def lazy(step: scoria.StepView, run: scoria.RunSummary) -> Handoff:
+        return Handoff("critic", "review", **{field: Unreadable()})  # type: ignore[arg-type]
+
+    run = scoria.start_run(
+        scoria.identity(IDENTITY), initial_step={"kind": "plan"}, handlers={"plan": lazy}
+    )
+    assert run.status == "failed"
+    (step,) = scoria.get_run_detail(run.run_id).steps
+    assert step.error_envelope == {
+        "type": "invalid_handler_result",
+        "message": "The handler's Handoff could not be read: RuntimeError: backend gone",
+    }
 
 
 def test_runs_without_handoffs_have_no_delegated_evidence() -> None:

@@ -194,11 +194,16 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
     except _BadResult as exc:
         return _invalid(exc.message)
     except Exception as exc:  # a returned value whose own methods raise when read
-        log.exception("The result of the handler for step %s could not be read.", step.id)
-        return _invalid(
-            f"The handler's {type(value).__name__} could not be read:"
-            f" {type(exc).__name__}: {storable_text(safe_str(exc, 2000))}"
-        )
+        return unreadable(value, exc, step.id)
+
+
+def unreadable(value: object, exc: Exception, step_id: object) -> Fail:
+    """The outcome of a handler whose returned ``value`` raised ``exc`` when read; logs it."""
+    log.exception("The result of the handler for step %s could not be read.", step_id)
+    return _invalid(
+        f"The handler's {type(value).__name__} could not be read:"
+        f" {type(exc).__name__}: {storable_text(safe_str(exc, 2000))}"
+    )
 
 
 def _normalize(value: object) -> Outcome:

@@ -27,7 +27,7 @@ from . import statements as sql
 from . import tracing
 from .arguments import UNSET
 from .context import RuntimeContext
-from .handlers import Handlers, Raised, run_handler
+from .handlers import Handlers, Raised, run_handler, unreadable
 from .handoffs import record_handoff, validate_handoff
 from .rows import step_view_from_row, summary_from_row
 from .steps import (
@@ -311,6 +311,8 @@ def _handoff(done: Finished, outcome: Handoff) -> Recorded:
     except InvalidHandoff as exc:
         error = {"type": "invalid_handoff", "code": exc.code, "message": exc.message}
         return _fail(done, Fail(error))
+    except Exception as exc:  # a payload whose own methods raise when read
+        return _fail(done, unreadable(outcome, exc, done.step_id))
     child, result = record_handoff(done.tx, done.step_id, spec)
     recorded = done.finish(StepStatus.COMPLETED, result_envelope=result, completed_at=done.tx.now)
     # The run's current step: claimed here, or queued with its time for the process
