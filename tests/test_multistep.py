@@ -27,6 +27,26 @@ def start(handlers: dict[str, Any], kind: str = "plan", **options: Any) -> scori
     )
 
 
+@pytest.mark.parametrize("moved_on", [Next("act"), Handoff("critic", "review")])
+def test_a_decision_after_the_run_moved_on_hears_who_decided(
+    app_ctx: None, moved_on: Next | Handoff
+) -> None:
+    """The run's current step has no approval any more; the one decided is still named."""
+
+    def gate(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return WaitForApproval("send") if step.approval is None else moved_on
+
+    handlers = {"plan": gate}
+    run_id = start(handlers).run_id
+    scoria.approve_run(run_id, decided_by="alice", resume=True, handlers=handlers)
+    assert scoria.get_run(run_id).status == "running"
+    for decide in (scoria.approve_run, scoria.reject_run):
+        with pytest.raises(scoria.ApprovalAlreadyDecided) as refused:
+            decide(run_id, decided_by="bob")
+        assert (refused.value.decided_by, refused.value.decision) == ("alice", "approved")
+    assert scoria.get_run(run_id).status == "running"
+
+
 def test_a_three_step_run_passes_input_from_step_to_step(app_ctx: None) -> None:
     seen: list[tuple[int, str, dict[str, Any], str]] = []
 

@@ -659,6 +659,14 @@ LATEST_APPROVAL_WITH_STEP = Prepared(
         *(column.label(f"steps_{column.key}") for column in steps.c)
     ).join_from(approvals, steps, steps.c.id == _CURRENT_STEP_ID)
 )
+#: The latest approval of the run ``b_run_id`` on any step: what a decision that came too
+#: late hears of, once the run moved on to a step that has none.
+LATEST_APPROVAL_OF_RUN = Prepared(
+    select(approvals)
+    .where(approvals.c.run_id == bindparam("b_run_id"))
+    .order_by(*APPROVALS_NEWEST_FIRST)
+    .limit(1)
+)
 LATEST_DECIDED_APPROVAL_OF_STEP = Prepared(
     select(approvals)
     .where(

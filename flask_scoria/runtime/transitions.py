@@ -179,7 +179,10 @@ def _current_step(tx: Tx) -> Row | None:
 
 
 def _latest_approval(tx: Tx) -> Approval | None:
-    row = tx.first(sql.LATEST_APPROVAL, {"b_run_id": tx.run_id})
+    """The latest approval of the run's current step; of the run, once it moved on to a
+    step without one (a decision that came too late hears who decided)."""
+    params = {"b_run_id": tx.run_id}
+    row = tx.first(sql.LATEST_APPROVAL, params) or tx.first(sql.LATEST_APPROVAL_OF_RUN, params)
     return None if row is None else approval_from_row(row)
 
 
