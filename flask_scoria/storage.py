@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -497,6 +498,21 @@ def _hint(reason: str) -> str | None:
         return (
             "Another connection held SQLite's write lock past the busy timeout; with"
             " Scoria(app, db=db), commit or roll back db.session before calling flask-scoria."
+        )
+    if "Connection refused" in reason or "could not translate host name" in reason:
+        return (
+            "No database server answered at the URL's host and port: start it, or correct"
+            " SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
+        )
+    if re.search(r'\b(database|role) "[^"]*" does not exist', reason):
+        return (
+            "The server has no database or user of the URL's name: create it, or correct"
+            " SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
+        )
+    if "password authentication failed" in reason:
+        return (
+            "The server refused the URL's user and password: correct SCORIA_DATABASE_URI"
+            " (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
         )
     return None
 

@@ -236,6 +236,28 @@ def test_a_dropped_connection_while_approving_is_retried(
     assert [event.sequence for event in detail.events] == list(range(1, len(types) + 1))
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"port": 1}, "No database server answered"),
+        ({"database": "scoria_no_such_database"}, "no database or user of the URL's name"),
+        ({"username": "scoria_no_such_role"}, "no database or user of the URL's name"),
+    ],
+)
+def test_a_server_that_refuses_the_url_says_what_to_correct(
+    postgres_url: str, tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    uri = sa.make_url(postgres_url).set(**change).render_as_string(hide_password=False)
+    with (
+        configured_app(uri, tmp_path) as app,
+        app.app_context(),
+        pytest.raises(scoria.StorageError) as info,
+    ):
+        scoria.list_runs_for_session("s")
+    assert info.value.hint is not None and says in info.value.hint
+    assert "SCORIA_DATABASE_URI" in info.value.hint and info.value.hint in info.value.message
+
+
 def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'missing-tables.sqlite3'}"
     with (

@@ -172,7 +172,11 @@ def _read_run(
 
 
 def get_run(run_id: str, *, tenant_id: object = UNSET, identity: object = None) -> RunSummary:
-    """The current summary of one exact run; :class:`RunNotFound` if none is visible."""
+    """The current summary of one exact run; :class:`RunNotFound` if none is visible.
+
+    A lease or approval of the run found expired is recorded first (the step
+    retried or failed, as :func:`dispatch` would), so the summary is never stale.
+    """
     ctx = context()
     return summary_from_row(_read_run(ctx, run_uuid(run_id), tenant_guard(tenant_id, identity)))
 
@@ -475,9 +479,10 @@ def list_runs_for_session(
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> list[RunSummary]:
-    """The runs of one host session, newest first.
+    """The runs of one host session, newest first, ``limit`` (1 to 500) at most.
 
-    ``before`` is the ``run_id`` of the last run of the previous page.
+    ``before`` is the ``run_id`` of the last run of the previous page; one that
+    names no run visible to the guard raises :class:`RunNotFound`.
     """
     session = normalize_id(session_id, "session_id")
     int_in_range(limit, "limit", 500)

@@ -128,12 +128,17 @@ def start_run(
 ) -> RunSummary:
     """Start a new run for ``identity`` and return its summary.
 
-    With ``initial_step`` the run gets one queued step, executed at once when
-    a handler for its kind is known. Without it the run has no work and is
-    ``completed`` at once. ``runtime={"metadata": {...}}`` is stored on the
-    run. With ``idempotency_key``, a second start with the same key and
-    tenant returns the first run unchanged and runs nothing. Raises
-    :class:`InvalidIdentity` or :class:`InvalidRunOptions`.
+    With ``initial_step`` the run gets one queued step, executed in this call
+    when a handler for its kind is known and its executor is ``inline``
+    (per-call ``handlers`` always are); a ``worker`` or ``celery`` executor
+    runs it later, the call returning the run ``running``. Without it the run
+    has no work and is ``completed`` at once. ``runtime={"metadata": {...}}``
+    is stored on the run, with the identity's own metadata, if it has any,
+    under the key ``"identity"`` (which ``runtime``'s metadata may then not
+    use). With
+    ``idempotency_key``, a second start with the same key and tenant returns
+    the first run unchanged and runs nothing. Raises :class:`InvalidIdentity`
+    or :class:`InvalidRunOptions`.
     """
     ident = normalize_identity(identity)
     role = role_name(root_role_id, "root_role_id")
@@ -174,9 +179,11 @@ def start_handoff_run(
     """Start a run whose root ``handoff`` step delegates to a queued child step.
 
     Everything is validated before anything is written; a rejected call raises
-    :class:`InvalidHandoff` with a ``code`` naming the rule. With a handler for
-    ``delegated_kind`` the child runs at once; otherwise it stays ``queued``
-    until :func:`dispatch`. ``idempotency_key`` works as for :func:`start_run`.
+    :class:`InvalidHandoff` with a ``code`` naming the rule. The child runs as
+    :func:`start_run`'s first step does: in this call with an ``inline``
+    handler for ``delegated_kind``, later on another executor; without a
+    handler it stays ``queued`` until :func:`dispatch`. ``idempotency_key`` and
+    ``runtime`` work as for :func:`start_run`.
     """
     ident = normalize_identity(identity)
     role = require_name(

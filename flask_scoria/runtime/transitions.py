@@ -58,7 +58,8 @@ def dispatch(
     tenant_id: object = UNSET,
     identity: object = None,
 ) -> RunSummary:
-    """Execute the queued steps of a ``running`` run whose handlers are known.
+    """Execute the queued steps of a ``running`` run whose handlers are known, or send
+    them to their executor (``worker``, ``celery``), which runs them later.
 
     On a run in any other state, or whose steps are already claimed, nothing
     changes, but for an expired lease or approval, recorded as a read records
