@@ -508,6 +508,29 @@ def test_cancel_a_running_run(app: Flask, base: str, open_page: Callable[..., An
     shoot(page, "run-cancelled")
 
 
+def test_the_runs_filters_fold_away_on_a_phone(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    start(app, "send")
+    phone = open_page(WIDTHS["phone"])
+    phone.goto(f"{base}/scoria/workflows")
+    toggle, status = phone.locator(".filters-toggle"), phone.locator("select[name=status]")
+    assert toggle.get_attribute("aria-expanded") == "false" and not status.is_visible()
+    # A run is in the first screen, not below the filters.
+    assert phone.locator("table.list tbody tr").first.bounding_box()["y"] < 390  # type: ignore[index]
+    toggle.click()
+    assert toggle.get_attribute("aria-expanded") == "true" and status.is_visible()
+    status.select_option("completed")
+    phone.click("#run-filters button[type=submit]")
+    phone.wait_for_url("**status=completed**")
+    assert toggle.inner_text() == "Filters (1 in use)" and status.is_visible()
+    shoot(phone, "runs-phone-filtered")
+    for wide in (open_page(WIDTHS["laptop"]), open_page(WIDTHS["phone"], javascript=False)):
+        wide.goto(f"{base}/scoria/workflows")
+        assert wide.locator("select[name=status]").is_visible()
+        assert not wide.locator(".filters-toggle").is_visible()
+
+
 def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
     run_id = start(app, "flaky")
     for width, name in ((WIDTHS["phone"], "phone"), (WIDTHS["desktop"], "desktop")):

@@ -1,5 +1,6 @@
 // Operator pages: times in the viewer's time zone, copy buttons, reloading a run page
-// when the run moves, and the count of approvals waiting kept current.
+// when the run moves, the count of approvals waiting kept current, and the runs list's
+// filters folded away on a phone.
 (function () {
   "use strict";
   document.documentElement.classList.add("js");
@@ -200,7 +201,24 @@
     later(delay);
   }
 
+  // On a phone the runs list's filters fold away while none is in use; the button
+  // (shown on narrow screens only) unfolds them.
+  function foldFilters() {
+    var toggle = document.querySelector(".filters-toggle");
+    if (!toggle) return;
+    var form = document.getElementById(toggle.getAttribute("aria-controls"));
+    function show(open) {
+      form.classList.toggle("folded", !open);
+      toggle.setAttribute("aria-expanded", open ? "true" : "false");
+    }
+    show(toggle.getAttribute("data-in-use") !== "0");
+    toggle.addEventListener("click", function () {
+      show(form.classList.contains("folded"));
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    foldFilters();
     setupCopy();
     showLocalTimes();
     refreshTimes();
