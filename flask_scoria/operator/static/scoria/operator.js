@@ -107,13 +107,11 @@
     return false;
   }
 
-  function poll() {
-    var body = document.body;
-    var url = body.getAttribute("data-poll-url");
-    if (!url) return;
-    var status = body.getAttribute("data-status");
-    var updatedAt = body.getAttribute("data-updated-at");
-    var delay = 2000;
+  // Asks ``url`` for its JSON while the page is visible: first after ``delay`` ms, then
+  // more slowly each time (by ``growth``, up to ``slowest``), and at ``slowest`` after a
+  // failed request. ``seen(state)`` returns true to go on asking; ``ended(response)``
+  // hears of an answer after which asking again cannot help.
+  function watch(url, delay, growth, slowest, seen, ended) {
     function later(wait) {
       setTimeout(check, wait);
     }
@@ -122,38 +120,47 @@
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (response) {
           if (FINAL.indexOf(response.status) !== -1) {
-            stopPolling(response);
+            ended(response);
             return;
           }
-          delay = Math.min(delay * 1.2, 15000);
+          delay = Math.min(delay * growth, slowest);
           if (!response.ok) { later(delay); return; }
           return response.json().then(function (state) {
-            if (state.status !== status || state.updated_at !== updatedAt) {
-              if (typed()) {
-                // Reloading would drop what the operator typed: say so, and let them reload.
-                var live = document.querySelector("[data-live]");
-                if (live) {
-                  live.textContent = "this run changed since the page loaded: reload to see it; what you typed has not been sent";
-                  live.classList.add("changed");
-                }
-                return;
-              }
-              // A page an action answered (a refused form) sits at the action's URL:
-              // reloading it would send the form again.
-              var page = body.getAttribute("data-run-url");
-              if (page && new URL(page, window.location.href).pathname !== window.location.pathname) {
-                window.location.replace(page);
-              } else {
-                window.location.reload();
-              }
-              return;
-            }
-            later(delay);
+            if (seen(state)) later(delay);
           });
         })
-        .catch(function () { later(15000); });
+        .catch(function () { later(slowest); });
     }
     later(delay);
+  }
+
+  function poll() {
+    var body = document.body;
+    var url = body.getAttribute("data-poll-url");
+    if (!url) return;
+    var status = body.getAttribute("data-status");
+    var updatedAt = body.getAttribute("data-updated-at");
+    watch(url, 2000, 1.2, 15000, function (state) {
+      if (state.status === status && state.updated_at === updatedAt) return true;
+      if (typed()) {
+        // Reloading would drop what the operator typed: say so, and let them reload.
+        var live = document.querySelector("[data-live]");
+        if (live) {
+          live.textContent = "this run changed since the page loaded: reload to see it; what you typed has not been sent";
+          live.classList.add("changed");
+        }
+        return false;
+      }
+      // A page an action answered (a refused form) sits at the action's URL:
+      // reloading it would send the form again.
+      var page = body.getAttribute("data-run-url");
+      if (page && new URL(page, window.location.href).pathname !== window.location.pathname) {
+        window.location.replace(page);
+      } else {
+        window.location.reload();
+      }
+      return false;
+    }, stopPolling);
   }
 
   // The navigation's count of approvals waiting follows new requests and decisions made
@@ -165,40 +172,25 @@
     var count = document.getElementById("pending-count");
     var live = document.querySelector("[data-inbox-live]");
     var shown = count ? count.textContent : null;
-    var delay = 3000;
-    function later(wait) {
-      setTimeout(check, wait);
-    }
-    function check() {
-      if (document.hidden) { later(delay); return; }
-      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (response) {
-          if (FINAL.indexOf(response.status) !== -1) return;
-          delay = Math.min(delay * 1.5, 30000);
-          if (!response.ok) { later(delay); return; }
-          return response.json().then(function (state) {
-            if (count && state.waiting !== null) {
-              count.textContent = state.waiting;
-              count.title = state.waiting + " waiting for a decision";
-              count.classList.toggle("count-zero", state.waiting === "0");
-            }
-            var newest = state.newest || "";
-            if (live && (newest !== live.getAttribute("data-inbox-newest") ||
-                         (state.waiting !== null && state.waiting !== shown))) {
-              live.textContent = "The approvals waiting changed since this page loaded: ";
-              var reload = document.createElement("a");
-              reload.href = live.getAttribute("data-inbox-page");
-              reload.textContent = "reload to see them";
-              live.appendChild(reload);
-              live.classList.add("changed");
-              live = null;
-            }
-            later(delay);
-          });
-        })
-        .catch(function () { later(30000); });
-    }
-    later(delay);
+    watch(url, 3000, 1.5, 30000, function (state) {
+      if (count && state.waiting !== null) {
+        count.textContent = state.waiting;
+        count.title = state.waiting + " waiting for a decision";
+        count.classList.toggle("count-zero", state.waiting === "0");
+      }
+      var newest = state.newest || "";
+      if (live && (newest !== live.getAttribute("data-inbox-newest") ||
+                   (state.waiting !== null && state.waiting !== shown))) {
+        live.textContent = "The approvals waiting changed since this page loaded: ";
+        var reload = document.createElement("a");
+        reload.href = live.getAttribute("data-inbox-page");
+        reload.textContent = "reload to see them";
+        live.appendChild(reload);
+        live.classList.add("changed");
+        live = null;
+      }
+      return true;
+    }, function () {});
   }
 
   // On a phone the runs list's filters fold away while none is in use; the button
