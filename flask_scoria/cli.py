@@ -37,6 +37,7 @@ from .runtime import (
     prune_runs,
     recover_expired_leases,
     reject_run,
+    resend_due_celery_steps,
     resume_run,
     run_worker,
 )
@@ -436,10 +437,20 @@ def prune(days: float, tenant_id: str | None, no_tenant: bool, dry_run: bool) ->
 
 
 @scoria_cli.command("recover")
+@click.option(
+    "--resend-after",
+    type=click.FloatRange(min=0, max=365 * 24 * 3600),
+    default=60.0,
+    show_default=True,
+    help="Send again to Celery the steps queued for it that fell due this many seconds ago.",
+)
 @scoria_errors
-def recover() -> None:
+def recover(resend_after: float) -> None:
     """Retry (per their Retry policy) or fail steps whose lease expired or whose timeout
-    passed, and fail runs whose approval expired."""
+    passed, fail runs whose approval expired, and send again to Celery the steps whose
+    send was lost."""
+    for step_id in resend_due_celery_steps(resend_after):
+        click.echo(f"sent to Celery again: step {step_id}")
     recovered = recover_expired_leases()
     for run_id in recovered:
         try:

@@ -179,6 +179,30 @@ def test_a_step_sent_on_from_a_time_limited_task_is_sent_again_if_lost(
     rig.close()
 
 
+def test_the_recover_command_sends_a_lost_send_again(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """A step whose send failed (no Celery app, a broker down) stays queued until
+    ``flask scoria recover`` sends it again, as the beat task does."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    counter = str(tmp_path / "executions")
+    celery = rig.app.extensions.pop("celery")
+    try:
+        run = rig.start("count", {"counter": counter})
+    finally:
+        rig.app.extensions["celery"] = celery
+    rig.worker(processes, concurrency=2)
+    with rig.app.app_context():
+        (step,) = scoria.get_run_detail(run.run_id).steps
+    assert step.status == "queued"
+    result = rig.app.test_cli_runner().invoke(args=["scoria", "recover", "--resend-after", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"sent to Celery again: step {step.id}" in result.output
+    wait_for(lambda: statuses(rig.app, [run.run_id]) == ["completed"], 60, "the resent step")
+    assert len(executions(Path(counter))) == 1
+    rig.close()
+
+
 def test_celery_and_a_flask_worker_share_the_steps_on_rabbitmq(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import Connection, and_, bindparam, func, literal_column, or_, select
+from sqlalchemy import Connection, and_, bindparam, literal_column, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .._ids import parse_uuid
@@ -73,10 +73,18 @@ _DUE_STEP = (
     .limit(1)
     .with_for_update(of=runs, skip_locked=True)
 )
-_NEXT_DUE = select(func.min(steps.c.not_before)).where(
-    _IS_QUEUED,
-    steps.c.not_before > bindparam("now"),
-    steps.c.kind.in_(bindparam("kinds", expanding=True)),
+#: When the first queued step of a running run falls due: in the future, or already,
+#: when a claim did not take it (its run held by another transaction, a lost race).
+_NEXT_DUE = (
+    select(steps.c.not_before)
+    .join(runs, runs.c.id == steps.c.run_id)
+    .where(
+        _IS_QUEUED,
+        steps.c.kind.in_(bindparam("kinds", expanding=True)),
+        _RUN_IS_RUNNING,
+    )
+    .order_by(steps.c.not_before)
+    .limit(1)
 )
 
 
@@ -137,7 +145,7 @@ def next_due(ctx: RuntimeContext) -> datetime | None:
     if not kinds:
         return None
     with ctx.storage.read() as conn:
-        due: datetime | None = conn.execute(_NEXT_DUE, {"now": utcnow(), "kinds": kinds}).scalar()
+        due: datetime | None = conn.execute(_NEXT_DUE, {"kinds": kinds}).scalar()
     return due
 
 
@@ -279,6 +287,9 @@ def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[st
 #: The longest a waiting worker goes without looking whether a signal stopped it, in
 #: seconds.
 STOP_CHECK = 0.5
+#: How soon a worker looks again for a step that was due but not claimed (its run held
+#: by another transaction, a race lost to another worker), in seconds.
+UNCLAIMED_RETRY = 0.1
 
 
 class _Listener:
@@ -391,7 +402,9 @@ class Worker:
                 # and this one claims what is due meanwhile.
                 log.warning("The worker's LISTEN connection failed (%s); reconnecting.", exc)
         handlers = Handlers(None, ctx.registry, local=True, stopping=self._stop_noted)
-        while not self._stop_requested() and self._slots.acquire(blocking=False):
+        while not self._stop_requested():
+            if not self._slots.acquire(blocking=False):
+                return self.interval  # every thread is busy: the first one freed wakes the wait
             try:
                 claimed = claim_due(ctx, handlers)
             except BaseException:
@@ -404,7 +417,9 @@ class Worker:
         due = next_due(ctx)
         if due is None:
             return self.interval
-        return min(self.interval, max((due - utcnow()).total_seconds(), 0.0))
+        seconds = (due - utcnow()).total_seconds()
+        # A step due already was not claimed: no NOTIFY will come for it, so look again soon.
+        return min(self.interval, seconds if seconds > 0 else UNCLAIMED_RETRY)
 
     def _execute(self, handlers: Handlers, row: Row, claim: Claim) -> None:
         """Execute a claimed step, then claim the next due one here while there is one."""
