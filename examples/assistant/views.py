@@ -307,10 +307,10 @@ def run_status(run_id: str) -> dict[str, Any]:
 
 
 def _members_own(run: scoria.RunSummary) -> scoria.RunSummary:
-    """``run`` if the signed-in member started it: the tenant guard keeps other
-    tenants out, this keeps a colleague's questions private. Another member's run
-    is not found, as another tenant's is."""
-    if run.actor_id != session["actor_id"]:
+    """``run`` if the signed-in user started it, or is an operator (of its tenant: the
+    tenant guard keeps other tenants out). A colleague's questions stay private: another
+    member's run is not found, as another tenant's is."""
+    if run.actor_id != g.current_user.id and g.current_user.role != "operator":
         raise scoria.RunNotFound(run.run_id)
     return run
 
