@@ -40,6 +40,7 @@ from .runtime import (
     resend_due_celery_steps,
     resume_run,
     run_worker,
+    tenant_guard,
 )
 from .state import app_state
 from .statuses import RunStatus, StepStatus
@@ -163,7 +164,7 @@ def db_upgrade(revision: str) -> None:
 def db_downgrade(revision: str, yes: bool) -> None:
     """Revert flask-scoria's migrations down to REVISION (default: drop all)."""
     engine = _own_history(_engine())
-    if revision == "base" and not yes:
+    if not yes and schema.reaches_base(engine, revision):
         click.confirm("This drops every scoria_* table and every run in them. Go on?", abort=True)
     schema.downgrade(engine, revision)
     click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
@@ -212,7 +213,7 @@ def runs_command(
 ) -> None:
     """List runs, newest first."""
     filters = RunFilters(status=status, session_id=session_id)
-    tenant = UNSET if tenant_id is None else tenant_id
+    tenant = UNSET if tenant_id is None else tenant_guard(tenant_id, None)
     found = list_runs(filters, tenant=tenant, limit=limit).rows
     if as_json:
         echo_json(found)

@@ -14,6 +14,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from .runtime import metadata
 from .storage import begin_sqlite
@@ -66,7 +67,7 @@ def _alembic(engine: Engine) -> Iterator[Config]:
                 if connection.dialect.name == "sqlite":
                     # pysqlite leaves DDL outside any transaction: without this, a
                     # revision that fails halfway keeps what it did, and never reruns.
-                    begin_sqlite(connection, "IMMEDIATE")
+                    _begin_immediate(connection)
                 config = Config()
                 config.set_main_option("script_location", str(migrations_path()))
                 config.attributes["connection"] = connection
@@ -75,6 +76,16 @@ def _alembic(engine: Engine) -> Iterator[Config]:
             if enforced:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
+
+
+def _begin_immediate(connection: Connection) -> None:
+    """``BEGIN IMMEDIATE`` on ``connection``, its driver's errors raised as SQLAlchemy's
+    (a database locked past the busy timeout), as every other statement's are."""
+    driver_error = connection.dialect.loaded_dbapi.Error
+    try:
+        begin_sqlite(connection, "IMMEDIATE")
+    except driver_error as exc:
+        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, driver_error) from exc
 
 
 def _suspend_foreign_keys(connection: Connection) -> bool:
@@ -101,12 +112,37 @@ def upgrade(engine: Engine, revision: str = "heads") -> None:
 def downgrade(engine: Engine, revision: str = "base") -> None:
     """Take the ``scoria_*`` tables down to ``revision`` (default: none at all).
 
-    Down to ``base`` the version table goes too, so no ``scoria_*`` table is left.
+    Down to the base (``base``, ``scoria@base``, or steps back such as ``-6``
+    that reach it) the version table goes too, so no ``scoria_*`` table is left.
     """
+    to_base = reaches_base(engine, revision)
     with _alembic(engine) as config:
         command.downgrade(config, revision)
-        if revision == "base":
+        if to_base:
             config.attributes["connection"].exec_driver_sql(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
+
+
+#: Steps back from the current revision, as Alembic writes them: ``-2``, ``scoria@-2``.
+_STEPS_BACK = re.compile(r"(?:\w+@)?-(\d+)")
+
+
+def reaches_base(engine: Engine, revision: str) -> bool:
+    """Whether a downgrade of ``engine`` to ``revision`` leaves no revision at all.
+
+    Steps back are counted from the revision the database is at; an unknown
+    revision raises Alembic's ``CommandError``.
+    """
+    scripts = _scripts()
+    steps_back = _STEPS_BACK.fullmatch(revision)
+    if steps_back is None:
+        return not scripts.get_revisions(revision)
+    reached = current_revision(engine)
+    for _ in range(int(steps_back.group(1))):
+        if reached is None:
+            break
+        down = scripts.get_revision(reached).down_revision
+        reached = down if isinstance(down, str) else None
+    return reached is None
 
 
 def _scripts() -> ScriptDirectory:

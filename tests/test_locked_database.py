@@ -32,6 +32,20 @@ def test_a_locked_database_raises_storage_error_and_writes_nothing(tmp_path: Pat
     engine.dispose()
 
 
+def test_a_migration_of_a_locked_database_is_a_database_error(tmp_path: Path) -> None:
+    path = tmp_path / "scoria.sqlite3"
+    app = create_test_app(f"sqlite:///{path}", tmp_path, SCORIA_SQLITE_BUSY_TIMEOUT=0.2)
+    schema.upgrade(app.extensions["scoria"].storage(app).engine, "scoria_0005")
+    runner = app.test_cli_runner()
+    with write_locked(path):
+        for command in (["upgrade"], ["downgrade", "scoria_0004"]):
+            result = runner.invoke(args=["scoria", "db", *command])
+            assert result.exit_code == 1, result.output
+            assert result.output == "Error: database error: database is locked\n", command
+    assert runner.invoke(args=["scoria", "db", "current"]).output.strip() == "scoria_0005"
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
 def test_the_lease_keeper_outlives_a_renewal_that_found_the_database_locked(
     tmp_path: Path,
 ) -> None:

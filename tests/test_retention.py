@@ -130,6 +130,11 @@ def test_prune_one_tenant_in_small_batches(app: Flask, history: dict[str, str]) 
         # More than any database integer holds.
         {"older_than": DAY, "batch_size": 2**63},
         {"older_than": DAY, "tenant_id": {"id": 1}},
+        # Blank ids stand for "no tenant" elsewhere: here they would prune those runs.
+        {"older_than": DAY, "tenant_id": ""},
+        {"older_than": DAY, "tenant_id": "  "},
+        # Each run of a batch is a bound parameter; PostgreSQL takes 65,535.
+        {"older_than": DAY, "batch_size": 70_000},
         # Read as "delete" were it read as a truth value.
         {"older_than": DAY, "dry_run": "no"},
     ],
@@ -166,6 +171,9 @@ def test_prune_command(app: Flask, history: dict[str, str], runner: FlaskCliRunn
         assert result.exit_code == 2 and "--days" in result.output, days
     result = runner.invoke(args=["scoria", "prune", "--days", "7", "--tenant", "t", "--no-tenant"])
     assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(args=["scoria", "prune", "--days", "0.001", "--tenant", ""])
+    assert result.exit_code == 1 and "[invalid_run_options]" in result.output
+    assert visible(app, history) == set(history) - {"other_tenant", "handoff"}
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

@@ -9,6 +9,7 @@ package top level.
 from .arguments import LARGEST_INT as LARGEST_INT
 from .arguments import UNSET as UNSET
 from .arguments import TenantGuard as TenantGuard
+from .arguments import tenant_guard as tenant_guard
 from .handlers import Handler as Handler
 from .handlers import load_handler as load_handler
 from .leases import LeaseKeeper as LeaseKeeper

@@ -8,13 +8,18 @@ from sqlalchemy import ColumnElement, delete, func, select
 
 from ..errors import InvalidRunOptions
 from ..statuses import RunStatus
-from .arguments import LARGEST_INT, UNSET, TenantGuard, int_in_range, tenant_guard
+from .arguments import UNSET, TenantGuard, int_in_range, tenant_guard
 from .context import context
 from .tables import approvals, events, handoffs, runs, steps
 from .transaction import utcnow
 
 #: The statuses of runs that have ended.
 _ENDED = sorted(status for status in RunStatus if status.finished)
+
+
+#: The most runs one pruning transaction deletes: each is a bound parameter of its
+#: statements, of which PostgreSQL takes 65,535 at most.
+MAX_BATCH = 10_000
 
 
 def prune_runs(
@@ -29,13 +34,19 @@ def prune_runs(
     A run's steps, events, approvals and handoffs go with it. Runs that have
     not ended (``running``, ``waiting_for_approval``) are never touched.
     ``tenant_id`` limits the pruning to one tenant (``None``: runs without a
-    tenant). Each batch of ``batch_size`` runs is one short transaction, so
-    pruning a large table does not hold up the app. With ``dry_run`` nothing
-    is deleted and the number that would be is returned.
+    tenant; a blank string is refused, not taken for ``None``). Each batch of
+    ``batch_size`` runs (at most 10,000) is one short transaction, so pruning a
+    large table does not hold up the app. With ``dry_run`` nothing is deleted
+    and the number that would be is returned.
     """
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise InvalidRunOptions("older_than must be a positive datetime.timedelta.")
-    int_in_range(batch_size, "batch_size", LARGEST_INT)
+    if isinstance(tenant_id, str) and not tenant_id.strip():
+        # A blank id stands for "no tenant" elsewhere; here it would delete those runs.
+        raise InvalidRunOptions(
+            "tenant_id is blank; pass tenant_id=None to prune the runs without a tenant."
+        )
+    int_in_range(batch_size, "batch_size", MAX_BATCH)
     if not isinstance(dry_run, bool):
         raise InvalidRunOptions("dry_run must be True or False.")
     try:
