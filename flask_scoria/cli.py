@@ -84,6 +84,19 @@ def scoria_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _named_tenant(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        # Read as "no tenant" it would select the runs started without one.
+        raise click.BadParameter("is blank; for the runs without a tenant, use --no-tenant.")
+    return value
+
+
+#: ``--tenant``, which never takes a blank value (an unset variable in a script).
+tenant_option = click.option(
+    "--tenant", "tenant_id", callback=_named_tenant, help="Only runs of this tenant_id."
+)
+
+
 def _plain(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -199,7 +212,7 @@ def db_check() -> None:
 
 @scoria_cli.command("runs")
 @click.option("--session", "session_id", help="Only runs of this session_id.")
-@click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
+@tenant_option
 @click.option(
     "--status",
     type=click.Choice([status.value for status in RunStatus]),
@@ -418,7 +431,7 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
     required=True,
     help="Delete runs that ended more than this many days ago.",
 )
-@click.option("--tenant", "tenant_id", help="Only runs of this tenant_id.")
+@tenant_option
 @click.option("--no-tenant", is_flag=True, help="Only runs without a tenant_id.")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 @scoria_errors
@@ -450,8 +463,6 @@ def recover(resend_after: float) -> None:
     """Retry (per their Retry policy) or fail steps whose lease expired or whose timeout
     passed, fail runs whose approval expired, and send again to Celery the steps whose
     send was lost."""
-    for step_id in resend_due_celery_steps(resend_after):
-        click.echo(f"sent to Celery again: step {step_id}")
     recovered = recover_expired_leases()
     for run_id in recovered:
         try:
@@ -461,6 +472,8 @@ def recover(resend_after: float) -> None:
         # As the run is now: a worker may have gone on with a retry already.
         click.echo(f"{'retry queued' if status == RunStatus.RUNNING else status}: {run_id}")
     click.echo(f"{len(recovered)} run(s) recovered")
+    for step_id in resend_due_celery_steps(resend_after):
+        click.echo(f"sent to Celery again: step {step_id}")
 
 
 # -- verify --------------------------------------------------------------------

@@ -74,18 +74,37 @@ def _alembic(engine: Engine) -> Iterator[Config]:
                 yield config
         finally:
             if enforced:
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-                connection.commit()
+                _pragma(connection, "PRAGMA foreign_keys=ON")
+
+
+@contextmanager
+def _driver_errors(connection: Connection, statement: str) -> Iterator[None]:
+    """The driver's errors of ``statement`` (a database locked past the busy timeout)
+    raised as SQLAlchemy's, as every other statement's are."""
+    driver_error = connection.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except driver_error as exc:
+        raise DBAPIError.instance(statement, None, exc, driver_error) from exc
 
 
 def _begin_immediate(connection: Connection) -> None:
-    """``BEGIN IMMEDIATE`` on ``connection``, its driver's errors raised as SQLAlchemy's
-    (a database locked past the busy timeout), as every other statement's are."""
-    driver_error = connection.dialect.loaded_dbapi.Error
-    try:
+    with _driver_errors(connection, "BEGIN IMMEDIATE"):
         begin_sqlite(connection, "IMMEDIATE")
-    except driver_error as exc:
-        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, driver_error) from exc
+
+
+def _pragma(connection: Connection, statement: str) -> Any:
+    """The first value ``statement`` reads, run on the driver's connection: a PRAGMA that
+    a transaction would ignore (``foreign_keys``) stays out of the one a host engine
+    begins on SQLAlchemy's ``begin`` event."""
+    driver: Any = connection.connection.driver_connection
+    with _driver_errors(connection, statement):
+        cursor = driver.cursor()
+        try:
+            row = cursor.execute(statement).fetchone()
+        finally:
+            cursor.close()
+    return None if row is None else row[0]
 
 
 def _suspend_foreign_keys(connection: Connection) -> bool:
@@ -97,9 +116,8 @@ def _suspend_foreign_keys(connection: Connection) -> bool:
     """
     if connection.dialect.name != "sqlite":
         return False
-    enforced = bool(connection.exec_driver_sql("PRAGMA foreign_keys").scalar())
-    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-    connection.commit()
+    enforced = bool(_pragma(connection, "PRAGMA foreign_keys"))
+    _pragma(connection, "PRAGMA foreign_keys=OFF")
     return enforced
 
 
@@ -122,24 +140,33 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
             config.attributes["connection"].exec_driver_sql(f"DROP TABLE IF EXISTS {VERSION_TABLE}")
 
 
-#: Steps back from the current revision, as Alembic writes them: ``-2``, ``scoria@-2``.
-_STEPS_BACK = re.compile(r"(?:\w+@)?-(\d+)")
+#: A revision relative to another, as Alembic writes them: ``-2``, ``scoria@-2``,
+#: ``head-1``, ``scoria_0003-2``, ``scoria_0002+1`` (from the database's revision when
+#: none is named).
+_RELATIVE = re.compile(r"(?:\w+@)?(?P<start>\w+?)?(?P<sign>[+-])(?P<steps>\d+)")
 
 
 def reaches_base(engine: Engine, revision: str) -> bool:
     """Whether a downgrade of ``engine`` to ``revision`` leaves no revision at all.
 
-    Steps back are counted from the revision the database is at; an unknown
-    revision raises Alembic's ``CommandError``.
+    An unknown revision raises Alembic's ``CommandError``; steps back past the
+    base are Alembic's to refuse, so they do not count as reaching it.
     """
     scripts = _scripts()
-    steps_back = _STEPS_BACK.fullmatch(revision)
-    if steps_back is None:
+    relative = _RELATIVE.fullmatch(revision)
+    if relative is None:
         return not scripts.get_revisions(revision)
-    reached = current_revision(engine)
-    for _ in range(int(steps_back.group(1))):
+    if relative["sign"] == "+":
+        return False
+    start = relative["start"]
+    if start is None:
+        reached = current_revision(engine)
+    else:
+        found = scripts.get_revisions(start)
+        reached = found[0].revision if found else None
+    for _ in range(int(relative["steps"])):
         if reached is None:
-            break
+            return False
         down = scripts.get_revision(reached).down_revision
         reached = down if isinstance(down, str) else None
     return reached is None

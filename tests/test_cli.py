@@ -74,6 +74,8 @@ def test_runs_rejects_bad_filters(runner: FlaskCliRunner) -> None:
     # A tenant typed in a terminal that is not UTF-8 (a lone surrogate to Python).
     code, out = invoke(runner, "runs", "--tenant", "caf\udce9")
     assert code == 1 and "[invalid_identity]" in out
+    code, out = invoke(runner, "runs", "--tenant", "")
+    assert code == 2 and "is blank" in out
 
 
 def test_show_prints_steps_approvals_and_timeline(runner: FlaskCliRunner, paused: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -86,17 +87,21 @@ def test_host_engine_shares_postgres_transactions_safely(postgres_url: str, tmp_
 
 def test_a_host_sqlite_engine_that_sends_its_own_begin(tmp_path: Path) -> None:
     """SQLAlchemy's recipe for pysqlite (the driver's own transactions off, ``BEGIN``
-    sent on the ``begin`` event) leaves a transaction open when flask-scoria starts
-    its own: migrations, writes and snapshot reads still work, and so does the host."""
+    sent on the ``begin`` event, foreign keys on) leaves a transaction open when
+    flask-scoria starts its own: migrations (whose table rebuild needs the foreign keys
+    off), writes and snapshot reads still work, and so does the host."""
     app, db, note = make_host_app(f"sqlite:///{tmp_path / 'host.sqlite3'}", tmp_path / "i")
     runtime = app.extensions["scoria"]
     runtime.handler("ask")(
         lambda step, run: {"done": True} if step.approval else scoria.WaitForApproval("send")
     )
     with app.app_context():
-        sa.event.listen(
-            db.engine, "connect", lambda dbapi, _: setattr(dbapi, "isolation_level", None)
-        )
+
+        def connect(dbapi: Any, _record: Any) -> None:
+            dbapi.isolation_level = None
+            dbapi.execute("PRAGMA foreign_keys=ON")
+
+        sa.event.listen(db.engine, "connect", connect)
         sa.event.listen(db.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         db.engine.dispose()
         schema.upgrade(db.engine)
@@ -105,6 +110,8 @@ def test_a_host_sqlite_engine_that_sends_its_own_begin(tmp_path: Path) -> None:
         scoria.approve_run(run.run_id, decided_by="ops")
         assert scoria.resume_run(run.run_id).status == "completed"
         assert scoria.get_run_detail(run.run_id).steps[0].result_envelope == {"done": True}
+        with db.engine.connect() as conn:  # the migration turned them on again
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         db.session.add(note(text="the host's own write"))
         db.session.commit()
         assert db.session.scalar(sa.select(sa.func.count()).select_from(note)) == 1

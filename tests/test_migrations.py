@@ -396,14 +396,18 @@ def test_db_commands(empty_database_uri: str, tmp_path: Path) -> None:
     assert head in check.output
     with app.app_context():
         assert scoria.start_run(scoria.identity({"session_id": "s"})).status == "completed"
-    # Every way to name the base asks first; a step back that stops short does not.
-    for base in ([], ["scoria@base"], ["--", "-6"], ["--", "scoria@-9"]):
+    # Every way to name the base asks first; a step back that stops short does not, nor
+    # one past the base, which Alembic refuses.
+    for base in ([], ["scoria@base"], ["--", "-6"], ["--", "scoria@-6"], ["scoria_0001-1"]):
         refused = runner.invoke(args=["scoria", "db", "downgrade", *base], input="n\n")
         assert refused.exit_code == 1 and "drops every scoria_* table" in refused.output, base
         assert runner.invoke(args=["scoria", "db", "current"]).output.strip() == head
-    one_back = runner.invoke(args=["scoria", "db", "downgrade", "--", "-1"])
-    assert one_back.exit_code == 0 and "Go on?" not in one_back.output, one_back.output
-    runner.invoke(args=["scoria", "db", "upgrade"])
+    for short_of_base in (["--", "-1"], ["head-1"], ["scoria@head-2"], ["scoria_0002+1"]):
+        one_back = runner.invoke(args=["scoria", "db", "downgrade", *short_of_base])
+        assert one_back.exit_code == 0 and "Go on?" not in one_back.output, one_back.output
+        runner.invoke(args=["scoria", "db", "upgrade"])
+    past_base = runner.invoke(args=["scoria", "db", "downgrade", "--", "-9"])
+    assert past_base.exit_code == 1 and "Go on?" not in past_base.output, past_base.output
     downgrade = runner.invoke(args=["scoria", "db", "downgrade", "scoria@base"], input="y\n")
     assert downgrade.exit_code == 0, downgrade.output
     engine = app.extensions["scoria"].storage(app).engine

@@ -310,7 +310,7 @@ def _members_own(run: scoria.RunSummary) -> scoria.RunSummary:
     """``run`` if the signed-in user started it, or is an operator (of its tenant: the
     tenant guard keeps other tenants out). A colleague's questions stay private: another
     member's run is not found, as another tenant's is."""
-    if run.actor_id != g.current_user.id and g.current_user.role != "operator":
+    if run.actor_id != g.current_user.id and not is_operator():
         raise scoria.RunNotFound(run.run_id)
     return run
 

@@ -356,8 +356,7 @@ def list_runs(
         (runs.c.actor_id, filters.actor_id),
         (runs.c.root_role_id, filters.root_role_id),
     )
-    texts = (filters.status, *(value for _, value in named), None if tenant is UNSET else tenant)
-    for value in texts:
+    for value in (filters.status, *(value for _, value in named)):
         if value is not None and not is_storable_text(value):
             return Page([], None)
     for column, value in named:
