@@ -219,6 +219,11 @@ def test_a_per_call_handler_keeps_its_kinds_timeout_and_retries(
         assert only_step(run.run_id).result_envelope == {"attempt": 2}
         types = [event.event_type for event in events(run.run_id)]
         assert types[2:4] == ["step_timeout", "retry_scheduled"]
+        # A retry due later than the call waits for stays queued for the kind's executor.
+        runtime.handler("mail", retry=Retry(attempts=2, delay=3600))(Flaky(0))
+        later = scoria.start_run(WHO, initial_step={"kind": "mail"}, handlers={"mail": Flaky(1)})
+        assert later.status == "running"
+        assert (only_step(later.run_id).status, only_step(later.run_id).attempt) == ("queued", 2)
         # A kind nobody registered: one attempt, no timeout.
         unknown = scoria.start_run(
             WHO, initial_step={"kind": "sketch"}, handlers={"sketch": Flaky(1)}
