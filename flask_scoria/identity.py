@@ -11,14 +11,13 @@ import flask
 
 from ._ids import is_id_text
 from ._json import json_object
-from .errors import InvalidIdentity
+from .errors import InvalidIdentity, safe_str
 
 #: Longest id flask-scoria stores.
 MAX_ID_LENGTH = 255
 
 _ACTOR_ALIASES = ("actor", "current_user", "user")
 _TENANT_ALIASES = ("tenant", "current_tenant")
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -102,15 +101,21 @@ def identity_from_g(g: object = None) -> Identity:
 
 
 #: Values that carry no ids: :func:`identity` reads each as the empty identity.
-NO_IDS: tuple[type, ...] = (str, bytes, int, float, list, tuple)
+_NO_IDS: tuple[type, ...] = (str, bytes, int, float, list, tuple)
+
+
+def carries_no_ids(value: object) -> bool:
+    """Whether ``value`` is a string, a number or a list, which name no ids (a named
+    tuple's fields do)."""
+    return isinstance(value, _NO_IDS) and not hasattr(type(value), "_fields")
 
 
 def identity(value: object = None) -> Identity:
     """Normalize ``value`` into an :class:`Identity`.
 
-    ``value`` may be an ``Identity``, a mapping, any object with attributes,
-    or ``None``; a string, a number or a list carries no ids and gives the
-    empty identity. Ids are read from ``actor_id`` / ``tenant_id`` /
+    ``value`` may be an ``Identity``, a mapping, any object with attributes
+    (a named tuple too), or ``None``; a string, a number or a list carries no
+    ids and gives the empty identity. Ids are read from ``actor_id`` / ``tenant_id`` /
     ``session_id``, falling back to the aliases ``actor``, ``current_user``,
     ``user``, ``tenant``, ``current_tenant`` (their ``id``) and ``session``
     (its ``id`` or the string itself). ``metadata`` is a mapping's key, or an
@@ -125,13 +130,13 @@ def identity(value: object = None) -> Identity:
             session_id=normalize_id(value.session_id, "session_id"),
             metadata=_metadata(value.metadata),
         )
-    if value is None or isinstance(value, NO_IDS):
+    if value is None or carries_no_ids(value):
         return Identity()
 
     def read(key: str) -> object:
         if isinstance(value, Mapping):
-            return value.get(key)
-        return getattr(value, key, None)
+            return _reading(value, key, lambda: value.get(key))
+        return _attribute(value, key)
 
     actor_id = normalize_id(read("actor_id"), "actor_id")
     if actor_id is None:
@@ -186,7 +191,7 @@ def _id_of(value: object, name: str) -> str | None:
         return normalize_id(value.get("id"), f"{name}.id")
     if isinstance(value, list | tuple | set | bool | float | bytes):
         raise InvalidIdentity(f"{name} cannot be a {type(value).__name__}.")
-    return normalize_id(getattr(value, "id", None), f"{name}.id")
+    return normalize_id(_attribute(value, "id"), f"{name}.id")
 
 
 def _first_present(read: Callable[[str], object], keys: tuple[str, ...]) -> object:
@@ -199,10 +204,27 @@ def _first_present(read: Callable[[str], object], keys: tuple[str, ...]) -> obje
 
 def _first_attr(obj: object, names: tuple[str, ...]) -> object:
     for name in names:
-        found = getattr(obj, name, _MISSING)
-        if found is not _MISSING and found is not None:
+        found = _attribute(obj, name)
+        if found is not None:
             return found
     return None
+
+
+def _attribute(obj: object, name: str) -> object:
+    """``obj.name``, or ``None`` when it has none."""
+    return _reading(obj, name, lambda: getattr(obj, name, None))
+
+
+def _reading(obj: object, name: str, read: Callable[[], object]) -> object:
+    """What ``read`` reads of ``obj``; an :class:`InvalidIdentity` if that raises (a
+    detached ORM instance's expired column, a property that fails)."""
+    try:
+        return read()
+    except Exception as exc:
+        raise InvalidIdentity(
+            f"{name} of the {type(obj).__name__} could not be read:"
+            f" {type(exc).__name__}: {safe_str(exc, 200)}"
+        ) from exc
 
 
 def _metadata(value: object) -> dict[str, Any]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask, g, session
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import flask_scoria as scoria
 from flask_scoria import Identity
@@ -87,6 +88,53 @@ def test_an_objects_metadata_counts_only_when_it_is_a_mapping() -> None:
     assert scoria.identity(tagged).metadata == {"channel": "web"}
     with pytest.raises(scoria.InvalidIdentity):
         scoria.identity(SimpleNamespace(metadata={"when": object()}))
+
+
+def test_a_named_tuple_names_its_ids() -> None:
+    who = Who("u-1", "acme")
+    assert (scoria.identity(who).actor_id, scoria.identity(who).tenant_id) == ("u-1", "acme")
+    assert scoria.identity(("u-1", "acme")) == Identity()
+
+
+class Who(NamedTuple):
+    actor_id: str
+    tenant_id: str
+
+
+class Failing:
+    """An object whose ``tenant_id`` raises when read, as a detached ORM instance's
+    expired column does."""
+
+    actor_id = "u-1"
+
+    @property
+    def tenant_id(self) -> str:
+        raise KeyError("not loaded")
+
+
+def test_an_id_that_raises_when_read_is_an_invalid_identity() -> None:
+    """A model instance detached from its session, or any property that fails."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(Base):
+        __tablename__ = "account"
+        id: Mapped[str] = mapped_column(primary_key=True)
+
+    engine = sa.create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as db:
+        db.add(Account(id="u-9"))
+        db.commit()
+        detached = db.get(Account, "u-9")
+        db.commit()  # expires it; leaving the session detaches it
+    for value in (Failing(), {"current_user": detached}, SimpleNamespace(user=detached)):
+        with pytest.raises(scoria.InvalidIdentity, match="could not be read"):
+            scoria.identity(value)
+    with pytest.raises(scoria.InvalidIdentity, match="id of the Account could not be read"):
+        Identity.from_g(SimpleNamespace(current_user=detached))
+    engine.dispose()
 
 
 @pytest.mark.parametrize(

@@ -695,6 +695,20 @@ def test_the_run_window_read_matches_the_full_detail(app: Flask) -> None:
             scoria.runtime.get_run_window(run_id, **before)
 
 
+def test_the_run_window_counts_steps_numbered_from_past_one(app: Flask) -> None:
+    with app.app_context():
+        run = scoria.start_run(
+            {"tenant_id": TENANT},
+            initial_step={"kind": "one", "sequence": 10},
+            handlers={"one": lambda step, run: scoria.Next("two"), "two": lambda s, r: None},
+        )
+        window = scoria.runtime.get_run_window(run.run_id, limit=1)
+        assert (window.step_count, [step.sequence for step in window.steps]) == (2, [11])
+        assert window.older_steps == 11
+        older = scoria.runtime.get_run_window(run.run_id, limit=1, steps_before=11)
+        assert [step.sequence for step in older.steps] == [10] and older.older_steps is None
+
+
 def test_the_run_window_pages_through_handoffs_with_its_own_cursor(app: Flask) -> None:
     run_id = start(app, kind="fixed", handlers={"fixed": fixed})
     grow(app, run_id, steps=12, events=1, handoffs=12)

@@ -10,7 +10,7 @@ from typing import Any, Final
 from .._ids import is_id_text, parse_uuid
 from .._json import ErrorFactory, check_text, json_object, oversized
 from ..errors import InvalidIdentity, InvalidRunOptions, RunNotFound
-from ..identity import NO_IDS, Identity, normalize_id
+from ..identity import Identity, carries_no_ids, normalize_id
 from ..identity import identity as normalize_identity
 from ..statuses import StepStatus
 
@@ -72,7 +72,7 @@ def tenant_guard(tenant_id: object, identity: object) -> TenantGuard:
     refused: as a guard it would quietly stand for "no tenant".
     """
     if identity is not None:
-        if isinstance(identity, NO_IDS):
+        if carries_no_ids(identity):
             raise InvalidIdentity(
                 "identity must be an Identity, a mapping or an object with ids,"
                 f" not {type(identity).__name__}; for one tenant, pass tenant_id=."

@@ -241,7 +241,7 @@ def get_run_window(
 
     Its cost does not grow with the run: a fixed number of queries, each
     reading at most ``limit`` rows (``handoff_limit`` handoffs, default
-    ``limit``), plus two counts. ``handoffs_after`` is a window's
+    ``limit``), plus two counts and the first step's number. ``handoffs_after`` is a window's
     ``older_handoffs``, for the next page of handoffs.
     """
     if handoffs_after is not None and not isinstance(handoffs_after, Cursor):
@@ -283,14 +283,18 @@ def get_run_window(
         )
         approval_count = _count_of_run(conn, approvals, key)
         handoff_count = _count_of_run(conn, handoffs, key)
+        # A run's steps are numbered on from its first, which may be past 1.
+        first_step = conn.execute(
+            select(func.min(steps.c.sequence)).where(steps.c.run_id == key)
+        ).scalar()
     return RunWindow(
         summary=summary_from_row(row),
         steps=window_steps(step_rows, approval_list),
-        step_count=row["last_step_sequence"],
-        older_steps=_older(step_rows, limit),
+        step_count=0 if first_step is None else row["last_step_sequence"] - first_step + 1,
+        older_steps=_older(step_rows, limit, first_step or 1),
         events=window_events(event_rows),
         event_count=row["last_event_sequence"],
-        older_events=_older(event_rows, limit),
+        older_events=_older(event_rows, limit, 1),
         approvals=approval_list,
         approval_count=approval_count,
         delegated_handoffs=sorted(evidence.rows, key=evidence_order),
@@ -299,12 +303,13 @@ def get_run_window(
     )
 
 
-def _older(rows: Sequence[RowLike], limit: int) -> int | None:
-    """The ``before`` of the part older than newest-first ``rows``, if there is one."""
-    if len(rows) < limit or rows[-1]["sequence"] <= 1:
+def _older(rows: Sequence[RowLike], limit: int, first: int) -> int | None:
+    """The ``before`` of the part older than newest-first ``rows`` (numbered from
+    ``first``), if there is one."""
+    if len(rows) < limit or rows[-1]["sequence"] <= first:
         return None
-    first: int = rows[-1]["sequence"]
-    return first
+    oldest: int = rows[-1]["sequence"]
+    return oldest
 
 
 def _count_of_run(conn: Connection, table: Table, run_id: uuid.UUID) -> int:
