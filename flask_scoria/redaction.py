@@ -107,7 +107,9 @@ DISPLAY_SECRET_SUFFIXES = (
     "_private_key",
 )
 
-_ACRONYM_BOUNDARY = re.compile(r"([A-Z]+)([A-Z][a-z])")
+#: Where an acronym ends and a word begins (``HTTP|Server``): zero-width, so that a long
+#: run of capitals is read once, not once from each of its letters.
+_ACRONYM_BOUNDARY = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
 _CAMEL_BOUNDARY = re.compile(r"([a-z0-9])([A-Z])")
 _NON_ALNUM = re.compile(r"[^0-9A-Za-z]+")
 
@@ -117,7 +119,7 @@ def normalize_key(key: str) -> str:
     widths and forms (full-width ones) are read as the letters they stand for."""
     if not key.isascii():
         key = unicodedata.normalize("NFKC", key)
-    key = _ACRONYM_BOUNDARY.sub(r"\1_\2", key)
+    key = _ACRONYM_BOUNDARY.sub("_", key)
     key = _CAMEL_BOUNDARY.sub(r"\1_\2", key)
     return _NON_ALNUM.sub("_", key).strip("_").lower()
 
@@ -136,7 +138,11 @@ def is_display_secret(key: str) -> bool:
     return name in DISPLAY_SECRET_NAMES or name.endswith(DISPLAY_SECRET_SUFFIXES)
 
 
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(@)", re.IGNORECASE)
+#: A scheme starts where the character before cannot be part of one: a text of scheme
+#: characters (``a.a.a.``) is then read once, not once from each of its letters.
+_URL_PASSWORD = re.compile(
+    r"((?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(@)", re.IGNORECASE
+)
 _DSN_PASSWORD = re.compile(r"(\b(?:password|pwd)\s*=\s*)('[^']*'|[^\s;&]+)", re.IGNORECASE)
 
 

@@ -17,7 +17,7 @@ from flask import Flask, session
 from flask.testing import FlaskClient
 
 import flask_scoria as scoria
-from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval
+from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval, redaction
 from flask_scoria.runtime import Cursor, runs_awaiting_resume
 
 TENANT = "acme"
@@ -839,6 +839,52 @@ def test_an_unknown_status_filter_is_a_clear_400(ops: FlaskClient) -> None:
     response = ops.get("/scoria/workflows?status=bogus")
     assert response.status_code == 400
     assert "There is no run status &#39;bogus&#39;" in response.get_data(as_text=True)
+
+
+def test_ids_with_direction_controls_are_shown_written_out(
+    operator_app: Flask, ops: FlaskClient
+) -> None:
+    """An actor id whose right-to-left override would make it read "admin"."""
+    with operator_app.app_context():
+        run = scoria.start_run(
+            {"actor_id": "\u202enimda", "tenant_id": "acme", "session_id": "s\u200b-1"}
+        )
+    for url in (
+        f"/scoria/workflows/{run.run_id}",
+        "/scoria/workflows",
+        "/scoria/sessions/s%E2%80%8B-1",
+    ):
+        html = ops.get(url).get_data(as_text=True)
+        assert "\u202e" not in html and "\u200b" not in html, url
+        assert "\\u202enimda" in html and "s\\u200b-1" in html, url
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgres://app:s3cret@db/prod", "postgres://app:***@db/prod"),
+        ("x foo.redis://:pw@h", "x foo.redis://:***@h"),
+        ("glued" * 10 + "mysql://u:p@h", "glued" * 10 + "mysql://u:***@h"),
+        ("no url here: a:b@c", "no url here: a:b@c"),
+        ("a." * 20_000, "a." * 20_000),
+    ],
+)
+def test_url_passwords_are_masked_wherever_the_scheme_starts(text: str, masked: str) -> None:
+    assert redaction.mask_passwords(text, "***") == masked
+
+
+@pytest.mark.parametrize(
+    ("key", "normalized"),
+    [
+        ("HTTPServer", "http_server"),
+        ("myAPIKeyValue", "my_api_key_value"),
+        ("AAbCCd", "a_ab_c_cd"),
+        ("Request-Headers", "request_headers"),
+        ("A" * 20_000, "a" * 20_000),
+    ],
+)
+def test_keys_are_normalized_at_every_word_boundary(key: str, normalized: str) -> None:
+    assert redaction.normalize_key(key) == normalized
 
 
 def test_reasons_and_notes_mask_url_passwords(operator_app: Flask, ops: FlaskClient) -> None:

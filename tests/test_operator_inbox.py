@@ -376,6 +376,9 @@ def test_short_ids_tell_runs_of_the_same_moment_apart(app: Flask, ops: FlaskClie
         ("javascript:alert(1)", None),
         ("//elsewhere.example", None),
         ("/\\elsewhere.example", None),
+        # Browsers drop tabs and line breaks from a URL: //evil.example.
+        ("/\t/evil.example/steal", None),
+        ("/\n/evil.example", None),
         ("/", "/"),
     ],
 )

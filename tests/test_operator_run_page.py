@@ -667,6 +667,7 @@ def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient)
         "?handoffs_after=junk",
         "?steps_before=²",  # a digit to str.isdigit, none to int()
         "?events_before=٣",  # an Arabic-Indic three
+        "?steps_before=" + "9" * 100_000,  # more digits than int() takes
     ],
 )
 def test_a_malformed_run_page_position_is_a_clear_400(

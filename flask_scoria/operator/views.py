@@ -136,10 +136,12 @@ def _pending_count() -> str | None:
 def _home_url() -> str | None:
     """``SCORIA_HOME_URL``, the host app's page the navigation links back to, if usable.
 
-    Only a path or an http(s) URL is linked, never another scheme.
+    Only a path or an http(s) URL is linked, never another scheme, nor one with
+    whitespace or control characters, which browsers drop from a URL
+    (``/\t/evil.example`` would lead off the site).
     """
     url = current_app.config.get("SCORIA_HOME_URL")
-    if not isinstance(url, str):
+    if not isinstance(url, str) or any(char.isspace() or not char.isprintable() for char in url):
         return None
     if url.startswith(("https://", "http://")) or (url[:1] == "/" and url[1:2] not in ("/", "\\")):
         return url
@@ -574,6 +576,9 @@ def _sequence(name: str) -> int | None:
     text = request.args.get(name)
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= runtime.LARGEST_INT:
+    largest = runtime.LARGEST_INT
+    # Its length first: int() refuses a text of thousands of digits with a ValueError.
+    well_formed = text.isascii() and text.isdigit() and len(text) <= len(str(largest))
+    if not well_formed or not 0 < int(text) <= largest:
         abort(400, description="The page link is malformed; start again from the newest.")
     return int(text)
