@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: A path of one or more segments of unreserved characters: "/scoria", "/admin/runs".
+_URL_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+/?")
 #: The longest timeout the drivers take: PostgreSQL's statement timeout and SQLite's are
 #: milliseconds in a 32-bit int (about 24.8 days); libpq's connect timeout, whole seconds,
 #: gets the same bound.
@@ -98,9 +101,9 @@ def read_settings(app: Flask) -> Settings:
             f" not {config['SCORIA_SQLITE_SYNCHRONOUS']!r}."
         )
     prefix = config["SCORIA_URL_PREFIX"]
-    # One "/" and a name: "//host" would be a URL of another host, which Flask mounts
-    # as "/host".
-    if not isinstance(prefix, str) or len(prefix) < 2 or prefix[0] != "/" or prefix[1] == "/":
+    # Segments of a path's own characters: "//host" would be a URL of another host, "?" or
+    # "#" would end the path, and "<x>" would be a route variable.
+    if not isinstance(prefix, str) or not _URL_PREFIX.fullmatch(prefix):
         raise ValueError(f"SCORIA_URL_PREFIX must be a path such as '/scoria', not {prefix!r}.")
     lease = _number(config, "SCORIA_STEP_LEASE_SECONDS", float, maximum=MAX_SECONDS)
     max_bytes = _number(config, "SCORIA_HANDOFF_MAX_BYTES", int)

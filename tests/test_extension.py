@@ -143,6 +143,10 @@ def test_default_database_lives_in_the_instance_folder(tmp_path: Path) -> None:
         # Would mount the operator pages at the site's root.
         ("SCORIA_URL_PREFIX", "//", "SCORIA_URL_PREFIX"),
         ("SCORIA_URL_PREFIX", "//ops", "SCORIA_URL_PREFIX"),
+        ("SCORIA_URL_PREFIX", "/<x>", "SCORIA_URL_PREFIX"),
+        ("SCORIA_URL_PREFIX", "/ops?x", "SCORIA_URL_PREFIX"),
+        ("SCORIA_URL_PREFIX", "/ops#x", "SCORIA_URL_PREFIX"),
+        ("SCORIA_URL_PREFIX", "/ops x", "SCORIA_URL_PREFIX"),
         ("SCORIA_STEP_LEASE_SECONDS", 0, "SCORIA_STEP_LEASE_SECONDS"),
         ("SCORIA_HANDOFF_MAX_DEPTH", -1, "SCORIA_HANDOFF_MAX_DEPTH"),
         ("SCORIA_HANDOFF_MAX_DEPTH", 65, "SCORIA_HANDOFF_MAX_DEPTH"),

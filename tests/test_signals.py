@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,25 @@ def test_failed_run(received: Received) -> None:
         handlers={"work": lambda step, run: Fail("no")},
     )
     assert names(received) == ["run_started", "run_failed"]
+
+
+def test_resuming_past_an_expired_approval_sends_no_run_failed(received: Received) -> None:
+    """The expiry and the retry that asks again commit together: nobody sees the run failed."""
+
+    def ask(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return scoria.WaitForApproval("send", expires_in=0.05)
+        return None
+
+    run = scoria.start_run(
+        scoria.identity(IDENTITY), initial_step={"kind": "work"}, handlers={"work": ask}
+    )
+    time.sleep(0.1)
+    resumed = scoria.resume_run(run.run_id, handlers={"work": ask})
+    assert resumed.status == "waiting_for_approval"
+    assert names(received) == ["run_started", "run_paused", "run_resumed", "run_paused"]
+    events = [event.event_type for event in scoria.get_run_detail(run.run_id).events]
+    assert events.count("approval_expired") == 1 and events.count("run_failed") == 1
 
 
 def test_run_without_steps(received: Received) -> None:

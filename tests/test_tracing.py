@@ -86,6 +86,30 @@ def test_an_inline_step_span_is_a_child_of_the_request(
     }
 
 
+def test_the_steps_a_request_executes_are_its_children(
+    app: Flask, runtime: scoria.Scoria, spans: InMemorySpanExporter
+) -> None:
+    """Retried attempts executed inline, and a step resumed in a later request: each is a
+    child of the request that executes it, not of an earlier attempt or request."""
+
+    def flaky(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.attempt < 3:
+            raise ConnectionError("model unavailable")
+        return scoria.WaitForApproval("send") if step.approval is None else None
+
+    runtime.handler("flaky", retry=scoria.Retry(attempts=3, delay=0.01))(flaky)
+    tracer = trace.get_tracer("host")
+    with app.app_context():
+        with tracer.start_as_current_span("request A") as first:
+            run = scoria.start_run(WHO, initial_step={"kind": "flaky"})
+        with tracer.start_as_current_span("request B") as second:
+            scoria.approve_run(run.run_id, decided_by="ops", resume=True)
+    steps = [span for span in spans.get_finished_spans() if span.name == "scoria.step"]
+    parents = [(span.parent.span_id if span.parent else None) for span in steps]
+    a, b = first.get_span_context().span_id, second.get_span_context().span_id
+    assert parents == [a, a, a, b]
+
+
 def test_a_delayed_next_step_is_queued_once_while_a_trace_is_recorded(
     app: Flask, runtime: scoria.Scoria, spans: InMemorySpanExporter
 ) -> None:

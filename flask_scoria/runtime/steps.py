@@ -225,12 +225,21 @@ def decided_approval(tx: Tx, step: RowLike) -> Approval | None:
     return None if row is None else approval_from_row(row)
 
 
-def fail_run(change: RunChange, step_id: uuid.UUID, event_type: EventType, error: Row) -> None:
-    """End the run as ``failed`` because of ``step_id``."""
+def fail_run(
+    change: RunChange,
+    step_id: uuid.UUID,
+    event_type: EventType,
+    error: Row,
+    *,
+    announce: bool = True,
+) -> None:
+    """End the run as ``failed`` because of ``step_id``; ``announce`` sends ``run_failed``
+    (not for a run that its transaction goes on to retry, which never ends failed)."""
     change.set(status=RunStatus.FAILED, completed_at=change.now, current_step_id=step_id)
     change.event(event_type, step_id, error)
     change.event(EventType.RUN_FAILED, step_id)
-    change.signal(signals.run_failed)
+    if announce:
+        change.signal(signals.run_failed)
 
 
 def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
@@ -327,8 +336,10 @@ def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
     return True
 
 
-def expire_approval(tx: Tx) -> bool:
-    """Fail the run if its pending approval expired; the approval becomes ``expired``."""
+def expire_approval(tx: Tx, *, announce: bool = True) -> bool:
+    """Fail the run if its pending approval expired; the approval becomes ``expired``.
+
+    ``announce``: send ``run_failed`` (see :func:`fail_run`)."""
     if tx.status() != RunStatus.WAITING_FOR_APPROVAL:
         return False
     expired = tx.first(sql.EXPIRED_APPROVAL_OF_RUN, {"b_run_id": tx.run_id, "b_now": tx.now})
@@ -357,7 +368,7 @@ def expire_approval(tx: Tx) -> bool:
         expired["step_id"],
         {"approval_id": str(expired["id"]), "expired_at": expired["expires_at"].isoformat()},
     )
-    fail_run(tx, expired["step_id"], EventType.STEP_FAILED, error)
+    fail_run(tx, expired["step_id"], EventType.STEP_FAILED, error, announce=announce)
     return True
 
 

@@ -63,13 +63,15 @@ class StepSpan:
 def step_span(
     headers: Mapping[str, str] | None, run_id: str, kind: str, attempt: int
 ) -> Iterator[StepSpan]:
-    """A ``scoria.step`` span, child of ``headers``' context if given, else of the current one."""
+    """A ``scoria.step`` span, child of the current span (the request or task executing
+    the step), else of ``headers``' context (that of the span that queued it)."""
     otel = _otel()
     if otel is None or (not headers and _no_provider(otel[1])):
         yield StepSpan(None)
         return
     propagate, trace = otel
-    parent = propagate.extract(dict(headers)) if headers else None
+    current = trace.get_current_span().get_span_context().is_valid
+    parent = propagate.extract(dict(headers)) if headers and not current else None
     tracer = trace.get_tracer("flask_scoria")
     attributes: dict[str, str | int] = {
         "scoria.run_id": run_id,

@@ -194,8 +194,9 @@ def _resume_approved(tx: Tx, handlers: Handlers, requested_by: str | None) -> No
     approval = approval_from_row(row)
     if approval.status == ApprovalStatus.PENDING:
         if approval.expires_at is not None and approval.expires_at < tx.now:
-            # It expired unnoticed: record that, then ask again.
-            expire_approval(tx)
+            # It expired unnoticed: record that, then ask again. The run never ends
+            # failed for anyone to see, so no run_failed is sent.
+            expire_approval(tx, announce=False)
             _retry_failed(tx, handlers, requested_by)
             return
         raise ApprovalPending(str(tx.run_id), approval.id)
