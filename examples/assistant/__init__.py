@@ -27,6 +27,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         SQLALCHEMY_DATABASE_URI="sqlite:///" + os.path.join(app.instance_path, "assistant.sqlite3"),
         # Seconds an operator has to approve an answer before the approval expires.
         APPROVAL_EXPIRES_IN=3600,
+        # The operator pages link back to the assistant.
+        SCORIA_HOME_URL="/",
     )
     app.config.from_prefixed_env("ASSISTANT")
     if config:

@@ -53,7 +53,10 @@ def approval(step: StepView, run: RunSummary) -> Next | WaitForApproval:
             editable=True,
             expires_in=current_app.config["APPROVAL_EXPIRES_IN"],
         )
-    return Next("send", dict(step.approval.edited_arguments or step.approval.arguments or {}))
+    approved = dict(step.approval.edited_arguments or step.approval.arguments or {})
+    # An operator may edit the answer, never whom it goes to: the member who asked.
+    approved["to"] = run.actor_id
+    return Next("send", approved)
 
 
 @runtime.handler("send")

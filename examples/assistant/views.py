@@ -155,7 +155,16 @@ def login_post() -> Response:
         abort(400, "Pick a user from the list.")
     session.clear()
     session.update(actor_id=user.id, tenant_id=user.tenant_id)
-    _open_conversation(user)
+    latest = db.session.scalars(
+        db.select(Conversation)
+        .where(Conversation.user_id == user.id)
+        .order_by(Conversation.created_at.desc())
+        .limit(1)
+    ).first()
+    if latest is None:
+        _open_conversation(user)
+    else:  # signing in again goes on where the member left off
+        session["assistant_session_id"] = latest.id
     return redirect(url_for("assistant.conversation"))
 
 
@@ -287,6 +296,7 @@ def show_run(run_id: str) -> str:
         pending=[a for a in detail.approvals if a.status == "pending"],
         rejected=[a for a in detail.approvals if a.status == "rejected"],
         expired=_expired(detail),
+        failure=_failure(detail),
         resumable=_resumable(detail),
         needs_review="answer" in sent and needs_bounded_review(str(sent["answer"])),
         final=detail.summary.status in FINAL_STATUSES,
@@ -368,10 +378,22 @@ def utc(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _failure(detail: scoria.RunDetail) -> Mapping[str, Any] | None:
+    """The error of the step that failed the run, if it failed."""
+    if detail.summary.status != "failed":
+        return None
+    failed = [step for step in detail.steps if step.status == "failed" and step.error_envelope]
+    return failed[-1].error_envelope if failed else None
+
+
+#: Failures that resuming would only repeat: the approved answer itself was unusable.
+FINAL_FAILURES = frozenset({"invalid_answer"})
+
+
 def _resumable(detail: scoria.RunDetail) -> bool:
     status = detail.summary.status
     if status == "failed":
-        return True
+        return (_failure(detail) or {}).get("type") not in FINAL_FAILURES
     return status == "waiting_for_approval" and detail.approvals[-1].status == "approved"
 
 

@@ -157,6 +157,31 @@ def test_an_edit_without_an_answer_sends_nothing(app: Flask, client: FlaskClient
     assert done.status == "failed"
     assert (detail.steps[-1].error_envelope or {})["type"] == "invalid_answer"
     assert detail.steps[-1].idempotency_key not in mailer.outbox
+    # Resuming would send the same unusable answer again: the member is told to ask again.
+    page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
+    assert "The run failed: The approved arguments need a &#39;to&#39; and a non-empty" in page
+    assert 'id="resume"' not in page and "Ask again in the" in page
+
+
+def test_an_edit_cannot_send_the_answer_to_someone_else(app: Flask, client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    run_id = ask(client, "My salary?")
+    edited = {"to": "bob", "answer": "It is confidential."}
+    with app.app_context():
+        scoria.approve_run(run_id, decided_by="ops", arguments=edited, resume=True)
+        sent = scoria.get_run_detail(run_id).steps[-1].result_envelope or {}
+    assert (sent["sent_to"], sent["answer"]) == ("alice", "It is confidential.")
+
+
+def test_signing_in_again_goes_on_with_the_last_conversation(client: FlaskClient) -> None:
+    sign_in(client, "alice")
+    conversation = session_value(client, "assistant_session_id")
+    run_id = ask(client, "Where was I?")
+    sign_in(client, "ops")
+    assert session_value(client, "assistant_session_id") != conversation
+    sign_in(client, "alice")
+    assert session_value(client, "assistant_session_id") == conversation
+    assert run_id in client.get("/").get_data(as_text=True)
 
 
 def test_the_stand_in_sender_sends_once_per_key() -> None:

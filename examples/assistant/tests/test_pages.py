@@ -47,7 +47,9 @@ def test_the_globex_operator_sees_globex_runs(client: FlaskClient) -> None:
     sign_in(client, "zoe")
     run_id = ask(client, "A globex question")
     sign_in(client, "gus")
-    assert "A globex question" in page(client, f"/scoria/workflows/{run_id}")
+    operator_page = page(client, f"/scoria/workflows/{run_id}")
+    assert "A globex question" in operator_page
+    assert '<a class="home" href="/">Back to the app</a>' in operator_page
 
 
 def test_the_operator_link_is_for_operators(client: FlaskClient) -> None:
