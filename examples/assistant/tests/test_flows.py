@@ -340,6 +340,10 @@ def test_answer_page_offers_the_review_for_policy_answers(app: Flask, client: Fl
         scoria.resume_run(run_id)
     page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
     assert "gets a bounded policy review" in page
+    # The operator reads the member's answer; using it as a draft is the member's.
+    sign_in(client, "ops")
+    page = client.get(f"/assistant/runs/{run_id}").get_data(as_text=True)
+    assert 'id="answer"' in page and 'id="submit-draft"' not in page
 
 
 def test_another_tenant_sees_not_found(client: FlaskClient) -> None:
