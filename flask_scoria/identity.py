@@ -47,15 +47,17 @@ class Identity:
     def from_g(cls, g: object) -> Identity:
         """Read the actor, tenant and session id a request stored on ``g``.
 
-        The actor is ``g.current_user``, ``g.user`` or ``g.actor``; the tenant
+        The actor is ``g.current_user``, ``g.user``, ``g.actor`` or the user
+        Flask-Login loaded for the request (``g._login_user``); the tenant
         ``g.current_tenant`` or ``g.tenant``; the session ``g.session_id``.
         """
-        actor = _first_attr(g, ("current_user", "user", "actor"))
+        # Flask-Login keeps the loaded user on g._login_user.
+        actor = _first_attr(g, ("current_user", "user", "actor", "_login_user"))
         tenant = _first_attr(g, ("current_tenant", "tenant"))
         return cls(
             actor_id=_id_of(actor, "actor"),
             tenant_id=_id_of(tenant, "tenant"),
-            session_id=normalize_id(getattr(g, "session_id", None), "session_id"),
+            session_id=normalize_id(_attribute(g, "session_id"), "session_id"),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,6 +60,13 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 @contextmanager
 def _alembic(engine: Engine) -> Iterator[Config]:
+    if mounted_in_host_history(engine):
+        # Its own version table would record a second history of the same tables.
+        raise RuntimeError(
+            "The scoria revisions of this database are recorded in the app's alembic_version"
+            " (mounted in its history): migrate it with the app's own commands"
+            " (flask db upgrade heads)."
+        )
     with engine.connect() as connection:
         enforced = _suspend_foreign_keys(connection)
         try:
@@ -122,7 +129,11 @@ def _suspend_foreign_keys(connection: Connection) -> bool:
 
 
 def upgrade(engine: Engine, revision: str = "heads") -> None:
-    """Bring the ``scoria_*`` tables up to ``revision`` (default: the newest)."""
+    """Bring the ``scoria_*`` tables up to ``revision`` (default: the newest).
+
+    Raises ``RuntimeError`` on a database whose scoria revisions are mounted in
+    the app's own Alembic history (so does :func:`downgrade`).
+    """
     with _alembic(engine) as config:
         command.upgrade(config, revision)
 

@@ -146,18 +146,26 @@ def _require_handler(app: Flask, kind: str, out: Checklist) -> bool:
 
 
 def _require_migrated(host: Flask, out: Checklist) -> bool:
-    """The host's database carries the newest ``scoria_*`` revision."""
+    """The host's database carries the newest ``scoria_*`` revision, and its tables are
+    that revision's (a revision recorded without being run, by a stamp, is not)."""
+    engine = app_state(host).storage.engine
     try:
-        revision = schema.current_revision(app_state(host).storage.engine)
+        revision = schema.current_revision(engine)
+        differing = schema.differences(engine) if revision == schema.head_revision() else []
     except SQLAlchemyError as exc:
         detail = str(exc).splitlines()[0]
         return out.record("0. app database migrated", False, f"{type(exc).__name__}: {detail}")
     head = schema.head_revision()
+    if revision != head:
+        hint = "; run: flask scoria db upgrade"
+    elif differing:
+        hint = f"; but {len(differing)} difference(s) from its models: see flask scoria db check"
+    else:
+        hint = ""
     return out.record(
         "0. app database migrated",
-        revision == head,
-        f"scoria tables at {revision or 'no revision'}, newest {head}"
-        + ("" if revision == head else "; run: flask scoria db upgrade"),
+        revision == head and not differing,
+        f"scoria tables at {revision or 'no revision'}, newest {head}{hint}",
     )
 
 

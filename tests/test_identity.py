@@ -90,6 +90,11 @@ def test_an_objects_metadata_counts_only_when_it_is_a_mapping() -> None:
         scoria.identity(SimpleNamespace(metadata={"when": object()}))
 
 
+def test_from_g_finds_the_user_flask_login_loaded() -> None:
+    found = Identity.from_g(SimpleNamespace(_login_user=SimpleNamespace(id=7), tenant="acme"))
+    assert (found.actor_id, found.tenant_id) == ("7", "acme")
+
+
 def test_a_named_tuple_names_its_ids() -> None:
     who = Who("u-1", "acme")
     assert (scoria.identity(who).actor_id, scoria.identity(who).tenant_id) == ("u-1", "acme")

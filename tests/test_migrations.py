@@ -162,6 +162,23 @@ def row_counts(engine: sa.Engine) -> dict[str, int]:
         }
 
 
+def test_a_database_whose_revisions_the_app_history_records_is_not_migrated_here(
+    tmp_path: Path,
+) -> None:
+    """Mounted in the app's Flask-Migrate history, its scoria revision is in alembic_version:
+    schema.upgrade and downgrade would start a second record of the same tables."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'mounted.sqlite3'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.exec_driver_sql(f"INSERT INTO alembic_version VALUES ('{schema.head_revision()}')")
+    assert schema.mounted_in_host_history(engine)
+    for migrate in (schema.upgrade, schema.downgrade):
+        with pytest.raises(RuntimeError, match="flask db upgrade heads"):
+            migrate(engine)
+    assert sa.inspect(engine).get_table_names() == ["alembic_version"]
+    engine.dispose()
+
+
 def test_upgrading_keeps_the_runs_of_the_first_revision(
     empty_database_uri: str, tmp_path: Path
 ) -> None:

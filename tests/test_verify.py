@@ -56,6 +56,23 @@ def test_every_failing_prerequisite_is_reported_in_one_run(tmp_path: Path) -> No
     }
 
 
+def test_a_database_stamped_ahead_of_its_tables_is_not_migrated(tmp_path: Path) -> None:
+    """A revision recorded without being run (a stamp): the tables are an older one's."""
+    uri = f"sqlite:///{tmp_path / 'host.sqlite3'}"
+    engine = sa.create_engine(uri)
+    schema.upgrade(engine, "scoria_0002")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE scoria_alembic_version SET version_num = '{schema.head_revision()}'"
+        )
+    engine.dispose()
+    app = create_test_app(uri, tmp_path / "instance")
+    report = run_lane(app, "adoption", None)
+    app.extensions["scoria"].storage(app).engine.dispose()
+    (check,) = [check for check in report.checks if check.name == "0. app database migrated"]
+    assert check.outcome == "FAIL" and "see flask scoria db check" in check.detail
+
+
 def test_the_lane_still_runs_when_only_the_host_setup_fails(tmp_path: Path) -> None:
     app = host(tmp_path, migrated=False)
     app.extensions["scoria"].handler("approval")(publish)
