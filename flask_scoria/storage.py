@@ -502,19 +502,20 @@ def _hint(reason: str) -> str | None:
     if "Connection refused" in reason or "could not translate host name" in reason:
         return (
             "No database server answered at the URL's host and port: start it, or correct"
-            " SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
+            f" {_URL_SETTING}."
         )
     if re.search(r'\b(database|role) "[^"]*" does not exist', reason):
         return (
             "The server has no database or user of the URL's name: create it, or correct"
-            " SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
+            f" {_URL_SETTING}."
         )
     if "password authentication failed" in reason:
-        return (
-            "The server refused the URL's user and password: correct SCORIA_DATABASE_URI"
-            " (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))."
-        )
+        return f"The server refused the URL's user and password: correct {_URL_SETTING}."
     return None
+
+
+#: Where the database's URL is set, with either engine.
+_URL_SETTING = "SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))"
 
 
 def _first_line(exc: BaseException) -> str:
