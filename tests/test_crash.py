@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from _helpers import IDENTITY, counting_handler, executions, start_blocking_run, succeed
 from conftest import create_test_app
 from flask import Flask
@@ -142,3 +143,42 @@ def test_live_handler_keeps_its_lease(database_uri: str, tmp_path: Path) -> None
     assert run.status == "completed"
     assert len(seen) > 10
     assert set(seen[:-1]) == {"running"}
+
+
+@pytest.mark.parametrize("call", ["start", "resume", "approve-and-resume"])
+def test_a_slow_receiver_keeps_the_claimed_steps_lease(
+    database_uri: str, tmp_path: Path, call: str
+) -> None:
+    """``run_started`` and ``run_resumed`` come between a step's claim and its handler:
+    a receiver slower than the lease must not let another process take the step."""
+    app = create_test_app(database_uri, tmp_path / "instance", SCORIA_STEP_LEASE_SECONDS=0.3)
+    executed: list[bool] = []
+    recovered: list[list[str]] = []
+
+    def work(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Outcome:
+        executed.append(step.approval is not None)
+        if step.approval is None and call != "start":
+            return scoria.WaitForApproval("go")
+        return scoria.Succeed({"ok": True})
+
+    def slow_receiver(sender: Flask, run: scoria.RunSummary, **extra: object) -> None:
+        time.sleep(1.0)
+        recovered.append(scoria.runtime.recover_expired_leases())
+
+    app.extensions["scoria"].handler("work")(work)
+    signal = scoria.run_started if call == "start" else scoria.run_resumed
+    signal.connect(slow_receiver, sender=app)
+    try:
+        with app.app_context():
+            run = scoria.start_run(scoria.identity(IDENTITY), initial_step={"kind": "work"})
+            if call == "resume":
+                scoria.approve_run(run.run_id, decided_by="operator")
+                run = scoria.resume_run(run.run_id)
+            elif call == "approve-and-resume":
+                run = scoria.approve_run(run.run_id, decided_by="operator", resume=True)
+    finally:
+        signal.disconnect(slow_receiver, sender=app)
+        app.extensions["scoria"].storage(app).engine.dispose()
+    assert run.status == "completed"
+    assert recovered == [[]]
+    assert executed == ([False] if call == "start" else [False, True])

@@ -99,7 +99,7 @@ def _launch(ctx: RuntimeContext, new: NewRun, resolver: Handlers, ident: Identit
             f"Run {new.run_id} could not be written: its idempotency key was taken and freed"
             f" again {MAX_ATTEMPTS} times. Start it again."
         )
-    new.send(ctx.app, row)
+    new.send(ctx, row)
     try:
         return summary_from_row(drive(ctx, resolver, new.claim, row))
     except StorageError as exc:

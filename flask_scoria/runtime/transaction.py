@@ -14,12 +14,12 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from blinker import NamedSignal
-from flask import Flask
 from sqlalchemy import Connection
 
 from ..errors import RunNotFound, StorageError
@@ -198,27 +198,41 @@ class RunChange(ABC):
         except Conflict:
             raise StepLost from None
 
-    def send(self, app: Flask, row: Row) -> None:
+    def send(self, ctx: RuntimeContext, row: Row) -> None:
         """Log the warnings, announce the queued steps and send the collected signals for
         the committed ``row``."""
         for message, args in self.warnings:
             log.warning(message, *args)
-        announce(app, self.queued)
-        send_signals(app, row, self.signals)
+        announce(ctx.app, self.queued)
+        send_signals(ctx, row, self.signals, self.claim)
 
 
-def send_signals(app: Flask, row: Row, sent: Sequence[Signal]) -> None:
-    """Send each of ``sent`` for the committed run ``row``, to the receivers of ``app``."""
+def send_signals(
+    ctx: RuntimeContext, row: Row, sent: Sequence[Signal], claim: Claim | None = None
+) -> None:
+    """Send each of ``sent`` for the committed run ``row``, to the receivers of the app.
+
+    The lease of the step ``claim`` holds is kept alive meanwhile, so that a slow
+    receiver does not hand the step to another process before its handler runs.
+    """
     if not any(signal.receivers for signal, _ in sent):
         return
     summary = summary_from_row(row)
-    for signal, extra in sent:
-        for receiver in signal.receivers_for(app):
-            try:
-                receiver(app, run=summary, **extra)
-            except Exception:
-                # The change is committed: a failing receiver must not look like a failed call.
-                app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
+    app = ctx.app
+    lease = (
+        nullcontext()
+        if claim is None
+        else ctx.keeper.hold(ctx.storage, claim.step["id"], claim.token)
+    )
+    with lease:
+        for signal, extra in sent:
+            for receiver in signal.receivers_for(app):
+                try:
+                    receiver(app, run=summary, **extra)
+                except Exception:
+                    # The change is committed: a failing receiver must not look like a failed
+                    # call.
+                    app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
 
 
 class NewRun(RunChange):
@@ -562,7 +576,7 @@ def transact(
             if deciding:
                 unsure = deciding[-1]
             continue
-        tx.send(ctx.app, new_row)
+        tx.send(ctx, new_row)
         return outcome, new_row, tx.claim
     raise StorageError(
         f"Run {run_id} kept changing under this call; gave up after {MAX_ATTEMPTS} tries."
@@ -589,7 +603,7 @@ def _alone(
         outcome = decide(tx)
         deciding.append((tx, outcome))
         new_row = tx.commit()
-    tx.send(ctx.app, new_row)
+    tx.send(ctx, new_row)
     return outcome, new_row, tx.claim
 
 

@@ -154,13 +154,13 @@ def _drive_written(
     ctx: RuntimeContext, handlers: Handlers, written: one_statement.Written, sent: list[Signal]
 ) -> RunSummary:
     """Signal what a statement of :mod:`.one_statement` wrote, then execute the step it claimed."""
-    send_signals(ctx.app, written.run, sent)
     claim = None
     if written.step is not None:
         step = written.step
         handler = handlers.get(step["kind"])
         assert handler is not None, "only a kind with a handler here is claimed"
         claim = Claim(step, step["lease_token"], handler, approval_from_row(written.approval))
+    send_signals(ctx, written.run, sent, claim)
     return summary_from_row(drive(ctx, handlers, claim, written.run))
 
 

@@ -115,7 +115,7 @@ def claim_due(ctx: RuntimeContext, handlers: Handlers) -> tuple[Row, Claim] | No
         if tx is not None and tx.claim is not None and ctx.storage.retry_after(exc, 1):
             return _claimed_before(ctx, tx, tx.claim, exc)
         raise
-    tx.send(ctx.app, row)
+    tx.send(ctx, row)
     return None if tx.claim is None else (row, tx.claim)
 
 
@@ -135,7 +135,7 @@ def _claimed_before(
     except StorageError:
         raise exc from exc.__cause__
     assert row is not None
-    tx.send(ctx.app, row)
+    tx.send(ctx, row)
     return row, claim
 
 
