@@ -7,9 +7,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import ScoriaError, short_repr
+from .errors import short_repr
 
-ErrorFactory = Callable[[str], ScoriaError]
+ErrorFactory = Callable[[str], Exception]
 #: A JSON object, as flask-scoria stores it: str keys, plain JSON values.
 JSONObject = dict[str, Any]
 

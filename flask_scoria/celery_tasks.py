@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task, shared_task
 from flask import Flask, current_app, has_app_context
 
-from .runtime import execute_step, recover_expired_leases, resend_due_celery_steps
+from .runtime import RUN_STEP_TASK, execute_step, recover_expired_leases, resend_due_celery_steps
 from .state import registered_apps
 
 
@@ -37,7 +37,7 @@ def flask_app_of(task: Task) -> Flask:
     )
 
 
-@shared_task(name="flask_scoria.run_step", bind=True, acks_late=True, ignore_result=True)
+@shared_task(name=RUN_STEP_TASK, bind=True, acks_late=True, ignore_result=True)
 def run_step(self: Task, run_id: str, step_id: str) -> str | None:
     """Claim and execute one queued step; a step claimed elsewhere is left alone."""
     with flask_app_of(self).app_context():

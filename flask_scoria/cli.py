@@ -28,6 +28,7 @@ from .readback import RunDetail, RunSummary
 from .runtime import (
     UNSET,
     RunFilters,
+    TenantGuard,
     approve_run,
     cancel_run,
     dispatch,
@@ -95,6 +96,16 @@ def _named_tenant(_ctx: click.Context, _param: click.Parameter, value: str | Non
 tenant_option = click.option(
     "--tenant", "tenant_id", callback=_named_tenant, help="Only runs of this tenant_id."
 )
+no_tenant_option = click.option("--no-tenant", is_flag=True, help="Only runs without a tenant_id.")
+
+
+def tenant_filter(tenant_id: str | None, no_tenant: bool) -> TenantGuard:
+    """The tenant that ``--tenant`` or ``--no-tenant`` selects; ``UNSET``: any tenant."""
+    if no_tenant and tenant_id is not None:
+        raise click.UsageError("Give --tenant or --no-tenant, not both.")
+    if no_tenant:
+        return None
+    return UNSET if tenant_id is None else tenant_guard(tenant_id, None)
 
 
 def _plain(value: object) -> str:
@@ -213,6 +224,7 @@ def db_check() -> None:
 @scoria_cli.command("runs")
 @click.option("--session", "session_id", help="Only runs of this session_id.")
 @tenant_option
+@no_tenant_option
 @click.option(
     "--status",
     type=click.Choice([status.value for status in RunStatus]),
@@ -222,12 +234,16 @@ def db_check() -> None:
 @json_option
 @scoria_errors
 def runs_command(
-    session_id: str | None, tenant_id: str | None, status: str | None, limit: int, as_json: bool
+    session_id: str | None,
+    tenant_id: str | None,
+    no_tenant: bool,
+    status: str | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """List runs, newest first."""
     filters = RunFilters(status=status, session_id=session_id)
-    tenant = UNSET if tenant_id is None else tenant_guard(tenant_id, None)
-    found = list_runs(filters, tenant=tenant, limit=limit).rows
+    found = list_runs(filters, tenant=tenant_filter(tenant_id, no_tenant), limit=limit).rows
     if as_json:
         echo_json(found)
         return
@@ -432,7 +448,7 @@ def worker(concurrency: int, interval: float, limit: int, once: bool) -> None:
     help="Delete runs that ended more than this many days ago.",
 )
 @tenant_option
-@click.option("--no-tenant", is_flag=True, help="Only runs without a tenant_id.")
+@no_tenant_option
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
 @scoria_errors
 def prune(days: float, tenant_id: str | None, no_tenant: bool, dry_run: bool) -> None:
@@ -440,11 +456,10 @@ def prune(days: float, tenant_id: str | None, no_tenant: bool, dry_run: bool) ->
 
     Runs still running or waiting for approval are never deleted.
     """
-    if no_tenant and tenant_id is not None:
-        raise click.UsageError("Give --tenant or --no-tenant, not both.")
     options: dict[str, Any] = {}
-    if no_tenant or tenant_id is not None:
-        options["tenant_id"] = tenant_id
+    tenant = tenant_filter(tenant_id, no_tenant)
+    if tenant is not UNSET:
+        options["tenant_id"] = tenant
     count = prune_runs(older_than=timedelta(days=days), dry_run=dry_run, **options)
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {count} run(s) that ended more than {days:g} day(s) ago")

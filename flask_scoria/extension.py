@@ -14,9 +14,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from .config import DEFAULTS, OWN_ENGINE_KEYS, Settings, read_settings
-from .errors import short_repr
 from .policy import Executor, HandlerPolicy, Retry
-from .runtime import Handler, LeaseKeeper, load_handler
+from .runtime import MAX_KIND, Handler, LeaseKeeper, load_handler, require_name
 from .state import AppState, OperatorScopeResolver, Registry, app_state, register
 from .storage import Storage, create_standalone_engine
 
@@ -132,14 +131,8 @@ class Scoria:
         policy; ``timeout`` fails an attempt still running after that many
         seconds.
         """
-        if not isinstance(kind, str) or not kind.strip():
-            raise ValueError("A handler kind must be a non-empty string.")
-        # As start_run, Next and Handoff read a kind: stripped, printable, 64 at most.
-        kind = kind.strip()
-        if len(kind) > 64 or not kind.isprintable():
-            raise ValueError(
-                f"A handler kind must be printable and at most 64 characters: {short_repr(kind)}."
-            )
+        # As start_run, Next and Handoff read a kind.
+        kind = require_name(kind, "A handler kind", error=ValueError, limit=MAX_KIND)
         policy = HandlerPolicy(executor, Retry() if retry is None else retry, timeout)
         if executor == "celery":
             from . import celery_tasks  # noqa: F401  (registers the Celery tasks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import flask
@@ -51,9 +52,10 @@ class Identity:
         Flask-Login loaded for the request (``g._login_user``); the tenant
         ``g.current_tenant`` or ``g.tenant``; the session ``g.session_id``.
         """
+        read = partial(_attribute, g)
         # Flask-Login keeps the loaded user on g._login_user.
-        actor = _first_attr(g, ("current_user", "user", "actor", "_login_user"))
-        tenant = _first_attr(g, ("current_tenant", "tenant"))
+        actor = _first_present(read, ("current_user", "user", "actor", "_login_user"))
+        tenant = _first_present(read, ("current_tenant", "tenant"))
         return cls(
             actor_id=_id_of(actor, "actor"),
             tenant_id=_id_of(tenant, "tenant"),
@@ -199,14 +201,6 @@ def _id_of(value: object, name: str) -> str | None:
 def _first_present(read: Callable[[str], object], keys: tuple[str, ...]) -> object:
     for key in keys:
         found = read(key)
-        if found is not None:
-            return found
-    return None
-
-
-def _first_attr(obj: object, names: tuple[str, ...]) -> object:
-    for name in names:
-        found = _attribute(obj, name)
         if found is not None:
             return found
     return None

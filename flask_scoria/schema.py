@@ -23,8 +23,6 @@ from .storage import begin_sqlite
 VERSION_TABLE = "scoria_alembic_version"
 #: Alembic's default version table, where a host that mounts the revisions records them.
 HOST_VERSION_TABLE = "alembic_version"
-#: The Alembic branch label of flask-scoria's revisions.
-BRANCH = "scoria"
 
 
 def migrations_path() -> Path:

@@ -63,11 +63,11 @@ def create_standalone_engine(
     options["connect_args"] = connect_args
     engine = create_engine(uri, **options)
     if engine.dialect.name == "sqlite":
+        # A file has no server to close its connections: nothing to ping.
         _configure_sqlite(engine, synchronous, busy_timeout)
         return engine
     event.listen(engine, "connect", _keep_cursors)
     if "pool_pre_ping" not in options:
-        # A file has no server to close its connections.
         ping_when_idle(engine)
     return engine
 

@@ -57,12 +57,16 @@ def test_runs_lists_and_filters(app: Flask, runner: FlaskCliRunner, paused: str)
     assert out.index(other.run_id) < out.index(paused)
     code, out = invoke(runner, "runs", "--tenant", "t-1")
     assert paused in out and other.run_id not in out
+    with app.app_context():
+        untenanted = scoria.start_run(scoria.identity({"session_id": "s-3"}))
+    code, out = invoke(runner, "runs", "--no-tenant", "--json")
+    assert [run["run_id"] for run in json.loads(out)] == [untenanted.run_id]
     code, out = invoke(runner, "runs", "--session", "s-2", "--json")
     assert [run["run_id"] for run in json.loads(out)] == [other.run_id]
     code, out = invoke(runner, "runs", "--status", "waiting_for_approval", "--json")
     assert [run["run_id"] for run in json.loads(out)] == [paused]
     code, out = invoke(runner, "runs", "--limit", "1", "--json")
-    assert [run["run_id"] for run in json.loads(out)] == [other.run_id]
+    assert [run["run_id"] for run in json.loads(out)] == [untenanted.run_id]
     assert invoke(runner, "runs", "--session", "nobody") == (0, "No runs found.\n")
 
 
@@ -75,7 +79,9 @@ def test_runs_rejects_bad_filters(runner: FlaskCliRunner) -> None:
     code, out = invoke(runner, "runs", "--tenant", "caf\udce9")
     assert code == 1 and "[invalid_identity]" in out
     code, out = invoke(runner, "runs", "--tenant", "")
-    assert code == 2 and "is blank" in out
+    assert code == 2 and "is blank" in out and "--no-tenant" in out
+    code, out = invoke(runner, "runs", "--tenant", "t-1", "--no-tenant")
+    assert code == 2 and "not both" in out
 
 
 def test_show_prints_steps_approvals_and_timeline(runner: FlaskCliRunner, paused: str) -> None:

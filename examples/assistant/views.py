@@ -39,8 +39,6 @@ bp = Blueprint("assistant", __name__)
 #: The longest question a member can ask, and the longest draft answer, in characters.
 PROMPT_LIMIT = 2000
 DRAFT_LIMIT = 5000
-#: Run statuses that never change again: the run page stops polling there.
-FINAL_STATUSES = ("completed", "failed", "rejected", "cancelled")
 #: The longest ask-form key accepted; the form gets a shorter one when it is shown.
 FORM_KEY_LIMIT = 64
 #: What the member's run page calls each kind of step.
@@ -299,7 +297,7 @@ def show_run(run_id: str) -> str:
         failure=_failure(detail),
         resumable=_resumable(detail),
         needs_review="answer" in sent and needs_bounded_review(str(sent["answer"])),
-        final=detail.summary.status in FINAL_STATUSES,
+        final=detail.summary.status.finished,
     )
 
 
@@ -312,7 +310,7 @@ def run_status(run_id: str) -> dict[str, Any]:
         "run_id": run.run_id,
         "status": run.status,
         "updated_at": run.updated_at.isoformat(),
-        "final": run.status in FINAL_STATUSES,
+        "final": run.status.finished,
     }
 
 
@@ -357,7 +355,7 @@ def _progress(detail: scoria.RunDetail) -> list[Progress]:
         for step in detail.steps
     ]
     kinds = tuple(step.kind for step in detail.steps)
-    if detail.summary.status not in FINAL_STATUSES and kinds == ANSWER_STEPS[: len(kinds)]:
+    if not detail.summary.status.finished and kinds == ANSWER_STEPS[: len(kinds)]:
         rows += [
             Progress(None, STEP_NAMES[kind], "", "to do", 0) for kind in ANSWER_STEPS[len(kinds) :]
         ]

@@ -7,9 +7,12 @@ package top level.
 """
 
 from .arguments import LARGEST_INT as LARGEST_INT
+from .arguments import MAX_KIND as MAX_KIND
 from .arguments import UNSET as UNSET
 from .arguments import TenantGuard as TenantGuard
+from .arguments import require_name as require_name
 from .arguments import tenant_guard as tenant_guard
+from .executors import RUN_STEP_TASK as RUN_STEP_TASK
 from .handlers import Handler as Handler
 from .handlers import load_handler as load_handler
 from .leases import LeaseKeeper as LeaseKeeper

@@ -104,6 +104,10 @@ def decider(value: object, name: str) -> str:
     return who
 
 
+#: The longest step kind: handlers, ``initial_step``, ``Next`` and handoffs name one.
+MAX_KIND = 64
+
+
 def require_name(value: object, what: str, *, error: ErrorFactory, limit: int = 255) -> str:
     """``value`` as a stripped, printable, non-blank name of at most ``limit`` characters.
 
@@ -146,7 +150,7 @@ def initial_step_spec(value: object, root_role_id: str, max_bytes: int) -> dict[
         raise InvalidRunOptions(f"initial_step has unknown keys: {sorted(map(str, unknown))}.")
     if "kind" not in value:
         raise InvalidRunOptions("initial_step needs a 'kind', which selects its handler.")
-    kind = require_name(value["kind"], "initial_step kind", error=InvalidRunOptions, limit=64)
+    kind = require_name(value["kind"], "initial_step kind", error=InvalidRunOptions, limit=MAX_KIND)
     role_id = role_name(value.get("role_id", root_role_id), "initial_step role_id")
     sequence = int_in_range(value.get("sequence", 1), "initial_step sequence", MAX_SEQUENCE)
     if value.get("status", StepStatus.QUEUED) != StepStatus.QUEUED:

@@ -18,7 +18,7 @@ from ..errors import InvalidRunOptions, ScoriaError, safe_str, short_repr
 from ..outcomes import Fail, HandlerResult, Handoff, Next, Outcome, Succeed, WaitForApproval
 from ..policy import DEFAULT_POLICY, MAX_SECONDS, HandlerPolicy
 from ..readback import RunSummary, StepView
-from .arguments import require_name
+from .arguments import MAX_KIND, require_name
 
 log = logging.getLogger("flask_scoria")
 
@@ -82,9 +82,6 @@ class HandlerRegistry(Mapping[str, Handler]):
 
 
 #: Per-call handlers run in the call that passes them: no other process can import them.
-_PER_CALL = HandlerPolicy(executor="inline")
-
-
 class Handlers:
     """Resolves a step kind: per-call handlers first, then the registry.
 
@@ -97,7 +94,7 @@ class Handlers:
     def __init__(
         self,
         per_call: object,
-        registry: Mapping[str, Handler],
+        registry: HandlerRegistry,
         *,
         local: bool = False,
         stopping: Callable[[], bool] | None = None,
@@ -116,7 +113,7 @@ class Handlers:
         self._per_call: dict[str, Handler] = {}
         for kind, handler in per_call.items():
             # As a step's kind is read: stripped, printable, 64 characters at most.
-            name = require_name(kind, "A handlers key", error=InvalidRunOptions, limit=64)
+            name = require_name(kind, "A handlers key", error=InvalidRunOptions, limit=MAX_KIND)
             self._per_call[name] = load_handler(handler, name)
         self._registry = registry
 
@@ -131,10 +128,8 @@ class Handlers:
         in the registry (one attempt, no timeout, for a kind not registered): those
         that every other process reading the run applies to the step.
         """
-        if not isinstance(self._registry, HandlerRegistry):
-            policy = _PER_CALL
-        elif kind in self._per_call:
-            policy = replace(self._registry.policy(kind), executor=_PER_CALL.executor)
+        if kind in self._per_call:
+            policy = replace(self._registry.policy(kind), executor="inline")
         else:
             policy = self._registry.policy(kind)
         if self.elsewhere is None or policy.executor != "inline" or self.get(kind) is None:
@@ -165,7 +160,8 @@ def _traceback(exc: BaseException) -> str:
     return "..." + data[-(TRACEBACK_BYTES - 3) :].decode("utf-8", "ignore")
 
 
-def _invalid(message: str) -> Fail:
+def invalid_result(message: str) -> Fail:
+    """The failure of a step whose handler returned something that cannot be recorded."""
     return Fail({"type": "invalid_handler_result", "message": message})
 
 
@@ -192,7 +188,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
     try:
         return _normalize(value)
     except _BadResult as exc:
-        return _invalid(exc.message)
+        return invalid_result(exc.message)
     except Exception as exc:  # a returned value whose own methods raise when read
         return unreadable(value, exc, step.id)
 
@@ -200,7 +196,7 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
 def unreadable(value: object, exc: Exception, step_id: object) -> Fail:
     """The outcome of a handler whose returned ``value`` raised ``exc`` when read; logs it."""
     log.exception("The result of the handler for step %s could not be read.", step_id)
-    return _invalid(
+    return invalid_result(
         f"The handler's {type(value).__name__} could not be read:"
         f" {type(exc).__name__}: {storable_text(safe_str(exc, 2000))}"
     )
@@ -252,7 +248,7 @@ def _normalize(value: object) -> Outcome:
             value.capability_tags,
         )
     if isinstance(value, Next):
-        kind = require_name(value.kind, "Next kind", error=_BadResult, limit=64)
+        kind = require_name(value.kind, "Next kind", error=_BadResult, limit=MAX_KIND)
         role = None
         if value.role_id is not None:
             role = require_name(value.role_id, "Next role_id", error=_BadResult)

@@ -18,7 +18,7 @@ from .._json import JSONObject, check_text, json_copy, oversized
 from ..errors import InvalidHandoff
 from ..redaction import is_unsafe_key
 from ..statuses import EventType
-from .arguments import require_name
+from .arguments import MAX_KIND, require_name
 from .steps import new_step_row
 from .tables import Row
 from .transaction import RunChange
@@ -55,7 +55,7 @@ def validate_handoff(
         delegated_kind,
         "delegated_kind",
         error=partial(InvalidHandoff, "invalid_delegated_kind"),
-        limit=64,
+        limit=MAX_KIND,
     )
     payload = _payload(handoff_input, "handoff_input", "invalid_handoff_input")
     _cap_size(payload, "handoff_input", max_bytes)

@@ -27,7 +27,7 @@ from . import statements as sql
 from . import tracing
 from .arguments import UNSET
 from .context import RuntimeContext
-from .handlers import Handlers, Raised, run_handler, unreadable
+from .handlers import Handlers, Raised, invalid_result, run_handler, unreadable
 from .handoffs import record_handoff, validate_handoff
 from .rows import step_view_from_row, summary_from_row
 from .steps import (
@@ -174,7 +174,7 @@ def _too_large(outcome: Outcome, cap: int) -> Fail | None:
     for what, value in stored:
         too_large = oversized(value, cap, what, "SCORIA_RESULT_MAX_BYTES")
         if too_large is not None:
-            return Fail({"type": "invalid_handler_result", "message": too_large})
+            return invalid_result(too_large)
     return None
 
 
@@ -257,7 +257,7 @@ def _next(done: Finished, outcome: Next) -> Recorded:
     cap = done.ctx.handoff_max_bytes
     too_large = oversized(given, cap, "Next input", "SCORIA_HANDOFF_MAX_BYTES")
     if too_large is not None:
-        return _fail(done, Fail({"type": "invalid_handler_result", "message": too_large}))
+        return _fail(done, invalid_result(too_large))
     step = new_step_row(
         tx.run_id,
         sequence=sequence,

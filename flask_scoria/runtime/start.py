@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from functools import partial
 
@@ -19,9 +20,11 @@ from .handlers import Handler, Handlers
 from .handoffs import record_handoff, validate_handoff
 from .outcomes import drive
 from .rows import summary_from_row
-from .steps import claim_step, log, new_step_row
+from .steps import claim_step, new_step_row
 from .tables import Row
 from .transaction import MAX_ATTEMPTS, DuplicateStart, NewRun, utcnow
+
+log = logging.getLogger("flask_scoria")
 
 
 def _new_run(

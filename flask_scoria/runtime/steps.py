@@ -1,4 +1,4 @@
-"""Moving steps: claiming them for a handler, running claimed steps, expiring leases.
+"""Moving steps: claiming them for a handler, queueing retries, expiring leases.
 
 A step is claimed (``running``, with a lease) in the transaction that makes
 it runnable; its handler then runs between transactions, holding the lease,
@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, and_, or_
 
 from .. import signals
 from .._ids import uuid7
-from ..policy import DEFAULT_POLICY, HandlerPolicy
+from ..policy import HandlerPolicy
 from ..readback import Approval
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import statements as sql
@@ -160,7 +160,7 @@ def retry_or_fail(
 ) -> datetime | None:
     """After a failed attempt, queue the step again while attempts remain, else fail it.
 
-    ``write(step_id, expect, **values)`` updates the step only while it is
+    ``write(step_id, **values)`` updates the step only while it is
     still held as it was read. ``event_type`` names the failure
     (``step_failed``, ``step_timeout``, ``lease_expired``). Returns when the
     next attempt falls due, or ``None`` when step and run failed.
@@ -251,10 +251,10 @@ def step_deadline(step: RowLike, timeout: float | None) -> datetime | None:
 
 
 def stale_step(
-    running: Iterable[Row], now: datetime, registry: HandlerRegistry | None
+    running: Iterable[Row], now: datetime, registry: HandlerRegistry
 ) -> tuple[Row, EventType] | None:
     """Which of a run's ``running`` steps is past its timeout or its lease, and which of the two."""
-    timeouts = {} if registry is None else registry.timeouts()
+    timeouts = registry.timeouts()
     for step in running:
         deadline = step_deadline(step, timeouts.get(step["kind"]))
         if deadline is not None and deadline <= now:
@@ -324,7 +324,7 @@ def expire_leases(tx: Tx, running: Iterable[Row] | None = None) -> bool:
     if found is None:
         return False
     step, reason = found
-    policy = DEFAULT_POLICY if tx.registry is None else tx.registry.policy(step["kind"])
+    policy = tx.registry.policy(step["kind"])
     # Only the lease that was read: a renewal committed since then keeps the step alive.
     held = {
         "status": StepStatus.RUNNING,

@@ -27,6 +27,7 @@ from sqlalchemy import (
 
 from .._types import JSONPayload, JSONRecord, UTCDateTime, UUIDType
 from ..statuses import ApprovalStatus, EventType
+from .arguments import MAX_KIND
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -147,7 +148,7 @@ steps = Table(
     _run_id_column(),
     Column("parent_step_id", UUIDType),
     Column("sequence", Integer, nullable=False),
-    Column("kind", String(_NAME), nullable=False),
+    Column("kind", String(MAX_KIND), nullable=False),
     Column("role_id", String(_ID), nullable=False),
     Column("status", String(_STATUS), nullable=False),
     Column("attempt", Integer, nullable=False),

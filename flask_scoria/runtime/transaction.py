@@ -343,7 +343,7 @@ class Tx(RunChange):
         run: Row,
         now: datetime,
         lease_until: datetime,
-        registry: HandlerRegistry | None = None,
+        registry: HandlerRegistry,
         *,
         defer: bool = False,
         batch: bool = False,

@@ -259,12 +259,9 @@ def _retry_failed(
     )
 
 
-def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
-    """Why the approval (default: the run's latest) could not be decided.
-
-    Returns ``True`` after writing the expiry of an approval that expired;
-    raises for every other reason.
-    """
+def _explain_undecided(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> None:
+    """Raise why the approval (default: the run's latest) could not be decided; for an
+    approval that expired unnoticed, write its expiry instead."""
     if approval_id is None:
         approval = _latest_approval(tx)
     else:
@@ -281,7 +278,8 @@ def _not_pending(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> bool:
             str(tx.run_id), approval.id, approval.status, approval.decided_by
         )
     if approval.expires_at is not None and approval.expires_at < tx.now:
-        return expire_approval(tx)
+        expire_approval(tx)
+        return
     if edits and not approval.editable:
         raise InvalidDecision(
             f"Approval {approval.id} of run {tx.run_id} is not editable, so its arguments"
@@ -411,7 +409,7 @@ def _decide(
         decision_statement, params = decision_sent(tx.now)[0]
         decided = tx.first(decision_statement, params)
         if decided is None:
-            _not_pending(tx, expected, edited is not None)
+            _explain_undecided(tx, expected, edited is not None)
             return False
         step_id = decided["step_id"]
         payload = _decision(decided["id"], decision, who)

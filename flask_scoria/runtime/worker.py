@@ -315,8 +315,9 @@ class Worker:
     """``flask scoria worker``: claims due steps and executes them in ``concurrency`` threads.
 
     The main thread claims and the threads execute, each step in a fresh app
-    context. :meth:`stop` (or SIGTERM / SIGINT) stops claiming; the running
-    handlers finish and their outcomes are written before :meth:`run` returns.
+    context. SIGTERM or SIGINT stops claiming; the running handlers finish and
+    their outcomes are written before :meth:`run` returns. A second signal exits
+    at once: the leases of the steps still running expire, and they are retried.
     """
 
     def __init__(
@@ -338,12 +339,6 @@ class Worker:
         self._listener: _Listener | None = None
         self._swept = 0.0
 
-    def stop(self, *_: object) -> None:
-        """Stop claiming steps; a second call while stopping exits at once."""
-        if self._stopping.is_set():
-            os._exit(1)  # the leases of the steps still running expire and they are retried
-        self._stop_claiming()
-
     def _stop_claiming(self) -> None:
         self._stopping.set()
         self._freed.set()
@@ -356,11 +351,11 @@ class Worker:
         self._signalled = True
 
     def _stop_noted(self) -> bool:
-        """Whether a stop was asked for, by a call or a signal (from any thread)."""
+        """Whether a signal asked the worker to stop (read from any thread)."""
         return self._signalled or self._stopping.is_set()
 
     def _stop_requested(self) -> bool:
-        """Whether the worker is stopping; a noted signal stops it as :meth:`stop` does."""
+        """Whether the worker is stopping; a noted signal stops its claiming here."""
         if self._signalled:
             self._stop_claiming()
         return self._stopping.is_set()
