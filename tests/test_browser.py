@@ -573,6 +573,8 @@ def test_a_long_run_stays_readable(
         page.screenshot(path=str(SHOTS / f"run-long-{size}-{section}.png"))
     newest = int(page.locator("#workflow-timeline .event .seq").last.inner_text())
     page.click("text=older events")
+    page.wait_for_url("**events_before=*")
+    page.locator("text=Newest events").wait_for()
     shown = page.locator("#workflow-timeline .event .seq").all_inner_texts()
     assert [int(seq) for seq in shown] == list(range(newest - 49, newest - 24))
     assert page.locator("text=Newest events").is_visible()
