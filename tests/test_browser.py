@@ -267,8 +267,22 @@ def test_decide_in_the_inbox(app: Flask, base: str, open_page: Callable[..., Any
     page.wait_for_url(f"{base}/scoria/approvals")
     assert f"Run …{first[-8:]}: Approved. The run is now completed." in page.inner_text("main")
     assert page.locator("#pending-count").inner_text() == "1"
+    # Rejecting in one click asks first; a dismissed question rejects nothing.
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        if len(asked) > 1:
+            dialog.accept()
+        else:
+            dialog.dismiss()
+
+    page.on("dialog", answer)
+    row_of(page, second).locator("button", has_text="Reject").click()
+    assert page.locator("#pending-count").inner_text() == "1"
     row_of(page, second).locator("button", has_text="Reject").click()
     page.wait_for_url(f"{base}/scoria/approvals")
+    assert len(asked) == 2 and asked[0].startswith("Reject ")
     assert "Rejected. The run is now rejected." in page.inner_text("main")
     assert "Nothing is waiting for a decision." in page.inner_text("main")
     with app.app_context():

@@ -324,6 +324,24 @@ def test_decide_from_the_inbox(app: Flask, ops: FlaskClient) -> None:
         assert scoria.get_run(theirs).status == "waiting_for_approval"
 
 
+def test_a_decision_on_a_later_inbox_page_comes_back_to_that_page(
+    app: Flask, ops: FlaskClient
+) -> None:
+    older, newer = start(app, kind="send_short"), start(app, kind="send_short")
+    with app.app_context():
+        (approval,) = scoria.get_run_detail(newer).approvals
+        after = runtime.Cursor(approval.requested_at, uuid.UUID(approval.id)).encode()
+    later_page = html(ops, url_for("scoria.approvals", after=after))
+    fields = form_fields(later_page, older, "reject")
+    assert fields["after"] == after
+    response = ops.post(url_for("scoria.reject", run_id=older), data=fields)
+    assert response.location == url_for("scoria.approvals", after=after)
+    # A cursor that does not read is dropped: the first page.
+    fields = form_fields(html(ops, url_for("scoria.approvals")), newer, "approve")
+    response = ops.post(url_for("scoria.approve", run_id=newer), data={**fields, "after": "x"})
+    assert response.location == url_for("scoria.approvals")
+
+
 def test_sending_the_same_decision_twice_is_not_an_error(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app)
     page = html(ops, url_for("scoria.run", run_id=run_id))

@@ -19,6 +19,7 @@ from test_operator import TENANT, csrf, page, run_status, start
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Scoria, Succeed, WaitForApproval
+from flask_scoria.operator.present import event_gist
 from flask_scoria.runtime import tables
 
 REQUESTED = {"to": "team@example.com", "subject": "Q3", "smtp_password": "hunter2"}
@@ -325,6 +326,11 @@ def test_direction_controls_and_invisible_characters_are_shown_as_escapes(
         assert "pay \\u202e01$" in html
         assert "pay\\u200bpal.com\\ufeff" in html
     assert "moc.live\\u202e@x" in run_page(ops, run_id)
+    with app.app_context():
+        scoria.approve_run(run_id, decided_by="\u202enimda")
+    html = run_page(ops, run_id)
+    assert "Approved, waiting to resume" in html
+    assert "\u202e" not in html and "\\u202enimda" in html
 
 
 def test_hidden_characters_in_the_form_come_back_as_they_were(app: Flask, ops: FlaskClient) -> None:
@@ -382,7 +388,7 @@ def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     inbox = page(ops, "/scoria/approvals")  # nobody can decide it any more
     assert run_id not in inbox and "Nothing is waiting for a decision." in inbox
     html = run_page(ops, run_id)
-    assert 'data-status="expired"' in html and "nobody decided before" in html
+    assert 'data-status="expired"' in html and "expired undecided" in html
     assert "Ask for approval again" in html and "Retry failed step" not in html
     assert post(ops, run_id, "retry").status_code == 303  # the handler asks again
     (line,) = re.findall(r'data-attempt-event="step_failed">(.*?)</li>', run_page(ops, run_id))
@@ -460,7 +466,12 @@ def test_cancel_a_waiting_run(app: Flask, ops: FlaskClient) -> None:
     assert response.location == f"/scoria/workflows/{run_id}"
     html = page(ops, response.location)
     assert "Cancelled. The run is now cancelled." in html
-    assert "customer withdrew" in html
+    # Who cancelled and why: in the run's facts and on its timeline row, not only in a payload.
+    facts = html.split('<dl class="facts">')[1].split("</dl>")[0]
+    said = 'by <code>ops</code>: <q class="gist">customer withdrew</q>'
+    assert f"<dt>Cancelled</dt><dd>{said}" in facts
+    row = html.split('data-event-type="run_cancelled"')[1].split("<details>")[0]
+    assert "by <code>ops</code>: <q>customer withdrew</q>" in row
     assert "Cancel run" not in html and "Retry failed step" not in html
     with app.app_context():
         assert scoria.get_run_detail(run_id).approvals[0].decided_by == "ops"
@@ -764,3 +775,19 @@ def test_an_address_that_names_no_page_has_the_operator_pages_own(ops: FlaskClie
     assert (deleted.status_code, deleted.headers["Allow"]) == (405, "GET")
     html = page(ops, f"/scoria/workflows/{uuid.uuid4()}", status=404)
     assert "Run not found" in html
+
+
+@pytest.mark.parametrize(
+    ("payload", "gist"),
+    [
+        ({"requested_by": "ops", "attempt": 2}, ("ops", None)),
+        ({"cancelled_by": "ops", "reason": "dup"}, ("ops", "dup")),
+        ({"reason": "  "}, (None, None)),
+        ({"decided_by": 7, "note": "n"}, (None, "n")),
+        ({"reason": "é" * 400}, (None, "é" * 148 + "...")),
+        (["not", "a", "mapping"], (None, None)),
+        (None, (None, None)),
+    ],
+)
+def test_a_timeline_row_names_who_asked_and_why(payload: Any, gist: tuple[Any, Any]) -> None:
+    assert event_gist(payload) == gist

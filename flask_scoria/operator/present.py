@@ -244,6 +244,28 @@ def _hides_a_value(text: str) -> bool:
     return text == REDACTED or mask_passwords(text.replace(REDACTED, "x"), REDACTED) == text
 
 
+#: The payload keys that name who asked for an event, and why it was asked, in the order
+#: looked for: a decision, a resume or retry, a cancel, a rejection.
+_WHO = ("decided_by", "requested_by", "cancelled_by")
+_WHY = ("reason", "note")
+#: The longest reason a timeline row shows; the whole one is in the payload below it.
+GIST_BYTES = 300
+
+
+def event_gist(payload: Any, extra: frozenset[str] = frozenset()) -> tuple[str | None, str | None]:
+    """Who asked for an event and why, as its redacted payload says; ``None`` where it
+    does not say."""
+    if not isinstance(payload, Mapping):
+        return None, None
+    shown = redact(payload, extra)
+    who = next((shown[key] for key in _WHO if isinstance(shown.get(key), str)), None)
+    why = next(
+        (shown[key] for key in _WHY if isinstance(shown.get(key), str) and shown[key].strip()),
+        None,
+    )
+    return who, None if why is None else truncate(why, GIST_BYTES)
+
+
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:
     """``text`` if it fits in ``limit`` UTF-8 bytes, else its head and ``...``."""
     encoded = text.encode()

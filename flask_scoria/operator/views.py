@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..readback import RunSummary
 from ..state import app_state
-from ..statuses import ApprovalStatus, RunStatus, StepStatus
+from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import actions, present
 from .access import (
     OperatorScope,
@@ -95,6 +95,7 @@ def _page_helpers() -> dict[str, Any]:
         "session_url": _session_url,
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
+        "event_gist": partial(present.event_gist, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
         "absolute_time": present.absolute_time,
         "iso_time": present.iso_time,
@@ -109,6 +110,7 @@ def _page_helpers() -> dict[str, Any]:
         "RunStatus": RunStatus,
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
+        "EventType": EventType,
         "page_url": _page_url,
         "pending_count": _pending_count,
         "home_url": _home_url(),
@@ -449,9 +451,7 @@ def _decide(
     text = request.form.get("note", "").strip()[:_NOTE_LIMIT] or None
     scope = current_scope()
     inbox = request.form.get("return_to") == _INBOX
-    back = redirect(
-        url_for("scoria.approvals") if inbox else url_for("scoria.run", run_id=run_id), code=303
-    )
+    back = redirect(_inbox_page() if inbox else url_for("scoria.run", run_id=run_id), code=303)
     try:
         summary = action(run_id, scope, approval_id, text)
     except ApprovalAlreadyDecided as exc:
@@ -559,6 +559,13 @@ def _day(name: str, *, after: bool = False) -> datetime | None:
         return day + timedelta(days=1) if after else day
     except (ValueError, OverflowError):
         abort(400, description=f"{name!r} must be a date such as 2026-12-01.")
+
+
+def _inbox_page() -> str:
+    """The inbox page a decision was made on: the form's ``after`` cursor, if it reads."""
+    after = request.form.get("after", "")
+    kept = after if after and runtime.Cursor.decode(after) is not None else None
+    return url_for("scoria.approvals", after=kept)
 
 
 def _cursor(name: str = "after") -> runtime.Cursor | None:

@@ -58,9 +58,15 @@
       var button = event.target.closest("button[data-copy]");
       if (!button) return;
       var text = button.getAttribute("data-copy");
+      var label = button.getAttribute("aria-label");
       var said = function (what) {
+        // The label is what a screen reader reads of the button: it says the same.
         button.textContent = what;
-        setTimeout(function () { button.textContent = "copy"; }, 1500);
+        button.setAttribute("aria-label", what);
+        setTimeout(function () {
+          button.textContent = "copy";
+          if (label) button.setAttribute("aria-label", label);
+        }, 1500);
       };
       if (navigator.clipboard && window.isSecureContext) {
         navigator.clipboard.writeText(text).then(function () { said("copied"); });
@@ -209,7 +215,16 @@
     });
   }
 
+  // A decision that cannot be taken back, offered in one click: ask first.
+  function confirmForms() {
+    document.addEventListener("submit", function (event) {
+      var question = event.target.getAttribute("data-confirm");
+      if (question && !window.confirm(question)) event.preventDefault();
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    confirmForms();
     foldFilters();
     setupCopy();
     showLocalTimes();
