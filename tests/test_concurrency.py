@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from _helpers import IDENTITY, executions, outcome_of, race_in_process, wait_for_approval
 from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
+from flask_scoria.runtime import tables
 
 THREADS = 32
 PROCESSES = 4
@@ -213,3 +218,67 @@ def test_races_on_a_serializable_database(database_uri: str, tmp_path: Path) -> 
     assert len({detail.split()[1] for _, _, detail in results}) == 1
     assert len(executions(Path(key))) == 1
     app.extensions["scoria"].storage(app).engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
+    app: Flask, tmp_path: Path
+) -> None:
+    """A resume whose statement read the run before another call moved it (here: its
+    step asked for approval again, as a first resume's handler does) must not claim the
+    step on the approval it read: the new one is pending."""
+    executed: list[str | None] = []
+
+    def ask_each_time(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Outcome:
+        executed.append(None if step.approval is None else step.approval.id)
+        return scoria.WaitForApproval("again")
+
+    app.extensions["scoria"].handler("ask")(ask_each_time)
+    engine = app.extensions["scoria"].storage(app).engine
+    with app.app_context():
+        run = scoria.start_run(scoria.identity(IDENTITY), initial_step={"kind": "ask"})
+        scoria.approve_run(run.run_id, decided_by="reviewer")
+        (first,) = scoria.get_run_detail(run.run_id).approvals
+    outcome: list[object] = []
+
+    def resume() -> None:
+        with app.app_context():
+            try:
+                outcome.append(scoria.resume_run(run.run_id).status)
+            except scoria.ScoriaError as exc:
+                outcome.append(type(exc))
+
+    run_key = uuid.UUID(run.run_id)
+    with engine.connect() as held:
+        held.execute(
+            sa.select(tables.runs.c.id).where(tables.runs.c.id == run_key).with_for_update()
+        )
+        resuming = threading.Thread(target=resume)
+        resuming.start()
+        with engine.connect() as watcher:
+            deadline = time.monotonic() + 30
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            while not watcher.execute(sa.text(waiting)).scalar() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        # What another resume's handler leaves behind: the step asks again.
+        now = datetime.now(UTC)
+        held.execute(
+            tables.approvals.insert().values(
+                id=uuid.uuid4(),
+                run_id=run_key,
+                step_id=uuid.UUID(first.step_id),
+                status="pending",
+                tool_name="again",
+                requested_at=now,
+                tenant_id=None,
+            )
+        )
+        held.execute(
+            tables.runs.update()
+            .where(tables.runs.c.id == run_key)
+            .values(version=tables.runs.c.version + 1, updated_at=now)
+        )
+        held.commit()
+        resuming.join(timeout=30)
+    assert outcome == [scoria.ApprovalPending]
+    assert executed == [None]

@@ -8,7 +8,9 @@ whole transition in one statement of data-modifying CTEs, its own
 transaction, where the general way (:func:`~.transaction.transact`) takes two
 round trips between ``BEGIN`` and ``COMMIT``:
 
-- the run is locked first (``FOR UPDATE``), as every transition locks it;
+- the run is locked first (``FOR UPDATE``), as every transition locks it, and
+  only if no other call changed it since the statement's snapshot, which its
+  other reads see;
 - each write requires the one before it, so that a statement which finds
   nothing to do (no pending approval, a step that goes elsewhere, another
   tenant's run) writes nothing; the verb then decides as a transaction,
@@ -236,9 +238,17 @@ def _resume_statement() -> sql.Prepared:
 
 
 def _locked(status: RunStatus | None = None) -> CTE:
-    """The run, locked, if it is the tenant's (any tenant's with ``b_any_tenant``)."""
+    """The run, locked, if it is the tenant's (any tenant's with ``b_any_tenant``) and
+    still as the statement's snapshot saw it.
+
+    The statement's other reads (the approval a resume claims on) see that
+    snapshot, taken before the lock was granted: a run that another call
+    changed meanwhile is left alone here, and the verb decides as a transaction.
+    """
+    seen = select(runs.c.version).where(runs.c.id == bindparam("b_run_id")).scalar_subquery()
     query = select(runs.c.id, runs.c.current_step_id).where(
         runs.c.id == bindparam("b_run_id"),
+        runs.c.version == seen,
         or_(
             bindparam("b_any_tenant", type_=Boolean),
             runs.c.tenant_id.is_not_distinct_from(bindparam("b_tenant", type_=String)),
