@@ -410,6 +410,16 @@ def test_the_attempt_history_shows_errors_redacted(app: Flask, ops: FlaskClient)
     assert "TYPEPW" not in html
 
 
+def test_each_failed_attempt_keeps_its_traceback(app: Flask, ops: FlaskClient) -> None:
+    run_id = start(app, kind="flaky")
+    assert post(ops, run_id, "retry").status_code == 303
+    (line,) = re.findall(
+        r'data-attempt-event="step_failed">(.*?)</li>', run_page(ops, run_id), re.S
+    )
+    trace = line.split('<details class="traceback"><summary>Traceback</summary>')[1]
+    assert "raise RuntimeError(&lt;boom&gt;)" in trace
+
+
 def test_shown_text_writes_out_its_direction_controls(app: Flask, ops: FlaskClient) -> None:
     def two_asks(step: scoria.StepView, run: scoria.RunSummary) -> Any:
         if step.approval is None:
