@@ -462,7 +462,8 @@ def _decide(
             or stored is None
             or (stored.note, stored.edited_arguments) != (text, arguments)
         ):
-            flash(exc.message, "error")
+            said = f"It was already {exc.decision} by {exc.decided_by!r}: nothing was changed."
+            flash(_about_run(run_id, said, inbox), "error")
             return back
         # The same operator sent the same decision again (a double click, a second tab).
         summary = runtime.get_run(run_id, tenant_id=scope.tenant_id)
@@ -493,7 +494,12 @@ def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
             text = f"{done} The run now waits for another approval: {asked[-1]}."
         else:
             text = f"{done} The run continues when your app calls resume_run."
-    return f"Run …{summary.run_id[-8:]}: {text}" if inbox else text
+    return _about_run(summary.run_id, text, inbox)
+
+
+def _about_run(run_id: str, text: str, inbox: bool) -> str:
+    """``text`` as a message; the inbox's also names the run, by the tail of its id."""
+    return f"Run …{run_id[-8:]}: {text}" if inbox else text
 
 
 @bp.errorhandler(RunNotFound)
