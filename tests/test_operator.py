@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from conftest import create_test_app
 from flask import Flask, session
 from flask.testing import FlaskClient
+from markupsafe import escape
 
 import flask_scoria as scoria
 from flask_scoria import Handoff, Scoria, Succeed, WaitForApproval, redaction
@@ -911,6 +912,13 @@ def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: Flas
     header = html.split('class="run-header"')[1].split("</header>")[0]
     prompt = header.split("<dt>Prompt</dt>")[1].split("</div>")[0]
     assert "&lt;b&gt;Book&lt;/b&gt; a train to https://u:[REDACTED]@example.com" in prompt
+    assert "Whole prompt" not in prompt
     for metadata in ({}, {"payload": {"prompt": ["not", "text"]}}, {"payload": "Book a train"}):
         other = start(operator_app, runtime={"metadata": metadata})
         assert "<dt>Prompt</dt>" not in page(ops, f"/scoria/workflows/{other}")
+    # A long prompt is clamped in the facts; its whole text, lines kept, one click away.
+    lines = "\n".join(f"line {number} <i>" for number in range(8))
+    long = start(operator_app, runtime={"metadata": {"payload": {"prompt": lines}}})
+    header = page(ops, f"/scoria/workflows/{long}").split('class="run-header"')[1]
+    whole = header.split("<summary>Whole prompt</summary>")[1].split("</details>")[0]
+    assert whole == f'<pre class="json">{escape(lines)}</pre>'
