@@ -409,9 +409,14 @@ def test_copy_works_where_the_clipboard_api_does_not(
     )
     page.goto(f"{base}/scoria/workflows/{run_id}")
     button = page.locator("h1 button.copy")
+    label = button.get_attribute("aria-label")
     button.click()
-    assert button.inner_text() == "copied"
+    assert button.inner_text() == "copied" and button.get_attribute("aria-label") == "copied"
     assert page.evaluate("window.copied") == run_id
+    # A second click while it says "copied" still gives the button its own label back.
+    button.click()
+    page.locator("h1 button.copy", has_text="copy").filter(has_not_text="copied").wait_for()
+    assert label and button.get_attribute("aria-label") == label
 
 
 def test_a_note_being_typed_is_kept_when_the_run_moves(

@@ -336,6 +336,10 @@ def test_a_decision_on_a_later_inbox_page_comes_back_to_that_page(
     assert fields["after"] == after
     response = ops.post(url_for("scoria.reject", run_id=older), data=fields)
     assert response.location == url_for("scoria.approvals", after=after)
+    # That page is empty now: it says so, and leads to the first, which is not.
+    emptied = html(ops, response.location)
+    assert "Nothing more on this page." in emptied and "Nothing is waiting" not in emptied
+    assert f'<a href="{url_for("scoria.approvals")}">← Newest</a>' in emptied
     # A cursor that does not read is dropped: the first page.
     fields = form_fields(html(ops, url_for("scoria.approvals")), newer, "approve")
     response = ops.post(url_for("scoria.approve", run_id=newer), data={**fields, "after": "x"})

@@ -244,26 +244,34 @@ def _hides_a_value(text: str) -> bool:
     return text == REDACTED or mask_passwords(text.replace(REDACTED, "x"), REDACTED) == text
 
 
-#: The payload keys that name who asked for an event, and why it was asked, in the order
-#: looked for: a decision, a resume or retry, a cancel, a rejection.
-_WHO = ("decided_by", "requested_by", "cancelled_by")
-_WHY = ("reason", "note")
+#: The payload keys that say who asked for an event and why, of the events the runtime
+#: writes them in (a handler's own error, in another event, may hold any key).
+_GIST_KEYS: dict[str, tuple[str | None, str | None]] = {
+    EventType.APPROVAL_DECIDED: ("decided_by", None),
+    EventType.RESUME_REQUESTED: ("requested_by", None),
+    EventType.RETRY_REQUESTED: ("requested_by", None),
+    EventType.RUN_CANCELLED: ("cancelled_by", "reason"),
+    EventType.RUN_REJECTED: (None, "reason"),
+}
 #: The longest reason a timeline row shows; the whole one is in the payload below it.
 GIST_BYTES = 300
 
 
-def event_gist(payload: Any, extra: frozenset[str] = frozenset()) -> tuple[str | None, str | None]:
+def event_gist(
+    event_type: str, payload: Any, extra: frozenset[str] = frozenset()
+) -> tuple[str | None, str | None]:
     """Who asked for an event and why, as its redacted payload says; ``None`` where it
-    does not say."""
-    if not isinstance(payload, Mapping):
+    does not say, or where the event is not one that records it."""
+    who_key, why_key = _GIST_KEYS.get(event_type, (None, None))
+    if not isinstance(payload, Mapping) or (who_key, why_key) == (None, None):
         return None, None
     shown = redact(payload, extra)
-    who = next((shown[key] for key in _WHO if isinstance(shown.get(key), str)), None)
-    why = next(
-        (shown[key] for key in _WHY if isinstance(shown.get(key), str) and shown[key].strip()),
-        None,
+    who = shown.get(who_key) if who_key else None
+    why = shown.get(why_key) if why_key else None
+    return (
+        who if isinstance(who, str) else None,
+        truncate(why, GIST_BYTES) if isinstance(why, str) and why.strip() else None,
     )
-    return who, None if why is None else truncate(why, GIST_BYTES)
 
 
 def truncate(text: str, limit: int = PREVIEW_BYTES) -> str:

@@ -34,7 +34,7 @@ from ..errors import (
     ScoriaError,
     StorageError,
 )
-from ..readback import RunSummary
+from ..readback import Event, RunSummary
 from ..state import app_state
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import actions, present
@@ -110,7 +110,6 @@ def _page_helpers() -> dict[str, Any]:
         "RunStatus": RunStatus,
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,
-        "EventType": EventType,
         "page_url": _page_url,
         "pending_count": _pending_count,
         "home_url": _home_url(),
@@ -316,7 +315,21 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
             else None
         ),
         refused=refused,
+        cancelled=_cancelling(run_id, window),
     )
+
+
+def _cancelling(run_id: str, window: runtime.RunWindow) -> Event | None:
+    """The event that cancelled the run, if it was cancelled: the last of its timeline,
+    read again when the page shows older events."""
+    if window.summary.status != RunStatus.CANCELLED:
+        return None
+    events = window.events
+    if request.args.get("events_before"):
+        tenant_id = current_scope().tenant_id
+        events = runtime.get_run_window(run_id, tenant_id=tenant_id, limit=1).events
+    found = [event for event in events if event.event_type == EventType.RUN_CANCELLED]
+    return found[-1] if found else None
 
 
 @bp.get("/workflows/<run_id>/status.json")

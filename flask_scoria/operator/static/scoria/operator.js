@@ -58,14 +58,20 @@
       var button = event.target.closest("button[data-copy]");
       if (!button) return;
       var text = button.getAttribute("data-copy");
-      var label = button.getAttribute("aria-label");
+      // The label is what a screen reader reads of the button: it says the same. Its own
+      // label is kept once, so that a second click meanwhile does not keep "copied".
+      if (!button.hasAttribute("data-label")) {
+        button.setAttribute("data-label", button.getAttribute("aria-label") || "");
+      }
       var said = function (what) {
-        // The label is what a screen reader reads of the button: it says the same.
+        clearTimeout(button.scoriaReset);
         button.textContent = what;
         button.setAttribute("aria-label", what);
-        setTimeout(function () {
+        button.scoriaReset = setTimeout(function () {
           button.textContent = "copy";
+          var label = button.getAttribute("data-label");
           if (label) button.setAttribute("aria-label", label);
+          else button.removeAttribute("aria-label");
         }, 1500);
       };
       if (navigator.clipboard && window.isSecureContext) {
