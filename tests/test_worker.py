@@ -10,8 +10,10 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -25,8 +27,15 @@ import flask_scoria as scoria
 from flask_scoria import InvalidRunOptions, Scoria, schema
 from flask_scoria.runtime import recover_expired_leases
 from flask_scoria.runtime.context import context
-from flask_scoria.runtime.tables import runs
-from flask_scoria.runtime.worker import _DUE_STEP, _NEXT_DUE, _OVERDUE, UNCLAIMED_RETRY, Worker
+from flask_scoria.runtime.tables import runs, steps
+from flask_scoria.runtime.worker import (
+    _CLAIM_LOCKS,
+    _DUE_STEP,
+    _NEXT_DUE,
+    _OVERDUE,
+    UNCLAIMED_RETRY,
+    Worker,
+)
 
 TESTS = Path(__file__).resolve().parent
 WHO = {"actor_id": "a-1", "tenant_id": "t-1", "session_id": "s-1"}
@@ -325,3 +334,49 @@ def test_a_worker_finds_the_next_due_step_by_the_index_of_queued_steps(
         assert "ix_scoria_steps_queued" in plan and "Sort" not in plan, plan
         assert "Seq Scan on scoria_steps" not in plan, plan
         assert not ranged or re.search(r"Index Cond: \(not_before [<>]", plan), plan
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_claim_reads_a_step_that_moved_after_its_snapshot_as_it_now_is(
+    app: Flask, runtime: Scoria
+) -> None:
+    """A worker's claim reads the due step in the statement's snapshot, then locks it
+    with its run: a step that another call claimed, executed and queued again for later
+    in between is checked again as it now is, and not claimed early on the old read.
+
+    A worker skips a locked run rather than wait for it, and the window is too short to
+    hit on purpose; the same statement that waits for the locks shows the check."""
+    runtime.handler("later", executor="worker")(lambda step, run: None)
+    with app.app_context():
+        run = scoria.start_run(WHO, initial_step={"kind": "later"})
+    engine = runtime.storage(app).engine
+    waiting = _DUE_STEP.with_for_update(of=_CLAIM_LOCKS)  # no SKIP LOCKED: it waits
+    found: list[Any] = []
+
+    def claim() -> None:
+        with engine.connect() as conn:
+            picked = conn.execute(waiting, {"now": datetime.now(UTC), "kinds": ["later"]})
+            found.append(picked.first())
+            conn.rollback()
+
+    key = uuid.UUID(run.run_id)
+    retried = {"attempt": 2, "not_before": datetime.now(UTC) + timedelta(hours=1)}
+    with engine.connect() as held:
+        held.execute(runs.update().where(runs.c.id == key).values(version=runs.c.version + 2))
+        held.execute(steps.update().where(steps.c.run_id == key).values(**retried))
+        claiming = threading.Thread(target=claim)
+        claiming.start()
+        with engine.connect() as watcher:
+            blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            deadline = time.monotonic() + 30
+            while not watcher.execute(sa.text(blocked)).scalar() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        held.commit()
+        claiming.join(timeout=30)
+    assert found == [None]  # queued again, but not due for an hour
+    with engine.begin() as conn:
+        conn.execute(
+            steps.update().where(steps.c.run_id == key).values(not_before=datetime.now(UTC))
+        )
+    claim()
+    assert (found[-1].attempt, found[-1].runs_version) == (2, 3)

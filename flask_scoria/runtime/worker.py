@@ -56,8 +56,13 @@ _IS_QUEUED = steps.c.status == literal_column(f"'{StepStatus.QUEUED}'")
 #: Not by the index of runs by status, which holds every running run: checked on the
 #: run of each queued step found, since a claim holds SQLite's write lock.
 _RUN_IS_RUNNING = sql.unindexed(runs.c.status) == RunStatus.RUNNING
+#: What a claim locks on PostgreSQL: the run, and the step too, so that both are read as
+#: they are once locked. A step that another call claimed, executed and queued again
+#: after the statement's snapshot is checked again as it now is (due, say), not claimed
+#: as the snapshot read it.
+_CLAIM_LOCKS = (runs, steps)
 #: The oldest due queued step of a running run, with its run's columns; on
-#: PostgreSQL the run is locked, skipping runs another worker holds.
+#: PostgreSQL the run and the step are locked, skipping those another worker holds.
 _DUE_STEP = (
     select(steps, *_RUN_COLUMNS)
     .join(runs, runs.c.id == steps.c.run_id)
@@ -71,7 +76,7 @@ _DUE_STEP = (
     )
     .order_by(steps.c.not_before)
     .limit(1)
-    .with_for_update(of=runs, skip_locked=True)
+    .with_for_update(of=_CLAIM_LOCKS, skip_locked=True)
 )
 #: When the first queued step of a running run falls due: in the future, or already,
 #: when a claim did not take it (its run held by another transaction, a lost race).
