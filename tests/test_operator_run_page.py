@@ -478,7 +478,7 @@ def test_cancel_a_waiting_run(app: Flask, ops: FlaskClient) -> None:
     assert "Cancelled. The run is now cancelled." in html
     # Who cancelled and why: in the run's facts and on its timeline row, not only in a payload.
     facts = html.split('<dl class="facts">')[1].split("</dl>")[0]
-    said = 'by <code>ops</code>: <q class="gist">customer withdrew</q>'
+    said = '<span class="gist">by <code>ops</code>: <q>customer withdrew</q></span>'
     assert f"<dt>Cancelled</dt><dd>{said}" in facts
     row = html.split('data-event-type="run_cancelled"')[1].split("<details>")[0]
     assert "by <code>ops</code>: <q>customer withdrew</q>" in row

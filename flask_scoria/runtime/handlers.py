@@ -81,7 +81,6 @@ class HandlerRegistry(Mapping[str, Handler]):
         }
 
 
-#: Per-call handlers run in the call that passes them: no other process can import them.
 class Handlers:
     """Resolves a step kind: per-call handlers first, then the registry.
 
@@ -112,7 +111,7 @@ class Handlers:
             )
         self._per_call: dict[str, Handler] = {}
         for kind, handler in per_call.items():
-            # As a step's kind is read: stripped, printable, 64 characters at most.
+            # As a step's kind is read: stripped, printable, MAX_KIND characters at most.
             name = require_name(kind, "A handlers key", error=InvalidRunOptions, limit=MAX_KIND)
             self._per_call[name] = load_handler(handler, name)
         self._registry = registry
@@ -129,6 +128,7 @@ class Handlers:
         that every other process reading the run applies to the step.
         """
         if kind in self._per_call:
+            # Run in the call that passes them: no other process can import them.
             policy = replace(self._registry.policy(kind), executor="inline")
         else:
             policy = self._registry.policy(kind)

@@ -208,7 +208,7 @@ class RunChange(ABC):
 
 
 def send_signals(
-    ctx: RuntimeContext, row: Row, sent: Sequence[Signal], claim: Claim | None = None
+    ctx: RuntimeContext, row: Row, sent: Sequence[Signal], claim: Claim | None
 ) -> None:
     """Send each of ``sent`` for the committed run ``row``, to the receivers of the app.
 
@@ -230,8 +230,7 @@ def send_signals(
                 try:
                     receiver(app, run=summary, **extra)
                 except Exception:
-                    # The change is committed: a failing receiver must not look like a failed
-                    # call.
+                    # The change is committed: a failing receiver is not a failed call.
                     app.logger.exception("flask-scoria: a %r signal receiver failed", signal.name)
 
 
