@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +13,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import IDENTITY, executions, outcome_of, race_in_process, wait_for_approval
+from _helpers import (
+    IDENTITY,
+    executions,
+    outcome_of,
+    race_in_process,
+    until_a_query_waits_for_a_lock,
+    wait_for_approval,
+)
 from conftest import create_test_app
 from flask import Flask
 
@@ -255,11 +261,7 @@ def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
         )
         resuming = threading.Thread(target=resume)
         resuming.start()
-        with engine.connect() as watcher:
-            deadline = time.monotonic() + 30
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            while not watcher.execute(sa.text(waiting)).scalar() and time.monotonic() < deadline:
-                time.sleep(0.01)
+        until_a_query_waits_for_a_lock(engine)
         # What another resume's handler leaves behind: the step asks again.
         now = datetime.now(UTC)
         held.execute(

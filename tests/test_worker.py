@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _helpers import counting_handler, executions, write_locked
+from _helpers import counting_handler, executions, until_a_query_waits_for_a_lock, write_locked
 from conftest import create_test_app
 from flask import Flask, g
 from flask.testing import FlaskCliRunner
@@ -366,11 +366,7 @@ def test_a_claim_reads_a_step_that_moved_after_its_snapshot_as_it_now_is(
         held.execute(steps.update().where(steps.c.run_id == key).values(**retried))
         claiming = threading.Thread(target=claim)
         claiming.start()
-        with engine.connect() as watcher:
-            blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            deadline = time.monotonic() + 30
-            while not watcher.execute(sa.text(blocked)).scalar() and time.monotonic() < deadline:
-                time.sleep(0.01)
+        until_a_query_waits_for_a_lock(engine)
         held.commit()
         claiming.join(timeout=30)
     assert found == [None]  # queued again, but not due for an hour
