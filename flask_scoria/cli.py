@@ -161,23 +161,12 @@ def _echo_run(run: RunSummary, as_json: bool) -> None:
 # -- database ------------------------------------------------------------------
 
 
-def _own_history(engine: Engine) -> Engine:
-    """``engine``, unless the revisions are mounted in the host's Alembic history."""
-    if schema.mounted_in_host_history(engine):
-        raise click.ClickException(
-            "the scoria revisions are recorded in your app's alembic_version (mounted in its"
-            " history); migrate them with your app's own commands (flask db upgrade heads,"
-            " flask db downgrade)"
-        )
-    return engine
-
-
 @db_cli.command("upgrade")
 @click.argument("revision", default="heads")
 @scoria_errors
 def db_upgrade(revision: str) -> None:
     """Apply flask-scoria's migrations up to REVISION (default: newest)."""
-    schema.upgrade(_own_history(_engine()), revision)
+    schema.upgrade(_engine(), revision)
     click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
 
 
@@ -187,7 +176,8 @@ def db_upgrade(revision: str) -> None:
 @scoria_errors
 def db_downgrade(revision: str, yes: bool) -> None:
     """Revert flask-scoria's migrations down to REVISION (default: drop all)."""
-    engine = _own_history(_engine())
+    engine = _engine()
+    schema.require_own_history(engine)  # before asking
     if not yes and schema.reaches_base(engine, revision):
         click.confirm("This drops every scoria_* table and every run in them. Go on?", abort=True)
     schema.downgrade(engine, revision)

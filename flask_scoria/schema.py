@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -58,13 +59,7 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 @contextmanager
 def _alembic(engine: Engine) -> Iterator[Config]:
-    if mounted_in_host_history(engine):
-        # Its own version table would record a second history of the same tables.
-        raise RuntimeError(
-            "The scoria revisions of this database are recorded in the app's alembic_version"
-            " (mounted in its history): migrate it with the app's own commands"
-            " (flask db upgrade heads)."
-        )
+    require_own_history(engine)
     with engine.connect() as connection:
         enforced = _suspend_foreign_keys(connection)
         try:
@@ -129,8 +124,8 @@ def _suspend_foreign_keys(connection: Connection) -> bool:
 def upgrade(engine: Engine, revision: str = "heads") -> None:
     """Bring the ``scoria_*`` tables up to ``revision`` (default: the newest).
 
-    Raises ``RuntimeError`` on a database whose scoria revisions are mounted in
-    the app's own Alembic history (so does :func:`downgrade`).
+    Raises Alembic's ``CommandError`` on a database whose scoria revisions are
+    mounted in the app's own Alembic history (so does :func:`downgrade`).
     """
     with _alembic(engine) as config:
         command.upgrade(config, revision)
@@ -213,6 +208,20 @@ def mounted_in_host_history(engine: Engine) -> bool:
     """Whether the host's ``alembic_version`` records the flask-scoria revision."""
     recorded = _recorded(engine)
     return recorded is not None and recorded[0] == HOST_VERSION_TABLE
+
+
+def require_own_history(engine: Engine) -> None:
+    """Raise Alembic's ``CommandError`` if the host's history records the revisions.
+
+    Migrated here as well, a second version table would record a second history of
+    the same tables.
+    """
+    if mounted_in_host_history(engine):
+        raise CommandError(
+            "the scoria revisions are recorded in your app's alembic_version (mounted in"
+            " its history); migrate them with your app's own commands (flask db upgrade"
+            " heads, flask db downgrade)"
+        )
 
 
 def head_revision() -> str:
