@@ -44,19 +44,19 @@ class Scoria:
 
     def __init__(self, app: Flask | None = None, *, db: Any = None) -> None:
         self.db = db
-        self.registry = Registry()
+        self._registry = Registry()
         if app is not None:
             self.init_app(app)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
         """The registered step handlers, by kind (read-only: register with :meth:`handler`)."""
-        return MappingProxyType(self.registry.handlers)
+        return MappingProxyType(self._registry.handlers)
 
     @property
     def operator_scope_resolver(self) -> OperatorScopeResolver | None:
         """The function registered with :meth:`operator_scope`, if any."""
-        return self.registry.operator_scope
+        return self._registry.operator_scope
 
     def init_app(self, app: Flask) -> None:
         """Read config, prepare storage, mount the operator pages and the CLI."""
@@ -77,7 +77,7 @@ class Scoria:
                 )
         keeper = LeaseKeeper(settings.step_lease_seconds)
         source = partial(self._host_engine, ref(app)) if engine is None else (lambda: engine)
-        register(app, AppState(self, settings, self.registry, keeper, source))
+        register(app, AppState(self, settings, self._registry, keeper, source))
         app.extensions["scoria"] = self
 
         from .cli import scoria_cli
@@ -138,8 +138,8 @@ class Scoria:
             from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
 
         def decorator(fn: Any) -> Any:
-            self.registry.handlers[kind] = load_handler(fn, kind)
-            self.registry.policies[kind] = policy
+            self._registry.handlers[kind] = load_handler(fn, kind)
+            self._registry.policies[kind] = policy
             return fn
 
         return cast(Registers, decorator)
@@ -150,7 +150,7 @@ class Scoria:
         It returns ``{"tenant_id": ..., "actor_id": ...}`` for an operator of
         that tenant, or ``None``; without it every operator page answers 403.
         """
-        self.registry.operator_scope = fn
+        self._registry.operator_scope = fn
         return fn
 
     def settings(self, app: Flask | None = None) -> Settings:

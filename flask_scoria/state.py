@@ -38,8 +38,6 @@ class Registry:
 class Extension(Protocol):
     """What the state needs of the ``Scoria`` instance that registered it."""
 
-    registry: Registry
-
     def init_app(self, app: Flask) -> None: ...
 
 

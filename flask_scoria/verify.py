@@ -97,17 +97,17 @@ def throwaway_app(host: Flask) -> Iterator[Flask]:
             SCORIA_EXECUTOR="inline",
             SECRET_KEY=host.config.get("SECRET_KEY") or secrets.token_hex(16),
         )
-        extension = type(host_state.extension)()
-        extension.registry.handlers.update(host_state.registry.handlers)
-        extension.registry.policies.update(
+        type(host_state.extension)().init_app(app)
+        registry = app_state(app).registry
+        registry.handlers.update(host_state.registry.handlers)
+        registry.policies.update(
             (kind, dataclasses.replace(policy, executor="inline"))
             for kind, policy in host_state.registry.policies.items()
         )
-        extension.registry.operator_scope = lambda: {
+        registry.operator_scope = lambda: {
             "tenant_id": VERIFY_TENANT,
             "actor_id": VERIFY_ACTOR,
         }
-        extension.init_app(app)
         engine = app_state(app).storage.engine
         try:
             schema.upgrade(engine)

@@ -102,11 +102,7 @@ def _page_helpers() -> dict[str, Any]:
         "relative_time": partial(present.relative_time, now=now),
         "duration": partial(present.duration, now=now),
         "registered_kinds": frozenset(state.registry.handlers),
-        "worker_kinds": frozenset(
-            kind
-            for kind, policy in state.registry.policies.items()
-            if (policy.executor or state.settings.executor) != "inline"
-        ),
+        "worker_kinds": runtime.queued_kinds(),
         "RunStatus": RunStatus,
         "StepStatus": StepStatus,
         "ApprovalStatus": ApprovalStatus,

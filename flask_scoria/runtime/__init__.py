@@ -12,6 +12,7 @@ from .arguments import UNSET as UNSET
 from .arguments import TenantGuard as TenantGuard
 from .arguments import require_name as require_name
 from .arguments import tenant_guard as tenant_guard
+from .context import queued_kinds as queued_kinds
 from .executors import RUN_STEP_TASK as RUN_STEP_TASK
 from .handlers import Handler as Handler
 from .handlers import load_handler as load_handler

@@ -50,3 +50,8 @@ def context() -> RuntimeContext:
         result_max_bytes=state.settings.result_max_bytes,
         inline_retry_wait=state.settings.inline_retry_wait,
     )
+
+
+def queued_kinds() -> frozenset[str]:
+    """The current app's registered kinds whose steps a worker or Celery executes."""
+    return context().registry.queued_kinds()

@@ -72,6 +72,10 @@ class HandlerRegistry(Mapping[str, Handler]):
         policy = self._policies.get(kind, DEFAULT_POLICY)
         return policy if policy.executor else replace(policy, executor=self.executor)
 
+    def queued_kinds(self) -> frozenset[str]:
+        """The registered kinds whose steps wait in the queue for a worker or Celery."""
+        return frozenset(kind for kind in self._handlers if self.policy(kind).executor != "inline")
+
     def timeouts(self) -> dict[str, float]:
         """The timeout of every registered kind that has one."""
         return {
