@@ -201,7 +201,10 @@ def write_locked(path: Path, seconds: float | None = None) -> Iterator[None]:
 
 def until_a_query_waits_for_a_lock(engine: sa.Engine, timeout: float = 30) -> None:
     """Return once a PostgreSQL session waits for a lock (or ``timeout`` seconds passed)."""
-    blocked = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    blocked = sa.text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
     deadline = time.monotonic() + timeout
     with engine.connect() as watcher:
         while not watcher.execute(blocked).scalar() and time.monotonic() < deadline:

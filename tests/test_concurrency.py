@@ -26,6 +26,7 @@ from flask import Flask
 
 import flask_scoria as scoria
 from flask_scoria.runtime import tables
+from flask_scoria.runtime.worker import execute_step
 
 THREADS = 32
 PROCESSES = 4
@@ -284,3 +285,58 @@ def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
         resuming.join(timeout=30)
     assert outcome == [scoria.ApprovalPending]
     assert executed == [None]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("verb", ["cancel", "execute a queued step"])
+def test_a_call_waiting_for_the_runs_lock_writes_a_time_after_the_change_it_waited_for(
+    app: Flask, verb: str
+) -> None:
+    """A call that waited for the run's lock while another call changed the run dates
+    its own change after that call's: the run's timeline never goes back in time. A
+    cancel reads the run under its lock; a worker's claim sends its step's read with the
+    lock, on a time taken before it."""
+    app.extensions["scoria"].handler("later", executor="worker")(lambda step, run: None)
+    engine = app.extensions["scoria"].storage(app).engine
+    with app.app_context():
+        run = scoria.start_run(scoria.identity(IDENTITY), initial_step={"kind": "later"})
+        started = scoria.get_run_detail(run.run_id)
+    (step,) = started.steps
+    calls: dict[str, Callable[[], object]] = {
+        "cancel": lambda: scoria.cancel_run(run.run_id, cancelled_by="operator"),
+        "execute a queued step": lambda: execute_step(run.run_id, step.id),
+    }
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        with app.app_context():
+            try:
+                calls[verb]()
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+    run_key = uuid.UUID(run.run_id)
+    with engine.connect() as held:
+        held.execute(
+            sa.select(tables.runs.c.id).where(tables.runs.c.id == run_key).with_for_update()
+        )
+        calling = threading.Thread(target=call)
+        calling.start()
+        until_a_query_waits_for_a_lock(engine)
+        changed_at = datetime.now(UTC)
+        held.execute(
+            tables.runs.update()
+            .where(tables.runs.c.id == run_key)
+            .values(version=tables.runs.c.version + 1, updated_at=changed_at)
+        )
+        held.commit()
+        calling.join(timeout=30)
+    assert failures == []
+    with app.app_context():
+        detail = scoria.get_run_detail(run.run_id)
+    assert detail.summary.status == ("cancelled" if verb == "cancel" else "completed")
+    written = detail.events[len(started.events) :]
+    assert written and all(event.created_at >= changed_at for event in written), [
+        (event.event_type, event.created_at) for event in detail.events
+    ]
+    assert detail.summary.updated_at >= changed_at

@@ -66,6 +66,14 @@ class MustFlush(Exception):
     """A change begun without waiting for the disk turned out to need it."""
 
 
+class Waited(Exception):
+    """The statements sent ahead carry a time from before another call changed the run.
+
+    The run's lock was waited for: the change is decided again on a time after that
+    call's, so that the run's timeline never goes back in time.
+    """
+
+
 class AlreadyWritten(Exception):
     """The run as a change whose connection dropped wrote it: its commit went through."""
 
@@ -490,7 +498,11 @@ def transact(
     time are sent together with the run's lock, after it, so that the
     decision finds their rows (with :meth:`Tx.first`) without waiting for
     them; a write among them must be one the decision reads. On SQLite the
-    decision runs them itself, as it needs them.
+    decision runs them itself, as it needs them. A transaction's time is
+    never before the run's last change: a try whose statements sent ahead
+    turn out to carry an earlier time (it waited for the lock while another
+    call changed the run) is decided again, reading the run before it takes
+    its time.
 
     With ``claims`` (the change is expected to claim a step for this call),
     a SQLite transaction begins without waiting for the disk on commit, as
@@ -501,6 +513,7 @@ def transact(
     """
     dropped = 0
     defer = True
+    waited = False
     flush = not (claims and ctx.storage.relaxes_at_begin)
     alone = known is not None and ctx.storage.pipelines
     #: The change of a try whose connection dropped as it committed, and its outcome.
@@ -518,18 +531,22 @@ def transact(
                     known = None  # whatever the next try is, it reads the run
                     raise
             with ctx.storage.write(pipeline=True, flush=flush) as conn:
-                now = utcnow()
                 sent: list[Ahead] = []
                 if known is not None:
                     if not ctx.storage.is_sqlite:
                         sql.RUN_BY_ID_FOR_UPDATE.execute(conn, {"b_run_id": run_id}).close()
                     row, known = known, None
-                elif ctx.storage.is_sqlite or ahead is None:
+                    now = utcnow()
+                elif ctx.storage.is_sqlite or ahead is None or waited:
                     row = load_run(conn, run_id, guard, lock=True)
+                    now = max(utcnow(), row["updated_at"])
                 else:
+                    now = utcnow()
                     locked = sql.RUN_BY_ID_FOR_UPDATE.send(conn, {"b_run_id": run_id})
                     sent = [(s, p, s.send(conn, p)) for s, p in ahead(now)]
                     row = checked_run(locked.first(), run_id, guard)
+                    if row["updated_at"] > now:
+                        raise Waited
                 if unsure is not None and unsure[0].wrote(row):
                     raise AlreadyWritten(row)
                 tx = Tx(
@@ -553,6 +570,9 @@ def transact(
             new_row = written.run
         except MustFlush:
             flush = True
+            continue
+        except Waited:
+            waited = True
             continue
         except Conflict:
             back_off(attempt)
