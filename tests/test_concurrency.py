@@ -6,7 +6,8 @@ import multiprocessing
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,30 @@ def test_races_on_a_serializable_database(database_uri: str, tmp_path: Path) -> 
     app.extensions["scoria"].storage(app).engine.dispose()
 
 
+@contextmanager
+def changed_while_waiting(
+    engine: sa.Engine, run_key: uuid.UUID, call: Callable[[], None]
+) -> Iterator[tuple[sa.Connection, datetime]]:
+    """Hold the run's lock while ``call`` runs in a thread and waits for it; then change
+    the run, as another call would, at the time given, with what the block adds."""
+    with engine.connect() as held:
+        held.execute(
+            sa.select(tables.runs.c.id).where(tables.runs.c.id == run_key).with_for_update()
+        )
+        calling = threading.Thread(target=call)
+        calling.start()
+        until_a_query_waits_for_a_lock(engine)
+        now = datetime.now(UTC)
+        yield held, now
+        held.execute(
+            tables.runs.update()
+            .where(tables.runs.c.id == run_key)
+            .values(version=tables.runs.c.version + 1, updated_at=now)
+        )
+        held.commit()
+        calling.join(timeout=30)
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
     app: Flask, tmp_path: Path
@@ -256,15 +281,8 @@ def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
                 outcome.append(type(exc))
 
     run_key = uuid.UUID(run.run_id)
-    with engine.connect() as held:
-        held.execute(
-            sa.select(tables.runs.c.id).where(tables.runs.c.id == run_key).with_for_update()
-        )
-        resuming = threading.Thread(target=resume)
-        resuming.start()
-        until_a_query_waits_for_a_lock(engine)
+    with changed_while_waiting(engine, run_key, resume) as (held, now):
         # What another resume's handler leaves behind: the step asks again.
-        now = datetime.now(UTC)
         held.execute(
             tables.approvals.insert().values(
                 id=uuid.uuid4(),
@@ -276,13 +294,6 @@ def test_a_resume_waiting_for_the_runs_lock_sees_the_approval_asked_meanwhile(
                 tenant_id=None,
             )
         )
-        held.execute(
-            tables.runs.update()
-            .where(tables.runs.c.id == run_key)
-            .values(version=tables.runs.c.version + 1, updated_at=now)
-        )
-        held.commit()
-        resuming.join(timeout=30)
     assert outcome == [scoria.ApprovalPending]
     assert executed == [None]
 
@@ -315,22 +326,8 @@ def test_a_call_waiting_for_the_runs_lock_writes_a_time_after_the_change_it_wait
             except BaseException as exc:  # reported below
                 failures.append(exc)
 
-    run_key = uuid.UUID(run.run_id)
-    with engine.connect() as held:
-        held.execute(
-            sa.select(tables.runs.c.id).where(tables.runs.c.id == run_key).with_for_update()
-        )
-        calling = threading.Thread(target=call)
-        calling.start()
-        until_a_query_waits_for_a_lock(engine)
-        changed_at = datetime.now(UTC)
-        held.execute(
-            tables.runs.update()
-            .where(tables.runs.c.id == run_key)
-            .values(version=tables.runs.c.version + 1, updated_at=changed_at)
-        )
-        held.commit()
-        calling.join(timeout=30)
+    with changed_while_waiting(engine, uuid.UUID(run.run_id), call) as (_, changed_at):
+        pass
     assert failures == []
     with app.app_context():
         detail = scoria.get_run_detail(run.run_id)
