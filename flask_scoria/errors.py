@@ -6,6 +6,9 @@ branch on it without parsing messages.
 
 from __future__ import annotations
 
+import copyreg
+from typing import Any
+
 
 class ScoriaError(Exception):
     """Base class of every error flask-scoria raises."""
@@ -15,6 +18,12 @@ class ScoriaError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields rather than by calling ``__init__`` again, whose
+        # arguments differ from class to class: a pickle (a process pool, a task
+        # queue) or a copy keeps the type, the message and every field.
+        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
 
 class RunNotFound(ScoriaError):
