@@ -6,7 +6,6 @@ branch on it without parsing messages.
 
 from __future__ import annotations
 
-import copyreg
 from typing import Any
 
 
@@ -23,7 +22,7 @@ class ScoriaError(Exception):
         # Rebuilt from its fields rather than by calling ``__init__`` again, whose
         # arguments differ from class to class: a pickle (a process pool, a task
         # queue) or a copy keeps the type, the message and every field.
-        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
+        return _unpickled, (type(self), self.args), self.__dict__
 
 
 class RunNotFound(ScoriaError):
@@ -157,6 +156,11 @@ class StorageError(ScoriaError):
         super().__init__(message)
         self.run_id = run_id
         self.hint = hint
+
+
+def _unpickled(cls: type[ScoriaError], args: tuple[Any, ...]) -> ScoriaError:
+    """An error of ``cls`` with ``args``, before pickle sets its fields."""
+    return cls.__new__(cls, *args)
 
 
 def short_repr(value: object, limit: int = 80) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,13 +49,15 @@ class Identity:
     def from_g(cls, g: object) -> Identity:
         """Read the actor, tenant and session id a request stored on ``g``.
 
-        The actor is ``g.current_user``, ``g.user``, ``g.actor`` or the user
-        Flask-Login loaded for the request (``g._login_user``); the tenant
+        The actor is ``g.current_user``, ``g.user``, ``g.actor`` or, on
+        :data:`flask.g`, the user Flask-Login loads for the request; the tenant
         ``g.current_tenant`` or ``g.tenant``; the session ``g.session_id``.
         """
         read = partial(_attribute, g)
         # Flask-Login keeps the loaded user on g._login_user.
         actor = _first_present(read, ("current_user", "user", "actor", "_login_user"))
+        if actor is None and g is flask.g:
+            actor = _flask_login_user()
         tenant = _first_present(read, ("current_tenant", "tenant"))
         return cls(
             actor_id=_id_of(actor, "actor"),
@@ -185,14 +188,31 @@ def normalize_id(value: object, name: str) -> str | None:
     return text
 
 
+def _flask_login_user() -> object:
+    """The user Flask-Login loads for this request, in an app that uses it.
+
+    Flask-Login loads it on first use of ``current_user`` only; until then
+    ``g._login_user`` is not set.
+    """
+    if not flask.has_request_context() or not hasattr(flask.current_app, "login_manager"):
+        return None
+    from flask_login import current_user
+
+    return current_user._get_current_object()
+
+
 def _id_of(value: object, name: str) -> str | None:
-    """The id of an alias value: a plain id, or an object's ``id``."""
+    """The id of an alias value: a plain id, or an object's or a row's ``id``."""
     if value is None:
         return None
     if isinstance(value, str | int | uuid.UUID) and not isinstance(value, bool):
         return normalize_id(value, name)
     if isinstance(value, Mapping):
         return normalize_id(value.get("id"), f"{name}.id")
+    if isinstance(value, sqlite3.Row):  # as Flask's tutorial keeps its g.user
+        # ``in`` a row looks among its values, not its column names.
+        named = "id" in value.keys()  # noqa: SIM118
+        return normalize_id(value["id"] if named else None, f"{name}.id")
     if isinstance(value, list | tuple | set | bool | float | bytes):
         raise InvalidIdentity(f"{name} cannot be a {type(value).__name__}.")
     return normalize_id(_attribute(value, "id"), f"{name}.id")
