@@ -82,9 +82,11 @@ class Scoria:
 
         from .cli import scoria_cli
         from .operator import bp as operator_bp
+        from .operator.access import leave_to_own_csrf_check
 
         app.cli.add_command(scoria_cli)
         app.register_blueprint(operator_bp, url_prefix=settings.url_prefix)
+        leave_to_own_csrf_check(app, operator_bp)
         if settings.executor == "celery":
             from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
 

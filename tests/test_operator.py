@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from conftest import create_test_app
 from flask import Flask, session
 from flask.testing import FlaskClient
+from flask_wtf.csrf import CSRFProtect
 from markupsafe import escape
 
 import flask_scoria as scoria
@@ -922,3 +923,56 @@ def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: Flas
     header = page(ops, f"/scoria/workflows/{long}").split('class="run-header"')[1]
     whole = header.split("<summary>Whole prompt</summary>")[1].split("</details>")[0]
     assert whole == f'<pre class="json">{escape(lines)}</pre>'
+
+
+@pytest.mark.parametrize("order", ["CSRFProtect first", "CSRFProtect after"])
+def test_forms_work_in_an_app_protected_by_flask_wtf(
+    database_uri: str, tmp_path: Path, order: str
+) -> None:
+    """Flask-WTF's ``CSRFProtect`` checks every POST of the app for its own token: the
+    operator forms are left to their own check, and the host's views stay protected."""
+    app = Flask("protected", instance_path=str(tmp_path / "instance"))
+    app.config.update(SECRET_KEY="test-secret", SCORIA_DATABASE_URI=database_uri)
+    protect = CSRFProtect()
+    if order == "CSRFProtect first":
+        protect.init_app(app)
+    runtime = Scoria(app)
+    if order == "CSRFProtect after":
+        protect.init_app(app)
+    runtime.operator_scope(from_session)
+    runtime.handler("approval")(ask_then_publish)
+
+    @app.post("/host-form")
+    def host_form() -> str:
+        return "accepted"
+
+    run_id = start(app)
+    client = app.test_client()
+    sign_in(client, {"tenant_id": TENANT, "actor_id": "ops"})
+    html = post_form(client, run_id, "approve")
+    assert "completed" in html and run_status(app, run_id) == "completed"
+    forged = start(app)
+    response = client.post(f"/scoria/workflows/{forged}/reject", data={"csrf_token": "forged"})
+    assert response.status_code == 400 and "security token" in response.get_data(as_text=True)
+    assert client.post("/host-form").status_code == 400  # Flask-WTF still guards the host
+    runtime.storage(app).engine.dispose()
+
+
+def test_a_scope_may_be_the_operators_identity(
+    app: Flask, runtime: Scoria, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``identity_from_session()`` is a natural resolver: an Identity grants its tenant;
+    what names no tenant denies, and says why in the log unless it is a mapping."""
+    runtime.operator_scope(scoria.identity_from_session)
+    run_id = start(app, kind=None)
+    client = app.test_client()
+    with client.session_transaction() as stored:
+        stored.update(actor_id="ops", tenant_id=TENANT)
+    assert run_id in page(client, "/scoria/workflows")
+    runtime.operator_scope(lambda: TENANT)
+    page(client, "/scoria/workflows", 403)
+    assert "returned a str, which names no tenant_id" in caplog.text
+    caplog.clear()
+    runtime.operator_scope(lambda: {"tenant_id": None})
+    page(client, "/scoria/workflows", 403)
+    assert caplog.text == ""

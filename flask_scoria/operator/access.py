@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, abort, current_app, g, request, session
+from flask import Blueprint, Flask, Response, abort, current_app, g, request, session
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from ..identity import normalize_id
+from ..errors import InvalidIdentity
+from ..identity import identity
 from ..state import app_state
+
+log = logging.getLogger("flask_scoria")
 
 _SESSION_KEY = "_scoria_csrf"
 _CSRF_MAX_AGE = 12 * 3600
@@ -39,11 +44,20 @@ def resolve_scope() -> OperatorScope | None:
     if granted is None:
         return None
     try:
-        tenant = normalize_id(granted.get("tenant_id"), "tenant_id")
-        actor = normalize_id(granted.get("actor_id"), "actor_id")
-    except Exception:
+        # A mapping, or what identity() reads: an Identity, an object with attributes.
+        who = identity(granted)
+    except InvalidIdentity as exc:
+        log.warning("The operator scope resolver returned %s: %s", type(granted).__name__, exc)
         return None
-    return None if tenant is None else OperatorScope(tenant, actor)
+    if who.tenant_id is None:
+        if not isinstance(granted, Mapping):  # a mapping without one denies, as None does
+            log.warning(
+                "The operator scope resolver returned a %s, which names no tenant_id;"
+                " return a mapping such as {'tenant_id': ..., 'actor_id': ...}, or None.",
+                type(granted).__name__,
+            )
+        return None
+    return OperatorScope(who.tenant_id, who.actor_id)
 
 
 def require_scope() -> None:
@@ -93,6 +107,26 @@ def check_csrf() -> None:
         and hmac.compare_digest(expected, value)
     ):
         abort(400, description="The form's security token is missing or expired. Reload the page.")
+
+
+def leave_to_own_csrf_check(app: Flask, blueprint: Blueprint) -> None:
+    """Exempt ``blueprint`` from Flask-WTF's app-wide ``CSRFProtect``, if the app has it.
+
+    ``CSRFProtect`` rejects every POST that lacks its own token; the operator
+    forms carry this module's, checked by :func:`check_csrf`. Whether the host
+    sets up ``CSRFProtect`` before or after flask-scoria, the blueprint is
+    exempted before its first check.
+    """
+
+    def exempt() -> None:
+        protect = app.extensions.get("csrf")
+        if protect is not None:
+            protect.exempt(blueprint)
+
+    if "csrf" in app.extensions:
+        exempt()
+    else:  # set up later: its check runs after this
+        app.before_request(exempt)
 
 
 def security_headers(response: Response) -> Response:
