@@ -94,6 +94,42 @@ def test_page_runs_in_order(page: str, tmp_path: Path, monkeypatch: pytest.Monke
     assert ran == len(python_blocks(DOCS / page)) >= 2
 
 
+@pytest.mark.parametrize("page", [README, DOCS / "quickstart.md"], ids=lambda page: page.name)
+def test_quickstart_app_answers_404_for_a_run_it_cannot_see(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``show_run`` with its error handler: a run the visitor may not read is a 404."""
+    monkeypatch.chdir(tmp_path)
+    (code,) = [code for code in python_blocks(page) if code.startswith("# app.py\n")]
+    namespace = exec_module(page, monkeypatch)
+    exec(compile(code, f"{page.name}:app.py", "exec"), namespace)
+    try:
+        run_flask_command("flask --app app scoria db upgrade", namespace)
+        app: Flask = namespace["app"]
+        with app.app_context():
+            other = flask_scoria.identity({"actor_id": "u-9", "tenant_id": "globex"})
+            metadata = {"metadata": {"payload": {"prompt": "Theirs"}}}
+            theirs = flask_scoria.start_run(
+                other, initial_step={"kind": "approval"}, runtime=metadata
+            )
+        person = app.test_client()
+        person.post("/sign-in")
+        mine = person.post("/assistant", data={"prompt": "Mine"}).location.rsplit("/", 1)[1]
+        read_back = {"run_id": mine, "status": "waiting_for_approval", "session_id": "chat-1"}
+        assert person.get(f"/assistant/runs/{mine}").json == read_back
+        for who, run_id in [
+            (person, "00000000-0000-4000-8000-000000000000"),  # unknown
+            (person, "not-a-run-id"),
+            (person, theirs.run_id),  # another tenant's
+            (app.test_client(), mine),  # signed out
+        ]:
+            answer = who.get(f"/assistant/runs/{run_id}")
+            assert answer.status_code == 404, run_id
+            assert answer.json is not None and answer.json["error"] == "run_not_found", run_id
+    finally:
+        dispose(namespace)
+
+
 def test_testing_page_is_a_passing_test_suite(tmp_path: Path) -> None:
     """Each block of the testing guide is a file; pytest and its flask commands pass."""
     page = DOCS / "testing.md"

@@ -28,7 +28,8 @@ REQUESTED = {"to": "team@example.com", "subject": "Q3", "smtp_password": "hunter
 def review(step: scoria.StepView, run: scoria.RunSummary) -> Any:
     if step.approval is None:
         return WaitForApproval("send_email", REQUESTED, editable=True, expires_in=3600)
-    return Succeed({"sent": step.approval.edited_arguments or step.approval.arguments})
+    edited = step.approval.edited_arguments
+    return Succeed({"sent": step.approval.arguments if edited is None else edited})
 
 
 def fixed(step: scoria.StepView, run: scoria.RunSummary) -> Any:

@@ -135,6 +135,18 @@ def test_sign_in_ask_and_approve_over_http(server: str, venv: Path) -> None:
     assert read_back == {"run_id": run_id, "status": "completed", "session_id": "chat-1"}
     assert run_id in person.get("/scoria/sessions/chat-1")
 
+    # A run the visitor cannot see is a 404 from the page's error handler, not a 500.
+    unknown = "00000000-0000-4000-8000-000000000000"
+    for who, path in [
+        (person, f"/assistant/runs/{unknown}"),
+        (person, "/assistant/runs/not-a-run"),
+        (Browser(server), f"/assistant/runs/{run_id}"),  # signed out
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            who.get(path)
+        assert answer.value.code == 404, path
+        assert json.loads(answer.value.read())["error"] == "run_not_found", path
+
 
 def test_the_installed_wheel_brings_the_pytest_plugin(venv: Path, tmp_path: Path) -> None:
     """The testing guide's suite passes with the plugin found through its entry point."""

@@ -53,7 +53,8 @@ def approval(step: StepView, run: RunSummary) -> Next | WaitForApproval:
             editable=True,
             expires_in=current_app.config["APPROVAL_EXPIRES_IN"],
         )
-    approved = dict(step.approval.edited_arguments or step.approval.arguments or {})
+    edited = step.approval.edited_arguments  # None when left as requested; {} is an edit
+    approved = dict((step.approval.arguments or {}) if edited is None else edited)
     # An operator may edit the answer, never whom it goes to: the member who asked.
     approved["to"] = run.actor_id
     return Next("send", approved)

@@ -289,7 +289,9 @@ def show_run(run_id: str) -> str:
         prompt=detail.summary.metadata.get("payload", {}).get("prompt"),
         progress=_progress(detail),
         sent=sent,
-        edited=any(a.status == "approved" and a.edited_arguments for a in detail.approvals),
+        edited=any(
+            a.status == "approved" and a.edited_arguments is not None for a in detail.approvals
+        ),
         review=_result_with(detail, "review").get("review"),
         pending=[a for a in detail.approvals if a.status == "pending"],
         rejected=[a for a in detail.approvals if a.status == "rejected"],

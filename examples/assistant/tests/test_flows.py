@@ -163,6 +163,24 @@ def test_an_edit_without_an_answer_sends_nothing(app: Flask, client: FlaskClient
     assert 'id="resume"' not in page and "Ask again in the" in page
 
 
+def test_an_edit_to_empty_arguments_is_kept_not_replaced_by_the_draft(
+    app: Flask, client: FlaskClient
+) -> None:
+    sign_in(client, "alice")
+    run_id = ask(client, "Anything else?")
+    with app.app_context():
+        done = scoria.approve_run(run_id, decided_by="ops", arguments={}, resume=True)
+        detail = scoria.get_run_detail(run_id)
+    (approval,) = detail.approvals
+    assert approval.edited_arguments == {} and approval.arguments
+    # The handler got the empty edit, not the draft: only the member it pins is added.
+    send = detail.steps[-1]
+    assert (send.kind, send.input) == ("send", {"to": "alice"})
+    assert done.status == "failed"
+    assert (send.error_envelope or {})["type"] == "invalid_answer"
+    assert send.idempotency_key not in mailer.outbox
+
+
 def test_an_edit_cannot_send_the_answer_to_someone_else(app: Flask, client: FlaskClient) -> None:
     sign_in(client, "alice")
     run_id = ask(client, "My salary?")
