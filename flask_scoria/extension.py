@@ -88,7 +88,7 @@ class Scoria:
         app.register_blueprint(operator_bp, url_prefix=settings.url_prefix)
         leave_to_own_csrf_check(app, operator_bp)
         if settings.executor == "celery":
-            from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
+            _register_celery_tasks()
 
     @staticmethod
     def _own_engine(settings: Settings) -> Engine:
@@ -133,14 +133,27 @@ class Scoria:
         policy; ``timeout`` fails an attempt still running after that many
         seconds.
         """
+        if callable(kind):  # @runtime.handler, without the kind
+            raise ValueError(
+                f'runtime.handler takes the step kind: write @runtime.handler("kind") above'
+                f" {getattr(kind, '__name__', 'the handler')}."
+            )
         # As start_run, Next and Handoff read a kind.
         kind = require_name(kind, "A handler kind", error=ValueError, limit=MAX_KIND)
         policy = HandlerPolicy(executor, Retry() if retry is None else retry, timeout)
         if executor == "celery":
-            from . import celery_tasks  # noqa: F401  (registers the Celery tasks)
+            _register_celery_tasks()
 
         def decorator(fn: Any) -> Any:
-            self._registry.handlers[kind] = load_handler(fn, kind)
+            handler = load_handler(fn, kind)
+            registered = self._registry.handlers.get(kind)
+            if registered is not None and _named(registered) != _named(handler):
+                # Its paused runs would resume in the other function's code.
+                raise ValueError(
+                    f"Steps of kind {kind!r} already have a handler, {_named(registered)};"
+                    f" {_named(handler)} cannot take them over. Register each kind once."
+                )
+            self._registry.handlers[kind] = handler
             self._registry.policies[kind] = policy
             return fn
 
@@ -186,3 +199,22 @@ class Scoria:
 
     def __repr__(self) -> str:
         return f"<Scoria handlers={sorted(self.handlers)}>"
+
+
+def _named(handler: Handler) -> str:
+    """Where ``handler`` is defined: the same for a module imported again."""
+    module = getattr(handler, "__module__", None)
+    name = getattr(handler, "__qualname__", None)
+    return repr(handler) if module is None or name is None else f"{module}.{name}"
+
+
+def _register_celery_tasks() -> None:
+    """Import the Celery tasks, which registers them, or say how to install Celery."""
+    try:
+        from . import celery_tasks  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "celery":
+            raise
+        raise ImportError(
+            'The "celery" executor needs Celery: pip install "flask-scoria[celery]".'
+        ) from exc

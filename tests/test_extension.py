@@ -261,6 +261,49 @@ def test_handler_kind_must_be_named(tmp_path: Path) -> None:
             runtime.handler(unreadable)
 
 
+def test_a_kind_has_one_handler() -> None:
+    """A second function for a kind would resume the first one's paused runs."""
+    runtime = Scoria()
+
+    @runtime.handler("draft", retry=scoria.Retry(attempts=3))
+    def billing_draft(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        return scoria.Succeed({})
+
+    def support_draft(step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        return scoria.Succeed({})
+
+    with pytest.raises(ValueError, match=r"'draft' already have a handler, .*billing_draft"):
+        runtime.handler("draft")(support_draft)
+    assert runtime.handlers["draft"] is billing_draft
+    # The same function again, as a module imported twice registers it: no change.
+    runtime.handler("draft", retry=scoria.Retry(attempts=3))(billing_draft)
+    runtime.handler("other")(support_draft)
+    assert dict(runtime.handlers) == {"draft": billing_draft, "other": support_draft}
+
+
+def test_a_handler_registered_without_its_kind_says_how() -> None:
+    runtime = Scoria()
+    with pytest.raises(ValueError, match=r'write @runtime.handler\("kind"\) above draft'):
+
+        @runtime.handler  # type: ignore[arg-type]
+        def draft(step: scoria.StepView, run: scoria.RunSummary) -> None:
+            return None
+
+
+def test_the_celery_executor_without_celery_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As where Celery was never installed.
+    monkeypatch.setitem(sys.modules, "celery", None)
+    monkeypatch.delitem(sys.modules, "flask_scoria.celery_tasks", raising=False)
+    with pytest.raises(ImportError, match=r'pip install "flask-scoria\[celery\]"'):
+        Scoria().handler("later", executor="celery")
+    app = Flask("no_celery", instance_path=str(tmp_path))
+    app.config["SCORIA_EXECUTOR"] = "celery"
+    with pytest.raises(ImportError, match="needs Celery"):
+        Scoria(app)
+
+
 def test_a_handler_kind_is_registered_as_start_run_reads_it(tmp_path: Path) -> None:
     app = Flask("padded", instance_path=str(tmp_path))
     runtime = Scoria(app)

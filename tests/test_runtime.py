@@ -18,7 +18,7 @@ from conftest import create_test_app
 from flask import Flask
 
 import flask_scoria as scoria
-from flask_scoria import Fail, Scoria, Succeed
+from flask_scoria import Fail, Scoria, Succeed, WaitForApproval
 from flask_scoria.runtime.tables import runs, steps
 
 pytestmark = pytest.mark.usefixtures("app_ctx")
@@ -337,6 +337,10 @@ def test_a_retry_names_the_attempt_it_saw_fail() -> None:
     with pytest.raises(scoria.RunNotResumable, match="was retried since attempt 1") as info:
         scoria.resume_run(run.run_id, handlers=failing, attempt=1)
     assert info.value.status == "failed"
+    with pytest.raises(
+        scoria.RunNotResumable, match="has no attempt 5: its step's failed attempt is 2"
+    ):
+        scoria.resume_run(run.run_id, handlers=failing, attempt=5)
     assert only_step(run.run_id).attempt == 2
     retried = scoria.resume_run(run.run_id, handlers={"work": succeed}, attempt=2)
     assert retried.status == "completed"
@@ -896,3 +900,41 @@ def test_a_run_no_operator_could_see_is_logged(
     warnings = [r for r in caplog.records if "without a tenant_id" in r.getMessage()]
     assert [r.levelname for r in warnings] == ["WARNING"]
     assert untenanted.run_id in warnings[0].getMessage()
+
+
+async def ask_then_answer(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    await asyncio.sleep(0)
+    if step.approval is None:
+        return WaitForApproval("reply", {"to": "alice"})
+    return Succeed({"replied_to": step.approval.arguments["to"]})
+
+
+async def broken(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+    await asyncio.sleep(0)
+    raise LookupError("no such model")
+
+
+def test_an_async_handler_runs_to_its_end() -> None:
+    """An ``async def`` handler runs as Flask runs an async view (with asgiref)."""
+    handlers = {"work": ask_then_answer}
+    run = start(handlers)
+    assert run.status == "waiting_for_approval"
+    scoria.approve_run(run.run_id, decided_by="ops")
+    done = scoria.resume_run(run.run_id, handlers=handlers)
+    assert done.status == "completed"
+    assert only_step(run.run_id).result_envelope == {"replied_to": "alice"}
+    failed = start({"work": broken})
+    assert failed.status == "failed"
+    error = only_step(failed.run_id).error_envelope
+    assert error is not None
+    assert (error["type"], error["message"]) == ("LookupError", "no such model")
+
+
+def test_an_async_handler_without_asgiref_is_refused_when_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "asgiref", None)  # as where it was never installed
+    with pytest.raises(scoria.InvalidRunOptions, match=r"async function.*pip install asgiref"):
+        start({"work": ask_then_answer})
+    with pytest.raises(scoria.InvalidRunOptions, match="asgiref"):
+        scoria.Scoria().handler("work")(ask_then_answer)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import logging
 import math
 import threading
 import traceback
 from asyncio import CancelledError
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 from werkzeug.utils import import_string
 
@@ -22,7 +25,8 @@ from .arguments import MAX_KIND, require_name
 
 log = logging.getLogger("flask_scoria")
 
-Handler = Callable[[StepView, RunSummary], HandlerResult]
+#: A step handler; an async one returns a coroutine, run to its end (with asgiref).
+Handler = Callable[[StepView, RunSummary], HandlerResult | Coroutine[Any, Any, HandlerResult]]
 
 #: The most of a traceback an error envelope keeps, in bytes (its last frames).
 TRACEBACK_BYTES = 8 * 1024
@@ -41,6 +45,11 @@ def load_handler(value: object, kind: str) -> Handler:
         raise InvalidRunOptions(
             f"Handler for kind {kind!r} must be callable or a 'module:function'"
             f" string, not {type(value).__name__}."
+        )
+    if inspect.iscoroutinefunction(value) and importlib.util.find_spec("asgiref") is None:
+        raise InvalidRunOptions(
+            f"Handler for kind {kind!r} is an async function, which runs with asgiref:"
+            " pip install asgiref (or Flask's extra, pip install 'flask[async]')."
         )
     return value
 
@@ -177,6 +186,8 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
     """Call ``handler`` and turn whatever happens into a storable outcome."""
     try:
         value = handler(step, run)
+        if inspect.iscoroutine(value):
+            value = _awaited(value)
     except (Exception, CancelledError, SystemExit) as exc:
         if isinstance(exc, SystemExit) and threading.current_thread() is threading.main_thread():
             raise  # a server's signal handler ending the process (gunicorn's sync workers)
@@ -195,6 +206,17 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         return invalid_result(exc.message)
     except Exception as exc:  # a returned value whose own methods raise when read
         return unreadable(value, exc, step.id)
+
+
+def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """What an async handler's coroutine returns, run to its end as Flask runs an
+    async view: in an event loop of its own, whether or not this thread has one."""
+    from asgiref.sync import async_to_sync
+
+    async def run() -> Any:
+        return await coroutine
+
+    return async_to_sync(run)()
 
 
 def unreadable(value: object, exc: Exception, step_id: object) -> Fail:

@@ -233,11 +233,17 @@ def _retry_failed(
             str(tx.run_id), RunStatus.FAILED, f"Run {tx.run_id} has no failed step to retry."
         )
     if seen is not None and step["attempt"] != seen:
+        if seen > step["attempt"]:
+            said = f"has no attempt {seen}: its step's failed attempt is {step['attempt']}."
+        else:
+            said = (
+                f"was retried since attempt {seen} failed: its attempt {step['attempt']}"
+                " failed in turn."
+            )
         raise RunNotResumable(
             str(tx.run_id),
             RunStatus.FAILED,
-            f"Run {tx.run_id} was retried since attempt {seen} failed: its attempt"
-            f" {step['attempt']} failed in turn. Retry that one, if it should be.",
+            f"Run {tx.run_id} {said} Retry that one, if it should be.",
         )
     attempt = step["attempt"] + 1
     tx.set(status=RunStatus.RUNNING, completed_at=None)
