@@ -45,6 +45,7 @@ from .runtime import (
 )
 from .state import app_state
 from .statuses import RunStatus, StepStatus
+from .storage import connect
 from .verify import LANES, parse_payload, run_lane
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,7 +64,12 @@ approval_option = click.option(
 
 
 def _engine() -> Engine:
-    return app_state().storage.engine
+    """The app's engine, once a connection to it opened: a database that cannot be
+    opened ends a ``db`` command as it ends every other, with the file it tried and
+    what to do (a :class:`~flask_scoria.StorageError`)."""
+    engine = app_state().storage.engine
+    connect(engine).close()
+    return engine
 
 
 def scoria_errors(fn: F) -> F:
@@ -166,8 +172,9 @@ def _echo_run(run: RunSummary, as_json: bool) -> None:
 @scoria_errors
 def db_upgrade(revision: str) -> None:
     """Apply flask-scoria's migrations up to REVISION (default: newest)."""
-    schema.upgrade(_engine(), revision)
-    click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
+    engine = _engine()
+    schema.upgrade(engine, revision)
+    click.echo(f"scoria tables at revision {schema.current_revision(engine)}")
 
 
 @db_cli.command("downgrade")
@@ -181,7 +188,7 @@ def db_downgrade(revision: str, yes: bool) -> None:
     if not yes and schema.reaches_base(engine, revision):
         click.confirm("This drops every scoria_* table and every run in them. Go on?", abort=True)
     schema.downgrade(engine, revision)
-    click.echo(f"scoria tables at revision {schema.current_revision(_engine())}")
+    click.echo(f"scoria tables at revision {schema.current_revision(engine)}")
 
 
 @db_cli.command("current")
@@ -195,14 +202,15 @@ def db_current() -> None:
 @scoria_errors
 def db_check() -> None:
     """Exit non-zero unless the database matches the newest revision."""
-    current = schema.current_revision(_engine())
+    engine = _engine()
+    current = schema.current_revision(engine)
     head = schema.head_revision()
     if current != head:
         raise click.ClickException(
             f"scoria tables are at {current or 'no revision'}, newest is {head};"
             " run: flask scoria db upgrade"
         )
-    diffs = schema.differences(_engine())
+    diffs = schema.differences(engine)
     if diffs:
         raise click.ClickException(f"scoria tables differ from the models: {diffs}")
     click.echo(f"scoria tables are up to date ({head})")

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from .runtime import metadata
-from .storage import begin_sqlite
+from .storage import begin_sqlite, connect
 
 #: The table that records which flask-scoria revision a database is at.
 VERSION_TABLE = "scoria_alembic_version"
@@ -124,8 +124,12 @@ def _suspend_foreign_keys(connection: Connection) -> bool:
 def upgrade(engine: Engine, revision: str = "heads") -> None:
     """Bring the ``scoria_*`` tables up to ``revision`` (default: the newest).
 
-    Raises Alembic's ``CommandError`` on a database whose scoria revisions are
-    mounted in the app's own Alembic history (so does :func:`downgrade`).
+    Raises :class:`~flask_scoria.StorageError` when no connection to the database can
+    be opened (a SQLite file whose folder does not exist), with the runtime's hint:
+    the file it tried, and what to do. Raises Alembic's ``CommandError`` on a database
+    whose scoria revisions are mounted in the app's own Alembic history, and for an
+    unknown revision. A revision that fails raises SQLAlchemy's error and changes
+    nothing. So does :func:`downgrade`.
     """
     with _alembic(engine) as config:
         command.upgrade(config, revision)
@@ -137,6 +141,7 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
     Down to the base (``base``, ``scoria@base``, or steps back such as ``-6``
     that reach it) the version table goes too, so no ``scoria_*`` table is left.
     """
+    _reachable(engine)  # before reaches_base reads the database's revision
     to_base = reaches_base(engine, revision)
     with _alembic(engine) as config:
         command.downgrade(config, revision)
@@ -214,14 +219,21 @@ def require_own_history(engine: Engine) -> None:
     """Raise Alembic's ``CommandError`` if the host's history records the revisions.
 
     Migrated here as well, a second version table would record a second history of
-    the same tables.
+    the same tables. A database that cannot be opened raises
+    :class:`~flask_scoria.StorageError`, as :func:`upgrade` does.
     """
+    _reachable(engine)
     if mounted_in_host_history(engine):
         raise CommandError(
             "the scoria revisions are recorded in your app's alembic_version (mounted in"
             " its history); migrate them with your app's own commands (flask db upgrade"
             " heads, flask db downgrade)"
         )
+
+
+def _reachable(engine: Engine) -> None:
+    """Raise :class:`~flask_scoria.StorageError` if no connection to ``engine`` opens."""
+    connect(engine).close()
 
 
 def head_revision() -> str:

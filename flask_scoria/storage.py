@@ -8,9 +8,10 @@ import random
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import cached_property
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
@@ -249,19 +250,8 @@ class Storage:
         time.sleep(random.uniform(delay / 2, delay))
         return True
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn SQLAlchemy's and the driver's own errors into :class:`StorageError`."""
-        try:
-            yield
-        except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
-            reason = _first_line(exc)
-            hint = _hint(reason)
-            raise StorageError(
-                f"The flask-scoria database is unavailable: {type(exc).__name__}: {reason}"
-                + (f". {hint}" if hint else ""),
-                hint=hint,
-            ) from exc
+    def _errors(self) -> AbstractContextManager[None]:
+        return storage_errors(self.engine)
 
     @contextmanager
     def write(self, *, pipeline: bool = False, flush: bool = True) -> Iterator[Connection]:
@@ -357,6 +347,29 @@ class Storage:
             else:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             yield conn
+
+
+@contextmanager
+def storage_errors(engine: Engine) -> Iterator[None]:
+    """Turn SQLAlchemy's and the driver's own errors on ``engine`` into :class:`StorageError`,
+    with what to do about a known cause."""
+    try:
+        yield
+    except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
+        reason = _first_line(exc)
+        hint = _hint(reason, engine)
+        raise StorageError(
+            f"The flask-scoria database is unavailable: {type(exc).__name__}: {reason}"
+            + (f". {hint}" if hint else ""),
+            hint=hint,
+        ) from exc
+
+
+def connect(engine: Engine) -> Connection:
+    """A connection to ``engine``; one that cannot be opened (a SQLite file whose folder
+    does not exist, a server that does not answer) raises :class:`StorageError`."""
+    with storage_errors(engine):
+        return engine.connect()
 
 
 def begin_sqlite(conn: Connection, mode: str) -> None:
@@ -475,8 +488,9 @@ def database_error(
     return error
 
 
-def _hint(reason: str) -> str | None:
-    """What to do about the common causes of ``reason``."""
+def _hint(reason: str, engine: Engine | None = None) -> str | None:
+    """What to do about the common causes of ``reason``, an error on ``engine``: the
+    only place that says so, for the runtime's calls and the migrations alike."""
     missing = ("no such table: scoria_", 'relation "scoria_', 'type "scoria_')
     if any(what in reason for what in missing) and (
         "no such table" in reason or "does not exist" in reason
@@ -487,12 +501,14 @@ def _hint(reason: str) -> str | None:
             "A statement ran longer than SCORIA_STATEMENT_TIMEOUT allows: the database was"
             " busy, or another transaction held a lock the statement waited for."
         )
-    if "readonly database" in reason or "unable to open database file" in reason:
+    if "unable to open database file" in reason:
+        return _unopened_hint(engine)
+    if "readonly database" in reason:
+        path = None if engine is None else _sqlite_file(engine.url)
+        named = "The SQLite file" + (f" {path}" if path else "")
         return (
-            "The SQLite file's folder does not exist (a relative path is relative to the"
-            " working directory), or the file or its folder is read-only for this process"
-            " (or opened with mode=ro): flask-scoria writes the file and creates its -wal"
-            " and -shm files next to it."
+            f"{named} or its folder is read-only for this process (or opened with mode=ro):"
+            " flask-scoria writes the file and creates its -wal and -shm files next to it."
         )
     if "database is locked" in reason:
         return (
@@ -516,6 +532,40 @@ def _hint(reason: str) -> str | None:
 
 #: Where the database's URL is set, with either engine.
 _URL_SETTING = "SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))"
+
+
+def _unopened_hint(engine: Engine | None) -> str:
+    """Which SQLite file ``engine`` could not open, and what to do about it."""
+    path = None if engine is None else _sqlite_file(engine.url)
+    if path is None:
+        return f"SQLite could not open the database: correct {_URL_SETTING}."
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return (
+            f"SQLite cannot open the file {path}: its folder {folder} does not exist."
+            f" Create the folder, or correct the path in {_URL_SETTING}."
+        )
+    return (
+        f"SQLite cannot open the file {path}: it is a folder, or it or its folder {folder}"
+        f" cannot be read and written by this process. Correct the path in {_URL_SETTING},"
+        " or the permissions."
+    )
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The absolute path of the SQLite file ``url`` opens, as the driver resolves it
+    now; ``None`` for another database, or one in memory."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    path = url.database or ""
+    if path.startswith("file:") and url.query.get("uri") in ("true", "1"):
+        parts = urlsplit(path)  # the driver passes the other options after a "?"
+        if url.query.get("mode") == "memory" or "mode=memory" in parts.query:
+            return None
+        path = unquote(parts.path)
+    if path in ("", ":memory:"):
+        return None
+    return os.path.abspath(path)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -338,12 +338,38 @@ def test_verify_accepts_scoria_mounted_in_the_host_history(tmp_path: Path) -> No
     assert invoke(app.test_cli_runner(), "db", "current")[1] == schema.head_revision() + "\n"
 
 
-def test_db_commands_report_an_unreachable_database(tmp_path: Path) -> None:
-    app = create_test_app(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.sqlite3'}", tmp_path)
-    for command in ("current", "check", "upgrade"):
-        code, out = invoke(app.test_cli_runner(), "db", command)
+def test_a_file_that_cannot_be_opened_is_named_by_every_command(tmp_path: Path) -> None:
+    """A relative SQLite path of SCORIA_DATABASE_URI is read from the instance folder:
+    the db commands and the commands on runs name the file there, and what to do."""
+    instance = tmp_path / "instance"
+    app = create_test_app("sqlite:///data/scoria.sqlite3", instance)
+    path = instance / "data" / "scoria.sqlite3"
+    runner = app.test_cli_runner()
+    said = (
+        "Error: The flask-scoria database is unavailable: OperationalError: unable to open"
+        f" database file. SQLite cannot open the file {path}: its folder {path.parent} does"
+        " not exist. Create the folder, or correct the path in SCORIA_DATABASE_URI"
+        " (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db)). [storage_unavailable]\n"
+    )
+    commands = (["db", "upgrade"], ["db", "downgrade", "--yes"], ["db", "current"])
+    for command in (*commands, ["db", "check"], ["runs"], ["show", UNKNOWN]):
+        assert invoke(runner, *command) == (1, said), command
+    assert not path.parent.exists()
+    path.parent.mkdir()
+    assert invoke(runner, "db", "upgrade")[0] == 0
+    assert invoke(runner, "runs") == (0, "No runs found.\n")
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
+def test_a_file_in_a_folder_that_cannot_be_opened_says_so(tmp_path: Path) -> None:
+    """An absolute path whose folder exists but names a folder: correct the path."""
+    app = create_test_app(f"sqlite:///{tmp_path}", tmp_path / "instance")
+    for command in (["db", "upgrade"], ["runs"]):
+        code, out = invoke(app.test_cli_runner(), *command)
         assert code == 1
-        assert out.startswith("Error: database error: unable to open database file"), out
+        assert f"SQLite cannot open the file {tmp_path}: it is a folder, or it" in out, out
+        assert "Correct the path in SCORIA_DATABASE_URI" in out
+        assert "working directory" not in out
 
 
 def example_app(tmp_path: Path, *, migrated: bool) -> Flask:

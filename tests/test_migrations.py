@@ -180,6 +180,73 @@ def test_a_database_whose_revisions_the_app_history_records_is_not_migrated_here
     engine.dispose()
 
 
+def test_a_sqlite_file_that_cannot_be_opened_raises_storage_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine's relative path is the driver's, read from the working directory: the
+    error names the file it resolves to, and says to create the folder or fix the path."""
+    monkeypatch.chdir(tmp_path)
+    engine = sa.create_engine("sqlite:///missing/scoria.sqlite3")
+    path = tmp_path / "missing" / "scoria.sqlite3"
+    hint = (
+        f"SQLite cannot open the file {path}: its folder {path.parent} does not exist. Create"
+        " the folder, or correct the path in SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI"
+        " with Scoria(app, db=db))."
+    )
+    try:
+        migrations = (schema.upgrade, schema.downgrade, schema.require_own_history)
+        for migrate in (*migrations, lambda engine: schema.downgrade(engine, "-1")):
+            with pytest.raises(scoria.StorageError) as info:
+                migrate(engine)
+            assert info.value.hint == hint
+            assert info.value.message == (
+                "The flask-scoria database is unavailable: OperationalError: unable to open"
+                f" database file. {hint}"
+            )
+            assert isinstance(info.value.__cause__, sa.exc.OperationalError)
+        assert not path.parent.exists()
+        path.parent.mkdir()
+        schema.upgrade(engine)
+        assert schema.current_revision(engine) == schema.head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_migrations_and_the_runtime_raise_the_same_error_for_a_file_not_opened(
+    tmp_path: Path,
+) -> None:
+    """The own engine's relative path is read from the instance folder: both name the
+    file there."""
+    app = create_test_app("sqlite:///data/scoria.sqlite3", tmp_path / "instance")
+    engine = app.extensions["scoria"].storage(app).engine
+    path = tmp_path / "instance" / "data" / "scoria.sqlite3"
+    with pytest.raises(scoria.StorageError) as migrating:
+        schema.upgrade(engine)
+    with app.app_context(), pytest.raises(scoria.StorageError) as listing:
+        scoria.list_runs_for_session("s-1")
+    assert (
+        migrating.value.hint
+        == listing.value.hint
+        == (
+            f"SQLite cannot open the file {path}: its folder {path.parent} does not exist. Create"
+            " the folder, or correct the path in SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI"
+            " with Scoria(app, db=db))."
+        )
+    )
+    assert migrating.value.message == listing.value.message
+    engine.dispose()
+
+
+def test_an_unknown_revision_is_alembics_error(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'scoria.sqlite3'}")
+    try:
+        for migrate in (schema.upgrade, schema.downgrade):
+            with pytest.raises(CommandError, match="nosuchrev"):
+                migrate(engine, "nosuchrev")
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_keeps_the_runs_of_the_first_revision(
     empty_database_uri: str, tmp_path: Path
 ) -> None:
