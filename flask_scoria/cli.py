@@ -45,7 +45,6 @@ from .runtime import (
 )
 from .state import app_state
 from .statuses import RunStatus, StepStatus
-from .storage import connect
 from .verify import LANES, parse_payload, run_lane
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,12 +63,7 @@ approval_option = click.option(
 
 
 def _engine() -> Engine:
-    """The app's engine, once a connection to it opened: a database that cannot be
-    opened ends a ``db`` command as it ends every other, with the file it tried and
-    what to do (a :class:`~flask_scoria.StorageError`)."""
-    engine = app_state().storage.engine
-    connect(engine).close()
-    return engine
+    return app_state().storage.engine
 
 
 def scoria_errors(fn: F) -> F:

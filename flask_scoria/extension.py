@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from functools import partial
@@ -147,7 +148,7 @@ class Scoria:
         def decorator(fn: Any) -> Any:
             handler = load_handler(fn, kind)
             registered = self._registry.handlers.get(kind)
-            if registered is not None and _named(registered) != _named(handler):
+            if registered is not None and _defined_at(registered) != _defined_at(handler):
                 # Its paused runs would resume in the other function's code.
                 raise ValueError(
                     f"Steps of kind {kind!r} already have a handler, {_named(registered)};"
@@ -201,11 +202,19 @@ class Scoria:
         return f"<Scoria handlers={sorted(self.handlers)}>"
 
 
+def _defined_at(handler: Handler) -> object:
+    """What stays the same when the code defining ``handler`` runs again (a module
+    imported twice, an app factory called twice): a function's place in its source,
+    or the class of another callable."""
+    if inspect.isfunction(handler):
+        return handler.__module__, handler.__qualname__, handler.__code__.co_firstlineno
+    return type(handler)
+
+
 def _named(handler: Handler) -> str:
-    """Where ``handler`` is defined: the same for a module imported again."""
-    module = getattr(handler, "__module__", None)
-    name = getattr(handler, "__qualname__", None)
-    return repr(handler) if module is None or name is None else f"{module}.{name}"
+    if inspect.isfunction(handler):
+        return f"{handler.__module__}.{handler.__qualname__}"
+    return repr(handler)
 
 
 def _register_celery_tasks() -> None:

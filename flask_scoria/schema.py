@@ -141,7 +141,6 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
     Down to the base (``base``, ``scoria@base``, or steps back such as ``-6``
     that reach it) the version table goes too, so no ``scoria_*`` table is left.
     """
-    _reachable(engine)  # before reaches_base reads the database's revision
     to_base = reaches_base(engine, revision)
     with _alembic(engine) as config:
         command.downgrade(config, revision)
@@ -190,7 +189,8 @@ def _scripts() -> ScriptDirectory:
 def _recorded(engine: Engine) -> tuple[str, str] | None:
     """The version table holding a flask-scoria revision, and that revision."""
     known = {script.revision for script in _scripts().walk_revisions()}
-    with engine.connect() as connection:
+    # The first connection of every function here: one that cannot open says why.
+    with connect(engine) as connection:
         for table in (VERSION_TABLE, HOST_VERSION_TABLE):
             context = MigrationContext.configure(connection, opts={"version_table": table})
             applied = [head for head in context.get_current_heads() if head in known]
@@ -222,18 +222,12 @@ def require_own_history(engine: Engine) -> None:
     the same tables. A database that cannot be opened raises
     :class:`~flask_scoria.StorageError`, as :func:`upgrade` does.
     """
-    _reachable(engine)
     if mounted_in_host_history(engine):
         raise CommandError(
             "the scoria revisions are recorded in your app's alembic_version (mounted in"
             " its history); migrate them with your app's own commands (flask db upgrade"
             " heads, flask db downgrade)"
         )
-
-
-def _reachable(engine: Engine) -> None:
-    """Raise :class:`~flask_scoria.StorageError` if no connection to ``engine`` opens."""
-    connect(engine).close()
 
 
 def head_revision() -> str:

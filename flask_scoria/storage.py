@@ -488,7 +488,7 @@ def database_error(
     return error
 
 
-def _hint(reason: str, engine: Engine | None = None) -> str | None:
+def _hint(reason: str, engine: Engine) -> str | None:
     """What to do about the common causes of ``reason``, an error on ``engine``: the
     only place that says so, for the runtime's calls and the migrations alike."""
     missing = ("no such table: scoria_", 'relation "scoria_', 'type "scoria_')
@@ -504,7 +504,7 @@ def _hint(reason: str, engine: Engine | None = None) -> str | None:
     if "unable to open database file" in reason:
         return _unopened_hint(engine)
     if "readonly database" in reason:
-        path = None if engine is None else _sqlite_file(engine.url)
+        path = _sqlite_file(engine.url)
         named = "The SQLite file" + (f" {path}" if path else "")
         return (
             f"{named} or its folder is read-only for this process (or opened with mode=ro):"
@@ -534,9 +534,9 @@ def _hint(reason: str, engine: Engine | None = None) -> str | None:
 _URL_SETTING = "SCORIA_DATABASE_URI (SQLALCHEMY_DATABASE_URI with Scoria(app, db=db))"
 
 
-def _unopened_hint(engine: Engine | None) -> str:
+def _unopened_hint(engine: Engine) -> str:
     """Which SQLite file ``engine`` could not open, and what to do about it."""
-    path = None if engine is None else _sqlite_file(engine.url)
+    path = _sqlite_file(engine.url)
     if path is None:
         return f"SQLite could not open the database: correct {_URL_SETTING}."
     folder = os.path.dirname(path)

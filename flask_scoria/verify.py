@@ -21,7 +21,7 @@ from flask import Flask
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
-from .errors import ApprovalPending, InvalidHandoff, ScoriaError
+from .errors import ApprovalPending, InvalidHandoff, ScoriaError, StorageError
 from .identity import Identity, identity
 from .runtime import (
     approve_run,
@@ -152,7 +152,7 @@ def _require_migrated(host: Flask, out: Checklist) -> bool:
     try:
         revision = schema.current_revision(engine)
         differing = schema.differences(engine) if revision == schema.head_revision() else []
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, StorageError) as exc:
         detail = str(exc).splitlines()[0]
         return out.record("0. app database migrated", False, f"{type(exc).__name__}: {detail}")
     head = schema.head_revision()

@@ -279,6 +279,22 @@ def test_a_kind_has_one_handler() -> None:
     runtime.handler("draft", retry=scoria.Retry(attempts=3))(billing_draft)
     runtime.handler("other")(support_draft)
     assert dict(runtime.handlers) == {"draft": billing_draft, "other": support_draft}
+    runtime.handler("quick")(lambda step, run: {"v": 1})
+    with pytest.raises(ValueError, match="'quick' already have a handler"):
+        runtime.handler("quick")(lambda step, run: {"v": 2})
+    # An app factory called twice makes its callable handlers again: the same class.
+    runtime.handler("drafter")(Drafter("a"))
+    runtime.handler("drafter")(Drafter("a"))
+    with pytest.raises(ValueError, match="'drafter' already have a handler"):
+        runtime.handler("drafter")(billing_draft)
+
+
+class Drafter:
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def __call__(self, step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        return scoria.Succeed({"model": self.model})
 
 
 def test_a_handler_registered_without_its_kind_says_how() -> None:
@@ -296,6 +312,7 @@ def test_the_celery_executor_without_celery_names_the_extra(
     # As where Celery was never installed.
     monkeypatch.setitem(sys.modules, "celery", None)
     monkeypatch.delitem(sys.modules, "flask_scoria.celery_tasks", raising=False)
+    monkeypatch.delattr(scoria, "celery_tasks", raising=False)
     with pytest.raises(ImportError, match=r'pip install "flask-scoria\[celery\]"'):
         Scoria().handler("later", executor="celery")
     app = Flask("no_celery", instance_path=str(tmp_path))

@@ -281,7 +281,7 @@ def test_storage_error_from_a_read_names_no_run(tmp_path: Path) -> None:
     ],
 )
 def test_the_missing_tables_hint_names_only_missing_tables(reason: str, missing: bool) -> None:
-    assert (storage_hint(reason) is not None) is missing
+    assert (storage_hint(reason, sa.create_engine("sqlite://")) is not None) is missing
 
 
 @only_postgres

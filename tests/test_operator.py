@@ -961,8 +961,8 @@ def test_forms_work_in_an_app_protected_by_flask_wtf(
 def test_a_scope_may_be_the_operators_identity(
     app: Flask, runtime: Scoria, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``identity_from_session()`` is a natural resolver: an Identity grants its tenant;
-    what names no tenant denies, and says why in the log unless it is a mapping."""
+    """An Identity grants its tenant, as a mapping does; anything else denies, and says
+    why in the log. A mapping's other keys (``tenant``, ``user``) grant nothing."""
     runtime.operator_scope(scoria.identity_from_session)
     run_id = start(app, kind=None)
     client = app.test_client()
@@ -971,8 +971,14 @@ def test_a_scope_may_be_the_operators_identity(
     assert run_id in page(client, "/scoria/workflows")
     runtime.operator_scope(lambda: TENANT)
     page(client, "/scoria/workflows", 403)
-    assert "returned a str, which names no tenant_id" in caplog.text
+    assert "returned a str; return a mapping" in caplog.text
     caplog.clear()
-    runtime.operator_scope(lambda: {"tenant_id": None})
-    page(client, "/scoria/workflows", 403)
+    for aliased in ({"tenant_id": None}, {"tenant": TENANT}, {"tenant_id": "", "tenant": TENANT}):
+        runtime.operator_scope(lambda aliased=aliased: aliased)
+        page(client, "/scoria/workflows", 403)
     assert caplog.text == ""
+    runtime.handler("approval")(ask_then_publish)
+    paused = start(app)
+    runtime.operator_scope(lambda: {"tenant_id": TENANT, "user": "auditor-7"})
+    html = page(client, f"/scoria/workflows/{paused}")
+    assert "names nobody to record" in html and "auditor-7" not in html

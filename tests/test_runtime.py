@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from _helpers import IDENTITY, ask_then_work, succeed, wait_for_approval
 from conftest import create_test_app
-from flask import Flask
+from flask import Flask, current_app
 
 import flask_scoria as scoria
 from flask_scoria import Fail, Scoria, Succeed, WaitForApproval
@@ -915,7 +915,7 @@ async def broken(step: scoria.StepView, run: scoria.RunSummary) -> Any:
 
 
 def test_an_async_handler_runs_to_its_end() -> None:
-    """An ``async def`` handler runs as Flask runs an async view (with asgiref)."""
+    """An ``async def`` handler runs to its end in an event loop of its own."""
     handlers = {"work": ask_then_answer}
     run = start(handlers)
     assert run.status == "waiting_for_approval"
@@ -930,11 +930,20 @@ def test_an_async_handler_runs_to_its_end() -> None:
     assert (error["type"], error["message"]) == ("LookupError", "no such model")
 
 
-def test_an_async_handler_without_asgiref_is_refused_when_given(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "asgiref", None)  # as where it was never installed
-    with pytest.raises(scoria.InvalidRunOptions, match=r"async function.*pip install asgiref"):
-        start({"work": ask_then_answer})
-    with pytest.raises(scoria.InvalidRunOptions, match="asgiref"):
-        scoria.Scoria().handler("work")(ask_then_answer)
+def test_an_async_handler_runs_where_the_caller_runs_an_event_loop(app: Flask) -> None:
+    """Called from async code (an async view), the handler gets a thread of its own,
+    with the app's context."""
+
+    async def reply(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        await asyncio.sleep(0)
+        return Succeed({"app": current_app.name, "thread": threading.current_thread().name})
+
+    async def view() -> scoria.RunSummary:
+        with app.app_context():
+            return start({"work": reply})
+
+    run = asyncio.run(view())
+    assert run.status == "completed"
+    result = only_step(run.run_id).result_envelope
+    assert result is not None and result["app"] == app.name
+    assert result["thread"].startswith("scoria-async-handler")

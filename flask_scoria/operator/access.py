@@ -13,7 +13,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, g, request, se
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from ..errors import InvalidIdentity
-from ..identity import identity
+from ..identity import Identity, normalize_id
 from ..state import app_state
 
 log = logging.getLogger("flask_scoria")
@@ -43,21 +43,21 @@ def resolve_scope() -> OperatorScope | None:
     granted = resolver()
     if granted is None:
         return None
+    if isinstance(granted, Identity):
+        granted = {"tenant_id": granted.tenant_id, "actor_id": granted.actor_id}
+    if not isinstance(granted, Mapping):
+        log.warning(
+            "The operator scope resolver returned a %s; return a mapping such as"
+            " {'tenant_id': ..., 'actor_id': ...}, an Identity, or None.",
+            type(granted).__name__,
+        )
+        return None
     try:
-        # A mapping, or what identity() reads: an Identity, an object with attributes.
-        who = identity(granted)
-    except InvalidIdentity as exc:
-        log.warning("The operator scope resolver returned %s: %s", type(granted).__name__, exc)
+        tenant = normalize_id(granted.get("tenant_id"), "tenant_id")
+        actor = normalize_id(granted.get("actor_id"), "actor_id")
+    except InvalidIdentity:
         return None
-    if who.tenant_id is None:
-        if not isinstance(granted, Mapping):  # a mapping without one denies, as None does
-            log.warning(
-                "The operator scope resolver returned a %s, which names no tenant_id;"
-                " return a mapping such as {'tenant_id': ..., 'actor_id': ...}, or None.",
-                type(granted).__name__,
-            )
-        return None
-    return OperatorScope(who.tenant_id, who.actor_id)
+    return None if tenant is None else OperatorScope(tenant, actor)
 
 
 def require_scope() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
+import contextvars
 import inspect
 import logging
 import math
@@ -10,6 +11,7 @@ import threading
 import traceback
 from asyncio import CancelledError
 from collections.abc import Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -25,7 +27,7 @@ from .arguments import MAX_KIND, require_name
 
 log = logging.getLogger("flask_scoria")
 
-#: A step handler; an async one returns a coroutine, run to its end (with asgiref).
+#: A step handler; an async one returns a coroutine, run to its end.
 Handler = Callable[[StepView, RunSummary], HandlerResult | Coroutine[Any, Any, HandlerResult]]
 
 #: The most of a traceback an error envelope keeps, in bytes (its last frames).
@@ -45,11 +47,6 @@ def load_handler(value: object, kind: str) -> Handler:
         raise InvalidRunOptions(
             f"Handler for kind {kind!r} must be callable or a 'module:function'"
             f" string, not {type(value).__name__}."
-        )
-    if inspect.iscoroutinefunction(value) and importlib.util.find_spec("asgiref") is None:
-        raise InvalidRunOptions(
-            f"Handler for kind {kind!r} is an async function, which runs with asgiref:"
-            " pip install asgiref (or Flask's extra, pip install 'flask[async]')."
         )
     return value
 
@@ -209,14 +206,15 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
 
 
 def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """What an async handler's coroutine returns, run to its end as Flask runs an
-    async view: in an event loop of its own, whether or not this thread has one."""
-    from asgiref.sync import async_to_sync
-
-    async def run() -> Any:
-        return await coroutine
-
-    return async_to_sync(run)()
+    """What an async handler's coroutine returns, run to its end in an event loop of
+    its own: in this thread, or, where this thread already runs one (an async view),
+    in a thread of its own, with this one's context (the app's)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1, thread_name_prefix="scoria-async-handler") as thread:
+        return thread.submit(contextvars.copy_context().run, asyncio.run, coroutine).result()
 
 
 def unreadable(value: object, exc: Exception, step_id: object) -> Fail:

@@ -498,11 +498,12 @@ def transact(
     time are sent together with the run's lock, after it, so that the
     decision finds their rows (with :meth:`Tx.first`) without waiting for
     them; a write among them must be one the decision reads. On SQLite the
-    decision runs them itself, as it needs them. A transaction's time is
-    never before the run's last change: a try whose statements sent ahead
-    turn out to carry an earlier time (it waited for the lock while another
-    call changed the run) is decided again, reading the run before it takes
-    its time.
+    decision runs them itself, as it needs them. A transaction takes its time
+    once it holds the run's lock, so that the run's timeline never goes back
+    in time: a try whose statements sent ahead turn out to carry a time
+    before the run's last change (it waited for the lock while another call
+    changed the run) is decided again, reading the run before it takes its
+    time.
 
     With ``claims`` (the change is expected to claim a step for this call),
     a SQLite transaction begins without waiting for the disk on commit, as
@@ -539,7 +540,7 @@ def transact(
                     now = utcnow()
                 elif ctx.storage.is_sqlite or ahead is None or waited:
                     row = load_run(conn, run_id, guard, lock=True)
-                    now = max(utcnow(), row["updated_at"])
+                    now = utcnow()  # once the run's lock is held
                 else:
                     now = utcnow()
                     locked = sql.RUN_BY_ID_FOR_UPDATE.send(conn, {"b_run_id": run_id})
