@@ -48,6 +48,18 @@ def slow_inline(step: StepView, run: RunSummary) -> dict[str, Any]:
     return {"first_task": step.input["first_task"], "task": current_task.request.id}
 
 
+def to_a_gate(step: StepView, run: RunSummary) -> Next:
+    """Go on, a second later, with a step of the ``inline`` kind ``gate``."""
+    return Next("gate", delay=1)
+
+
+def gate(step: StepView, run: RunSummary) -> dict[str, Any]:
+    """Say which Celery task ran this step."""
+    from celery import current_task
+
+    return {"task": current_task.request.id}
+
+
 def sleepy(step: StepView, run: RunSummary) -> None:
     """Sleep past the kind's timeout of one second."""
     time.sleep(10)
@@ -137,6 +149,8 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("sleepy", timeout=1.0)(sleepy)
     runtime.handler("timed_then_inline", timeout=1.0)(timed_then_inline)
     runtime.handler("slow_inline", executor="inline")(slow_inline)
+    runtime.handler("to_a_gate")(to_a_gate)
+    runtime.handler("gate", executor="inline")(gate)
     if broker:
         celery_init_app(app)
     if env.get("SCORIA_TEST_SPANS"):

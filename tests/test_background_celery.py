@@ -154,6 +154,24 @@ def test_a_step_after_one_with_a_time_limit_runs_in_a_task_without_it(
     rig.close()
 
 
+def test_an_inline_step_due_later_is_sent_to_celery(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """A Celery task cannot wait for a step due later, and nothing calls it again: an
+    ``inline`` kind's delayed step is sent as a task of its own, due when it is due."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    rig.worker(processes, concurrency=2)
+    run_id = rig.start("to_a_gate", {}).run_id
+    wait_for(lambda: statuses(rig.app, [run_id]) == ["completed"], 60, "the run")
+    with rig.app.app_context():
+        detail = scoria.get_run_detail(run_id)
+    gated = detail.steps[-1]
+    assert gated.kind == "gate" and (gated.result_envelope or {})["task"]
+    queued = [event for event in detail.events if event.event_type == "step_queued"]
+    assert queued[-1].step_id == gated.id and (queued[-1].payload or {})["executor"] == "celery"
+    rig.close()
+
+
 def test_a_step_sent_on_from_a_time_limited_task_is_sent_again_if_lost(
     database_uri: str, tmp_path: Path
 ) -> None:

@@ -135,6 +135,8 @@ def test_a_delayed_step_does_not_run_before_its_time(app_ctx: None) -> None:
 
     assert scoria.dispatch(run.run_id, handlers=handlers).status == "running"
     assert ran_at == []
+    with pytest.raises(scoria.RunNotResumable, match=r"its step 'later' is due at .* from then on"):
+        scoria.resume_run(run.run_id, handlers=handlers)
     time.sleep(max(0.0, queued.not_before.timestamp() - time.time()) + 0.05)
     assert scoria.dispatch(run.run_id, handlers=handlers).status == "completed"
     assert ran_at and ran_at[0] >= queued.not_before.timestamp() >= asked + 0.6

@@ -222,6 +222,20 @@ def test_a_step_queued_for_a_worker_says_nothing_runs_it_yet(app: Flask, ops: Fl
     assert "Queued, not running yet: it runs when a worker" in html
 
 
+def test_a_step_queued_for_the_apps_own_calls_says_what_runs_it(
+    app: Flask, ops: FlaskClient
+) -> None:
+    """An inline kind's delayed step runs when the app dispatches the run, or a worker
+    finds it due: nothing sends it anywhere."""
+    runtime = app.extensions["scoria"]
+    runtime.handler("plan")(lambda step, run: scoria.Next("later_inline", delay=3600))
+    runtime.handler("later_inline")(slow)
+    run_id = start(app, kind="plan")
+    html = run_page(ops, run_id)
+    assert "Queued: steps of <code>later_inline</code> run in your app's own calls" in html
+    assert f"flask scoria dispatch {run_id}</code>), or a <code>flask scoria worker" in html
+
+
 def test_unchanged_arguments_are_not_an_edit(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="review")
     html = run_page(ops, run_id)

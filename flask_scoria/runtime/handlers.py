@@ -97,7 +97,9 @@ class Handlers:
     ``local``: run every step here, whatever its executor (a worker executing
     queued steps). Once ``stopping()`` is true, no step is claimed to run here
     any more: a worker shutting down leaves the next steps queued. ``elsewhere``:
-    the executor the steps of ``inline`` kinds with a handler are sent to instead.
+    the executor the steps of ``inline`` kinds with a handler are sent to instead;
+    ``later``: the one their steps due later are sent to (a Celery task, which no
+    one calls again, cannot leave them for the next call).
     """
 
     def __init__(
@@ -108,10 +110,12 @@ class Handlers:
         local: bool = False,
         stopping: Callable[[], bool] | None = None,
         elsewhere: str | None = None,
+        later: str | None = None,
     ) -> None:
         self.local = local
         self.stopping = stopping
         self.elsewhere = elsewhere
+        self.later = later
         if per_call is None:
             per_call = {}
         if not isinstance(per_call, Mapping):
@@ -130,8 +134,8 @@ class Handlers:
         """The handler for ``kind``, or ``None`` when none is known."""
         return self._per_call.get(kind) or self._registry.get(kind)
 
-    def policy(self, kind: str) -> HandlerPolicy:
-        """Where and how steps of ``kind`` run.
+    def policy(self, kind: str, *, due: bool = True) -> HandlerPolicy:
+        """Where and how steps of ``kind`` run (those due later, unless ``due``).
 
         A per-call handler runs inline, with the retries and timeout its kind has
         in the registry (one attempt, no timeout, for a kind not registered): those
@@ -142,9 +146,10 @@ class Handlers:
             policy = replace(self._registry.policy(kind), executor="inline")
         else:
             policy = self._registry.policy(kind)
-        if self.elsewhere is None or policy.executor != "inline" or self.get(kind) is None:
+        instead = self.elsewhere if due else self.later or self.elsewhere
+        if instead is None or policy.executor != "inline" or self.get(kind) is None:
             return policy
-        return replace(policy, executor=self.elsewhere)
+        return replace(policy, executor=instead)
 
     def runs_here(self, kind: str) -> bool:
         """Whether a step of ``kind`` is executed by this process once claimed."""

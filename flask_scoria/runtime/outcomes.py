@@ -277,7 +277,11 @@ def _next(done: Finished, outcome: Next) -> Recorded:
         for event in tx.new_events
     )
     if not claimed and not told and step["not_before"] is not None:
-        tx.event(EventType.STEP_QUEUED, step["id"], {"not_before": step["not_before"].isoformat()})
+        payload = {"not_before": step["not_before"].isoformat()}
+        sent = [queued.executor for queued in tx.queued if queued.step_id == step["id"]]
+        if sent:  # as _leave_queued says it: a lost send is sent again by the recover task
+            payload = {"executor": sent[0], **payload}
+        tx.event(EventType.STEP_QUEUED, step["id"], payload)
     return recorded
 
 

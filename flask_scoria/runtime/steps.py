@@ -127,7 +127,7 @@ def _leave_queued(
     not_before: datetime | None = changes.get("not_before", step["not_before"])  # type: ignore[assignment]
     if not_before is None:
         changes["not_before"] = not_before = change.now
-    policy = handlers.policy(step["kind"])
+    policy = handlers.policy(step["kind"], due=not_before <= change.now)
     # A kind unknown here still goes to the app's default executor, if that is another process.
     ours = known or policy.executor != "inline"
     elsewhere = ours and (not_before > change.now or not handlers.runs_here(step["kind"]))

@@ -111,9 +111,7 @@ def resume_run(
         elif status == RunStatus.FAILED:
             _retry_failed(tx, resolver, who, seen)
         else:
-            raise RunNotResumable(
-                str(tx.run_id), status, _not_resumable_message(str(tx.run_id), status, seen)
-            )
+            raise RunNotResumable(str(tx.run_id), status, _not_resumable_message(tx, status, seen))
 
     if ctx.storage.pipelines and seen is None and (claiming := resolver.kinds_run_here()):
         written = one_statement.resume(ctx, key, guard, claiming, _resume_payload(who))
@@ -164,12 +162,22 @@ def _drive_written(
     return summary_from_row(drive(ctx, handlers, claim, written.run))
 
 
-def _not_resumable_message(run_id: str, status: str, attempt: int | None) -> str:
+def _not_resumable_message(tx: Tx, status: str, attempt: int | None) -> str:
+    run_id = tx.run_id
     if attempt is not None:
         return f"Run {run_id} is {status}: attempt {attempt} is no longer the one to retry."
-    if status == RunStatus.RUNNING:
-        return f"Run {run_id} is running; call dispatch() to execute its queued steps."
-    return f"Run {run_id} is {status} and cannot be resumed."
+    if status != RunStatus.RUNNING:
+        return f"Run {run_id} is {status} and cannot be resumed."
+    step = _current_step(tx)
+    if step is not None and step["status"] == StepStatus.QUEUED:
+        due = step["not_before"]
+        if due is not None and due > tx.now:
+            return (
+                f"Run {run_id} is running; its step {step['kind']!r} is due at"
+                f" {due.isoformat(timespec='seconds')} (a delay, or a retry's backoff):"
+                " dispatch() executes it from then on, as a worker does."
+            )
+    return f"Run {run_id} is running; call dispatch() to execute its queued steps."
 
 
 def _current_step(tx: Tx) -> Row | None:

@@ -197,7 +197,8 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     repeated request executes the step once. A step that this one leads to
     runs where its kind runs, as after a call: a Celery kind's in a task of
     its own, under its own time limit. After a step with a timeout, whose time
-    limit the task is under, every step goes on in a task of its own.
+    limit the task is under, every step goes on in a task of its own; so does
+    an ``inline`` kind's step that is due later (a delay, a retry's backoff).
     """
     ctx = context()
     handlers = Handlers(None, ctx.registry, local=True)
@@ -229,7 +230,7 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     if claim is None:
         return None
     timed = ctx.registry.policy(claim.step["kind"]).timeout is not None
-    onward = Handlers(None, ctx.registry, elsewhere="celery" if timed else None)
+    onward = Handlers(None, ctx.registry, elsewhere="celery" if timed else None, later="celery")
     return _execute_claimed(ctx.app, onward, row, claim)
 
 
