@@ -202,18 +202,23 @@ class Scoria:
         return f"<Scoria handlers={sorted(self.handlers)}>"
 
 
-def _defined_at(handler: Handler) -> object:
+def _defined_at(handler: Any) -> object:
     """What stays the same when the code defining ``handler`` runs again (a module
-    imported twice, an app factory called twice): a function's place in its source,
-    or the class of another callable."""
+    imported twice, an app factory called twice): a function's place in its source
+    (a method's, a partial's with its arguments), or the class of another callable."""
+    if inspect.ismethod(handler):
+        return _defined_at(handler.__func__)
+    if isinstance(handler, partial):
+        return _defined_at(handler.func), handler.args, handler.keywords
     if inspect.isfunction(handler):
         return handler.__module__, handler.__qualname__, handler.__code__.co_firstlineno
     return type(handler)
 
 
-def _named(handler: Handler) -> str:
-    if inspect.isfunction(handler):
-        return f"{handler.__module__}.{handler.__qualname__}"
+def _named(handler: Any) -> str:
+    function = handler.__func__ if inspect.ismethod(handler) else handler
+    if inspect.isfunction(function):
+        return f"{function.__module__}.{function.__qualname__}"
     return repr(handler)
 
 

@@ -60,6 +60,20 @@ def gate(step: StepView, run: RunSummary) -> dict[str, Any]:
     return {"task": current_task.request.id}
 
 
+def to_a_flaky_gate(step: StepView, run: RunSummary) -> Next:
+    """Go on at once with a step of the ``inline`` kind ``flaky_gate``."""
+    return Next("flaky_gate")
+
+
+def flaky_gate(step: StepView, run: RunSummary) -> dict[str, Any]:
+    """Fail the first attempt; the retry says which Celery task ran it."""
+    from celery import current_task
+
+    if step.attempt == 1:
+        raise ConnectionError("the model timed out")
+    return {"task": current_task.request.id, "attempt": step.attempt}
+
+
 def sleepy(step: StepView, run: RunSummary) -> None:
     """Sleep past the kind's timeout of one second."""
     time.sleep(10)
@@ -151,6 +165,9 @@ def create_app(database_uri: str | None = None, **config: Any) -> Flask:
     runtime.handler("slow_inline", executor="inline")(slow_inline)
     runtime.handler("to_a_gate")(to_a_gate)
     runtime.handler("gate", executor="inline")(gate)
+    runtime.handler("to_a_flaky_gate")(to_a_flaky_gate)
+    retry_later = Retry(attempts=2, delay=6, jitter=False)  # past the call's wait
+    runtime.handler("flaky_gate", executor="inline", retry=retry_later)(flaky_gate)
     if broker:
         celery_init_app(app)
     if env.get("SCORIA_TEST_SPANS"):

@@ -76,6 +76,14 @@ class CeleryRig:
                 WHO, initial_step={"kind": kind}, runtime={"metadata": metadata}
             )
 
+    def completed(self, processes: Processes, kind: str) -> scoria.RunDetail:
+        """Start a run of ``kind`` with a Celery worker running; return it once completed."""
+        self.worker(processes, concurrency=2)
+        run_id = self.start(kind, {}).run_id
+        wait_for(lambda: statuses(self.app, [run_id]) == ["completed"], 60, "the run")
+        with self.app.app_context():
+            return scoria.get_run_detail(run_id)
+
     def close(self) -> None:
         with self.celery.connection_for_write() as conn:
             conn.default_channel.queue_purge(self.queue)
@@ -110,11 +118,7 @@ def test_each_celery_step_runs_in_a_task_of_its_own(
     """The step a Celery step leads to is sent as a task of its own (with its own time
     limit), not run on in the task of the step before."""
     rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
-    rig.worker(processes, concurrency=2)
-    run_id = rig.start("in_a_task", {}).run_id
-    wait_for(lambda: statuses(rig.app, [run_id]) == ["completed"], 60, "the run")
-    with rig.app.app_context():
-        second = scoria.get_run_detail(run_id).steps[-1]
+    second = rig.completed(processes, "in_a_task").steps[-1]
     result = second.result_envelope or {}
     assert result["task"] and result["first_task"] and result["task"] != result["first_task"]
     rig.close()
@@ -160,15 +164,23 @@ def test_an_inline_step_due_later_is_sent_to_celery(
     """A Celery task cannot wait for a step due later, and nothing calls it again: an
     ``inline`` kind's delayed step is sent as a task of its own, due when it is due."""
     rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
-    rig.worker(processes, concurrency=2)
-    run_id = rig.start("to_a_gate", {}).run_id
-    wait_for(lambda: statuses(rig.app, [run_id]) == ["completed"], 60, "the run")
-    with rig.app.app_context():
-        detail = scoria.get_run_detail(run_id)
+    detail = rig.completed(processes, "to_a_gate")
     gated = detail.steps[-1]
     assert gated.kind == "gate" and (gated.result_envelope or {})["task"]
     queued = [event for event in detail.events if event.event_type == "step_queued"]
     assert queued[-1].step_id == gated.id and (queued[-1].payload or {})["executor"] == "celery"
+    rig.close()
+
+
+def test_an_inline_steps_retry_due_later_is_sent_to_celery(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """An ``inline`` kind's step runs on in the task of the step before; its retry, due
+    later than a call waits for, is sent as a task of its own rather than left for one."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    retried = rig.completed(processes, "to_a_flaky_gate").steps[-1]
+    assert retried.kind == "flaky_gate"
+    assert (retried.result_envelope or {})["attempt"] == 2
     rig.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,14 @@ def test_a_kind_has_one_handler() -> None:
     runtime.handler("drafter")(Drafter("a"))
     with pytest.raises(ValueError, match="'drafter' already have a handler"):
         runtime.handler("drafter")(billing_draft)
+    # Methods and partials are told apart by the function they call, and its arguments.
+    runtime.handler("method")(Drafter("a").draft)
+    runtime.handler("method")(Drafter("b").draft)
+    with pytest.raises(ValueError, match=r"'method' already have a handler, .*Drafter\.draft"):
+        runtime.handler("method")(Drafter("a").discard)
+    runtime.handler("partial")(partial(Drafter.draft, Drafter("a")))
+    with pytest.raises(ValueError, match="'partial' already have a handler"):
+        runtime.handler("partial")(partial(Drafter.discard, Drafter("a")))
 
 
 class Drafter:
@@ -295,6 +304,12 @@ class Drafter:
 
     def __call__(self, step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
         return scoria.Succeed({"model": self.model})
+
+    def draft(self, step: scoria.StepView, run: scoria.RunSummary) -> scoria.Succeed:
+        return scoria.Succeed({"model": self.model})
+
+    def discard(self, step: scoria.StepView, run: scoria.RunSummary) -> None:
+        return None
 
 
 def test_a_handler_registered_without_its_kind_says_how() -> None:

@@ -151,11 +151,12 @@ class Handlers:
             return policy
         return replace(policy, executor=instead)
 
-    def runs_here(self, kind: str) -> bool:
-        """Whether a step of ``kind`` is executed by this process once claimed."""
+    def runs_here(self, kind: str, *, due: bool = True) -> bool:
+        """Whether a step of ``kind`` (due later, unless ``due``) is executed by this
+        process once claimed."""
         if self.stopping is not None and self.stopping():
             return False
-        return self.local or self.policy(kind).executor == "inline"
+        return self.local or self.policy(kind, due=due).executor == "inline"
 
     def kinds_run_here(self) -> list[str]:
         """The kinds with a handler whose steps this process executes once claimed."""

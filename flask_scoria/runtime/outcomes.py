@@ -61,7 +61,8 @@ def drive(ctx: RuntimeContext, handlers: Handlers, claim: Claim | None, row: Row
         recorded, row, claim = _execute(ctx, handlers, claim, row, trace)
         if claim is None and recorded is not None and recorded.due is not None:
             wait = (recorded.due - utcnow()).total_seconds()
-            if not handlers.local and handlers.runs_here(kind) and wait <= ctx.inline_retry_wait:
+            here = handlers.runs_here(kind, due=wait <= 0)
+            if not handlers.local and here and wait <= ctx.inline_retry_wait:
                 time.sleep(max(wait, 0))
                 next_due = partial(dispatch_next, handlers=handlers)
                 _, row, claim = transact(ctx, row["id"], UNSET, next_due, claims=True)
@@ -127,7 +128,10 @@ class Finished:
 
     def retry_or_fail(self, error: Row, event_type: EventType) -> Recorded:
         """A failed attempt: queue the step again while attempts remain, else fail it."""
-        policy = self.handlers.policy(self.claim.step["kind"])
+        kind, attempt = self.claim.step["kind"], self.claim.step["attempt"]
+        policy = self.handlers.policy(kind)
+        if policy.retry.delay_after(attempt) > timedelta(0):  # the retry falls due later
+            policy = self.handlers.policy(kind, due=False)
         due = retry_or_fail(self.tx, self.claim.step, self.write, policy, error, event_type)
         return Recorded(StepStatus.FAILED if due is None else StepStatus.QUEUED, due)
 

@@ -230,7 +230,9 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
     if claim is None:
         return None
     timed = ctx.registry.policy(claim.step["kind"]).timeout is not None
-    onward = Handlers(None, ctx.registry, elsewhere="celery" if timed else None, later="celery")
+    # A Celery task cannot leave a step due later for the next call: none will come.
+    later = "celery" if ctx.app.extensions.get("celery") is not None else None
+    onward = Handlers(None, ctx.registry, elsewhere="celery" if timed else None, later=later)
     return _execute_claimed(ctx.app, onward, row, claim)
 
 
