@@ -128,11 +128,9 @@ class Finished:
 
     def retry_or_fail(self, error: Row, event_type: EventType) -> Recorded:
         """A failed attempt: queue the step again while attempts remain, else fail it."""
-        kind, attempt = self.claim.step["kind"], self.claim.step["attempt"]
-        policy = self.handlers.policy(kind)
-        if policy.retry.delay_after(attempt) > timedelta(0):  # the retry falls due later
-            policy = self.handlers.policy(kind, due=False)
-        due = retry_or_fail(self.tx, self.claim.step, self.write, policy, error, event_type)
+        kind = self.claim.step["kind"]
+        policy, later = self.handlers.policy(kind), self.handlers.policy(kind, due=False)
+        due = retry_or_fail(self.tx, self.claim.step, self.write, policy, error, event_type, later)
         return Recorded(StepStatus.FAILED if due is None else StepStatus.QUEUED, due)
 
     def timed_out(self) -> float | None:

@@ -157,13 +157,15 @@ def retry_or_fail(
     policy: HandlerPolicy,
     error: Row,
     event_type: EventType,
+    later: HandlerPolicy | None = None,
 ) -> datetime | None:
     """After a failed attempt, queue the step again while attempts remain, else fail it.
 
     ``write(step_id, **values)`` updates the step only while it is
     still held as it was read. ``event_type`` names the failure
-    (``step_failed``, ``step_timeout``, ``lease_expired``). Returns when the
-    next attempt falls due, or ``None`` when step and run failed.
+    (``step_failed``, ``step_timeout``, ``lease_expired``). A retry that
+    falls due later is queued for ``later``'s executor, if given. Returns
+    when the next attempt falls due, or ``None`` when step and run failed.
     """
     step_id = step["id"]
     attempt = step["attempt"]
@@ -200,6 +202,8 @@ def retry_or_fail(
         "error": error,
     }
     change.event(EventType.RETRY_SCHEDULED, step_id, payload)
+    if later is not None and not_before > change.now:
+        policy = later
     executor = str(policy.executor)
     change.queue(QueuedStep(change.run_id, step_id, executor, not_before, policy.timeout))
     return not_before
