@@ -145,7 +145,9 @@ class StorageError(ScoriaError):
 
     ``run_id`` names the run when it was already committed before the
     failure (``start_run`` wrote the run, then could not record its first
-    step's outcome): look it up with ``get_run`` instead of starting another.
+    step's outcome), or may have been (the connection dropped as
+    ``start_run`` wrote it): look it up with ``get_run`` instead of starting
+    another.
     ``hint`` says what to do about a known cause, without a server's connection
     details (host, port, user, database) that ``message`` may hold; a SQLite
     file it names.

@@ -241,9 +241,7 @@ class Storage:
         saying yes. A dropped commit may have been applied: the retried write
         must find out, as a compare-and-set does.
         """
-        cause = exc.__cause__
-        dropped = isinstance(cause, DBAPIError) and cause.connection_invalidated
-        if not dropped or tries > self.reconnect_attempts:
+        if not dropped_connection(exc) or tries > self.reconnect_attempts:
             return False
         # Doubling stops long before RECONNECT_MAX_DELAY; any number of tries stays a float.
         delay = min(RECONNECT_MAX_DELAY, RECONNECT_DELAY * 2 ** min(tries - 1, 32))
@@ -443,6 +441,12 @@ COMMIT_WITHOUT_WAITING = "set_config('synchronous_commit', 'off', true)"
 def commit_without_waiting(conn: Connection) -> None:
     """Let the PostgreSQL transaction of ``conn``, alone, commit without waiting for the disk."""
     conn.exec_driver_sql(f"SELECT {COMMIT_WITHOUT_WAITING}")
+
+
+def dropped_connection(exc: StorageError) -> bool:
+    """Whether ``exc`` is a connection that dropped: what was sent on it may have been applied."""
+    cause = exc.__cause__
+    return isinstance(cause, DBAPIError) and cause.connection_invalidated
 
 
 def _restore_synchronous(conn: Connection, level: str) -> None:

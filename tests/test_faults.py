@@ -744,6 +744,42 @@ def test_a_lost_answer_that_cannot_be_checked_is_a_storage_error(
 
 
 @only_postgres
+def test_a_start_whose_answer_is_lost_and_cannot_be_checked_names_its_run(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """The new run's answer was lost and the database cannot be reached to see whether
+    it committed: the error names the run, so that the caller looks for it rather than
+    starting a second one, and says what becomes of the step it did not execute."""
+    counter = tmp_path / "executions"
+    with (
+        losing_proxy(database_uri) as (proxy, through_proxy),
+        configured_app(
+            through_proxy,
+            tmp_path,
+            SCORIA_ENGINE_OPTIONS={"pool_pre_ping": False},
+            SCORIA_RECONNECT_ATTEMPTS=1,
+        ) as app,
+    ):
+        app.extensions["scoria"].handler("first")(counting_handler)
+        proxy.fail_next(LOSER, refuse=1)
+        with app.app_context(), pytest.raises(StorageError) as raised:
+            scoria.start_run(
+                IDENTITY,
+                initial_step={"kind": "first"},
+                runtime={"metadata": {"counter": str(counter), "marker": LOSER}},
+            )
+        app.extensions["scoria"].storage(app).engine.dispose()
+        with app.app_context():
+            run = scoria.get_run(raised.value.run_id or "")
+            (step,) = scoria.get_run_detail(run.run_id).steps
+    assert proxy.failed == 1
+    assert (run.status, step.status) == ("running", "running")
+    assert "may have been written" in raised.value.message
+    assert "lease expires" in raised.value.message
+    assert not counter.exists()
+
+
+@only_postgres
 @pytest.mark.parametrize("how", HOWS)
 def test_a_worker_claim_whose_connection_failed_runs_its_step_once(
     database_uri: str, tmp_path: Path, how: str

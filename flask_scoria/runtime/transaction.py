@@ -25,7 +25,7 @@ from sqlalchemy import Connection
 from ..errors import RunNotFound, StorageError
 from ..readback import Approval
 from ..statuses import EventType, RunStatus
-from ..storage import Storage, commit_without_waiting
+from ..storage import Storage, commit_without_waiting, dropped_connection
 from . import statements as sql
 from .arguments import UNSET, TenantGuard
 from .context import RuntimeContext
@@ -291,10 +291,30 @@ class NewRun(RunChange):
                     back_off(attempt)
                     continue
                 tries += 1
-                if not storage.retry_after(exc, tries):
-                    raise
+                if storage.retry_after(exc, tries):
+                    continue
+                if tries > 1 or dropped_connection(exc):
+                    # A write sent on a dropped connection may have been committed.
+                    raise self._maybe_written(exc) from exc
+                raise
         raise StorageError(
             f"Run {self.run_id} could not be written; gave up after {MAX_ATTEMPTS} tries."
+        )
+
+    def _maybe_written(self, exc: StorageError) -> StorageError:
+        """``exc``, naming the run that a dropped connection may have written."""
+        held = (
+            ""
+            if self.claim is None
+            else " If it was, its first step did not run: it is held until its lease expires,"
+            f" at {self.lease_until.isoformat()}, then retried or failed like a step whose"
+            " process stopped."
+        )
+        return StorageError(
+            f"{exc.message} Run {self.run_id} may have been written before the connection"
+            f" dropped: look for it with get_run(run_id) before starting another.{held}",
+            run_id=str(self.run_id),
+            hint=exc.hint,
         )
 
     def _insert_all(self, conn: Connection, row: Row, *, batch: bool) -> None:
