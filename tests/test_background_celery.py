@@ -27,7 +27,8 @@ from test_background_worker import (
 
 import flask_scoria as scoria
 from flask_scoria.runtime import execute_step
-from flask_scoria.runtime.tables import runs
+from flask_scoria.runtime.tables import runs, steps
+from flask_scoria.runtime.transaction import utcnow
 from flask_scoria.runtime.worker import resend_due_celery_steps
 
 pytest.importorskip("celery")
@@ -206,6 +207,41 @@ def test_a_step_sent_on_from_a_time_limited_task_is_sent_again_if_lost(
         queued = [e.payload for e in detail.events if e.event_type == "step_queued"]
         assert queued[-1]["executor"] == "celery"
         assert resend_due_celery_steps(0) == [second.id]
+    rig.close()
+
+
+def failing(step: scoria.StepView, run: scoria.RunSummary) -> None:
+    raise ConnectionError("the model timed out")
+
+
+def test_an_inline_steps_retry_sent_on_from_a_task_is_sent_again_if_lost(
+    database_uri: str, tmp_path: Path
+) -> None:
+    """An ``inline`` kind's retry that a task queued for Celery, unsent (due past the
+    broker's countdown, or the broker down), is sent again by ``flask_scoria.recover``
+    once due, as a step queued for Celery is: nothing else would run it."""
+    rig = CeleryRig(database_uri, tmp_path, require_service(REDIS_URL))
+    runtime = rig.app.extensions["scoria"]
+    runtime.handler("to_a_late_retry")(lambda step, run: scoria.Next("late_retry"))
+    later = scoria.Retry(attempts=2, delay=1200, jitter=False)  # past the longest countdown
+    runtime.handler("late_retry", executor="inline", retry=later)(failing)
+    run = rig.start("to_a_late_retry", {})
+    with rig.app.app_context():
+        assert execute_step(run.run_id, str(run.current_step_id)) is not None
+        detail = scoria.get_run_detail(run.run_id)
+        retried = detail.steps[-1]
+        assert (retried.kind, retried.status, retried.attempt) == ("late_retry", "queued", 2)
+        (scheduled,) = [e.payload for e in detail.events if e.event_type == "retry_scheduled"]
+        assert scheduled["executor"] == "celery"
+        assert resend_due_celery_steps(0) == []  # not due yet
+        storage = runtime.storage(rig.app)
+        with storage.engine.begin() as conn:
+            conn.execute(
+                steps.update()
+                .where(steps.c.id == uuid.UUID(retried.id))
+                .values(not_before=utcnow())
+            )
+        assert resend_due_celery_steps(0) == [retried.id]
     rig.close()
 
 

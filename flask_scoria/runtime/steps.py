@@ -195,15 +195,18 @@ def retry_or_fail(
     write(step_id, **values)
     if event_type != EventType.STEP_FAILED:
         change.event(event_type, step_id, error)
-    payload = {
+    payload: dict[str, object] = {
         "attempt": attempt + 1,
         "attempts": policy.retry.attempts,
         "not_before": _iso(not_before),
         "error": error,
     }
-    change.event(EventType.RETRY_SCHEDULED, step_id, payload)
     if later is not None and not_before > change.now:
         policy = later
+    if policy.executor != "inline":
+        # Where the retry is sent, so that a lost send is sent again (see step_queued).
+        payload["executor"] = policy.executor
+    change.event(EventType.RETRY_SCHEDULED, step_id, payload)
     executor = str(policy.executor)
     change.queue(QueuedStep(change.run_id, step_id, executor, not_before, policy.timeout))
     return not_before

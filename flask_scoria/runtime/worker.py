@@ -237,13 +237,13 @@ def execute_step(run_id: str, step_id: str) -> RunSummary | None:
 
 
 #: Whether the step was queued for Celery whatever its kind's executor (by a task
-#: under a time limit, see :func:`execute_step`).
+#: under a time limit, or due later, see :func:`execute_step`), as a next step or a retry.
 _QUEUED_FOR_CELERY = (
     select(events.c.sequence)
     .where(
         events.c.run_id == steps.c.run_id,
         events.c.step_id == steps.c.id,
-        events.c.event_type == EventType.STEP_QUEUED,
+        events.c.event_type.in_([EventType.STEP_QUEUED, EventType.RETRY_SCHEDULED]),
         events.c.payload["executor"].as_string() == "celery",
     )
     .exists()
@@ -272,7 +272,8 @@ def resend_due_celery_steps(resend_after: float, *, limit: int = 100) -> list[st
     """Send the Celery task again for steps due more than ``resend_after`` seconds ago.
 
     Only steps queued for Celery (of kinds whose executor is ``"celery"``, or
-    sent on from a task under a time limit), at most ``limit``, oldest first.
+    sent on from a task: under a time limit, or due later, a next step or a
+    retry), at most ``limit``, oldest first.
     Returns their ids.
     """
     ctx = context()
