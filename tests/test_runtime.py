@@ -347,9 +347,31 @@ def test_a_retry_names_the_attempt_it_saw_fail() -> None:
     # An approved pause is no failed attempt to retry.
     approved = paused_run()
     scoria.approve_run(approved, decided_by="ops")
-    with pytest.raises(scoria.RunNotResumable, match="attempt 1 is no longer the one to retry"):
+    with pytest.raises(scoria.RunNotResumable, match="attempt= retries only a failed run"):
         scoria.resume_run(approved, handlers={"work": succeed}, attempt=1)
     assert scoria.get_run(approved).status == "waiting_for_approval"
+
+
+def test_resuming_a_running_run_says_where_its_step_is(runtime: Scoria) -> None:
+    """A running run is not resumed: the error says whether its step is executing, queued
+    for a worker, or left for dispatch()."""
+    refusals: list[str] = []
+
+    def resumes_itself(step: scoria.StepView, run: scoria.RunSummary) -> dict[str, str]:
+        with pytest.raises(scoria.RunNotResumable) as refused:
+            scoria.resume_run(run.run_id)
+        refusals.append(refused.value.message)
+        return {}
+
+    assert start({"work": resumes_itself}).status == "completed"
+    assert refusals and "its step 'work' is executing (its lease held until" in refusals[0]
+    runtime.handler("queued", executor="worker")(succeed)
+    queued = scoria.start_run(scoria.identity(IDENTITY), initial_step={"kind": "queued"})
+    with pytest.raises(scoria.RunNotResumable, match="its step 'queued' is queued for a worker"):
+        scoria.resume_run(queued.run_id)
+    left = start()  # no handler known: left for dispatch()
+    with pytest.raises(scoria.RunNotResumable, match=r"call dispatch\(\) to execute"):
+        scoria.resume_run(left.run_id)
 
 
 def test_resume_and_retry_record_who_asked() -> None:

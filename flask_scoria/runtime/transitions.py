@@ -164,12 +164,27 @@ def _drive_written(
 
 def _not_resumable_message(tx: Tx, status: str, attempt: int | None) -> str:
     run_id = tx.run_id
+    if status == RunStatus.WAITING_FOR_APPROVAL:
+        return (
+            f"Run {run_id} is waiting for approval: attempt= retries only a failed run;"
+            " decide the approval, then resume it without attempt=."
+        )
     if attempt is not None:
         return f"Run {run_id} is {status}: attempt {attempt} is no longer the one to retry."
     if status != RunStatus.RUNNING:
         return f"Run {run_id} is {status} and cannot be resumed."
     step = _current_step(tx)
+    if step is not None and step["status"] == StepStatus.RUNNING:
+        lease = step["lease_expires_at"]
+        held = "" if lease is None else f" (its lease held until {lease.isoformat('T', 'seconds')})"
+        return (
+            f"Run {run_id} is running; its step {step['kind']!r} is executing{held}: wait for it."
+        )
     if step is not None and step["status"] == StepStatus.QUEUED:
+        executor = tx.registry.policy(step["kind"]).executor
+        if executor != "inline":
+            where = "a worker" if executor == "worker" else "Celery"
+            return f"Run {run_id} is running; its step {step['kind']!r} is queued for {where}."
         due = step["not_before"]
         if due is not None and due > tx.now:
             return (
