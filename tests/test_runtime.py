@@ -425,6 +425,19 @@ def test_cancel_run_closes_steps_and_approvals() -> None:
         scoria.approve_run(run_id, decided_by="late")
 
 
+def test_cancelling_a_failed_run_keeps_its_failed_step() -> None:
+    """A failed run is cancelled so that nobody retries it; its step still says why and
+    when it failed."""
+    run = start({"work": lambda step, run: Fail("card declined")})
+    failed = only_step(run.run_id)
+    assert scoria.cancel_run(run.run_id, cancelled_by="ops").status == "cancelled"
+    step = only_step(run.run_id)
+    assert (step.status, step.completed_at) == ("failed", failed.completed_at)
+    assert step.error_envelope == failed.error_envelope
+    with pytest.raises(scoria.RunNotResumable):
+        scoria.resume_run(run.run_id)
+
+
 def test_a_run_cancelled_while_its_handler_runs_keeps_no_outcome(app: Flask) -> None:
     """The outcome's write finds its step cancelled: nothing of it is written."""
     ran: list[str] = []

@@ -712,7 +712,8 @@ APPROVAL_OF_RUN = Prepared(
     )
 )
 
-#: End the run's open steps (at ``b_now``), as a cancellation does.
+#: End the run's open steps (at ``b_now``), as a cancellation does. A failed step
+#: keeps its failure: it is the evidence of why the run stopped.
 CANCEL_OPEN_STEPS = Prepared(
     update(steps)
     .where(
@@ -724,7 +725,6 @@ CANCEL_OPEN_STEPS = Prepared(
                     StepStatus.QUEUED,
                     StepStatus.RUNNING,
                     StepStatus.WAITING_FOR_APPROVAL,
-                    StepStatus.FAILED,
                 )
             )
         ),
