@@ -84,12 +84,22 @@ class NoPendingApproval(ScoriaError):
     code = "no_pending_approval"
 
     def __init__(
-        self, run_id: str, approval_id: str | None = None, *, expired: bool = False
+        self,
+        run_id: str,
+        approval_id: str | None = None,
+        *,
+        expired: bool = False,
+        pending_id: str | None = None,
     ) -> None:
         shown = approval_id
         if approval_id is not None and not (len(approval_id) <= 80 and approval_id.isprintable()):
             shown = short_repr(approval_id)  # a caller's malformed id, as given
-        if expired:
+        if expired and pending_id is not None:
+            super().__init__(
+                f"Run {run_id} has no approval {shown} to decide: it expired undecided, and"
+                f" the run asked again: approval {pending_id} waits for a decision."
+            )
+        elif expired:
             named = "its latest approval" if shown is None else f"approval {shown}"
             super().__init__(
                 f"Run {run_id} has no approval to decide: {named} expired undecided;"
@@ -103,6 +113,8 @@ class NoPendingApproval(ScoriaError):
         self.approval_id = approval_id
         #: Whether the approval expired before anyone decided it.
         self.expired = expired
+        #: The approval the run asked for since, which waits for a decision, if any.
+        self.pending_id = pending_id
 
 
 class InvalidIdentity(ScoriaError):

@@ -335,10 +335,13 @@ def test_an_expired_approval_fails_the_run_and_resume_asks_again(app_ctx: None) 
     again = scoria.resume_run(run.run_id, handlers={"plan": ask})
     assert again.status == "waiting_for_approval"
     assert asked == [1, 2]
-    assert [approval.status for approval in scoria.get_run_detail(run.run_id).approvals] == [
-        "expired",
-        "pending",
-    ]
+    approvals = scoria.get_run_detail(run.run_id).approvals
+    assert [approval.status for approval in approvals] == ["expired", "pending"]
+    # A decision on the expired one, from a page opened before, names the new one.
+    with pytest.raises(scoria.NoPendingApproval, match="waits for a decision") as stale:
+        scoria.approve_run(run.run_id, decided_by="ops", approval_id=named)
+    assert (stale.value.expired, stale.value.pending_id) == (True, approvals[1].id)
+    assert scoria.get_run(run.run_id).status == "waiting_for_approval"
 
 
 def test_deciding_an_expired_approval_before_any_read_records_the_expiry(app_ctx: None) -> None:

@@ -297,10 +297,13 @@ def _explain_undecided(tx: Tx, approval_id: uuid.UUID | None, edits: bool) -> No
         row = tx.first(sql.APPROVAL_OF_RUN, {"b_run_id": tx.run_id, "b_approval_id": approval_id})
         approval = None if row is None else approval_from_row(row)
     if approval is None or approval.status == ApprovalStatus.EXPIRED:
+        latest = None if approval is None else _latest_approval(tx)
+        asked_again = latest.id if latest and latest.status == ApprovalStatus.PENDING else None
         raise NoPendingApproval(
             str(tx.run_id),
             None if approval_id is None else str(approval_id),
             expired=approval is not None,
+            pending_id=asked_again,
         )
     if approval.status != ApprovalStatus.PENDING:
         raise ApprovalAlreadyDecided(
