@@ -57,6 +57,10 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
     return True
 
 
+#: The key of the PostgreSQL advisory lock that migrations hold until they commit.
+_MIGRATION_LOCK = 0x5C0_41A
+
+
 @contextmanager
 def _alembic(engine: Engine) -> Iterator[Config]:
     require_own_history(engine)
@@ -68,6 +72,10 @@ def _alembic(engine: Engine) -> Iterator[Config]:
                     # pysqlite leaves DDL outside any transaction: without this, a
                     # revision that fails halfway keeps what it did, and never reruns.
                     _begin_immediate(connection)
+                elif connection.dialect.name == "postgresql":
+                    # Replicas that migrate as they start take turns: the second
+                    # reads the version the first committed, and has nothing to do.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                 config = Config()
                 config.set_main_option("script_location", str(migrations_path()))
                 config.attributes["connection"] = connection

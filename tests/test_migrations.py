@@ -10,6 +10,7 @@ import sysconfig
 import textwrap
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,21 @@ def test_a_revision_that_fails_changes_nothing_and_runs_again(empty_database_uri
         assert schema.differences(engine) == []
     finally:
         engine.dispose()
+
+
+def test_migrations_run_at_once_take_turns(empty_database_uri: str) -> None:
+    """Replicas that each migrate as they start: every upgrade succeeds, the first does
+    the work, the others find it done."""
+    engines = [sa.create_engine(empty_database_uri) for _ in range(3)]
+    try:
+        for _round in range(3):
+            with ThreadPoolExecutor(len(engines)) as pool:
+                list(pool.map(schema.upgrade, engines))  # raises what an upgrade raised
+            assert schema.current_revision(engines[0]) == schema.head_revision()
+            schema.downgrade(engines[0], "base")
+    finally:
+        for engine in engines:
+            engine.dispose()
 
 
 def test_migrating_through_the_cli_keeps_every_row(empty_database_uri: str, tmp_path: Path) -> None:
