@@ -437,6 +437,32 @@ def test_a_note_being_typed_is_kept_when_the_run_moves(
     assert page.locator("#run-status [data-status]").get_attribute("data-status") == "cancelled"
 
 
+def test_an_opened_panel_or_a_selection_is_kept_when_the_run_moves(
+    app: Flask, base: str, open_page: Callable[..., Any]
+) -> None:
+    opened, selected = start(app, "send"), start(app, "send")
+    page = open_page()
+    page.goto(f"{base}/scoria/workflows/{opened}")
+    payload = page.locator("#timeline details").first
+    payload.locator("summary").click()
+    with app.app_context():
+        scoria.cancel_run(opened, cancelled_by="a-colleague")
+    live = page.locator("[data-live]")
+    live.filter(has_text="this run changed").wait_for(timeout=10_000)
+    assert payload.get_attribute("open") is not None
+    assert "what you typed" not in live.inner_text()
+    shoot(page, "run-changed-while-reading")
+
+    page.goto(f"{base}/scoria/workflows/{selected}")
+    page.evaluate(
+        "getSelection().selectAllChildren(document.querySelector('#pending-approval pre'))"
+    )
+    with app.app_context():
+        scoria.cancel_run(selected, cancelled_by="a-colleague")
+    live.filter(has_text="this run changed").wait_for(timeout=10_000)
+    assert "finance@example.com" in page.evaluate("getSelection().toString()")
+
+
 def test_the_poller_stops_when_the_run_is_gone(
     app: Flask, base: str, open_page: Callable[..., Any]
 ) -> None:
@@ -557,6 +583,8 @@ def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]
         page.goto(f"{base}/scoria/workflows/{run_id}")
         fits(page)
         shoot(page, f"run-failed-{name}")
+        failed = page.locator(".run-header .facts div", has_text="Failed").inner_text()
+        assert "#1 flaky: RuntimeError the mail server hung up" in failed
     error = page.locator("#steps details", has_text="Error").first
     trace = error.locator("details.traceback")
     assert not trace.locator("pre").is_visible()
@@ -564,8 +592,14 @@ def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]
     assert "RuntimeError(<boom>)" in trace.locator("pre").inner_text()
     assert "sk-live-1" not in page.content()
     shoot(page, "run-failed-traceback")
+    # One click runs the handler again: the browser asks first.
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
     page.click("text=Retry failed step")
     page.wait_for_selector('#run-status [data-status="completed"]')
+    assert asked == [
+        "Retry the failed step? The handler registered for flaky runs again, as attempt 2."
+    ]
     assert "Retried. The run is now completed." in page.inner_text("main")
     # The failed first attempt stays told on the step, though its error is gone.
     page.click("#steps summary:has-text('Attempt history')")

@@ -118,7 +118,7 @@ def test_started_run_is_visible_at_its_url(operator_app: Flask, ops: FlaskClient
     assert f'action="/scoria/workflows/{run_id}/approve"' in html
     assert "Approve and resume" in html
     assert html.count('id="delegated-evidence"') == 1
-    assert "No Delegated Handoffs Recorded" in html
+    assert "No work was handed to another role in this run." in html
     assert re.search(r'data-event-type="waiting_for_approval"', html)
 
 
@@ -240,11 +240,12 @@ def test_handoff_run_shows_its_delegated_evidence(operator_app: Flask, ops: Flas
     html = page(ops, f"/scoria/workflows/{run_id}")
     section = html.split('id="delegated-evidence"')[1].split("</section>")[0]
     assert html.count('id="delegated-evidence"') == 1
-    assert "No Delegated Handoffs Recorded" not in section
+    assert "No work was handed to another role" not in section
+    assert 'href="#delegated-evidence">Inspect Delegated Evidence' in html
     assert "<strong>writer</strong> → <strong>critic</strong>" in section
     assert "<code>review</code>" in section
     assert 'data-status="queued"' in section
-    preview = section.split('class="preview"')[1].split("</dl>")[0]
+    preview = section.split("<h3>Projected context preview</h3>")[1].split("</dl>")[0]
     assert re.findall(r"<dt>(\w+)</dt>", preview) == ["audience", "budget", "policy"]
     assert "p" * 77 + "..." in preview and "p" * 78 not in preview
     assert '<p class="more">1 more in the full context below</p>' in section  # zeta
@@ -922,7 +923,7 @@ def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: Flas
     long = start(operator_app, runtime={"metadata": {"payload": {"prompt": lines}}})
     header = page(ops, f"/scoria/workflows/{long}").split('class="run-header"')[1]
     whole = header.split("<summary>Whole prompt</summary>")[1].split("</details>")[0]
-    assert whole == f'<pre class="json">{escape(lines)}</pre>'
+    assert whole == f'<pre class="json" dir="auto">{escape(lines)}</pre>'
 
 
 @pytest.mark.parametrize("order", ["CSRFProtect first", "CSRFProtect after"])

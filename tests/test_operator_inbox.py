@@ -433,13 +433,14 @@ def test_status_json_answers_json_errors(app: Flask, ops: FlaskClient) -> None:
     assert response.get_json()["error"] == "Forbidden"
 
 
-def test_the_empty_delegated_evidence_says_what_would_be_there(
+def test_the_empty_delegated_evidence_says_so_and_is_not_linked(
     app: Flask, ops: FlaskClient
 ) -> None:
     page = html(ops, url_for("scoria.run", run_id=start(app)))
     section = page.split('id="delegated-evidence"')[1].split("</section>")[0]
-    assert "No Delegated Handoffs Recorded" in section
-    assert "This run has not passed work to another role." in section
+    assert "No work was handed to another role in this run." in section
+    assert "Handoff(" not in section and "start_handoff_run" not in section
+    assert 'href="#delegated-evidence"' not in page
 
 
 @dataclass(frozen=True)

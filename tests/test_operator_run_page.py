@@ -348,6 +348,26 @@ def test_direction_controls_and_invisible_characters_are_shown_as_escapes(
     assert "\u202e" not in html and "\\u202enimda" in html
 
 
+def test_joiners_that_spell_words_are_shown_as_written(app: Flask, ops: FlaskClient) -> None:
+    # "Hello, I want to cancel order 123?" in Persian: "want" is spelled with a ZWNJ.
+    asked = "سلام، می\u200cخواهم سفارش 123 را لغو کنم؟"  # noqa: RUF001
+
+    def persian(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        return WaitForApproval("cancel_order", {"note": "👩\u200d💻 لغو"}, reason=asked)
+
+    run_id = start(
+        app,
+        kind="persian",
+        handlers={"persian": persian},
+        runtime={"metadata": {"payload": {"prompt": asked + "\u200f"}}},
+    )
+    html = run_page(ops, run_id)
+    assert f'<span class="clamp" dir="auto">{asked}\\u200f</span>' in html
+    assert f'<dd dir="auto">{asked}</dd>' in html
+    assert "👩\u200d💻 لغو" in html and "\\u200c" not in html and "\\u200d" not in html
+    assert f'<span class="clamp" dir="auto">{asked}</span>' in page(ops, "/scoria/approvals")
+
+
 def test_hidden_characters_in_the_form_come_back_as_they_were(app: Flask, ops: FlaskClient) -> None:
     requested = {"to": "pay\u200bpal.com", "note": "ok\U000e0049\U000e0047\U000e004e"}
 
@@ -425,6 +445,32 @@ def test_the_attempt_history_shows_errors_redacted(app: Flask, ops: FlaskClient)
     assert "TYPEPW" not in html
 
 
+def test_a_handoff_card_says_what_its_child_step_did(app: Flask, ops: FlaskClient) -> None:
+    def hand(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.kind in ("hand", "hand_bad"):
+            draft = {"draft": "Trains, second class", "api_key": "sk-in"}
+            return scoria.Handoff("critic", step.kind + "_judge", handoff_input=draft)
+        if step.kind == "hand_bad_judge":
+            return Fail({"type": "ValueError", "message": "no postgresql://a:JUDGEPW@db/x"})
+        return Succeed({"verdict": "approve", "token": "sk-out"})
+
+    for kind in ("hand", "hand_judge", "hand_bad", "hand_bad_judge"):
+        app.extensions["scoria"].handler(kind)(hand)
+    html = run_page(ops, start(app, kind="hand"))
+    card = html.split('<article class="handoff">')[1].split("</article>")[0]
+    outcome = card.split("<h3>Outcome</h3>")[1].split("<h3>")[0]
+    assert '<dt>verdict</dt><dd dir="auto">approve</dd>' in outcome
+    assert '<dt>token</dt><dd dir="auto">[REDACTED]</dd>' in outcome and "sk-out" not in html
+    given = card.split("<h3>Handoff input preview</h3>")[1].split("<h3>")[0]
+    assert '<dt>draft</dt><dd dir="auto">Trains, second class</dd>' in given
+    assert '<dt>api_key</dt><dd dir="auto">[REDACTED]</dd>' in given and "sk-in" not in html
+
+    card = run_page(ops, start(app, kind="hand_bad")).split('<article class="handoff">')[1]
+    outcome = card.split("<h3>Outcome</h3>")[1].split("<h3>")[0]
+    assert 'data-status="failed"' in outcome and "<code>ValueError</code>" in outcome
+    assert "no postgresql://a:[REDACTED]@db/x" in outcome and "JUDGEPW" not in card
+
+
 def test_each_failed_attempt_keeps_its_traceback(app: Flask, ops: FlaskClient) -> None:
     run_id = start(app, kind="flaky")
     assert post(ops, run_id, "retry").status_code == 303
@@ -493,10 +539,10 @@ def test_cancel_a_waiting_run(app: Flask, ops: FlaskClient) -> None:
     assert "Cancelled. The run is now cancelled." in html
     # Who cancelled and why: in the run's facts and on its timeline row, not only in a payload.
     facts = html.split('<dl class="facts">')[1].split("</dl>")[0]
-    said = '<span class="gist">by <code>ops</code>: <q>customer withdrew</q></span>'
+    said = '<span class="gist">by <code>ops</code>: <q dir="auto">customer withdrew</q></span>'
     assert f"<dt>Cancelled</dt><dd>{said}" in facts
     row = html.split('data-event-type="run_cancelled"')[1].split("<details>")[0]
-    assert "by <code>ops</code>: <q>customer withdrew</q>" in row
+    assert 'by <code>ops</code>: <q dir="auto">customer withdrew</q>' in row
     older = run_page(ops, run_id, "?events_before=2")
     assert 'data-event-type="run_cancelled"' not in older and said in older
     assert "Cancel run" not in html and "Retry failed step" not in html
@@ -516,6 +562,16 @@ def test_retry_a_failed_run_and_see_its_traceback(app: Flask, ops: FlaskClient) 
     assert "RuntimeError(&lt;boom&gt;)" in error
     assert "&#34;traceback&#34;" not in error
     assert "Retry failed step" in html and "Cancel run" not in html
+    header = html.split('class="run-header"')[1].split("</header>")[0]
+    failed = re.search(r"<dt>Failed</dt><dd>(.*?)</dd>", header)
+    assert failed and re.fullmatch(
+        r'Step <a href="#step-[0-9a-f-]{36}">#1 <strong>flaky</strong></a>:'
+        r" <code>RuntimeError</code>"
+        r' <span class="failure" dir="auto">the mail server hung up</span>',
+        failed.group(1),
+    )
+    confirm = "Retry the failed step? The handler registered for flaky runs again, as attempt 2."
+    assert f'data-confirm="{confirm}"' in header
     response = post(ops, run_id, "retry")
     assert response.status_code == 303
     assert "Retried. The run is now completed." in page(ops, response.location)
@@ -688,6 +744,8 @@ def test_a_long_run_page_is_bounded_and_pages_back(app: Flask, ops: FlaskClient)
     assert older_steps and older_steps.group(2) == "377"
     handoffs = re.search(r'href="([^"]*handoffs_after=[^"#]+#delegated-evidence)"', html)
     assert handoffs
+    # The newest handoff's child step, #301, is not among the latest steps: its card links to it.
+    assert re.search(r'steps_before=302#step-[0-9a-f-]{36}">see what it did</a>', html)
     second = page(ops, handoffs.group(1).replace("&amp;", "&"))
     shown = second.split('id="delegated-evidence"')[1].split('id="timeline"')[0]
     assert shown.count('class="handoff"') == 10

@@ -65,12 +65,14 @@ def redact(value: Any, extra: frozenset[str] = frozenset()) -> Any:
 
 #: Characters that reorder the text around them (embeddings, overrides, isolates, marks):
 #: in a tool call they could show an approver ``moc.live@x`` for what reads ``x@evil.com``;
-#: and characters that take no room (zero-width spaces and joiners, the word joiner, the
-#: byte order mark, the soft hyphen, fillers, deprecated format controls), which make
+#: and characters that take no room (the zero-width space, the word joiner, the byte order
+#: mark, the soft hyphen, fillers, deprecated format controls), which make
 #: ``pay\u200bpal.com`` read as the real one, and the tag characters that carry text no
-#: one sees (a way to smuggle instructions into a model's tool call).
+#: one sees (a way to smuggle instructions into a model's tool call). The zero-width
+#: non-joiner and joiner (U+200C, U+200D) stay: Persian, Urdu, Indic scripts and emoji
+#: sequences spell words with them.
 _HIDDEN = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "[\u00ad\u034f\u061c\u115f\u1160\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064"
     "\u2066-\u206f\u3164\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
 )
 
@@ -271,6 +273,25 @@ def event_gist(
     return (
         who if isinstance(who, str) else None,
         truncate(why, GIST_BYTES) if isinstance(why, str) and why.strip() else None,
+    )
+
+
+#: The longest error message a run's header or a handoff's outcome shows; the step has it whole.
+ERROR_BYTES = 200
+
+
+def error_gist(envelope: Any, extra: frozenset[str] = frozenset()) -> tuple[str | None, str | None]:
+    """An error envelope's ``type`` and the start of its ``message``, redacted, their hidden
+    characters visible; ``None`` for either that it does not hold as text."""
+    if not isinstance(envelope, Mapping):
+        return None, None
+    shown = redact({"type": envelope.get("type"), "message": envelope.get("message")}, extra)
+    kind, message = shown["type"], shown["message"]
+    return (
+        visible(kind) if isinstance(kind, str) and kind.strip() else None,
+        visible(truncate(message, ERROR_BYTES))
+        if isinstance(message, str) and message.strip()
+        else None,
     )
 
 

@@ -34,7 +34,7 @@ from ..errors import (
     ScoriaError,
     StorageError,
 )
-from ..readback import Event, RunSummary
+from ..readback import Event, RunSummary, Step
 from ..state import app_state
 from ..statuses import ApprovalStatus, EventType, RunStatus, StepStatus
 from . import actions, present
@@ -96,6 +96,7 @@ def _page_helpers() -> dict[str, Any]:
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
         "event_gist": partial(present.event_gist, extra=extra),
+        "error_gist": partial(present.error_gist, extra=extra),
         "is_past": lambda moment: moment is not None and present.utc(moment) <= now,
         "absolute_time": present.absolute_time,
         "iso_time": present.iso_time,
@@ -297,6 +298,11 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
         handoffs_after=_cursor("handoffs_after"),
     )
     pending = [item for item in window.approvals if item.status == ApprovalStatus.PENDING]
+    failed = (
+        runtime.step_head(run_id, window.summary.current_step_id)
+        if window.summary.status == RunStatus.FAILED
+        else None
+    )
     return render_template(
         "scoria/run.html",
         window=window,
@@ -305,14 +311,27 @@ def _run_page(run_id: str, refused: ArgumentsForm | None = None) -> str:
         pending=pending,
         decided=[item for item in window.approvals if item.status != ApprovalStatus.PENDING],
         kinds={item.step_id: _kind(run_id, item.step_id) for item in pending},
-        failed=(
-            runtime.step_head(run_id, window.summary.current_step_id)
-            if window.summary.status == RunStatus.FAILED
-            else None
-        ),
+        failed=failed,
+        failed_step=_failed_step(run_id, window) if failed else None,
         refused=refused,
         cancelled=_cancelling(run_id, window),
     )
+
+
+def _latest(run_id: str, window: runtime.RunWindow, position: str) -> runtime.RunWindow:
+    """``window``, or the run's newest one when the page shows an older part of a list
+    (``position`` is its query argument)."""
+    if not request.args.get(position):
+        return window
+    return runtime.get_run_window(run_id, tenant_id=current_scope().tenant_id, limit=1)
+
+
+def _failed_step(run_id: str, window: runtime.RunWindow) -> Step | None:
+    """The failed step of a failed run, whose error the page's header tells: among the
+    latest steps, read again when the page shows older ones."""
+    current = window.summary.current_step_id
+    steps = _latest(run_id, window, "steps_before").steps
+    return next((step for step in steps if step.id == current), None)
 
 
 def _cancelling(run_id: str, window: runtime.RunWindow) -> Event | None:
@@ -320,10 +339,7 @@ def _cancelling(run_id: str, window: runtime.RunWindow) -> Event | None:
     read again when the page shows older events."""
     if window.summary.status != RunStatus.CANCELLED:
         return None
-    events = window.events
-    if request.args.get("events_before"):
-        tenant_id = current_scope().tenant_id
-        events = runtime.get_run_window(run_id, tenant_id=tenant_id, limit=1).events
+    events = _latest(run_id, window, "events_before").events
     found = [event for event in events if event.event_type == EventType.RUN_CANCELLED]
     return found[-1] if found else None
 

@@ -108,15 +108,30 @@
       : "stopped refreshing: operator access ended; reload to sign in again";
   }
 
-  // Whether the operator has typed into the page's forms (a note, edited arguments), or
-  // has a refused form to fix.
-  function typed() {
-    if (document.querySelector("[aria-invalid=true]")) return true;
+  var TYPED = "; what you typed has not been sent";
+
+  // The panels the page shows open, told apart from those the operator opens.
+  function markOpenPanels() {
+    document.querySelectorAll("details[open]").forEach(function (panel) {
+      panel.scoriaShownOpen = true;
+    });
+  }
+
+  // What a reload would take from the operator, as the notice says it: what they typed
+  // into the page's forms (a note, edited arguments) or a refused form to fix (TYPED), a
+  // panel they opened or text they selected (""); null when it would take nothing.
+  function unsaved() {
+    if (document.querySelector("[aria-invalid=true]")) return TYPED;
     var fields = document.querySelectorAll("input[type=text], textarea");
     for (var i = 0; i < fields.length; i++) {
-      if (fields[i].value !== fields[i].defaultValue) return true;
+      if (fields[i].value !== fields[i].defaultValue) return TYPED;
     }
-    return false;
+    var panels = document.querySelectorAll("details[open]");
+    for (var j = 0; j < panels.length; j++) {
+      if (!panels[j].scoriaShownOpen) return "";
+    }
+    var selection = window.getSelection();
+    return selection && !selection.isCollapsed ? "" : null;
   }
 
   // Asks ``url`` for its JSON while the page is visible: first after ``delay`` ms, then
@@ -154,11 +169,12 @@
     var updatedAt = body.getAttribute("data-updated-at");
     watch(url, 2000, 1.2, 15000, function (state) {
       if (state.status === status && state.updated_at === updatedAt) return true;
-      if (typed()) {
-        // Reloading would drop what the operator typed: say so, and let them reload.
+      var lost = unsaved();
+      if (lost !== null) {
+        // Reloading would drop what the operator is doing: say so, and let them reload.
         var live = document.querySelector("[data-live]");
         if (live) {
-          live.textContent = "this run changed since the page loaded: reload to see it; what you typed has not been sent";
+          live.textContent = "this run changed since the page loaded: reload to see it" + lost;
           live.classList.add("changed");
         }
         return false;
@@ -236,6 +252,7 @@
     showLocalTimes();
     refreshTimes();
     setInterval(refreshTimes, 30000);
+    markOpenPanels();
     poll();
     watchApprovals();
   });
