@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import cached_property
@@ -63,6 +64,7 @@ def create_standalone_engine(
         connect_args.setdefault("options", _server_options(url, statement_timeout))
     options["connect_args"] = connect_args
     engine = create_engine(uri, **options)
+    _forget_pool_in_forked_children(engine)
     if engine.dialect.name == "sqlite":
         # A file has no server to close its connections: nothing to ping.
         _configure_sqlite(engine, synchronous, busy_timeout)
@@ -71,6 +73,21 @@ def create_standalone_engine(
     if "pool_pre_ping" not in options:
         ping_when_idle(engine)
     return engine
+
+
+def _forget_pool_in_forked_children(engine: Engine) -> None:
+    """Give a process forked from this one (a pre-forking server's worker) a pool of its
+    own: the connections it inherits stay the parent's, unused and unclosed by it."""
+    if not hasattr(os, "register_at_fork"):  # no fork on Windows
+        return
+    forked = weakref.ref(engine)
+
+    def in_child() -> None:
+        engine = forked()
+        if engine is not None:
+            engine.dispose(close=False)
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 def _server_options(url: URL, statement_timeout: float) -> str:

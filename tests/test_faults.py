@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import uuid
@@ -828,3 +829,25 @@ def test_any_number_of_reconnect_attempts_waits_at_most_the_longest_delay() -> N
     assert time.monotonic() - began <= RECONNECT_MAX_DELAY + 0.5
     assert not storage.retry_after(dropped, 10_001)
     engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_process_opens_connections_of_its_own(database_uri: str, tmp_path: Path) -> None:
+    """A pre-forking server's worker, forked after the app used the database: it never
+    shares the parent's pooled connections, which keep working in the parent."""
+    with configured_app(database_uri, tmp_path) as app, app.app_context():
+        run_id = scoria.start_run(IDENTITY).run_id
+        engine = app.extensions["scoria"].storage(app).engine
+        assert engine.pool.checkedin() >= 1
+        pid = os.fork()
+        if pid == 0:  # the child: reports through its exit status only
+            code = 1
+            try:
+                inherited = engine.pool.checkedin()
+                started = scoria.start_run(IDENTITY).status
+                code = 0 if (inherited, started) == (0, "completed") else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert [scoria.get_run(run_id).status for _ in range(3)] == ["completed"] * 3
