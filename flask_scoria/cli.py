@@ -123,6 +123,11 @@ def echo_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, default=_plain))
 
 
+#: Control characters written out as ``\x1b`` escapes: a stored text (a model's reason,
+#: say) cannot move the cursor, clear the screen or retitle the operator's terminal.
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
@@ -130,7 +135,7 @@ def _cell(value: object) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%SZ")
     if isinstance(value, dict | list):
         return json.dumps(value, default=_plain)
-    return str(value)
+    return str(value).translate(_CONTROLS)
 
 
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:

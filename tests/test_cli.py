@@ -41,6 +41,20 @@ def invoke(runner: FlaskCliRunner, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def test_show_writes_out_control_characters_of_stored_text(
+    app: Flask, runtime: Scoria, runner: FlaskCliRunner
+) -> None:
+    """A reason a model wrote cannot clear, retitle or overwrite the operator's terminal."""
+    reason = "ok\x1b[2J\x1b]0;owned\x07\rAPPROVED BY SECURITY"
+    runtime.handler("sly")(lambda step, run: WaitForApproval("publish", reason=reason))
+    with app.app_context():
+        run_id = scoria.start_run(scoria.identity({}), initial_step={"kind": "sly"}).run_id
+    code, out = invoke(runner, "show", run_id)
+    assert code == 0
+    assert not any(char in out for char in "\x1b\x07\r")
+    assert "ok\\x1b[2J\\x1b]0;owned\\x07\\x0dAPPROVED BY SECURITY" in out
+
+
 def test_runs_lists_and_filters(app: Flask, runner: FlaskCliRunner, paused: str) -> None:
     with app.app_context():
         other = scoria.start_run(scoria.identity({"tenant_id": "t-2", "session_id": "s-2"}))
