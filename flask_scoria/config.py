@@ -81,8 +81,12 @@ class Settings:
     inline_retry_wait: float
 
 
-def read_settings(app: Flask) -> Settings:
-    """Read and check the app's ``SCORIA_*`` keys, filling in defaults."""
+def read_settings(app: Flask, *, own_engine: bool = True) -> Settings:
+    """Read and check the app's ``SCORIA_*`` keys, filling in defaults.
+
+    With ``own_engine``, the instance folder that a relative SQLite path names
+    is created, for the engine to open its file there.
+    """
     unknown = sorted(key for key in app.config if key.startswith("SCORIA_") and key not in DEFAULTS)
     if unknown:
         warnings.warn(
@@ -93,7 +97,7 @@ def read_settings(app: Flask) -> Settings:
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     config = app.config
-    uri = _database_uri(app, config["SCORIA_DATABASE_URI"])
+    uri = _database_uri(app, config["SCORIA_DATABASE_URI"], create_folder=own_engine)
     synchronous = str(config["SCORIA_SQLITE_SYNCHRONOUS"]).upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(
@@ -149,8 +153,9 @@ def read_settings(app: Flask) -> Settings:
     )
 
 
-def _database_uri(app: Flask, uri: object) -> str:
-    """The URL of the own engine; a relative SQLite path is in the instance folder."""
+def _database_uri(app: Flask, uri: object, *, create_folder: bool) -> str:
+    """The URL of the own engine; a relative SQLite path is in the instance folder,
+    which ``create_folder`` creates."""
     if uri is None:
         uri = "sqlite:///scoria.sqlite3"
     try:
@@ -162,7 +167,8 @@ def _database_uri(app: Flask, uri: object) -> str:
     path = url.database or ""
     as_given = path in ("", ":memory:") or path.startswith("file:") or os.path.isabs(path)
     if url.get_backend_name() == "sqlite" and not as_given:
-        os.makedirs(app.instance_path, exist_ok=True)
+        if create_folder:
+            os.makedirs(app.instance_path, exist_ok=True)
         url = url.set(database=os.path.join(app.instance_path, path))
     return url.render_as_string(hide_password=False)
 

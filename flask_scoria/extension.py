@@ -66,7 +66,7 @@ class Scoria:
                 "flask-scoria is already registered on this app. Create one Scoria"
                 " instance per app and call init_app once."
             )
-        settings = read_settings(app)
+        settings = read_settings(app, own_engine=self.db is None)
         engine = self._own_engine(settings) if self.db is None else None
         if self.db is not None:
             ignored = [key for key in OWN_ENGINE_KEYS if app.config[key] != DEFAULTS[key]]

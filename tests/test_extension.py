@@ -38,6 +38,8 @@ def test_host_engine_is_used_and_host_session_is_left_alone(
     database_uri: str, tmp_path: Path
 ) -> None:
     app, db, note = make_host_app(database_uri, tmp_path / "instance")
+    # Nothing to open there: a read-only root filesystem needs no instance folder.
+    assert not (tmp_path / "instance").exists()
     with app.app_context():
         assert app.extensions["scoria"].storage().engine is db.engine
         db.session.add(note(text="not committed by scoria"))
