@@ -176,7 +176,11 @@ def _not_resumable_message(tx: Tx, status: str, attempt: int | None) -> str:
     step = _current_step(tx)
     if step is not None and step["status"] == StepStatus.RUNNING:
         lease = step["lease_expires_at"]
-        held = "" if lease is None else f" (its lease held until {lease.isoformat('T', 'seconds')})"
+        held = (
+            ""
+            if lease is None
+            else f" (its lease held until {lease.isoformat(timespec='seconds')})"
+        )
         return (
             f"Run {run_id} is running; its step {step['kind']!r} is executing{held}: wait for it."
         )
