@@ -39,6 +39,7 @@ TENANT = "acme"
 #: Where the lists are tables (1280, 1180), cards on a wide screen (1024), on a phone (390).
 WIDTHS = {"desktop": 1280, "small-desktop": 1180, "laptop": 1024, "phone": 390}
 LONG_NOTE = "checked-with-finance-" * 12
+PROMPT = "Book https://travel.example/" + "a" * 90 + " for the Q3 offsite " * 20
 
 
 def review_then_send(step: scoria.StepView, run: scoria.RunSummary) -> Any:
@@ -339,6 +340,7 @@ def test_pages_fit_the_screen_in_both_schemes(
         "send",
         session_id="chat-with-a-rather-long-session-identifier-0042",
         actor="serviceaccount" + "x" * 60,
+        runtime={"metadata": {"payload": {"prompt": PROMPT}}},
     )
     handed = start(app, "delegate", session_id="chat-91b2")
     done = start(app, "send")
@@ -574,6 +576,32 @@ def test_the_runs_filters_fold_away_on_a_phone(
         wide.goto(f"{base}/scoria/workflows")
         assert wide.locator("select[name=status]").is_visible()
         assert not wide.locator(".filters-toggle").is_visible()
+
+
+@pytest.mark.parametrize("width", [841, 960, 1024, 1100])
+def test_the_runs_table_shows_each_prompt_on_two_lines(
+    app: Flask, base: str, open_page: Callable[..., Any], width: int
+) -> None:
+    long = start(
+        app,
+        "send",
+        actor="serviceaccount" + "x" * 60,
+        session_id="chat-with-a-rather-long-session-identifier-0042",
+        runtime={"metadata": {"payload": {"prompt": PROMPT}}},
+    )
+    with app.app_context():
+        scoria.approve_run(long, decided_by="ops")  # the longest status: awaiting resume
+    short = start(app, "send", runtime={"metadata": {"payload": {"prompt": "Hi"}}})
+    page = open_page(width)
+    page.goto(f"{base}/scoria/workflows")
+    assert page.locator("table.list thead").is_visible()  # a table, not cards
+    fits(page)
+    clamped = row_of(page, long).locator("td.prompt .clamp")
+    line = float(clamped.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
+    assert clamped.evaluate("e => e.scrollHeight > e.clientHeight")  # cut, not overflowing
+    assert clamped.bounding_box()["height"] <= 2 * line + 1  # type: ignore[index]
+    assert row_of(page, short).locator("td.prompt").inner_text() == "Hi"
+    shoot(page, f"runs-prompts-{width}")
 
 
 def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:

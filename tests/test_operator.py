@@ -147,6 +147,7 @@ def test_approve_without_a_registered_handler_waits_for_the_host(
     first = page(ops, f"/scoria/workflows/{run_id}")
     assert "No handler is registered for <code>manual</code>" in first
     html = post_form(ops, run_id, "approve")
+    assert "Approved. The run waits, approved, and continues when the app resumes it." in html
     assert 'id="run-status"><span class="badge badge-waiting_for_approval"' in html
     assert 'data-status="approved"' in html
     with operator_app.app_context():
@@ -772,7 +773,7 @@ def test_an_approval_without_a_handler_here_says_the_app_resumes(
 ) -> None:
     run_id = start(operator_app, kind="manual", handlers={"manual": ask_then_publish})
     html = post_form(ops, run_id, "approve")
-    assert "continues when your app calls resume_run" in html
+    assert "The run waits until the app resumes it" in html and "resume_run" not in html
     assert 'id="awaiting-resume"' in html and f"flask scoria resume {run_id}" in html
     status = html.split('id="run-status">')[1].split("</span>")[0]
     assert ">approved, awaiting resume" in status
@@ -924,6 +925,26 @@ def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: Flas
     header = page(ops, f"/scoria/workflows/{long}").split('class="run-header"')[1]
     whole = header.split("<summary>Whole prompt</summary>")[1].split("</details>")[0]
     assert whole == f'<pre class="json" dir="auto">{escape(lines)}</pre>'
+
+
+def test_the_lists_show_the_start_of_each_prompt(operator_app: Flask, ops: FlaskClient) -> None:
+    asked = "<b>Book</b> a train to https://u:pw@example.com\u202e " + "x" * 500
+    prompted = start(operator_app, runtime={"metadata": {"payload": {"prompt": asked}}})
+    without = start(operator_app, runtime={"metadata": {"payload": "Book a train"}})
+    shown = "&lt;b&gt;Book&lt;/b&gt; a train to https://u:[REDACTED]@example.com\\u202e x"
+    for url, row in (("/scoria/workflows", "<tr>"), ("/scoria/sessions/sess-1", "<li>")):
+        html = page(ops, url)
+        rows = {
+            run_id: item
+            for item in html.split(row)[1:]
+            for run_id in (prompted, without)
+            if f"/workflows/{run_id}" in item
+        }
+        cell = rows[prompted].split('<span class="clamp" dir="auto">')[1].split("</span>")[0]
+        assert cell.startswith(shown) and cell.endswith("x…") and len(cell) < 300, url
+        assert "pw@" not in rows[prompted] and "<b>" not in rows[prompted]
+        assert 'class="clamp"' not in rows[without]
+    assert '<th scope="col">Prompt</th>' in page(ops, "/scoria/workflows")
 
 
 @pytest.mark.parametrize("order", ["CSRFProtect first", "CSRFProtect after"])

@@ -416,6 +416,21 @@ def test_a_link_back_to_the_host_app(
         assert f'<a class="home" href="{linked}">Back to the app</a>' in page
 
 
+@pytest.mark.parametrize(
+    ("value", "linked"),
+    [("/dashboard", "/myapp/dashboard"), ("https://host.example/", "https://host.example/")],
+)
+def test_the_link_back_keeps_the_root_the_app_is_served_at(
+    ops: FlaskClient, config: Any, value: str, linked: str
+) -> None:
+    config["SCORIA_HOME_URL"] = value
+    response = ops.get("/scoria/workflows", environ_overrides={"SCRIPT_NAME": "/myapp"})
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert 'href="/myapp/scoria/approvals"' in page  # as every other link
+    assert f'<a class="home" href="{linked}">Back to the app</a>' in page
+
+
 def test_status_json_answers_json_errors(app: Flask, ops: FlaskClient) -> None:
     theirs = start(app, tenant=OTHER)
     for run_id in (theirs, "not-a-run"):

@@ -232,7 +232,7 @@ def test_a_step_queued_for_the_apps_own_calls_says_what_runs_it(
     runtime.handler("later_inline")(slow)
     run_id = start(app, kind="plan")
     html = run_page(ops, run_id)
-    assert "Queued: steps of <code>later_inline</code> run in your app's own calls" in html
+    assert "Queued: steps of <code>later_inline</code> run within the app itself" in html
     assert f"flask scoria dispatch {run_id}</code>), or a <code>flask scoria worker" in html
 
 
@@ -428,6 +428,57 @@ def test_expired_approvals_say_so(app: Flask, ops: FlaskClient) -> None:
     assert post(ops, run_id, "retry").status_code == 303  # the handler asks again
     (line,) = re.findall(r'data-attempt-event="step_failed">(.*?)</li>', run_page(ops, run_id))
     assert line.startswith("Attempt 1 waited out its approval") and "approval_expired" in line
+
+
+@pytest.mark.parametrize("action", ["approve", "reject"])
+def test_deciding_an_expired_approval_the_run_asked_again_points_to_the_newer(
+    app: Flask, ops: FlaskClient, action: str
+) -> None:
+    run_id = start(app, kind="review")
+    stale = run_page(ops, run_id)
+    found = re.search(r'name="approval_id" value="([^"]+)"', stale)
+    assert found
+    engine = app.extensions["scoria"].storage(app).engine
+    with engine.begin() as conn:
+        past = datetime.now(UTC) - timedelta(minutes=5)
+        conn.execute(tables.approvals.update().values(expires_at=past))
+    with app.app_context():
+        assert scoria.resume_run(run_id).status == "waiting_for_approval"  # it asks again
+    form = {"csrf_token": csrf(stale), "approval_id": found.group(1), "return_to": "approvals"}
+    response = ops.post(f"/scoria/workflows/{run_id}/{action}", data=form)
+    assert response.location == f"/scoria/workflows/{run_id}"
+    told = html_unescape(page(ops, response.location))
+    flashed = told.split('class="flash')[1].split("</")[0]
+    assert "The approval you decided had expired, so nothing was decided." in flashed
+    assert "its newer approval, on this page, waits for a decision" in flashed
+    assert "failed" not in flashed and "approval again" not in flashed
+    newer = re.search(r'name="approval_id" value="([^"]+)"', told)
+    assert newer and newer.group(1) != found.group(1)
+    statuses = [approval.status for approval in detail(app, run_id).approvals]
+    assert sorted(statuses) == ["expired", "pending"]
+
+
+def test_arguments_edited_to_another_json_type_are_an_edit(app: Flask, ops: FlaskClient) -> None:
+    def toggle(step: scoria.StepView, run: scoria.RunSummary) -> Any:
+        if step.approval is None:
+            return WaitForApproval("configure", {"enabled": 1, "limit": 10}, editable=True)
+        return Succeed({})
+
+    app.extensions["scoria"].handler("toggle")(toggle)
+    run_id = start(app, kind="toggle")
+    url = f"/scoria/workflows/{run_id}/approve"
+    # Equal in Python (True == 1, 10.0 == 10), not as JSON: the operator's edit is taken.
+    edited = '{"enabled": true, "limit": 10.0}'
+    form = page_form(ops, run_id, {"arguments": edited})
+    found = re.search(r'name="approval_id" value="([^"]+)"', run_page(ops, run_id))
+    assert found
+    assert ops.post(url, data={**form, "approval_id": found.group(1)}).status_code == 303
+    approval = detail(app, run_id).approvals[0]
+    assert approval.edited_arguments == {"enabled": True, "limit": 10.0}
+    assert json.dumps(approval.edited_arguments, sort_keys=True) == edited
+    # Sent again, it is the same decision, not one whose edits were not taken.
+    again = ops.post(url, data={**form, "approval_id": found.group(1)}, follow_redirects=True)
+    assert "Approved. The run is now completed." in again.get_data(as_text=True)
 
 
 def test_the_attempt_history_shows_errors_redacted(app: Flask, ops: FlaskClient) -> None:

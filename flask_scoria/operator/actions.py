@@ -64,8 +64,9 @@ def retry(run_id: str, scope: OperatorScope, attempt: int | None = None) -> RunS
         raise RunNotResumable(
             run_id,
             run.status,
-            "No handler is registered in this app for the kind of the run's current step:"
-            " your app resumes the run with resume_run, given a handler for it.",
+            "No handler is registered in this app for the kind of the run's current step,"
+            " so it cannot be resumed from these pages: the app resumes it with a handler"
+            " of its own.",
         )
     return runtime.resume_run(
         run_id, requested_by=_decider(scope), attempt=attempt, tenant_id=scope.tenant_id

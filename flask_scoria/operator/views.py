@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -92,6 +93,7 @@ def _page_helpers() -> dict[str, Any]:
         "preview": partial(present.preview, extra=extra),
         "previewed_whole": partial(present.previewed_whole, extra=extra),
         "prompt": partial(present.prompt, extra=extra),
+        "listed_prompt": partial(present.prompt, extra=extra, chars=present.LISTED_PROMPT_CHARS),
         "session_url": _session_url,
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
@@ -136,13 +138,17 @@ def _home_url() -> str | None:
 
     Only a path or an http(s) URL is linked, never another scheme, nor one with
     whitespace or control characters, which browsers drop from a URL
-    (``/\t/evil.example`` would lead off the site).
+    (``/\t/evil.example`` would lead off the site). A path is the app's own, under the
+    root the app is served at (a ``SCRIPT_NAME`` mount, ``X-Forwarded-Prefix``), as the
+    other links are.
     """
     url = current_app.config.get("SCORIA_HOME_URL")
     if not isinstance(url, str) or any(char.isspace() or not char.isprintable() for char in url):
         return None
-    if url.startswith(("https://", "http://")) or (url[:1] == "/" and url[1:2] not in ("/", "\\")):
+    if url.startswith(("https://", "http://")):
         return url
+    if url[:1] == "/" and url[1:2] not in ("/", "\\"):
+        return request.script_root + url
     return None
 
 
@@ -198,7 +204,7 @@ def runs() -> str:
     tenant = current_scope().tenant_id
     if searched is None:
         page = runtime.list_runs(
-            filters, tenant=tenant, after=_cursor(), metadata=False, notice=True
+            filters, tenant=tenant, after=_cursor(), metadata="prompt", notice=True
         )
     else:
         page = _prompts_shown_with(filters, tenant, searched)
@@ -211,7 +217,9 @@ def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
+    page = runtime.list_runs(
+        filters, tenant=tenant, after=_cursor(), metadata="prompt", notice=True
+    )
     # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
     shown = storable_text(session_id)
     awaiting = _awaiting_resume(page)
@@ -376,7 +384,7 @@ def approve(run_id: str) -> ResponseReturnValue:
     except present.ArgumentsError as exc:
         form = ArgumentsForm(approval_id, text, str(exc), request.form.get("note", ""))
         return _run_page(run_id, form), 422
-    arguments = None if edited == (requested or {}) else edited
+    arguments = None if _same_json(edited, requested or {}) else edited
     approve = partial(actions.approve, arguments=arguments)
     return _decide(run_id, approve, "approved", "Approved.", arguments)
 
@@ -464,6 +472,11 @@ _EXPIRED = (
     "This approval expired before anyone decided it, and the run failed. Ask for approval"
     " again to have it decided anew."
 )
+#: ... and who decides one that expired while the run has since asked again.
+_EXPIRED_ASKED_AGAIN = (
+    "The approval you decided had expired, so nothing was decided. The run has asked"
+    " again since: its newer approval, on this page, waits for a decision."
+)
 
 
 def _decide(
@@ -485,7 +498,8 @@ def _decide(
             exc.decided_by != scope.actor_id
             or exc.decision != decision
             or stored is None
-            or (stored.note, stored.edited_arguments) != (text, arguments)
+            or stored.note != text
+            or not _same_json(stored.edited_arguments, arguments)
         ):
             said = f"It was already {exc.decision} by {exc.decided_by!r}: nothing was changed."
             flash(_about_run(run_id, said, inbox), "error")
@@ -496,13 +510,19 @@ def _decide(
         raise
     except ScoriaError as exc:
         if isinstance(exc, NoPendingApproval) and exc.expired:
-            # Asked again from the run's page: that is where the operator goes next.
-            flash(_EXPIRED, "error")
+            # Asked again, or decided anew, on the run's page: where the operator goes next.
+            flash(_EXPIRED if exc.pending_id is None else _EXPIRED_ASKED_AGAIN, "error")
             return redirect(url_for("scoria.run", run_id=run_id), code=303)
         flash(exc.message, "error")
         return back
     flash(_outcome(done, summary, inbox), "ok")
     return back
+
+
+def _same_json(first: object, second: object) -> bool:
+    """Whether two values are the same JSON: ``1`` is not ``true``, nor ``10`` ``10.0``,
+    as Python's ``==`` would have them."""
+    return json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
 def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
@@ -518,7 +538,7 @@ def _outcome(done: str, summary: RunSummary, inbox: bool) -> str:
         if asked:
             text = f"{done} The run now waits for another approval: {asked[-1]}."
         else:
-            text = f"{done} The run continues when your app calls resume_run."
+            text = f"{done} The run waits, approved, and continues when the app resumes it."
     return _about_run(summary.run_id, text, inbox)
 
 
