@@ -578,32 +578,6 @@ def test_the_runs_filters_fold_away_on_a_phone(
         assert not wide.locator(".filters-toggle").is_visible()
 
 
-@pytest.mark.parametrize("width", [841, 960, 1024, 1100])
-def test_the_runs_table_shows_each_prompt_on_two_lines(
-    app: Flask, base: str, open_page: Callable[..., Any], width: int
-) -> None:
-    long = start(
-        app,
-        "send",
-        actor="serviceaccount" + "x" * 60,
-        session_id="chat-with-a-rather-long-session-identifier-0042",
-        runtime={"metadata": {"payload": {"prompt": PROMPT}}},
-    )
-    with app.app_context():
-        scoria.approve_run(long, decided_by="ops")  # the longest status: awaiting resume
-    short = start(app, "send", runtime={"metadata": {"payload": {"prompt": "Hi"}}})
-    page = open_page(width)
-    page.goto(f"{base}/scoria/workflows")
-    assert page.locator("table.list thead").is_visible()  # a table, not cards
-    fits(page)
-    clamped = row_of(page, long).locator("td.prompt .clamp")
-    line = float(clamped.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
-    assert clamped.evaluate("e => e.scrollHeight > e.clientHeight")  # cut, not overflowing
-    assert clamped.bounding_box()["height"] <= 2 * line + 1  # type: ignore[index]
-    assert row_of(page, short).locator("td.prompt").inner_text() == "Hi"
-    shoot(page, f"runs-prompts-{width}")
-
-
 def test_retry_a_failed_run(app: Flask, base: str, open_page: Callable[..., Any]) -> None:
     run_id = start(app, "flaky")
     for width, name in ((WIDTHS["phone"], "phone"), (WIDTHS["desktop"], "desktop")):

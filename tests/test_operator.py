@@ -927,26 +927,6 @@ def test_the_run_page_says_what_the_run_was_asked(operator_app: Flask, ops: Flas
     assert whole == f'<pre class="json" dir="auto">{escape(lines)}</pre>'
 
 
-def test_the_lists_show_the_start_of_each_prompt(operator_app: Flask, ops: FlaskClient) -> None:
-    asked = "<b>Book</b> a train to https://u:pw@example.com\u202e " + "x" * 500
-    prompted = start(operator_app, runtime={"metadata": {"payload": {"prompt": asked}}})
-    without = start(operator_app, runtime={"metadata": {"payload": "Book a train"}})
-    shown = "&lt;b&gt;Book&lt;/b&gt; a train to https://u:[REDACTED]@example.com\\u202e x"
-    for url, row in (("/scoria/workflows", "<tr>"), ("/scoria/sessions/sess-1", "<li>")):
-        html = page(ops, url)
-        rows = {
-            run_id: item
-            for item in html.split(row)[1:]
-            for run_id in (prompted, without)
-            if f"/workflows/{run_id}" in item
-        }
-        cell = rows[prompted].split('<span class="clamp" dir="auto">')[1].split("</span>")[0]
-        assert cell.startswith(shown) and cell.endswith("x…") and len(cell) < 300, url
-        assert "pw@" not in rows[prompted] and "<b>" not in rows[prompted]
-        assert 'class="clamp"' not in rows[without]
-    assert '<th scope="col">Prompt</th>' in page(ops, "/scoria/workflows")
-
-
 @pytest.mark.parametrize("order", ["CSRFProtect first", "CSRFProtect after"])
 def test_forms_work_in_an_app_protected_by_flask_wtf(
     database_uri: str, tmp_path: Path, order: str

@@ -24,8 +24,6 @@ PREVIEW_KEYS = 3
 PREVIEW_BYTES = 80
 #: The longest JSON value or traceback a page shows in full.
 VALUE_CHARS = 16_384
-#: How much of its prompt a list shows for each run.
-LISTED_PROMPT_CHARS = 200
 
 
 # Refused in a handoff, but how every error envelope names its text: an operator needs it.
@@ -99,16 +97,13 @@ def masked(text: str | None) -> str | None:
     return None if text is None else visible(mask_passwords(text, REDACTED))
 
 
-def prompt(
-    metadata: Mapping[str, Any], extra: frozenset[str] = frozenset(), chars: int = VALUE_CHARS
-) -> str | None:
+def prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str | None:
     """The run's prompt, ``metadata["payload"]["prompt"]`` (as the runs list searches
-    it), redacted, its first ``chars`` characters (then ``…``); ``None`` if it has no
-    text there."""
+    it), redacted, its first ``VALUE_CHARS`` characters; ``None`` if it has no text there."""
     text = _redacted_prompt(metadata, extra)
     if not text.strip():
         return None
-    return visible(text if len(text) <= chars else f"{text[:chars]}…")
+    return visible(text[:VALUE_CHARS])
 
 
 def searched_prompt(metadata: Mapping[str, Any], extra: frozenset[str] = frozenset()) -> str:

@@ -93,7 +93,6 @@ def _page_helpers() -> dict[str, Any]:
         "preview": partial(present.preview, extra=extra),
         "previewed_whole": partial(present.previewed_whole, extra=extra),
         "prompt": partial(present.prompt, extra=extra),
-        "listed_prompt": partial(present.prompt, extra=extra, chars=present.LISTED_PROMPT_CHARS),
         "session_url": _session_url,
         "split_traceback": partial(present.split_traceback, extra=extra),
         "split_event_traceback": partial(present.split_event_traceback, extra=extra),
@@ -204,7 +203,7 @@ def runs() -> str:
     tenant = current_scope().tenant_id
     if searched is None:
         page = runtime.list_runs(
-            filters, tenant=tenant, after=_cursor(), metadata="prompt", notice=True
+            filters, tenant=tenant, after=_cursor(), metadata=False, notice=True
         )
     else:
         page = _prompts_shown_with(filters, tenant, searched)
@@ -217,9 +216,7 @@ def session_runs(session_id: str) -> str:
     """One host session's runs as a timeline, newest first."""
     filters = runtime.RunFilters(session_id=session_id)
     tenant = current_scope().tenant_id
-    page = runtime.list_runs(
-        filters, tenant=tenant, after=_cursor(), metadata="prompt", notice=True
-    )
+    page = runtime.list_runs(filters, tenant=tenant, after=_cursor(), metadata=False, notice=True)
     # Shown, and linked, without what no stored id holds (a NUL): it matches no run anyway.
     shown = storable_text(session_id)
     awaiting = _awaiting_resume(page)
