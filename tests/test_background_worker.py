@@ -264,6 +264,32 @@ def test_sigterm_leaves_the_next_step_of_a_run_queued(
     app.extensions["scoria"].storage(app).engine.dispose()
 
 
+def test_sigterm_lets_a_single_pass_finish_its_step_and_stops_it(
+    database_uri: str, tmp_path: Path, processes: Processes
+) -> None:
+    """``worker --once`` from a scheduler, sent SIGTERM while a handler runs: the handler
+    finishes and its outcome is recorded, and the pass claims no further step."""
+    app = create_app(database_uri)
+    env = process_env(database_uri, tmp_path)
+    files = {name: str(tmp_path / name) for name in ("counter", "entered", "release")}
+    with app.app_context():
+        blocked, waiting = (
+            scoria.start_run(WHO, initial_step={"kind": kind}, runtime={"metadata": files}).run_id
+            for kind in ("block", "count")
+        )
+    command = [sys.executable, "-m", "flask", "--app", "_background:create_app"]
+    once = processes.start([*command, "scoria", "worker", "--once"], env)
+    wait_for(lambda: Path(files["entered"]).exists(), 60, "the handler to start")
+    once.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert once.poll() is None, "the pass left before its handler finished"
+    Path(files["release"]).touch()
+    assert once.wait(timeout=30) == 0
+    assert statuses(app, [blocked, waiting]) == ["completed", "running"]
+    assert f"dispatched {blocked}: completed" in processes.output(once)
+    app.extensions["scoria"].storage(app).engine.dispose()
+
+
 def test_an_approval_with_resume_queues_the_step_for_the_workers(
     database_uri: str, tmp_path: Path, processes: Processes
 ) -> None:

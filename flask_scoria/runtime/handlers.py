@@ -191,10 +191,12 @@ def run_handler(handler: Handler, step: StepView, run: RunSummary) -> Outcome:
         value = handler(step, run)
         if inspect.iscoroutine(value):
             value = _awaited(value)
-    except (Exception, CancelledError, SystemExit) as exc:
-        if isinstance(exc, SystemExit) and threading.current_thread() is threading.main_thread():
-            raise  # a server's signal handler ending the process (gunicorn's sync workers)
-        # Off the main thread, SystemExit is a library calling sys.exit().
+    except BaseException as exc:
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main and not isinstance(exc, Exception | CancelledError):
+            # The process ending: Ctrl-C, or a server's signal handler (gunicorn's sync
+            # workers). Off the main thread no signal arrives: it is the handler's own.
+            raise
         log.exception("Handler for step %s (kind %r) raised.", step.id, step.kind)
         return Raised(
             {

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from types import FrameType
@@ -169,16 +169,21 @@ def dispatch_queued(*, limit: int = 100) -> list[RunSummary]:
     order. Steps whose kind has no registered handler are left as they are.
     """
     int_in_range(limit, "limit")
+    return list(_dispatched(limit))
+
+
+def _dispatched(limit: int, stopping: Callable[[], bool] | None = None) -> Iterator[RunSummary]:
+    """:func:`dispatch_queued`, each run as its step ends; none claimed once ``stopping``."""
     ctx = context()
     recover_expired_leases()
-    handlers = Handlers(None, ctx.registry, local=True)
-    dispatched = []
+    handlers = Handlers(None, ctx.registry, local=True, stopping=stopping)
     for _ in range(limit):
+        if stopping is not None and stopping():
+            return
         claimed = claim_due(ctx, handlers)
         if claimed is None:
-            break
-        dispatched.append(_execute_claimed(ctx.app, handlers, *claimed))
-    return dispatched
+            return
+        yield _execute_claimed(ctx.app, handlers, *claimed)
 
 
 #: The step ``b_step_id`` of the run ``b_run_id``, with the run's running steps.
@@ -393,6 +398,18 @@ class Worker:
             self._close_listener()
             _restore_signals(previous)
 
+    def run_once(self, limit: int) -> None:
+        """Execute up to ``limit`` due steps one after another, here; a signal lets the
+        step that runs finish, and stops the pass."""
+        previous = _handle_signals(self._on_signal)
+        try:
+            with self.app.app_context():
+                for run in _dispatched(limit, stopping=self._stop_noted):
+                    self.on_dispatched(run)
+        finally:
+            self._pool.shutdown(wait=True)
+            _restore_signals(previous)
+
     def _pass(self, ctx: RuntimeContext) -> float:
         """Sweep stale steps now and then, claim what is due; return how long to wait."""
         if time.monotonic() - self._swept >= self.interval:
@@ -442,7 +459,7 @@ class Worker:
                 exc.message,
                 exc.code,
             )
-        except Exception:
+        except BaseException:  # nothing reads the pool's futures: say it here
             log.exception("The worker could not execute step %s.", claim.step["id"])
         finally:
             self._slots.release()
@@ -514,15 +531,13 @@ def run_worker(
     logged and the pass is retried after ``interval`` seconds.
     """
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    if once:
-        with app.app_context():
-            for run in dispatch_queued(limit=limit):
-                on_dispatched(run)
-        return
     worker = Worker(
         app,
         concurrency=concurrency,
         interval=interval,
         on_dispatched=on_dispatched,
     )
-    worker.run(on_started)
+    if once:
+        worker.run_once(limit)
+    else:
+        worker.run(on_started)
