@@ -32,7 +32,8 @@ class Identity:
     actor_id: str | None = None
     tenant_id: str | None = None
     session_id: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: Left out of its hash (a dict has none): an identity can key a dict or a cache.
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_session(cls, session: object) -> Identity:

@@ -65,6 +65,14 @@ def test_explicit_ids_win_over_aliases() -> None:
     assert ids({"current_user": User("first"), "user": User("second")}) == ("first", None, None)
 
 
+def test_an_identity_keys_a_dict_with_or_without_metadata() -> None:
+    plain = scoria.identity({"actor_id": "a-1", "tenant_id": "t-1"})
+    rich = scoria.identity({"actor_id": "a-1", "tenant_id": "t-1", "metadata": {"plan": "pro"}})
+    seen = {plain: "plain", rich: "rich"}
+    assert seen[scoria.identity({"actor_id": "a-1", "tenant_id": "t-1"})] == "plain"
+    assert plain != rich and len(seen) == 2
+
+
 def test_metadata_is_a_json_copy() -> None:
     source = {"channel": "web", "tags": ("a", "b")}
     found = scoria.identity({"metadata": source})
